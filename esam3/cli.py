@@ -1,0 +1,222 @@
+"""The ``esam3`` command line: a thin typer layer over library functions that work the same from Python.
+
+Each command builds a pydantic config (or parses a spec), calls one library function and reports with rich.
+User mistakes (bad flags, bad ``--shards``, missing sources) print one line and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from esam3 import __version__
+from esam3.pipeline.demo_data import write_demo_data
+from esam3.pipeline.scan import ScanReport, scan
+from esam3.pipeline.shards import DatasetName, ShardRef
+from esam3.schemas.demo import DemoDataConfig
+from esam3.schemas.errors import describe
+from esam3.schemas.samples import Failure
+from esam3.schemas.shards import ShardSpec, ShardSpecError
+
+log = logging.getLogger("esam3")
+console = Console()
+err_console = Console(stderr=True)
+M = TypeVar("M", bound=BaseModel)
+
+app = typer.Typer(
+    name="esam3",
+    help="Run the SAM3 teacher once into a Lance feature store, then distil students from the store.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+class UsageError(Exception):
+    """A mistake in what the user typed; shown as one line, exit code 2."""
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def build_config(model: type[M], **values: Any) -> M:
+    """Validate CLI values into a config model; errors name the flag (``--images-per-shard: ...``)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise UsageError(describe(exc, name=_flag)) from None
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn user-input errors into one line on stderr and exit code 2."""
+    try:
+        yield
+    except (UsageError, ShardSpecError) as exc:
+        err_console.print(f"[bold red]esam3: error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"esam3 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each step (INFO), including every bad sample."),
+) -> None:
+    """esam3: a distributed feature cache and data pipeline for distilling SAM3 into small students."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+        force=True,
+    )
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    console.print_json(json.dumps(payload, default=str), indent=None)
+
+
+def scan_table(report: ScanReport) -> Table:
+    table = Table(title=f"{report.dataset} at {report.source}", title_justify="left")
+    for column in ("shards", "samples", "masks" if report.dataset == "sa-1b" else "masklets", "frames", "sizes (HxW)", "failures"):
+        table.add_column(column, justify="right")
+    sizes = "-" if report.min_size is None else f"{report.min_size[0]}x{report.min_size[1]} .. {report.max_size[0]}x{report.max_size[1]}"
+    frames = str(report.frames) if report.dataset == "sa-v" else "-"
+    table.add_row(str(len(report.shards)), str(report.samples), str(report.masks), frames, sizes,
+                  f"[red]{len(report.failures)}[/]" if report.failures else "0")
+    return table
+
+
+def failures_table(failures: list[Failure], limit: int = 20) -> Table:
+    table = Table(title=f"failures ({len(failures)}; first {min(limit, len(failures))})", title_justify="left")
+    for column in ("shard", "member", "reason"):
+        table.add_column(column, overflow="fold")
+    for failure in failures[:limit]:
+        table.add_row(failure.shard, failure.member, failure.reason)
+    return table
+
+
+def run_scan(dataset: DatasetName, source: str, shards: str) -> ScanReport:
+    """Scan with a progress bar (shards done, samples and failures so far)."""
+    spec = ShardSpec.parse(shards)
+    with progress() as bar:
+        task = bar.add_task(f"scan {dataset.value}", total=None, status="")
+
+        def start(selected: list[ShardRef]) -> None:
+            bar.update(task, total=len(selected))
+
+        def shard_done(_: ShardRef, report: ScanReport) -> None:
+            bar.update(task, advance=1, status=f"{report.samples} samples, {len(report.failures)} failed")
+
+        return scan(dataset, source, spec, on_start=start, on_shard=shard_done)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Path = typer.Option(..., "--out", help="Folder to write sa-1b/sa_000000.tar ... and sa-v/sav_000.tar ... into."),
+    seed: int = typer.Option(0, help="Random seed; the same seed and flags give byte-identical shards."),
+    sa1b_shards: int = typer.Option(2, "--sa1b-shards", help="SA-1B tar shards to write (0 for none)."),
+    images_per_shard: int = typer.Option(8, help="Images per SA-1B shard."),
+    sav_shards: int = typer.Option(1, "--sav-shards", help="SA-V tar shards to write (0 for none)."),
+    videos_per_shard: int = typer.Option(2, help="Videos per SA-V shard."),
+    image_short_side: int = typer.Option(1500, help="Short side of the largest images (SA-1B uses 1500); others are 0.6-0.8x."),
+    video_width: int = typer.Option(640, help="Video width in pixels (even)."),
+    video_height: int = typer.Option(480, help="Video height in pixels (even)."),
+    video_seconds: float = typer.Option(3.0, help="Video length in seconds at 24 fps."),
+) -> None:
+    """Write small SA-1B / SA-V shards in the released formats: real JPEGs and H.264 mp4s, exact JSON schemas."""
+    with user_errors():
+        config = build_config(
+            DemoDataConfig, out=out, seed=seed, sa1b_shards=sa1b_shards, images_per_shard=images_per_shard,
+            sav_shards=sav_shards, videos_per_shard=videos_per_shard, image_short_side=image_short_side,
+            video_width=video_width, video_height=video_height, video_seconds=video_seconds,
+        )
+    write_demo(config)
+
+
+def write_demo(config: DemoDataConfig) -> list[Path]:
+    with progress() as bar:
+        task = bar.add_task("demo data", total=config.sa1b_shards + config.sav_shards, status="")
+        paths = write_demo_data(config, on_shard=lambda path: bar.update(task, advance=1, status=path.name))
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "demo-data.json").write_text(config.model_dump_json(indent=2) + "\n")
+    log.info("wrote %d shards under %s", len(paths), config.out)
+    return paths
+
+
+@app.command("scan")
+def scan_command(
+    dataset: DatasetName = typer.Option(..., "--dataset", help="Which dataset format the shards are in."),
+    source: str = typer.Option(..., "--source", help="Folder or fsspec URL (s3://...) holding the tar shards."),
+    shards: str = typer.Option("all", "--shards", help="Shards to read: all, 7, 0-99, 0,3,7-9."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the counts and every failure."),
+) -> None:
+    """Read shards end to end with every check the cache runs; exit 1 if any sample failed."""
+    with user_errors():
+        report = run_scan(dataset, source, shards)
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        console.print(scan_table(report))
+        if report.failures:
+            console.print(failures_table(report.failures))
+    if report.failures:
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("esam3-demo"), "--out", help="Working folder for the demo's data."),
+    seed: int = typer.Option(0, help="Seed of the generated data."),
+) -> None:
+    """The main job on the embedded defaults: generate demo SA-1B / SA-V shards and show what they contain.
+
+    (Later versions run the full cache on them with the tiny teacher.)
+    """
+    config = DemoDataConfig(out=out / "data", seed=seed)
+    saved = config.out / "demo-data.json"
+    if saved.exists() and DemoDataConfig.model_validate_json(saved.read_text()) == config:
+        log.warning("demo data already at %s (same settings): reusing it", config.out)
+    else:
+        write_demo(config)
+    for dataset, folder in ((DatasetName.SA1B, "sa-1b"), (DatasetName.SAV, "sa-v")):
+        report = run_scan(dataset, str(config.out / folder), "all")
+        console.print(scan_table(report))
+        if report.failures:
+            console.print(failures_table(report.failures))
+            raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,67 @@
+"""Where a dataset's tar shards are and which of them a ``--shards`` spec selects (local folders or fsspec URLs)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import fsspec
+
+from esam3.schemas.shards import ShardSpec, ShardSpecError
+
+
+class DatasetName(str, Enum):
+    """Datasets esam3 reads, with their shard naming as released."""
+
+    SA1B = "sa-1b"
+    SAV = "sa-v"
+
+    @property
+    def shard_pattern(self) -> re.Pattern[str]:
+        return re.compile(r"^sa_(\d{6})\.tar$" if self is DatasetName.SA1B else r"^sav_(\d{3})\.tar$")
+
+    def shard_name(self, shard_id: int) -> str:
+        return f"sa_{shard_id:06d}.tar" if self is DatasetName.SA1B else f"sav_{shard_id:03d}.tar"
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: its number in the dataset and a URL (or local path) fsspec can open."""
+
+    dataset: DatasetName
+    shard_id: int
+    url: str
+
+    @property
+    def name(self) -> str:
+        return self.dataset.shard_name(self.shard_id)
+
+
+def list_shards(source: str, dataset: DatasetName, storage_options: dict[str, Any] | None = None) -> list[ShardRef]:
+    """Every shard of ``dataset`` directly inside ``source``, by shard number."""
+    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    if not fs.isdir(root):
+        raise ShardSpecError(f"source {source!r} is not a folder or prefix that exists")
+    local = fs.protocol in ("file", "local") or "file" in fs.protocol
+    found: list[ShardRef] = []
+    for path in fs.ls(root, detail=False):
+        match = dataset.shard_pattern.match(path.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            url = path if local else fs.unstrip_protocol(path)
+            found.append(ShardRef(dataset=dataset, shard_id=int(match.group(1)), url=url))
+    return sorted(found, key=lambda ref: ref.shard_id)
+
+
+def select_shards(
+    source: str, dataset: DatasetName, spec: ShardSpec | str, storage_options: dict[str, Any] | None = None
+) -> list[ShardRef]:
+    """The shards a spec names, checked against what exists at the source."""
+    spec = ShardSpec.parse(spec) if isinstance(spec, str) else spec
+    by_id = {ref.shard_id: ref for ref in list_shards(source, dataset, storage_options)}
+    try:
+        chosen = spec.select(by_id)
+    except ShardSpecError as exc:
+        raise ShardSpecError(f"{exc} [{dataset.value} shards under {source}]") from None
+    return [by_id[i] for i in chosen]

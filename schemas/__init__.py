@@ -1,0 +1,1 @@
+"""Pydantic models of every config and input format, the ``--shards`` grammar, and mask/tensor codecs."""

@@ -1,0 +1,19 @@
+"""One-line, field-naming messages for pydantic validation errors (for CLI output and failure reasons)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+
+def describe(exc: ValidationError, name: Callable[[str], str] = str, limit: int = 3) -> str:
+    """``"field.sub: message; other: message (+2 more)"``; ``name`` maps a top-level field to its user-facing name."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = [str(p) for p in err["loc"]]
+        where = ".".join([name(loc[0]), *loc[1:]]) if loc else "(input)"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    extra = len(exc.errors()) - limit
+    return "; ".join(parts) + (f" (+{extra} more)" if extra > 0 else "")

@@ -1,0 +1,34 @@
+"""Shared fixtures: small demo shards in the true SA-1B / SA-V formats, generated once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from esam3.pipeline.demo_data import write_demo_data  # noqa: E402
+from esam3.schemas.demo import DemoDataConfig  # noqa: E402
+
+
+def small_config(out: Path, **overrides) -> DemoDataConfig:
+    """Demo data small enough for unit tests (images ~240 px, videos 160x128, 1.5 s)."""
+    values = dict(
+        out=out, seed=7, sa1b_shards=2, images_per_shard=3, sav_shards=1, videos_per_shard=2,
+        image_short_side=240, video_width=160, video_height=128, video_seconds=1.5,
+    )
+    values.update(overrides)
+    return DemoDataConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<root>/sa-1b/sa_00000{0,1}.tar`` (3 images each) and ``<root>/sa-v/sav_000.tar`` (2 videos)."""
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_data(small_config(root))
+    return root

@@ -1,0 +1,1 @@
+"""What runs inside Ray tasks and actors: prompt sampling now; decode, teacher, target encoding, writes next."""
