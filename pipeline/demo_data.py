@@ -47,7 +47,8 @@ def _tight_box(mask: np.ndarray) -> list[float]:
     return [float(cols[0]), float(rows[0]), float(cols[-1] + 1 - cols[0]), float(rows[-1] + 1 - rows[0])]
 
 
-def _rng(seed: int, dataset: DatasetName, shard: int, index: int) -> np.random.Generator:
+def sample_rng(seed: int, dataset: DatasetName, shard: int, index: int) -> np.random.Generator:
+    """The generator of one demo sample: independent of every other sample and of the number of shards."""
     return np.random.default_rng([seed, 0 if dataset is DatasetName.SA1B else 1, shard, index])
 
 
@@ -69,8 +70,8 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
 # ---------------------------------------------------------------------------------------------- SA-1B
 
 
-def sa1b_image(rng: np.random.Generator, image_id: int, short_side: int) -> tuple[bytes, SA1BRecord]:
-    """One photo-like JPEG and its SA-1B record: whole-object masks, some part masks, a few tiny objects."""
+def sa1b_scene(rng: np.random.Generator, short_side: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A photo-like RGB image and candidate masks: visible objects, parts of some, a few tiny objects."""
     short = int(short_side * rng.choice([1.0, 1.0, 0.8, 0.6]))
     aspect = float(rng.choice(_SA1B_ASPECTS))
     height, width = (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
@@ -92,6 +93,13 @@ def sa1b_image(rng: np.random.Generator, image_id: int, short_side: int) -> tupl
             offset = rng.uniform(-0.4, 0.4, 2) * part_radius
             part = shape_mask(random_shape(rng, part_radius), (center[0] + offset[0], center[1] + offset[1]), height, width)
             masks.append(part & vis)
+    return img, masks
+
+
+def sa1b_image(rng: np.random.Generator, image_id: int, short_side: int) -> tuple[bytes, SA1BRecord]:
+    """One JPEG and its SA-1B record; masks under ``MIN_ANNOTATED_AREA`` pixels are not annotated."""
+    img, masks = sa1b_scene(rng, short_side)
+    height, width = img.shape[:2]
     annotations = []
     for mask in masks:
         area = int(mask.sum())
@@ -127,7 +135,7 @@ def write_sa1b_shard(config: DemoDataConfig, shard: int) -> Path:
     def members() -> Iterable[tuple[str, bytes]]:
         for i in range(config.images_per_shard):
             image_id = shard * config.images_per_shard + i + 1
-            jpeg, record = sa1b_image(_rng(config.seed, DatasetName.SA1B, shard, i), image_id, config.image_short_side)
+            jpeg, record = sa1b_image(sample_rng(config.seed, DatasetName.SA1B, shard, i), image_id, config.image_short_side)
             yield record.image.file_name, jpeg
             yield f"sa_{image_id}.json", record.model_dump_json().encode()
 
@@ -157,8 +165,8 @@ class _Mover:
         return float(folded[0]), float(folded[1])
 
 
-def sav_video(rng: np.random.Generator, video_id: str, config: DemoDataConfig) -> tuple[bytes, SAVRecord]:
-    """One H.264 mp4 (24 fps) of moving, occluding objects and its SA-V ``_manual.json`` record."""
+def sav_scene(rng: np.random.Generator, config: DemoDataConfig) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """RGB frames of moving, occluding objects and, on every 4th frame, each object's visible mask."""
     width, height, n_frames = config.video_width, config.video_height, config.video_frames
     scale = min(width, height)
     movers = []
@@ -178,8 +186,16 @@ def sav_video(rng: np.random.Generator, video_id: str, config: DemoDataConfig) -
         frames.append(img)
         if t % SAV_ANNOTATION_STRIDE == 0:
             masklet.append(visible)
+    return frames, masklet
+
+
+def sav_video(rng: np.random.Generator, video_id: str, config: DemoDataConfig) -> tuple[bytes, SAVRecord]:
+    """One H.264 mp4 (24 fps) and its SA-V ``_manual.json``; objects never visible when annotated are dropped."""
+    frames, masklet = sav_scene(rng, config)
+    width, height, n_frames = config.video_width, config.video_height, len(frames)
+    n_objects = len(masklet[0])
     # Objects that are never visible on an annotated frame are not annotated.
-    keep = [j for j in range(len(movers)) if any(step[j].sum() >= MIN_ANNOTATED_AREA for step in masklet)]
+    keep = [j for j in range(n_objects) if any(step[j].sum() >= MIN_ANNOTATED_AREA for step in masklet)]
     areas = np.array([[step[j].sum() for step in masklet] for j in keep], dtype=float)
     seen = areas >= MIN_ANNOTATED_AREA
     first = [int(np.argmax(row)) * SAV_ANNOTATION_STRIDE for row in seen]
@@ -216,15 +232,19 @@ def _size_bucket(area: float) -> str:
 
 
 def encode_h264(frames: list[np.ndarray], fps: int) -> bytes:
-    """Encode RGB frames as an H.264 (yuv420p) mp4 in memory."""
+    """Encode RGB frames as an H.264 (yuv420p) mp4 in memory, byte-identical for identical frames."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "20", "preset": "veryfast"}
-        for img in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        # x264's lookahead (mb-tree) made the bytes of some videos vary between runs of the same frames
+        # (seen with PyAV 18's libx264); without it and on one thread the output is identical for a seed.
+        stream.options = {"crf": "20", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0:rc-lookahead=0"}
+        for index, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return buf.getvalue()
 
@@ -237,7 +257,7 @@ def write_sav_shard(config: DemoDataConfig, shard: int) -> Path:
     def members() -> Iterable[tuple[str, bytes]]:
         for i in range(config.videos_per_shard):
             video_id = f"sav_{shard * config.videos_per_shard + i + 1:06d}"
-            mp4, record = sav_video(_rng(config.seed, DatasetName.SAV, shard, i), video_id, config)
+            mp4, record = sav_video(sample_rng(config.seed, DatasetName.SAV, shard, i), video_id, config)
             yield f"{folder}/{video_id}.mp4", mp4
             yield f"{folder}/{video_id}_manual.json", record.model_dump_json(exclude_none=True).encode()
 

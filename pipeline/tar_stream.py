@@ -60,8 +60,9 @@ def iter_member_groups(
                 stem, part = parsed
                 extracted = tar.extractfile(info)
                 assert extracted is not None  # a regular file always has data
+                data = extracted.read()
                 group = pending.setdefault(stem, MemberGroup(stem))
-                group.parts[part] = (info.name, extracted.read())
+                group.parts[part] = (info.name, data)
                 if required <= group.parts.keys():
                     yield pending.pop(stem)
     except (tarfile.TarError, EOFError, OSError) as exc:
