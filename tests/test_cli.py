@@ -1,0 +1,141 @@
+"""The command line as a user runs it: help texts, version, demo-data, scan, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from esam3 import __version__
+from esam3.cli import app
+
+runner = CliRunner()
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"esam3 {__version__}"
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("demo", "demo-data", "scan"):
+        assert name in result.output
+
+
+def test_every_subcommand_has_help() -> None:
+    group = get_command(app)
+    assert group.commands
+    for name, command in group.commands.items():
+        assert command.help and command.help.strip(), f"{name} has no help text"
+        for param in command.params:
+            if param.name not in ("help",):
+                assert getattr(param, "help", None), f"{name} --{param.name} has no help text"
+        assert runner.invoke(app, [name, "--help"]).exit_code == 0
+
+
+def test_demo_data_then_scan(tmp_path: Path) -> None:
+    args = ["demo-data", "--out", str(tmp_path), "--sa1b-shards", "2", "--images-per-shard", "2", "--sav-shards", "1",
+            "--videos-per-shard", "1", "--image-short-side", "128", "--video-width", "96", "--video-height", "64",
+            "--video-seconds", "1", "--seed", "5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "sa-1b").iterdir()) == ["sa_000000.tar", "sa_000001.tar"]
+    assert json.loads((tmp_path / "demo-data.json").read_text())["seed"] == 5
+
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b"), "--shards", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["shards"] == ["sa_000001.tar"] and report["samples"] == 2 and report["failures"] == []
+
+    result = runner.invoke(app, ["scan", "--dataset", "sa-v", "--source", str(tmp_path / "sa-v")])
+    assert result.exit_code == 0, result.output
+    assert "sa-v at" in result.stdout
+
+
+def test_scan_reports_failures_with_exit_code_1(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["demo-data", "--out", str(tmp_path), "--sav-shards", "0", "--sa1b-shards", "1",
+                               "--images-per-shard", "2", "--image-short-side", "96"]).exit_code == 0
+    shard = tmp_path / "sa-1b" / "sa_000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b"), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["failures"] and "truncated or corrupt tar" in report["failures"][0]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shards", "5-2"], "reversed range 5-2 (write 2-5)"),
+        (["--shards", "-1"], "negative shard"),
+        (["--shards", "x"], "cannot read 'x'"),
+        (["--shards", "0-3"], "shards 2-3 do not exist at the source (available: 0-1)"),
+    ],
+)
+def test_bad_shards_are_one_line_exit_2(demo_root: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--images-per-shard", "0"], "--images-per-shard: Input should be greater than or equal to 1"),
+        (["--video-width", "101"], "video_width must be even"),
+        (["--sa1b-shards", "0", "--sav-shards", "0"], "nothing to write"),
+        (["--video-seconds", "-1"], "--video-seconds: Input should be greater than 0"),
+        (["--seed", "-3"], "--seed: Input should be greater than or equal to 0"),
+        (["--image-short-side", "10"], "--image-short-side"),
+    ],
+)
+def test_bad_demo_flags_name_the_flag(tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["demo-data", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "sa-1b").exists()
+
+
+def test_missing_source_and_bad_dataset(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "is not a folder or prefix that exists" in result.stderr
+    result = runner.invoke(app, ["scan", "--dataset", "coco", "--source", str(tmp_path)])
+    assert result.exit_code == 2
+
+
+def test_installed_entry_point(demo_root: Path) -> None:
+    """The real console script: exit code 2 and a single line on stderr, no traceback."""
+    exe = Path(sys.executable).with_name("esam3")
+    result = subprocess.run([str(exe), "scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"),
+                             "--shards", "9-1"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["esam3: error: shard spec '9-1': reversed range 9-1 (write 1-9)"]
+    assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout.strip() == f"esam3 {__version__}"
+
+
+def test_demo_command_reuses_data(tmp_path: Path) -> None:
+    """`esam3 demo` (the README's main job, ~6 s) generates full-size demo data once; a rerun reuses it."""
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "sa-1b at" in result.stdout and "sa-v at" in result.stdout
+    assert "│      2 │      16 │" in result.stdout  # 2 SA-1B shards of 8 images
+    stamp = (tmp_path / "data" / "sa-1b" / "sa_000000.tar").stat().st_mtime_ns
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0 and "reusing it" in result.stderr
+    assert (tmp_path / "data" / "sa-1b" / "sa_000000.tar").stat().st_mtime_ns == stamp
+
+
+def test_verbose_logs_each_bad_sample(tmp_path: Path) -> None:
+    assert runner.invoke(app, ["demo-data", "--out", str(tmp_path), "--sav-shards", "0", "--sa1b-shards", "1",
+                               "--images-per-shard", "2", "--image-short-side", "96"]).exit_code == 0
+    shard = tmp_path / "sa-1b" / "sa_000000.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    quiet = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b")])
+    loud = runner.invoke(app, ["-v", "scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b")])
+    assert "truncated or corrupt tar" in loud.stderr and "truncated or corrupt tar" not in quiet.stderr
