@@ -17,13 +17,16 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from esam3 import __version__
 from esam3.pipeline.demo_data import write_demo_data
 from esam3.pipeline.scan import ScanReport, scan
-from esam3.pipeline.shards import DatasetName, ShardRef
+from esam3.pipeline.shards import DatasetName, ShardRef, SourceError, select_shards
+from esam3.pipeline.tar_stream import ShardReadError
 from esam3.schemas.demo import DemoDataConfig
 from esam3.schemas.errors import describe
 from esam3.schemas.samples import Failure
@@ -65,9 +68,12 @@ def user_errors() -> Iterator[None]:
     """Turn user-input errors into one line on stderr and exit code 2."""
     try:
         yield
-    except (UsageError, ShardSpecError) as exc:
-        err_console.print(f"[bold red]esam3: error:[/] {exc}", highlight=False, soft_wrap=True)
+    except (UsageError, ShardSpecError, SourceError) as exc:
+        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except ShardReadError as exc:
+        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}; rerun to retry", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def progress() -> Progress:
@@ -108,7 +114,7 @@ def _print_json(payload: dict[str, Any]) -> None:
 
 
 def scan_table(report: ScanReport) -> Table:
-    table = Table(title=f"{report.dataset} at {report.source}", title_justify="left")
+    table = Table(title=Text(f"{report.dataset} at {report.source}"), title_justify="left")
     for column in ("shards", "samples", "masks" if report.dataset == "sa-1b" else "masklets", "frames", "sizes (HxW)", "failures"):
         table.add_column(column, justify="right")
     sizes = "-" if report.min_size is None else f"{report.min_size[0]}x{report.min_size[1]} .. {report.max_size[0]}x{report.max_size[1]}"
@@ -123,23 +129,20 @@ def failures_table(failures: list[Failure], limit: int = 20) -> Table:
     for column in ("shard", "member", "reason"):
         table.add_column(column, overflow="fold")
     for failure in failures[:limit]:
-        table.add_row(failure.shard, failure.member, failure.reason)
+        table.add_row(Text(failure.shard), Text(failure.member), Text(failure.reason))
     return table
 
 
 def run_scan(dataset: DatasetName, source: str, shards: str) -> ScanReport:
-    """Scan with a progress bar (shards done, samples and failures so far)."""
-    spec = ShardSpec.parse(shards)
+    """Scan with a progress bar (shards done, samples and failures so far); spec errors come before the bar."""
+    selected = select_shards(source, dataset, ShardSpec.parse(shards))
     with progress() as bar:
-        task = bar.add_task(f"scan {dataset.value}", total=None, status="")
-
-        def start(selected: list[ShardRef]) -> None:
-            bar.update(task, total=len(selected))
+        task = bar.add_task(f"scan {dataset.value}", total=len(selected), status="")
 
         def shard_done(_: ShardRef, report: ScanReport) -> None:
             bar.update(task, advance=1, status=f"{report.samples} samples, {len(report.failures)} failed")
 
-        return scan(dataset, source, spec, on_start=start, on_shard=shard_done)
+        return scan(dataset, source, selected, on_shard=shard_done)
 
 
 @app.command("demo-data")
@@ -204,18 +207,26 @@ def demo(
 
     (Later versions run the full cache on them with the tiny teacher.)
     """
-    config = DemoDataConfig(out=out / "data", seed=seed)
-    saved = config.out / "demo-data.json"
-    if saved.exists() and DemoDataConfig.model_validate_json(saved.read_text()) == config:
-        log.warning("demo data already at %s (same settings): reusing it", config.out)
-    else:
-        write_demo(config)
-    for dataset, folder in ((DatasetName.SA1B, "sa-1b"), (DatasetName.SAV, "sa-v")):
-        report = run_scan(dataset, str(config.out / folder), "all")
-        console.print(scan_table(report))
-        if report.failures:
-            console.print(failures_table(report.failures))
-            raise typer.Exit(1)
+    with user_errors():
+        config = build_config(DemoDataConfig, out=out / "data", seed=seed)
+        if _same_demo_data(config):
+            log.warning("demo data already at %s (same settings): reusing it", config.out)
+        else:
+            write_demo(config)
+        for dataset, folder in ((DatasetName.SA1B, "sa-1b"), (DatasetName.SAV, "sa-v")):
+            report = run_scan(dataset, str(config.out / folder), "all")
+            console.print(scan_table(report))
+            if report.failures:
+                console.print(failures_table(report.failures))
+                raise typer.Exit(1)
+
+
+def _same_demo_data(config: DemoDataConfig) -> bool:
+    """Whether ``config.out`` already holds demo data written with these settings (an unreadable stamp: no)."""
+    try:
+        return DemoDataConfig.model_validate_json((config.out / "demo-data.json").read_text()) == config
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> None:

@@ -27,9 +27,8 @@ from esam3.pipeline.demo_scenes import Shape, background, compose, random_shape,
 from esam3.pipeline.shards import DatasetName
 from esam3.schemas.demo import DemoDataConfig
 from esam3.schemas.sa1b import SA1BRecord
-from esam3.schemas.sav import SAV_ANNOTATION_STRIDE, SAVRecord
+from esam3.schemas.sav import SAV_ANNOTATION_STRIDE, SAV_FPS, SAVRecord
 
-FPS = 24
 #: Masks smaller than this many pixels are not annotated (SA-1B drops tiny masks too).
 MIN_ANNOTATED_AREA = 16
 _TAR_MTIME = 1_680_000_000  # fixed, so shards are byte-identical for a seed
@@ -203,7 +202,7 @@ def sav_video(rng: np.random.Generator, video_id: str, config: DemoDataConfig) -
     record = SAVRecord.model_validate(
         {
             "video_id": video_id,
-            "video_duration": n_frames / FPS,
+            "video_duration": n_frames / SAV_FPS,
             "video_frame_count": n_frames,
             "video_height": height,
             "video_width": width,
@@ -223,7 +222,7 @@ def sav_video(rng: np.random.Generator, video_id: str, config: DemoDataConfig) -
             "masklet_num": len(keep),
         }
     )
-    return encode_h264(frames, FPS), record
+    return encode_h264(frames, SAV_FPS), record
 
 
 def _size_bucket(area: float) -> str:
@@ -231,10 +230,13 @@ def _size_bucket(area: float) -> str:
     return "small" if area < 32**2 else "medium" if area < 96**2 else "large"
 
 
-def encode_h264(frames: list[np.ndarray], fps: int) -> bytes:
-    """Encode RGB frames as an H.264 (yuv420p) mp4 in memory, byte-identical for identical frames."""
+def encode_h264(frames: list[np.ndarray], fps: int, container_format: str = "mp4") -> bytes:
+    """Encode RGB frames as H.264 (yuv420p) in memory, byte-identical for identical frames.
+
+    ``container_format="h264"`` writes a raw Annex-B stream (no container, no frame rate) instead of mp4.
+    """
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with av.open(buf, mode="w", format=container_format) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"

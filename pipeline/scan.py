@@ -55,20 +55,18 @@ class ScanReport:
 def scan(
     dataset: DatasetName,
     source: str,
-    shards: ShardSpec | str = "all",
+    shards: ShardSpec | str | list[ShardRef] = "all",
     storage_options: dict[str, Any] | None = None,
-    on_start: Callable[[list[ShardRef]], None] = lambda _: None,
     on_shard: Callable[[ShardRef, ScanReport], None] = lambda *_: None,
 ) -> ScanReport:
     """Stream every sample of the selected shards through the source's checks.
 
-    ``on_start`` gets the selected shards before reading starts, ``on_shard`` runs after each shard (progress).
+    ``shards`` is a spec, or shards already selected (so a caller can report spec errors before starting a
+    progress display); ``on_shard`` runs after each shard.
     """
     reader = SA1BSource(source, storage_options) if dataset is DatasetName.SA1B else SAVSource(source, storage_options)
     report = ScanReport(dataset=dataset.value, source=source)
-    selected = reader.shards(shards)
-    on_start(selected)
-    for shard in selected:
+    for shard in shards if isinstance(shards, list) else reader.shards(shards):
         for item in reader.iter_shard(shard):
             report.add(item)
         report.shards.append(shard.name)

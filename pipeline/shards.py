@@ -39,14 +39,28 @@ class ShardRef:
         return self.dataset.shard_name(self.shard_id)
 
 
+class SourceError(ValueError):
+    """The source cannot be listed (unknown protocol, missing folder, refused access); one line for the user.
+
+    Messages name the source URL only, never the storage options, so credentials do not leak.
+    """
+
+
 def list_shards(source: str, dataset: DatasetName, storage_options: dict[str, Any] | None = None) -> list[ShardRef]:
     """Every shard of ``dataset`` directly inside ``source``, by shard number."""
-    fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
-    if not fs.isdir(root):
-        raise ShardSpecError(f"source {source!r} is not a folder or prefix that exists")
+    try:
+        fs, root = fsspec.core.url_to_fs(source, **(storage_options or {}))
+        exists = fs.isdir(root)
+        paths = fs.ls(root, detail=False) if exists else []
+    except (ValueError, ImportError) as exc:
+        raise SourceError(f"cannot use source {source!r}: {exc}") from None
+    except OSError as exc:
+        raise SourceError(f"cannot list source {source!r}: {type(exc).__name__}: {exc}") from None
+    if not exists:
+        raise SourceError(f"source {source!r} is not a folder or prefix that exists")
     local = fs.protocol in ("file", "local") or "file" in fs.protocol
     found: list[ShardRef] = []
-    for path in fs.ls(root, detail=False):
+    for path in paths:
         match = dataset.shard_pattern.match(path.rstrip("/").rsplit("/", 1)[-1])
         if match:
             url = path if local else fs.unstrip_protocol(path)

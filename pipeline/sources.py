@@ -20,19 +20,23 @@ import simplejpeg
 from pydantic import ValidationError
 
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
-from esam3.pipeline.tar_stream import MemberGroup, iter_member_groups
+from esam3.pipeline.tar_stream import MemberGroup, ShardReadError, iter_member_groups
 from esam3.schemas.errors import describe
 from esam3.schemas.rle import RLEError, Runs, parse_counts
 from esam3.schemas.samples import Failure, ImageSample, VideoSample
 from esam3.schemas.sa1b import RLE, SA1BRecord
-from esam3.schemas.sav import SAV_ANNOTATION_STRIDE, SAVRecord
+from esam3.schemas.sav import SAV_ANNOTATION_STRIDE, SAV_FPS, SAVRecord
 from esam3.schemas.shards import ShardSpec
 
 log = logging.getLogger(__name__)
 
 
 class SampleError(ValueError):
-    """A sample that cannot be used; the message becomes the failure reason."""
+    """A sample that cannot be used; the message becomes the failure reason, ``member`` the member at fault."""
+
+    def __init__(self, reason: str, member: str | None = None) -> None:
+        super().__init__(reason)
+        self.member = member
 
 
 class _ShardedSource:
@@ -54,18 +58,29 @@ class _ShardedSource:
             yield from self.iter_shard(shard)
 
     def iter_shard(self, shard: ShardRef) -> Iterator[Any]:
-        with fsspec.open(shard.url, "rb", **self.storage_options) as fileobj:
+        """Samples and failures of one shard; raises :class:`ShardReadError` on I/O errors (retry the shard)."""
+        try:
+            fileobj = fsspec.open(shard.url, "rb", **self.storage_options).open()
+        except OSError as exc:
+            raise ShardReadError(f"cannot open {shard.name}: {exc}") from exc
+        with fileobj:
             for item in iter_member_groups(fileobj, self._split, self.required, self.dataset.value, shard.name):
+                if not isinstance(item, Failure):
+                    item = self._checked(shard, item)
                 if isinstance(item, Failure):
                     log.info("%s", item)
-                    yield item
-                    continue
-                try:
-                    yield self._sample(shard, item)
-                except SampleError as exc:
-                    failure = Failure(self.dataset.value, shard.name, item.first_member, str(exc))
-                    log.info("%s", failure)
-                    yield failure
+                yield item
+
+    def _checked(self, shard: ShardRef, group: MemberGroup) -> Any:
+        """The sample, or a failure naming the member at fault; unexpected errors are failures too (logged)."""
+        try:
+            return self._sample(shard, group)
+        except SampleError as exc:
+            return Failure(self.dataset.value, shard.name, exc.member or group.first_member, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one odd sample must not stop the shard
+            log.exception("unexpected error on %s:%s", shard.name, group.first_member)
+            reason = f"unexpected error ({type(exc).__name__}): {exc}"
+            return Failure(self.dataset.value, shard.name, group.first_member, reason)
 
     @staticmethod
     def _split(name: str) -> tuple[str, str] | None:
@@ -76,19 +91,20 @@ class _ShardedSource:
 
 
 def _parse_json(group: MemberGroup, part: str, model: type) -> Any:
+    member = group.member(part)
     try:
         return model.model_validate(json.loads(group.data(part)))
-    except json.JSONDecodeError as exc:
-        raise SampleError(f"{group.member(part)} is not valid JSON: {exc}") from None
     except ValidationError as exc:
-        raise SampleError(f"{group.member(part)} does not match the {model.__name__} schema: {describe(exc)}") from None
+        raise SampleError(f"{member} does not match the {model.__name__} schema: {describe(exc)}", member) from None
+    except (ValueError, RecursionError) as exc:  # bad syntax, not UTF-8, absurd numbers or nesting
+        raise SampleError(f"{member} is not valid JSON: {exc}", member) from None
 
 
-def _runs(rle: RLE, where: str) -> Runs:
+def _runs(rle: RLE, where: str, member: str) -> Runs:
     try:
         return parse_counts(rle.counts, *rle.size)
     except RLEError as exc:
-        raise SampleError(f"{where}: bad RLE: {exc}") from None
+        raise SampleError(f"{where}: bad RLE: {exc}", member) from None
 
 
 class SA1BSource(_ShardedSource):
@@ -115,22 +131,25 @@ class SA1BSource(_ShardedSource):
     def _sample(self, shard: ShardRef, group: MemberGroup) -> ImageSample:
         record: SA1BRecord = _parse_json(group, ".json", SA1BRecord)
         jpeg = group.data(".jpg")
-        jpg_name = group.member(".jpg").rsplit("/", 1)[-1]
+        member = group.member(".jpg")
+        jpg_name = member.rsplit("/", 1)[-1]
         if record.image.file_name != jpg_name:
-            raise SampleError(f"JSON file_name {record.image.file_name!r} does not match tar member {jpg_name!r}")
+            raise SampleError(
+                f"JSON file_name {record.image.file_name!r} does not match tar member {jpg_name!r}", group.member(".json")
+            )
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
             if self.check_pixels:
                 simplejpeg.decode_jpeg(jpeg, min_height=1, min_width=1)
         except ValueError as exc:
-            raise SampleError(f"{jpg_name} is not a readable JPEG: {exc}") from None
+            raise SampleError(f"{jpg_name} is not a readable JPEG: {exc}", member) from None
         if (height, width) != (record.image.height, record.image.width):
             raise SampleError(
-                f"{jpg_name} is {width}x{height} but its JSON says {record.image.width}x{record.image.height}"
+                f"{jpg_name} is {width}x{height} but its JSON says {record.image.width}x{record.image.height}", member
             )
-        masks = tuple(_runs(ann.segmentation, f"annotation {ann.id}") for ann in record.annotations)
+        masks = tuple(_runs(ann.segmentation, f"annotation {ann.id}", group.member(".json")) for ann in record.annotations)
         return ImageSample(
-            key=f"sa1b/{record.image.image_id}", shard=shard.name, member=jpg_name, jpeg=jpeg, record=record,
+            key=f"sa1b/{record.image.image_id}", shard=shard.name, member=member, jpeg=jpeg, record=record,
             masks=masks,
         )
 
@@ -174,46 +193,61 @@ class SAVSource(_ShardedSource):
 
     def _sample(self, shard: ShardRef, group: MemberGroup) -> VideoSample:
         record: SAVRecord = _parse_json(group, "_manual.json", SAVRecord)
-        mp4_name = group.member(".mp4").rsplit("/", 1)[-1]
+        member = group.member(".mp4")
         if record.video_id != group.stem:
-            raise SampleError(f"JSON video_id {record.video_id!r} does not match tar member {mp4_name!r}")
+            raise SampleError(
+                f"JSON video_id {record.video_id!r} does not match tar member {member!r}", group.member("_manual.json")
+            )
         masks = tuple(
-            tuple(_runs(rle, f"masklet[{t}][{j}] (object {record.masklet_id[j]})") for j, rle in enumerate(objects))
+            tuple(
+                _runs(rle, f"masklet[{t}][{j}] (object {record.masklet_id[j]})", group.member("_manual.json"))
+                for j, rle in enumerate(objects)
+            )
             for t, objects in enumerate(record.masklet)
         )
         stride = SAV_ANNOTATION_STRIDE if self.frames == "annotated" else 1
-        frames, indices, total = _decode_video(group.data(".mp4"), mp4_name, stride, self.max_frames)
-        if frames.shape[1:3] != (record.video_height, record.video_width):
-            raise SampleError(
-                f"{mp4_name} frames are {frames.shape[2]}x{frames.shape[1]} but its JSON says "
-                f"{record.video_width}x{record.video_height}"
-            )
+        size = (record.video_height, record.video_width)
+        try:
+            frames, indices, total = _decode_video(group.data(".mp4"), size, stride, self.max_frames)
+        except SampleError as exc:
+            raise SampleError(f"{member.rsplit('/', 1)[-1]}: {exc}", member) from None
         if total is not None and total != record.video_frame_count:
             raise SampleError(
-                f"{mp4_name} has {total} frames but its JSON video_frame_count is {record.video_frame_count} "
-                f"(masklet covers {len(record.masklet)} annotated frames)"
+                f"{member.rsplit('/', 1)[-1]} has {total} frames but its JSON video_frame_count is "
+                f"{record.video_frame_count} (masklet covers {len(record.masklet)} annotated frames)", member,
             )
         return VideoSample(
-            key=f"sav/{record.video_id}", shard=shard.name, member=mp4_name,
+            key=f"sav/{record.video_id}", shard=shard.name, member=member,
             frames=frames, frame_indices=indices, record=record, masks=masks,
         )
 
 
-def _decode_video(data: bytes, name: str, stride: int, max_frames: int | None) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _decode_video(
+    data: bytes, size: tuple[int, int], stride: int, max_frames: int | None
+) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Decode every ``stride``-th frame as RGB; returns (frames, indices, total frame count or None if stopped early).
 
-    H.264 must be decoded in order, so frames in between are decoded and dropped.
+    H.264 must be decoded in order, so frames in between are decoded and dropped. Every frame must be
+    ``size`` = (height, width) and the stream must be SA-V's 24 fps, or frame indices would not line up
+    with the masklets.
     """
     kept: list[np.ndarray] = []
     indices: list[int] = []
     count = 0
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(io.BytesIO(data), mode="r", metadata_errors="replace") as container:
             if not container.streams.video:
-                raise SampleError(f"{name} has no video stream")
+                raise SampleError("no video stream")
             stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            if rate is None or abs(float(rate) - SAV_FPS) > 0.01:
+                raise SampleError(f"frame rate is {float(rate) if rate else 'unknown'} fps, SA-V videos are {SAV_FPS} fps")
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
+                if (frame.height, frame.width) != size:
+                    raise SampleError(
+                        f"frame {count} is {frame.width}x{frame.height} but the JSON says {size[1]}x{size[0]}"
+                    )
                 if count % stride == 0:
                     if max_frames is not None and len(kept) == max_frames:
                         return np.stack(kept), np.asarray(indices, dtype=np.int64), None
@@ -221,8 +255,7 @@ def _decode_video(data: bytes, name: str, stride: int, max_frames: int | None) -
                     indices.append(count)
                 count += 1
     except av.FFmpegError as exc:
-        raise SampleError(f"{name} is not a readable video: {exc}") from None
+        raise SampleError(f"not a readable video: {exc}") from None
     if not kept:
-        raise SampleError(f"{name} has no decodable frames")
+        raise SampleError("no decodable frames")
     return np.stack(kept), np.asarray(indices, dtype=np.int64), count
-

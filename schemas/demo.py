@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class DemoDataConfig(BaseModel):
     """What to generate. The same config and seed always give byte-identical shards."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     out: Path
     seed: int = Field(0, ge=0, description="Random seed; the same seed gives the same bytes.")
     sa1b_shards: int = Field(2, ge=0, le=1000, description="SA-1B tar shards to write (sa_000000.tar ...).")

@@ -29,7 +29,7 @@ class PromptKind(IntEnum):
 class PromptConfig(BaseModel):
     """Sampling rules (see ``workers/prompts.py`` for how each is applied)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     num_prompts: int = Field(16, ge=1, le=1024, description="Prompts per image (fewer if fewer masks qualify).")
     mix: dict[str, float] = Field(
         default_factory=lambda: {"point": 1.0, "box": 1.0, "point+box": 1.0},
@@ -50,7 +50,7 @@ class PromptConfig(BaseModel):
     def _check_mix(cls, mix: dict[str, float]) -> dict[str, float]:
         for label, weight in mix.items():
             PromptKind.from_label(label)
-            if weight < 0:
+            if not weight >= 0 or weight == float("inf"):
                 raise ValueError(f"weight of {label!r} must be >= 0, got {weight}")
         if sum(mix.values()) <= 0:
             raise ValueError("at least one prompt kind needs a positive weight")

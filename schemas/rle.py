@@ -82,7 +82,10 @@ def parse_counts(counts: str | bytes, height: int, width: int) -> Runs:
     """Decode a compressed COCO counts string and check it describes an ``height`` x ``width`` mask."""
     if height <= 0 or width <= 0:
         raise RLEError(f"RLE size must be positive, got [{height}, {width}]")
-    raw = counts.encode("ascii", errors="replace") if isinstance(counts, str) else bytes(counts)
+    try:
+        raw = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    except UnicodeEncodeError:
+        raise RLEError("RLE counts string has characters outside the COCO alphabet ('0'..'o')") from None
     chars = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 48
     if len(chars) == 0:
         raise RLEError("RLE counts string is empty")

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from esam3.schemas.sa1b import RLE
 
-#: SA-V annotates every 4th frame of its 24 fps videos.
+#: SA-V videos are 24 fps and annotated on every 4th frame (6 fps).
+SAV_FPS = 24
 SAV_ANNOTATION_STRIDE = 4
 
 

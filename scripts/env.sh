@@ -66,8 +66,13 @@ _esam3_overlay() {
     fi
     overlay_site="$("$overlay/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     echo "$shared_site" >"$overlay_site/_esam3_shared_deps.pth"
-    if ! "$overlay/bin/python" -c 'import esam3.schemas' >/dev/null 2>&1; then
-        "$shared/bin/python" -m pip --python "$overlay/bin/python" install -q --no-deps --no-build-isolation -e "$ESAM3_ROOT" 2>/dev/null
+    # Reinstall the editable package whenever pyproject.toml changes (new subpackages, entry points).
+    local stamp
+    stamp="$(sha256sum "$ESAM3_ROOT/pyproject.toml" | cut -c1-16)"
+    if [[ "$(cat "$overlay/.installed" 2>/dev/null)" != "$stamp" ]]; then
+        PYTHONWARNINGS=ignore "$shared/bin/python" -m pip --python "$overlay/bin/python" install -q --no-deps \
+            --no-build-isolation -e "$ESAM3_ROOT" 2> >(grep -v "is ignored: it is neither" >&2)
+        echo "$stamp" >"$overlay/.installed"
     fi
 }
 

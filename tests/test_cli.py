@@ -66,6 +66,28 @@ def test_scan_reports_failures_with_exit_code_1(tmp_path: Path) -> None:
     assert result.exit_code == 1
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["failures"] and "truncated or corrupt tar" in report["failures"][0]["reason"]
+    table = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b")], env={"COLUMNS": "400"})
+    assert table.exit_code == 1 and "truncated or corrupt tar" in table.stdout
+
+
+def test_failure_text_is_printed_verbatim(tmp_path: Path) -> None:
+    """Reasons hold things like [height, width]; rich must not eat them as markup."""
+    assert runner.invoke(app, ["demo-data", "--out", str(tmp_path), "--sav-shards", "0", "--sa1b-shards", "1",
+                               "--images-per-shard", "1", "--image-short-side", "96"]).exit_code == 0
+    import tarfile
+
+    shard = tmp_path / "sa-1b" / "sa_000000.tar"
+    with tarfile.open(shard) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    record = json.loads(members["sa_1.json"])
+    record["annotations"][0]["segmentation"]["size"] = [1, 1]
+    members["sa_1.json"] = json.dumps(record).encode()
+    from esam3.pipeline.demo_data import write_tar
+
+    write_tar(shard, members.items())
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b")], env={"COLUMNS": "400"})
+    assert result.exit_code == 1
+    assert "does not match the image's [height, width]" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -75,12 +97,17 @@ def test_scan_reports_failures_with_exit_code_1(tmp_path: Path) -> None:
         (["--shards", "-1"], "negative shard"),
         (["--shards", "x"], "cannot read 'x'"),
         (["--shards", "0-3"], "shards 2-3 do not exist at the source (available: 0-1)"),
+        (["--shards", "0-999999999"], "shards 2-999999999 do not exist"),
+        (["--shards", "1" * 5000], "is not a shard number"),
+        (["--shards", "[/]"], "cannot read '[/]'"),
+        (["--shards", "[bold]x"], "cannot read '[bold]x'"),
     ],
 )
 def test_bad_shards_are_one_line_exit_2(demo_root: Path, args: list[str], message: str) -> None:
-    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), *args])
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), *args],
+                           terminal_width=100_000)
     assert result.exit_code == 2
-    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr  # no progress bar, no traceback
     assert "Traceback" not in result.output
 
 
@@ -105,6 +132,10 @@ def test_bad_demo_flags_name_the_flag(tmp_path: Path, args: list[str], message: 
 def test_missing_source_and_bad_dataset(tmp_path: Path) -> None:
     result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "is not a folder or prefix that exists" in result.stderr
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", "foo://bucket/x"])
+    assert result.exit_code == 2 and "cannot use source 'foo://bucket/x'" in result.stderr
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--seed", "-1"])
+    assert result.exit_code == 2 and "--seed: Input should be greater than or equal to 0" in result.stderr
     result = runner.invoke(app, ["scan", "--dataset", "coco", "--source", str(tmp_path)])
     assert result.exit_code == 2
 

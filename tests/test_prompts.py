@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,15 +124,73 @@ def test_small_masks_are_skipped() -> None:
 
 
 def test_negative_points_fall_back_to_the_whole_image() -> None:
-    mask = np.zeros((50, 50), bool)
-    mask[:, :45] = True  # box grown by 10% covers everything but a thin strip
-    prompts = sample_prompts("k", [_runs(mask)], (50, 50), MODEL,
-                             PromptConfig(num_prompts=1, mix={"point": 1}, max_negative_points=16, seed=3))
-    negatives = prompts.points[0][prompts.labels[0] == 0]
-    assert len(negatives) > 0 and (negatives[:, 0] >= 45).all()
+    """Near the mask (its box grown by 10%) there are only 2 background pixels; the rest come from further away."""
+    from esam3.workers.prompts import negative_points
+
+    mask = np.zeros((100, 2), bool)
+    mask[:10] = True  # box rows 0-9, grown to rows 0-10: row 10 is the only nearby background
+    points = negative_points(_runs(mask), prompt_rng("k", 1), 8)
+    assert len(points) == 8 and len({tuple(p) for p in points.tolist()}) == 8
+    rows = points[:, 1] - 0.5
+    assert (rows >= 10).all()
+    assert set(points[rows == 10][:, 0].tolist()) == {0.5, 1.5}  # the nearby ones come first and are all used
+    assert (rows > 10).sum() == 6
+
+
+def test_negative_points_fill_from_a_tiny_background() -> None:
+    """Two background pixels in 100x100: rejection would miss them; the exact fallback finds both, once each."""
+    from esam3.workers.prompts import negative_points
+
+    mask = np.ones((100, 100), bool)
+    mask[3, 7] = mask[90, 2] = False
+    points = negative_points(_runs(mask), prompt_rng("k", 0), 8)
+    assert sorted(map(tuple, points.tolist())) == [(2.5, 90.5), (7.5, 3.5)]
     full = sample_prompts("k", [_runs(np.ones((20, 20), bool))], (20, 20), MODEL,
                           PromptConfig(num_prompts=1, mix={"point": 1}, max_negative_points=4, seed=3))
     assert (full.labels[0][1:] == PAD).all()  # nothing outside the mask: padding, not bogus negatives
+
+
+def test_jitter_is_applied_and_bounded(images) -> None:
+    moved = 0
+    for image in images:
+        prompts = _sample(image, mix={"box": 1.0}, box_jitter=0.5, box_jitter_max_px=3)
+        for index, box in zip(prompts.mask_index, prompts.boxes):
+            tight = np.array(image.masks[index].bbox_xyxy(), dtype=float)
+            assert np.all(np.abs(box - tight) <= 3 + 1e-4)
+            moved += int(not np.allclose(box, tight))
+    assert moved > 0
+
+
+def test_mix_order_does_not_matter(images) -> None:
+    a = _sample(images[0], mix={"point": 1.0, "box": 2.0, "point+box": 1.0})
+    b = _sample(images[0], mix={"point+box": 1.0, "box": 2.0, "point": 1.0})
+    np.testing.assert_array_equal(a.kinds, b.kinds)
+    np.testing.assert_array_equal(a.points, b.points)
+
+
+def test_mask_size_must_match_the_image(images) -> None:
+    with pytest.raises(ValueError, match="mask 0 is .* but the image is 10x10"):
+        sample_prompts("k", images[0].masks, (10, 10), MODEL, PromptConfig())
+
+
+def test_same_prompts_in_another_process(images) -> None:
+    """Determinism does not lean on Python's per-process hash seed."""
+    code = (
+        "import sys, numpy as np; from esam3.workers.prompts import sample_prompts; "
+        "from esam3.schemas.prompts import PromptConfig; from esam3.schemas.rle import parse_counts; "
+        "m = parse_counts(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])); "
+        "p = sample_prompts('sa1b/42', [m], (m.height, m.width), 1008, PromptConfig(num_prompts=1, seed=9)); "
+        "print(p.points.tobytes().hex(), p.boxes.tobytes().hex(), int(p.kinds[0]))"
+    )
+    ann = images[0].record.annotations[0].segmentation
+    outputs = {
+        subprocess.run([sys.executable, "-c", code, ann.counts, str(ann.size[0]), str(ann.size[1])],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1
+    here = sample_prompts("sa1b/42", [images[0].masks[0]], tuple(ann.size), 1008, PromptConfig(num_prompts=1, seed=9))
+    assert outputs.pop().split()[0] == here.points.tobytes().hex()
 
 
 @pytest.mark.parametrize(
@@ -142,6 +203,8 @@ def test_negative_points_fall_back_to_the_whole_image() -> None:
         ({"box_jitter": -0.1}, "box_jitter"),
         ({"max_negative_points": -1}, "max_negative_points"),
         ({"unknown": 1}, "unknown"),
+        ({"mix": {"point": float("inf")}}, "mix"),
+        ({"min_area_model_px": float("nan")}, "min_area_model_px"),
     ],
 )
 def test_config_errors_name_the_field(overrides: dict, field: str) -> None:

@@ -4,24 +4,32 @@ from pathlib import Path
 
 import pytest
 
-from esam3.pipeline.shards import DatasetName, list_shards, select_shards
+from esam3.pipeline.shards import DatasetName, SourceError, list_shards, select_shards
 from esam3.schemas.shards import ShardSpec, ShardSpecError, format_ids
 
 
 @pytest.mark.parametrize(
-    ("text", "ids"),
+    ("text", "ranges"),
     [
-        ("0-3", (0, 1, 2, 3)),
-        ("7", (7,)),
-        ("0,3,7-9", (0, 3, 7, 8, 9)),
-        (" 9-9 , 2 ", (2, 9)),
-        ("3,1-3", (1, 2, 3)),  # overlap collapses, order normalised
+        ("0-3", ((0, 3),)),
+        ("7", ((7, 7),)),
+        ("0,3,7-9", ((0, 0), (3, 3), (7, 9))),
+        (" 9-9 , 2 ", ((2, 2), (9, 9))),
+        ("3,1-3", ((1, 3),)),  # overlap collapses, order normalised
+        ("4-5,0-3", ((0, 5),)),  # adjacent ranges merge
         ("all", None),
         ("ALL", None),
     ],
 )
-def test_grammar_accepts(text: str, ids: tuple[int, ...] | None) -> None:
-    assert ShardSpec.parse(text).ids == ids
+def test_grammar_accepts(text: str, ranges: tuple | None) -> None:
+    assert ShardSpec.parse(text).ranges == ranges
+
+
+def test_huge_ranges_cost_nothing() -> None:
+    spec = ShardSpec.parse("0-999999999")
+    with pytest.raises(ShardSpecError, match=r"shards 3-999999999 do not exist"):
+        spec.select([0, 1, 2])
+    assert ShardSpec.parse("1-2,900000000").ranges == ((1, 2), (900000000, 900000000))
 
 
 @pytest.mark.parametrize(
@@ -35,6 +43,10 @@ def test_grammar_accepts(text: str, ids: tuple[int, ...] | None) -> None:
         ("1,,2", "cannot read ''"),
         ("1.5", "cannot read '1.5'"),
         ("", "empty shard spec"),
+        ("1" * 5000, "is not a shard number (at most 9 digits)"),
+        ("0-" + "9" * 12, "is not a shard number"),
+        ("\u0663", "cannot read"),  # an Arabic-Indic digit is not a shard number
+        ("[/]", "cannot read '[/]'"),
     ],
 )
 def test_grammar_rejects(text: str, needle: str) -> None:
@@ -48,6 +60,10 @@ def test_select_checks_existence() -> None:
     spec = ShardSpec.parse("0-4,9")
     with pytest.raises(ShardSpecError, match=r"shards 3-4,9 do not exist at the source \(available: 0-2\)"):
         spec.select([0, 1, 2])
+    with pytest.raises(ShardSpecError, match=r"shards 0,2-3 do not exist at the source \(available: 1,4-5\)"):
+        ShardSpec.parse("0-4").select([1, 4, 5])
+    with pytest.raises(ShardSpecError, match=r"the source has no shards"):
+        ShardSpec.parse("1").select([])
     assert spec.select(range(10)) == [0, 1, 2, 3, 4, 9]
     assert ShardSpec.parse("all").select([5, 1]) == [1, 5]
     with pytest.raises(ShardSpecError, match="no shards found"):
@@ -69,5 +85,7 @@ def test_list_and_select_at_source(demo_root: Path, tmp_path: Path) -> None:
     assert list_shards(str(tmp_path), DatasetName.SA1B) == []
     with pytest.raises(ShardSpecError, match=r"shards 2 do not exist .*sa-1b shards under"):
         select_shards(str(demo_root / "sa-1b"), DatasetName.SA1B, "0-2")
-    with pytest.raises(ShardSpecError, match="is not a folder or prefix that exists"):
+    with pytest.raises(SourceError, match="is not a folder or prefix that exists"):
         list_shards(str(tmp_path / "nope"), DatasetName.SAV)
+    with pytest.raises(SourceError, match="cannot use source 'foo://x'"):
+        list_shards("foo://x", DatasetName.SAV)

@@ -12,8 +12,12 @@ import pytest
 import simplejpeg
 from pycocotools import mask as mask_utils
 
+import av
+
 from esam3.pipeline.demo_data import (
     MIN_ANNOTATED_AREA,
+    encode_h264,
+    encode_rle,
     sa1b_image,
     sa1b_scene,
     sample_rng,
@@ -23,6 +27,7 @@ from esam3.pipeline.demo_data import (
 )
 from esam3.pipeline.shards import DatasetName
 from esam3.pipeline.sources import SA1BSource, SAVSource
+from esam3.pipeline.tar_stream import ShardReadError
 from esam3.schemas.samples import Failure, ImageSample, VideoSample
 from tests.conftest import small_config
 
@@ -123,24 +128,38 @@ def _size_mismatch(jpeg: bytes, record: dict) -> list[tuple[str, bytes]]:
     return [("sa_2.jpg", jpeg), ("sa_2.json", json.dumps(record).encode())]
 
 
+def _raw_json(data: bytes):
+    return lambda j, r: [("sa_2.jpg", j), ("sa_2.json", data)]
+
+
+def _file_name(jpeg: bytes, record: dict) -> list[tuple[str, bytes]]:
+    record["image"]["file_name"] = "sa_9.jpg"
+    return [("sa_2.jpg", jpeg), ("sa_2.json", json.dumps(record).encode())]
+
+
+# case -> (make the bad members of image 2, words of the reason, the member blamed)
 SA1B_BAD = {
     "corrupt JPEG": (lambda j, r: [("sa_2.jpg", b"\xff\xd8 not a jpeg"), ("sa_2.json", json.dumps(r).encode())],
-                     "sa_2.jpg is not a readable JPEG"),
-    "truncated JPEG": (_jpeg_truncated, "sa_2.jpg is not a readable JPEG: Premature end"),
-    "missing JSON": (lambda j, r: [("sa_2.jpg", j)], "sample sa_2 has no .json member"),
-    "missing JPEG": (lambda j, r: [("sa_2.json", json.dumps(r).encode())], "sample sa_2 has no .jpg member"),
-    "invalid JSON": (lambda j, r: [("sa_2.jpg", j), ("sa_2.json", b"{not json")], "sa_2.json is not valid JSON"),
-    "wrong JSON": (_missing_field, "does not match the SA1BRecord schema: image.width: Field required"),
-    "RLE does not decode": (_rle_bad, "bad RLE: RLE counts string has characters outside"),
-    "RLE wrong size": (_rle_size, "segmentation size"),
-    "RLE short": (_rle_short, "bad RLE: RLE runs cover 6 pixels"),
-    "image size mismatch": (_size_mismatch, "but its JSON says"),
+                     "sa_2.jpg is not a readable JPEG", "sa_2.jpg"),
+    "truncated JPEG": (_jpeg_truncated, "sa_2.jpg is not a readable JPEG: Premature end", "sa_2.jpg"),
+    "missing JSON": (lambda j, r: [("sa_2.jpg", j)], "sample sa_2 has no .json member", "sa_2.jpg"),
+    "missing JPEG": (lambda j, r: [("sa_2.json", json.dumps(r).encode())], "sample sa_2 has no .jpg member", "sa_2.json"),
+    "invalid JSON": (_raw_json(b"{not json"), "sa_2.json is not valid JSON", "sa_2.json"),
+    "JSON not UTF-8": (_raw_json(b'{"image": "\xff\xfe"}'), "sa_2.json is not valid JSON", "sa_2.json"),
+    "JSON too deep": (_raw_json(b"[" * 100_000), "sa_2.json is not valid JSON", "sa_2.json"),
+    "JSON not an object": (_raw_json(b"[1, 2]"), "does not match the SA1BRecord schema: (input)", "sa_2.json"),
+    "wrong JSON": (_missing_field, "does not match the SA1BRecord schema: image.width: Field required", "sa_2.json"),
+    "file_name mismatch": (_file_name, "JSON file_name 'sa_9.jpg' does not match tar member 'sa_2.jpg'", "sa_2.json"),
+    "RLE does not decode": (_rle_bad, "bad RLE: RLE counts string has characters outside", "sa_2.json"),
+    "RLE wrong size": (_rle_size, "segmentation size", "sa_2.json"),
+    "RLE short": (_rle_short, "bad RLE: RLE runs cover 6 pixels", "sa_2.json"),
+    "image size mismatch": (_size_mismatch, "but its JSON says", "sa_2.jpg"),
 }
 
 
 @pytest.mark.parametrize("case", list(SA1B_BAD))
 def test_sa1b_bad_sample_is_a_failure(tmp_path: Path, case: str) -> None:
-    make, reason = SA1B_BAD[case]
+    make, reason, blamed = SA1B_BAD[case]
     members = []
     for image_id in (1, 2, 3):
         jpeg, record = _good_sa1b(image_id)
@@ -151,24 +170,96 @@ def test_sa1b_bad_sample_is_a_failure(tmp_path: Path, case: str) -> None:
     assert len(failures) == 1
     failure = failures[0]
     assert (failure.dataset, failure.shard) == ("sa-1b", "sa_000004.tar")
-    assert failure.member.startswith("sa_2.")
+    assert failure.member == blamed
     assert reason in failure.reason
 
 
-def test_truncated_tar_keeps_earlier_samples(tmp_path: Path) -> None:
+def _three_images(tmp_path: Path) -> tuple[Path, bytes]:
     members = []
     for image_id in (1, 2, 3):
         jpeg, record = _good_sa1b(image_id)
         members += [(f"sa_{image_id}.jpg", jpeg), (f"sa_{image_id}.json", json.dumps(record).encode())]
-    write_tar(tmp_path / "sa_000000.tar", members)
-    data = (tmp_path / "sa_000000.tar").read_bytes()
-    with tarfile.open(tmp_path / "sa_000000.tar") as tar:
-        cut = tar.getmember("sa_3.jpg").offset_data + 100  # inside the last image
-    (tmp_path / "sa_000000.tar").write_bytes(data[:cut])
+    path = tmp_path / "sa_000000.tar"
+    write_tar(path, members)
+    return path, path.read_bytes()
+
+
+def _offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """member -> (header offset, data offset)."""
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset, m.offset_data) for m in tar.getmembers()}
+
+
+@pytest.mark.parametrize(
+    ("damage", "keys", "lost"),
+    [
+        ("cut inside the last image", ["sa1b/1", "sa1b/2"], None),
+        ("cut inside a JSON", ["sa1b/1"], "sa_2"),
+        ("cut at a sample boundary", ["sa1b/1", "sa1b/2"], None),
+        ("cut inside a header", ["sa1b/1", "sa1b/2"], None),
+        ("garbage header mid-archive", ["sa1b/1"], "sa_2"),
+        ("no end-of-archive marker", ["sa1b/1", "sa1b/2", "sa1b/3"], None),
+    ],
+)
+def test_damaged_tar_keeps_earlier_samples(tmp_path: Path, damage: str, keys: list[str], lost: str | None) -> None:
+    path, data = _three_images(tmp_path)
+    at = _offsets(path)
+    end_of_data = len(data) - 1024  # two zero blocks end a tar
+    broken = {
+        "cut inside the last image": data[: at["sa_3.jpg"][1] + 100],
+        "cut inside a JSON": data[: at["sa_2.json"][1] + 10],
+        "cut at a sample boundary": data[: at["sa_3.jpg"][0]],
+        "cut inside a header": data[: at["sa_3.jpg"][0] + 200],
+        "garbage header mid-archive": data[: at["sa_2.json"][0]] + b"\x07" * 512 + data[at["sa_2.json"][0] + 512 :],
+        "no end-of-archive marker": data[:end_of_data].rstrip(b"\0")
+        + b"\0" * (-len(data[:end_of_data].rstrip(b"\0")) % 512),
+    }[damage]
+    path.write_bytes(broken)
     samples, failures = _split(list(SA1BSource(str(tmp_path)).iter_samples("0")))
-    assert [s.key for s in samples] == ["sa1b/1", "sa1b/2"]
-    assert len(failures) == 1
-    assert failures[0].member == "sa_3.jpg" and "truncated or corrupt tar" in failures[0].reason
+    assert [s.key for s in samples] == keys
+    assert len(failures) == 1, failures
+    assert "truncated or corrupt tar" in failures[0].reason and "the rest of the shard is lost" in failures[0].reason
+    assert (f"incomplete samples lost: {lost}" in failures[0].reason) if lost else ("incomplete" not in failures[0].reason)
+
+
+def test_empty_and_non_tar_shards(tmp_path: Path) -> None:
+    (tmp_path / "sa_000000.tar").write_bytes(b"")
+    (tmp_path / "sa_000001.tar").write_bytes(b"this is not a tar archive at all" * 40)
+    for shard in ("0", "1"):
+        samples, failures = _split(list(SA1BSource(str(tmp_path)).iter_samples(shard)))
+        assert samples == [] and len(failures) == 1 and "truncated or corrupt tar at the start" in failures[0].reason
+
+
+def test_read_errors_are_raised_for_retry(demo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error is not bad data: it propagates as ShardReadError so the caller can retry the shard."""
+    import fsspec.implementations.local as local
+
+    source = SA1BSource(str(demo_root / "sa-1b"))
+    shard = source.shards("0")[0]
+
+    def flaky_read(self, *args, **kwargs):
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(local.LocalFileOpener, "read", flaky_read)
+    with pytest.raises(ShardReadError, match="reading sa_000000.tar failed .*connection reset"):
+        list(source.iter_shard(shard))
+
+
+def test_unexpected_errors_become_failures(demo_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug or an input nobody foresaw fails that sample, not the shard (and is logged with a traceback)."""
+    calls = {"n": 0}
+    original = SA1BSource._sample
+
+    def sometimes_broken(self, shard, group):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyError("surprise")
+        return original(self, shard, group)
+
+    monkeypatch.setattr(SA1BSource, "_sample", sometimes_broken)
+    samples, failures = _split(list(SA1BSource(str(demo_root / "sa-1b")).iter_samples("0")))
+    assert [s.key for s in samples] == ["sa1b/1", "sa1b/3"]
+    assert failures[0].member == "sa_2.jpg" and "unexpected error (KeyError)" in failures[0].reason
 
 
 def _sav_shard(tmp_path: Path, break_second) -> list:
@@ -203,25 +294,71 @@ def _masklet_rle(parts, record):
     return [parts[0], (parts[1][0], _json(record))]
 
 
+def _video_id(parts, record):
+    record["video_id"] = "sav_000009"
+    return [parts[0], (parts[1][0], _json(record))]
+
+
+def _other_size(parts, record):
+    record["video_width"] += 2
+    for step in record["masklet"]:
+        for rle in step:
+            rle["size"][1] += 2
+    return [parts[0], (parts[1][0], _json(_with_counts_for(record)))]
+
+
+def _with_counts_for(record):
+    """Give every RLE an empty mask of the (new) declared size so only the video size is wrong."""
+    h, w = record["video_height"], record["video_width"]
+    for step in record["masklet"]:
+        for rle in step:
+            rle["counts"] = encode_rle(np.zeros((h, w), bool))["counts"]
+    return record
+
+
+def _other_rate(parts, record):
+    frames = [np.full((128, 160, 3), 60 + 8 * i, np.uint8) for i in range(record["video_frame_count"])]
+    return [(parts[0][0], encode_h264(frames, 30)), parts[1]]
+
+
 SAV_BAD = {
-    "unreadable mp4": (lambda p, r: [(p[0][0], b"\x00\x00\x00\x18ftypmp42 garbage"), p[1]], "sav_000002.mp4 is not a readable video"),
-    "truncated mp4": (lambda p, r: [(p[0][0], p[0][1][: len(p[0][1]) // 3]), p[1]], "sav_000002.mp4"),
-    "missing JSON": (lambda p, r: [p[0]], "sample sav_000002 has no _manual.json member"),
-    "frame count does not match the video": (_extra_frames, "has 24 frames but its JSON video_frame_count is 32"),
-    "masklet frame count": (_masklet_short, "masklet has 5 annotated frames but video_frame_count 24 implies 6"),
-    "masklet RLE": (_masklet_rle, "masklet[2][0] (object 0): bad RLE"),
+    "unreadable mp4": (lambda p, r: [(p[0][0], b"\x00\x00\x00\x18ftypmp42 garbage"), p[1]],
+                       "sav_000002.mp4: not a readable video", "sav_000/sav_000002.mp4"),
+    "truncated mp4": (lambda p, r: [(p[0][0], p[0][1][: len(p[0][1]) // 3]), p[1]],
+                      "sav_000002.mp4: not a readable video", "sav_000/sav_000002.mp4"),
+    "missing JSON": (lambda p, r: [p[0]], "sample sav_000002 has no _manual.json member", "sav_000/sav_000002.mp4"),
+    "JSON not valid": (lambda p, r: [p[0], (p[1][0], b"\x00\x01")], "is not valid JSON", "sav_000/sav_000002_manual.json"),
+    "frame count does not match the video": (_extra_frames, "has 24 frames but its JSON video_frame_count is 32",
+                                             "sav_000/sav_000002.mp4"),
+    "masklet frame count": (_masklet_short, "masklet has 5 annotated frames but video_frame_count 24 implies 6",
+                            "sav_000/sav_000002_manual.json"),
+    "masklet RLE": (_masklet_rle, "masklet[2][0] (object 0): bad RLE", "sav_000/sav_000002_manual.json"),
+    "video_id mismatch": (_video_id, "JSON video_id 'sav_000009' does not match", "sav_000/sav_000002_manual.json"),
+    "video size differs from JSON": (_other_size, "frame 0 is 160x128 but the JSON says 162x128", "sav_000/sav_000002.mp4"),
+    "not 24 fps": (_other_rate, "frame rate is 30.0 fps, SA-V videos are 24 fps", "sav_000/sav_000002.mp4"),
 }
 
 
 @pytest.mark.parametrize("case", list(SAV_BAD))
 def test_sav_bad_sample_is_a_failure(tmp_path: Path, case: str) -> None:
-    make, reason = SAV_BAD[case]
+    make, reason, blamed = SAV_BAD[case]
     samples, failures = _split(_sav_shard(tmp_path, make))
     assert [s.key for s in samples] == ["sav/sav_000001", "sav/sav_000003"]
     assert len(failures) == 1
-    assert (failures[0].dataset, failures[0].shard) == ("sa-v", "sav_000.tar")
-    assert failures[0].member.startswith("sav_000/sav_000002") or failures[0].member == "sav_000002.mp4"
+    assert (failures[0].dataset, failures[0].shard, failures[0].member) == ("sa-v", "sav_000.tar", blamed)
     assert reason in failures[0].reason
+
+
+def test_resolution_change_mid_stream_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two H.264 streams of different sizes back to back. Raw H.264 carries no frame rate (the demuxer
+    guesses 25 fps), so the rate check is aligned to that guess to reach the per-frame size check."""
+    from esam3.pipeline import sources
+
+    data = b"".join(encode_h264([np.zeros(size, np.uint8)] * 6, 24, container_format="h264")
+                    for size in ((128, 160, 3), (96, 128, 3)))
+    monkeypatch.setattr(sources, "SAV_FPS", 25)
+    with pytest.raises(sources.SampleError, match="frame 6 is 128x96 but the JSON says 160x128"):
+        sources._decode_video(data, (128, 160), 4, None)
 
 
 def test_source_reads_through_fsspec_urls(demo_root: Path) -> None:

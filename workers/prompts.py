@@ -8,8 +8,9 @@ Rules (``PromptConfig`` holds the numbers):
 * **Which masks.** ``min(num_prompts, eligible)`` distinct masks, drawn uniformly without replacement.
 * **Kinds.** Each prompt's kind is drawn from ``mix`` (point, box, point+box).
 * **Positive point.** A foreground pixel drawn uniformly; the point is that pixel's centre (col + 0.5, row + 0.5).
-* **Negative points.** On point kinds, 0..``max_negative_points`` (uniform) background pixels, drawn from the
-  mask's box grown by 10% per side, else from the whole image; fewer if the mask covers all of that.
+* **Negative points.** On point kinds, 0..``max_negative_points`` (uniform) distinct background pixels, drawn
+  from the mask's box grown by 10% per side, then from the whole image; fewer only if the mask covers
+  every other pixel.
 * **Box.** The mask's tight box (pixel edges, XYXY) with per-coordinate Gaussian noise of std
   ``box_jitter`` x side length, clipped to ``box_jitter_max_px`` and to the image.
 
@@ -91,22 +92,42 @@ def positive_point(runs: Runs, rng: np.random.Generator) -> np.ndarray:
 
 
 def negative_points(runs: Runs, rng: np.random.Generator, n: int) -> np.ndarray:
-    """Up to ``n`` background pixel centres (x, y): near the mask first, anywhere in the image otherwise."""
+    """Up to ``n`` distinct background pixel centres (x, y): near the mask first, then anywhere in the image.
+
+    Fewer than ``n`` only when the mask covers every other pixel. Draws by rejection first (cheap) and
+    falls back to listing the background pixels of the region when rejection does not find enough.
+    """
     if n == 0:
         return np.zeros((0, 2))
     x0, y0, x1, y1 = runs.bbox_xyxy()
     grow_x, grow_y = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
     near = (max(0, int(y0 - grow_y)), min(runs.height, int(np.ceil(y1 + grow_y))),
             max(0, int(x0 - grow_x)), min(runs.width, int(np.ceil(x1 + grow_x))))
-    found: list[np.ndarray] = []
+    found: list[int] = []  # flat column-major pixel indices, in draw order
     for r0, r1, c0, c1 in (near, (0, runs.height, 0, runs.width)):
         rows = rng.integers(r0, r1, _NEGATIVE_TRIES * n)
         cols = rng.integers(c0, c1, _NEGATIVE_TRIES * n)
-        outside = ~runs.contains(rows, cols)
-        found.extend(np.stack([cols[outside] + 0.5, rows[outside] + 0.5], axis=1)[: n - len(found)])
+        flat = (cols * runs.height + rows)[~runs.contains(rows, cols)]
+        _extend_unique(found, flat, n)
+        if len(found) < n:  # mostly covered: list what is left and draw without replacement
+            region = ~runs.to_mask()[r0:r1, c0:c1]
+            rr, cc = np.nonzero(region)
+            flat = np.setdiff1d((cc + c0) * runs.height + (rr + r0), found)
+            _extend_unique(found, rng.permutation(flat), n)
         if len(found) == n:
             break
-    return np.asarray(found, dtype=np.float64).reshape(-1, 2)
+    flat = np.asarray(found, dtype=np.int64)
+    return np.stack([flat // runs.height + 0.5, flat % runs.height + 0.5], axis=1).astype(np.float64)
+
+
+def _extend_unique(found: list[int], candidates: np.ndarray, n: int) -> None:
+    seen = set(found)
+    for value in candidates.tolist():
+        if len(found) == n:
+            return
+        if value not in seen:
+            seen.add(value)
+            found.append(value)
 
 
 def sample_prompts(
@@ -114,17 +135,17 @@ def sample_prompts(
 ) -> PromptSet:
     """Sample prompts for the image ``key`` from its validated masks (see the module docstring for the rules)."""
     height, width = image_size
+    for index, runs in enumerate(masks):
+        if (runs.height, runs.width) != (height, width):
+            raise ValueError(f"{key}: mask {index} is {runs.height}x{runs.width} but the image is {height}x{width}")
     rng = prompt_rng(key, config.seed)
     area_scale = model_size * model_size / (height * width)
     areas = np.array([m.area for m in masks], dtype=np.float64)
     eligible = np.flatnonzero((areas > 0) & (areas * area_scale >= config.min_area_model_px))
     chosen = rng.choice(eligible, size=min(config.num_prompts, len(eligible)), replace=False)
-    labels_in_mix = list(config.mix)
-    weights = np.array([config.mix[k] for k in labels_in_mix], dtype=np.float64)
-    kinds = np.array(
-        [PromptKind.from_label(labels_in_mix[i]) for i in rng.choice(len(labels_in_mix), len(chosen), p=weights / weights.sum())],
-        dtype=np.int8,
-    )
+    # Enum order, not dict order, so the same mix written another way draws the same kinds.
+    weights = np.array([config.mix.get(kind.label, 0.0) for kind in PromptKind], dtype=np.float64)
+    kinds = rng.choice(np.array(list(PromptKind), dtype=np.int8), size=len(chosen), p=weights / weights.sum())
     slots = 1 + config.max_negative_points
     points = np.zeros((len(chosen), slots, 2), dtype=np.float32)
     labels = np.full((len(chosen), slots), PAD, dtype=np.int8)
