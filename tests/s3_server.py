@@ -82,3 +82,7 @@ def s3_server(data_dir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         # A throwaway server: SIGKILL (weed takes many seconds to honour SIGTERM); the data dir is temporary.
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # weed leaves its unix sockets (/tmp/seaweedfs-<role>[-grpc]-<port>.sock) behind when killed.
+        for offset in (*range(4), *range(10000, 10004)):
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port + offset}.sock"):
+                sock.unlink(missing_ok=True)
