@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from esam3.schemas.shards import ShardSpec, ShardSpecError
 
@@ -58,7 +59,7 @@ def list_shards(source: str, dataset: DatasetName, storage_options: dict[str, An
         raise SourceError(f"cannot list source {source!r}: {type(exc).__name__}: {exc}") from None
     if not exists:
         raise SourceError(f"source {source!r} is not a folder or prefix that exists")
-    local = fs.protocol in ("file", "local") or "file" in fs.protocol
+    local = isinstance(fs, LocalFileSystem)
     found: list[ShardRef] = []
     for path in paths:
         match = dataset.shard_pattern.match(path.rstrip("/").rsplit("/", 1)[-1])

@@ -194,6 +194,7 @@ class SAVSource(_ShardedSource):
     def _sample(self, shard: ShardRef, group: MemberGroup) -> VideoSample:
         record: SAVRecord = _parse_json(group, "_manual.json", SAVRecord)
         member = group.member(".mp4")
+        name = member.rsplit("/", 1)[-1]
         if record.video_id != group.stem:
             raise SampleError(
                 f"JSON video_id {record.video_id!r} does not match tar member {member!r}", group.member("_manual.json")
@@ -210,10 +211,10 @@ class SAVSource(_ShardedSource):
         try:
             frames, indices, total = _decode_video(group.data(".mp4"), size, stride, self.max_frames)
         except SampleError as exc:
-            raise SampleError(f"{member.rsplit('/', 1)[-1]}: {exc}", member) from None
+            raise SampleError(f"{name}: {exc}", member) from None
         if total is not None and total != record.video_frame_count:
             raise SampleError(
-                f"{member.rsplit('/', 1)[-1]} has {total} frames but its JSON video_frame_count is "
+                f"{name} has {total} frames but its JSON video_frame_count is "
                 f"{record.video_frame_count} (masklet covers {len(record.masklet)} annotated frames)", member,
             )
         return VideoSample(

@@ -51,7 +51,8 @@ class Runs:
     def bbox_xyxy(self) -> tuple[int, int, int, int] | None:
         """Tight box of the foreground as pixel edges (x0, y0, x1, y1), x1/y1 exclusive; None if empty."""
         keep = self.fg_lengths > 0
-        starts, ends = self.fg_starts[keep], self.fg_starts[keep] + self.fg_lengths[keep] - 1
+        starts = self.fg_starts[keep]
+        ends = starts + self.fg_lengths[keep] - 1
         if len(starts) == 0:
             return None
         h = self.height

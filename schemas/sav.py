@@ -39,11 +39,6 @@ class SAVRecord(BaseModel):
     masklet_stability_score: list[float | None] | None = None
     masklet_num: int = Field(ge=0)
 
-    @property
-    def annotated_frames(self) -> list[int]:
-        """Frame indices (of the 24 fps video) that ``masklet`` entries belong to."""
-        return list(range(0, SAV_ANNOTATION_STRIDE * len(self.masklet), SAV_ANNOTATION_STRIDE))
-
     @model_validator(mode="after")
     def _consistent(self) -> SAVRecord:
         n = self.masklet_num
