@@ -6,36 +6,25 @@ User mistakes (bad flags, bad ``--shards``, missing sources) print one line and 
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
 
 import typer
-from pydantic import BaseModel, ValidationError
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from esam3 import __version__
+from esam3.console import build_config, console, err_console, print_json, progress, user_errors
 from esam3.pipeline.demo_data import write_demo_data
 from esam3.pipeline.scan import ScanReport, scan
-from esam3.pipeline.shards import DatasetName, ShardRef, SourceError, select_shards
-from esam3.pipeline.tar_stream import ShardReadError
+from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.schemas.demo import DemoDataConfig
-from esam3.schemas.errors import describe
 from esam3.schemas.samples import Failure
-from esam3.schemas.shards import ShardSpec, ShardSpecError
+from esam3.schemas.shards import ShardSpec
+from esam3.teacher_cli import teacher_app
 
 log = logging.getLogger("esam3")
-console = Console()
-err_console = Console(stderr=True)
-M = TypeVar("M", bound=BaseModel)
 
 app = typer.Typer(
     name="esam3",
@@ -45,48 +34,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-
-class UsageError(Exception):
-    """A mistake in what the user typed; shown as one line, exit code 2."""
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-def build_config(model: type[M], **values: Any) -> M:
-    """Validate CLI values into a config model; errors name the flag (``--images-per-shard: ...``)."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        raise UsageError(describe(exc, name=_flag)) from None
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn user-input errors into one line on stderr and exit code 2."""
-    try:
-        yield
-    except (UsageError, ShardSpecError, SourceError) as exc:
-        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except ShardReadError as exc:
-        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}; rerun to retry", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
-def progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
+app.add_typer(teacher_app, name="teacher")
 
 
 def _version(value: bool) -> None:
@@ -107,10 +55,6 @@ def main_options(
         handlers=[RichHandler(console=err_console, show_path=False)],
         force=True,
     )
-
-
-def _print_json(payload: dict[str, Any]) -> None:
-    console.print_json(json.dumps(payload, default=str), indent=None)
 
 
 def scan_table(report: ScanReport) -> Table:
@@ -189,7 +133,7 @@ def scan_command(
     with user_errors():
         report = run_scan(dataset, source, shards)
     if as_json:
-        _print_json(report.to_json())
+        print_json(report.to_json())
     else:
         console.print(scan_table(report))
         if report.failures:

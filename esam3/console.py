@@ -1,0 +1,70 @@
+"""What every esam3 command shares: the consoles, user-error handling (one line, exit 2), progress bars, JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from esam3.pipeline.shards import SourceError
+from esam3.pipeline.tar_stream import ShardReadError
+from esam3.schemas.errors import describe
+from esam3.schemas.shards import ShardSpecError
+from esam3.schemas.teacher import HeadsLoadError, TeacherLoadError
+
+console = Console()
+err_console = Console(stderr=True)
+M = TypeVar("M", bound=BaseModel)
+
+
+class UsageError(Exception):
+    """A mistake in what the user typed; shown as one line, exit code 2."""
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def build_config(model: type[M], **values: Any) -> M:
+    """Validate CLI values into a config model; errors name the flag (``--images-per-shard: ...``)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise UsageError(describe(exc, name=_flag)) from None
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn user-input errors into one line on stderr and exit code 2."""
+    try:
+        yield
+    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError) as exc:
+        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except ShardReadError as exc:
+        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}; rerun to retry", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    console.print_json(json.dumps(payload, default=str), indent=None)

@@ -1,0 +1,349 @@
+"""The teacher's small modules ("heads"): everything a student needs on top of cached trunk features.
+
+SAM3 = a 446M-parameter ViT trunk + a CLIP text encoder + small heads. The heads here are the tracker neck,
+the tracker (prompt encoder, mask decoder, memory encoder, memory attention, object pointers) and the
+detector heads for stage 3 (detector neck, geometry / DETR encoder / DETR decoder, mask decoder, scoring). Their
+parameter names are exactly those of ``Sam3VideoModel`` (``tracker_model.*``, ``tracker_neck.*``,
+``detector_model.*``), so the heads file is a plain subset of the teacher's state dict, and the same code runs
+on a loaded teacher (sharing its modules) and on the exported file (building only these modules; the trunk and
+the text encoder are never built).
+
+Where transformers already implements a step on these modules (``Sam3VideoModel.get_vision_features_for_tracker``,
+``Sam3Model.forward`` from precomputed embeddings), it is called on this object rather than re-implemented; the
+attribute names above are what those functions look up. Pinned to transformers 5.24 and tested against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from esam3.schemas.teacher import HeadsLoadError
+
+HEADS_WEIGHTS = "heads.safetensors"
+HEADS_CONFIG = "heads.json"
+HEADS_FORMAT = 1
+#: Top-level parameter prefixes of ``Sam3VideoModel`` that the heads own.
+TRACKER_PREFIXES = ("tracker_model.", "tracker_neck.")
+DETECTOR_PREFIXES = tuple(
+    f"detector_model.{name}."
+    for name in ("vision_encoder.neck", "geometry_encoder", "detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring")
+)
+HEAD_PREFIXES = TRACKER_PREFIXES + DETECTOR_PREFIXES
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes read from the checkpoint's config; nothing in esam3 assumes SAM3's 1008 / 72 / 1024 / 288."""
+
+    image_size: int  # S: the square input frame (1008)
+    patch_size: int  # 14
+    grid: int  # S / patch = trunk tokens per side (72)
+    trunk_width: int  # ViT width (1024)
+    hidden: int  # tracker / FPN width (256)
+    mask_size: int  # low-res mask logits per side (288)
+    memory_channels: int  # maskmem_features channels (64)
+    neck_sizes: tuple[int, ...]  # tracker neck levels per side (288, 144, 72)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Geometry:
+        vit = config.detector_config.vision_config.backbone_config
+        tracker = config.tracker_config
+        grid = vit.image_size // vit.patch_size
+        return cls(
+            image_size=vit.image_size,
+            patch_size=vit.patch_size,
+            grid=grid,
+            trunk_width=vit.hidden_size,
+            hidden=tracker.vision_config.fpn_hidden_size,
+            mask_size=4 * grid,
+            memory_channels=tracker.memory_encoder_output_channels,
+            neck_sizes=tuple(size[0] for size in tracker.vision_config.backbone_feature_sizes),
+        )
+
+
+class _VisionNeckHolder(nn.Module):
+    """Only the detector's neck, under the name ``vision_encoder.neck`` that the teacher's weights use."""
+
+    def __init__(self, neck: nn.Module) -> None:
+        super().__init__()
+        self.neck = neck
+
+
+class DetectorHeads(nn.Module):
+    """SAM3's detector without its trunk and text encoder; runs ``Sam3Model.forward`` on precomputed embeddings."""
+
+    def __init__(self, config: Any, modules: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+    @classmethod
+    def build(cls, config: Any) -> DetectorHeads:
+        from transformers.models.sam3 import modeling_sam3 as m
+
+        for sub in ("geometry_encoder_config", "detr_encoder_config", "detr_decoder_config", "mask_decoder_config"):
+            getattr(config, sub)._attn_implementation = "sdpa"
+        return cls(
+            config,
+            {
+                "vision_encoder": _VisionNeckHolder(m.Sam3VisionNeck(config.vision_config)),
+                "geometry_encoder": m.Sam3GeometryEncoder(config.geometry_encoder_config),
+                "detr_encoder": m.Sam3DetrEncoder(config.detr_encoder_config),
+                "detr_decoder": m.Sam3DetrDecoder(config.detr_decoder_config),
+                "mask_decoder": m.Sam3MaskDecoder(config.mask_decoder_config),
+                "dot_product_scoring": m.Sam3DotProductScoring(config),
+            },
+        )
+
+    def vision_embeds(self, trunk: torch.Tensor) -> Any:
+        """The detector's FPN levels from trunk features (B, C, g, g), as ``Sam3Model`` expects them."""
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+        levels, positions = self.vision_encoder.neck(trunk)
+        return Sam3VisionEncoderOutput(
+            last_hidden_state=trunk.flatten(2).transpose(1, 2), fpn_hidden_states=levels, fpn_position_encoding=positions
+        )
+
+    def detect(self, trunk: torch.Tensor, text_features: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        """``Sam3Model.forward`` for one image's trunk (1, C, g, g) against N phrases' features (N, L, D)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        from transformers.models.sam3.modeling_sam3 import Sam3Model
+
+        n = text_features.shape[0]
+        embeds = self.vision_embeds(trunk.expand(n, -1, -1, -1))
+        text = BaseModelOutputWithPooling(pooler_output=text_features)
+        return Sam3Model.forward(self, vision_embeds=embeds, text_embeds=text, attention_mask=attention_mask)
+
+
+class TeacherHeads(nn.Module):
+    """Tracker neck + tracker (+ detector heads). Parameter names match ``Sam3VideoModel``."""
+
+    def __init__(self, config: Any, tracker_neck: nn.Module, tracker_model: nn.Module, detector_model: nn.Module | None):
+        super().__init__()
+        self.config = config
+        self.geometry = Geometry.from_config(config)
+        self.tracker_neck = tracker_neck
+        self.tracker_model = tracker_model
+        self.detector_model = detector_model
+
+    @classmethod
+    def from_teacher(cls, model: Any) -> TeacherHeads:
+        """A view on a loaded ``Sam3VideoModel``: shares its modules, copies nothing."""
+        det = model.detector_model
+        detector = DetectorHeads(
+            det.config,
+            {
+                "vision_encoder": _VisionNeckHolder(det.vision_encoder.neck),
+                "geometry_encoder": det.geometry_encoder,
+                "detr_encoder": det.detr_encoder,
+                "detr_decoder": det.detr_decoder,
+                "mask_decoder": det.mask_decoder,
+                "dot_product_scoring": det.dot_product_scoring,
+            },
+        )
+        return cls(model.config, model.tracker_neck, model.tracker_model, detector)
+
+    @classmethod
+    def build(cls, config: Any, detector: bool = True) -> TeacherHeads:
+        """Fresh (randomly initialised) heads for ``config``; the trunk and text encoder are not built."""
+        from transformers import Sam3TrackerVideoModel
+        from transformers.models.sam3.modeling_sam3 import Sam3VisionNeck
+
+        tracker = Sam3TrackerVideoModel(config.tracker_config, remove_vision_encoder=True)
+        neck = Sam3VisionNeck(config.detector_config.vision_config)
+        heads = DetectorHeads.build(config.detector_config) if detector else None
+        return cls(config, neck, tracker, heads).eval()
+
+    # ---- image features for the tracker ---------------------------------------------------------------
+
+    def neck_levels(self, trunk: torch.Tensor) -> list[torch.Tensor]:
+        """The tracker neck's FPN levels (B, hidden, s, s) for s in ``geometry.neck_sizes`` (288/144/72 at full size)."""
+        levels, _ = self.tracker_neck(trunk)
+        return list(levels[: len(self.geometry.neck_sizes)])
+
+    def tracker_features(self, trunk: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What the tracker caches per frame: levels (conv_s0/s1 applied) and positions, each (HW, B, C)."""
+        from transformers import Sam3VideoModel
+
+        tokens = SimpleNamespace(last_hidden_state=trunk.flatten(2).transpose(1, 2))
+        return Sam3VideoModel.get_vision_features_for_tracker(self, tokens)
+
+    def image_embeddings(self, trunk: torch.Tensor) -> list[torch.Tensor]:
+        """The mask decoder's inputs for single images: [s0 (B,C/8,4g,4g), s1 (B,C/4,2g,2g), top + no-memory (B,C,g,g)]."""
+        feats, _ = self.tracker_features(trunk)
+        feats[-1] = feats[-1] + self.tracker_model.no_memory_embedding
+        batch = trunk.shape[0]
+        return [f.permute(1, 2, 0).reshape(batch, -1, s, s) for f, s in zip(feats, self.geometry.neck_sizes)]
+
+    # ---- prompts ---------------------------------------------------------------------------------------
+
+    def decode_prompts(
+        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Run the tracker's prompt encoder and mask decoder for K prompts on one image.
+
+        ``embeddings`` from :meth:`image_embeddings` for one image. ``points`` (K, P, 2) and ``boxes`` (K, 4, XYXY,
+        a row of NaN = no box) are in SAM's pixel-index convention of the S x S frame (the encoder adds 0.5);
+        ``labels`` (K, P): 1 positive, 0 negative, < 0 an empty slot, valid slots first. Prompts are decoded in
+        groups of equal shape, so no prompt sees padding tokens: each result equals decoding that prompt alone.
+        A box enters as its two corner points (labels 2, 3) ahead of the clicks, as SAM3's video tracker feeds it.
+
+        Returns low-res logits ``multi`` (K, 3, m, m) and ``single`` (K, 1, m, m) (m = 288 at full size: the
+        multimask outputs, and the single-mask output with SAM's stability fallback, as ``Sam3TrackerModel``
+        gives them), ``iou`` (K, 4) (single first), ``object_score`` (K,) logits and ``object_pointer``
+        (K, hidden): the pointer the tracker would store if this prompt started a track (the best multimask
+        token for a single click, the single-mask token otherwise).
+        """
+        count = (labels >= 0).sum(dim=-1)
+        has_box = ~torch.isnan(boxes).any(dim=-1)
+        if bool(((count == 0) & ~has_box).any()):
+            raise ValueError("every prompt needs a point or a box")
+        out: dict[str, torch.Tensor] = {}
+        keys = torch.stack([count, has_box.long()], dim=-1)
+        for key in torch.unique(keys, dim=0):
+            rows = torch.nonzero((keys == key).all(dim=-1)).flatten()
+            n, box = int(key[0]), bool(key[1])
+            group = self._decode_group(embeddings, points[rows, :n], labels[rows, :n], boxes[rows] if box else None)
+            for name, value in group.items():
+                if name not in out:
+                    out[name] = value.new_empty((len(labels), *value.shape[1:]))
+                out[name][rows] = value
+        return out
+
+    def _decode_group(
+        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        tracker = self.tracker_model
+        labels = labels.to(torch.int32)
+        if boxes is not None:
+            corner_labels = torch.tensor([2, 3], dtype=labels.dtype, device=labels.device).expand(len(boxes), 2)
+            points = torch.cat([boxes.reshape(-1, 2, 2), points], dim=1)
+            labels = torch.cat([corner_labels, labels], dim=1)
+        sparse, dense = tracker.prompt_encoder(
+            input_points=points[None], input_labels=labels[None], input_boxes=None, input_masks=None
+        )
+        positions = tracker.get_image_wide_positional_embeddings()
+        results = []
+        for multimask in (True, False):
+            masks, iou, tokens, score = tracker.mask_decoder(
+                image_embeddings=embeddings[-1],
+                image_positional_embeddings=positions,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+                high_resolution_features=embeddings[:-1],
+            )
+            results.append((masks[0], iou[0], tokens[0], score[0, :, 0]))
+        (multi, multi_iou, multi_tokens, score), (single, single_iou, single_tokens, _) = results
+        config = tracker.config
+        n_points = points.shape[1]
+        if config.multimask_output_in_sam and config.multimask_min_pt_num <= n_points <= config.multimask_max_pt_num:
+            token = multi_tokens[torch.arange(len(points)), multi_iou.argmax(dim=-1)]
+        else:
+            token = single_tokens[:, 0]
+        return {
+            "multi": multi,
+            "single": single,
+            "iou": torch.cat([single_iou, multi_iou], dim=-1),
+            "object_score": score,
+            "object_pointer": self._object_pointer(token, score),
+        }
+
+    def _object_pointer(self, token: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        tracker = self.tracker_model
+        pointer = tracker.object_pointer_proj(token)
+        present = (score > 0).to(pointer.dtype)[:, None]
+        return present * pointer + (1 - present) * tracker.no_object_pointer
+
+    # ---- concepts ----------------------------------------------------------------------------------------
+
+    def require_detector(self) -> DetectorHeads:
+        if self.detector_model is None:
+            raise HeadsLoadError("these heads were exported without the detector heads; re-export with them for concept targets")
+        return self.detector_model
+
+    # ---- save / load -------------------------------------------------------------------------------------
+
+    def save(self, out: Path, metadata: dict[str, Any]) -> Path:
+        """Write ``heads.safetensors`` + ``heads.json`` (the teacher config and ``metadata``) atomically."""
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        document = {"format": HEADS_FORMAT, "teacher_config": self.config.to_dict(), **metadata}
+        _atomic_write(out / HEADS_WEIGHTS, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
+        _atomic_write(out / HEADS_CONFIG, lambda path: path.write_text(json.dumps(document, indent=2, sort_keys=True)))
+        return out
+
+    @classmethod
+    def load(cls, directory: Path, device: str | torch.device = "cpu") -> tuple[TeacherHeads, dict[str, Any]]:
+        """Build only the head modules from ``heads.json`` and load ``heads.safetensors`` (strict)."""
+        from safetensors.torch import load_file
+        from transformers import Sam3VideoConfig
+
+        config_path, weights_path = directory / HEADS_CONFIG, directory / HEADS_WEIGHTS
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise HeadsLoadError(f"heads {directory}: {path.name} is missing; expected the output of 'esam3 teacher export-heads'")
+        try:
+            document = json.loads(config_path.read_text())
+            if document.get("format") != HEADS_FORMAT:
+                raise HeadsLoadError(f"heads {config_path}: format {document.get('format')!r}, this esam3 reads {HEADS_FORMAT}")
+            config = Sam3VideoConfig.from_dict(document["teacher_config"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise HeadsLoadError(f"heads {config_path}: not a heads config ({exc})") from None
+        state = load_file(str(weights_path), device=str(device))
+        has_detector = any(k.startswith(DETECTOR_PREFIXES) for k in state)
+        heads = cls.build(config, detector=has_detector).to(device)
+        missing, unexpected = heads.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise HeadsLoadError(
+                f"heads {weights_path}: weights do not match heads.json ({len(missing)} missing, e.g. "
+                f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
+            )
+        return heads.eval(), document
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def capture_memory_conditioned(tracker: nn.Module) -> Iterator[dict[tuple[int, int], torch.Tensor]]:
+    """Record ``pix_feat_with_mem`` (1, hidden, g, g) per (frame_idx, obj_idx) while the tracker runs.
+
+    Wraps the tracker's ``_prepare_memory_conditioned_features`` on this instance only (the output of memory
+    attention, or the features + no-memory embedding on a conditioning frame); restored on exit.
+    """
+    original = tracker._prepare_memory_conditioned_features
+    captured: dict[tuple[int, int], torch.Tensor] = {}
+
+    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = original(*args, **kwargs)
+        captured[(kwargs["frame_idx"], kwargs["obj_idx"])] = out
+        return out
+
+    tracker._prepare_memory_conditioned_features = wrapper
+    try:
+        yield captured
+    finally:
+        del tracker._prepare_memory_conditioned_features
