@@ -32,12 +32,16 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def build_config(model: type[M], **values: Any) -> M:
-    """Validate CLI values into a config model; errors name the flag (``--images-per-shard: ...``)."""
+def build_config(model: type[M], flags: dict[str, str] | None = None, **values: Any) -> M:
+    """Validate CLI values into a config model; errors name the flag (``--images-per-shard: ...``).
+
+    ``flags`` maps a config field to its flag where the names differ (``{"source": "--teacher"}``).
+    """
+    names = flags or {}
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        raise UsageError(describe(exc, name=_flag)) from None
+        raise UsageError(describe(exc, name=lambda field: names.get(field, _flag(field)))) from None
 
 
 @contextmanager

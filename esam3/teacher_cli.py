@@ -17,6 +17,7 @@ teacher_app = typer.Typer(
 )
 
 _TEACHER_HELP = f"A local SAM3 checkpoint directory (config.json + model.safetensors) or one of: {', '.join(RANDOM_TEACHERS)}."
+_FLAGS = {"source": "--teacher"}
 _SEED_HELP = "Weight seed of a random teacher (ignored for checkpoint directories)."
 
 
@@ -44,7 +45,7 @@ def export_heads_command(
     from esam3.workers.teacher import export_heads
 
     with user_errors():
-        config = build_config(TeacherConfig, source=teacher, seed=seed)
+        config = build_config(TeacherConfig, _FLAGS, source=teacher, seed=seed)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out: {out} exists and is not a folder")
         with err_console.status(f"loading teacher {teacher}"):
@@ -72,7 +73,7 @@ def info_command(
     from esam3.workers.teacher import Sam3Teacher
 
     with user_errors():
-        config = build_config(TeacherConfig, source=teacher, seed=seed, device=Device.CPU)
+        config = build_config(TeacherConfig, _FLAGS, source=teacher, seed=seed, device=Device.CPU)
         with err_console.status(f"loading teacher {teacher}"):
             card = Sam3Teacher.load(config).card
     if as_json:

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from esam3.pipeline.demo_data import write_demo_data  # noqa: E402
 from esam3.schemas.demo import DemoDataConfig  # noqa: E402
@@ -41,3 +42,25 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 
     with s3_server(tmp_path_factory.mktemp("s3")) as server:
         yield server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def esam3_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Random teachers are saved under a per-session cache, not the user's ~/.cache/esam3."""
+    root = tmp_path_factory.mktemp("esam3-cache")
+    previous = os.environ.get("ESAM3_CACHE")
+    os.environ["ESAM3_CACHE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("ESAM3_CACHE", None)
+    else:
+        os.environ["ESAM3_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(esam3_cache: Path):
+    """The tiny random teacher, saved and loaded back through the checkpoint path (CPU, fp32, batch 4)."""
+    from esam3.schemas.teacher import TeacherConfig
+    from esam3.workers.teacher import Sam3Teacher
+
+    return Sam3Teacher.load(TeacherConfig(source="tiny-random", batch_size=4))

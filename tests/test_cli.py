@@ -27,15 +27,22 @@ def test_version_and_help() -> None:
         assert name in result.output
 
 
-def test_every_subcommand_has_help() -> None:
-    group = get_command(app)
-    assert group.commands
+def _commands(group, path=()):
     for name, command in group.commands.items():
-        assert command.help and command.help.strip(), f"{name} has no help text"
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_subcommand_has_help() -> None:
+    commands = list(_commands(get_command(app)))
+    assert {("teacher",), ("teacher", "export-heads"), ("teacher", "info")} <= {path for path, _ in commands}
+    for path, command in commands:
+        assert command.help and command.help.strip(), f"{path} has no help text"
         for param in command.params:
             if param.name not in ("help",):
-                assert getattr(param, "help", None), f"{name} --{param.name} has no help text"
-        assert runner.invoke(app, [name, "--help"]).exit_code == 0
+                assert getattr(param, "help", None), f"{path} --{param.name} has no help text"
+        assert runner.invoke(app, [*path, "--help"]).exit_code == 0
 
 
 def test_demo_data_then_scan(tmp_path: Path) -> None:

@@ -307,13 +307,21 @@ class TeacherHeads(nn.Module):
         state = load_file(str(weights_path), device=str(device))
         has_detector = any(k.startswith(DETECTOR_PREFIXES) for k in state)
         heads = cls.build(config, detector=has_detector).to(device)
-        missing, unexpected = heads.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = heads.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            raise HeadsLoadError(f"heads {weights_path}: weights do not match heads.json ({_first_line(exc)})") from None
         if missing or unexpected:
             raise HeadsLoadError(
                 f"heads {weights_path}: weights do not match heads.json ({len(missing)} missing, e.g. "
                 f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
             )
         return heads.eval(), document
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(exc).__name__)
 
 
 def _atomic_write(target: Path, write: Any) -> None:

@@ -199,18 +199,25 @@ def check_checkpoint_dir(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path) -> Any:
-    """Load a ``Sam3VideoModel`` from a checked directory; missing, unexpected or mis-shaped weights are errors."""
+    """Load a ``Sam3VideoModel`` from a checked directory; missing or mis-shaped weights are errors."""
+    from safetensors import SafetensorError
     from transformers import Sam3VideoModel
     from transformers.utils import logging as hf_logging
 
     check_checkpoint_dir(path)
     hf_logging.disable_progress_bar()  # rich owns the terminal
     try:
-        model, info = Sam3VideoModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+        # Mis-shaped weights are collected (and refused below with their names) rather than raised mid-load.
+        model, info = Sam3VideoModel.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TeacherLoadError(f"teacher {path}: cannot load weights ({first}); do config.json and the weights belong together?") from None
-    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+    if info.get("unexpected_keys"):
+        log.warning("teacher %s: %d weights not used by Sam3VideoModel (e.g. %s)", path, len(info["unexpected_keys"]),
+                    _short(sorted(info["unexpected_keys"])[0]))
+    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if problems:
         summary = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {_short(v[0])})" for k, v in problems.items())
         raise TeacherLoadError(f"teacher {path}: weights do not match config.json: {summary}")

@@ -1,0 +1,129 @@
+"""Finding and checking teacher checkpoints, and the ``esam3 teacher`` commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from esam3.cli import app
+from esam3.schemas.teacher import TeacherLoadError
+from esam3.workers.heads import HEADS_CONFIG, HEADS_WEIGHTS
+from esam3.workers.teacher import Sam3Teacher
+from esam3.workers.teacher_loading import RANDOM_CONFIG_VERSION, load_checkpoint, load_model, materialize_random
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "400"}
+
+
+@pytest.fixture()
+def checkpoint(tiny_teacher: Sam3Teacher, tmp_path: Path) -> Path:
+    """A writable copy of the tiny teacher's checkpoint directory."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(tiny_teacher.card.checkpoint_dir, target)
+    return target
+
+
+def test_random_teacher_is_saved_once_and_loaded_like_a_checkpoint(tiny_teacher: Sam3Teacher, esam3_cache: Path) -> None:
+    path = Path(tiny_teacher.card.checkpoint_dir)
+    assert path.parent == esam3_cache / "teachers" and path.name == f"tiny-random-v{RANDOM_CONFIG_VERSION}-seed0"
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in path.iterdir()}
+    assert json.loads((path / "config.json").read_text())["model_type"] == "sam3_video"
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert materialize_random("tiny-random", 0) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "staging folders left behind"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing", "no such directory"),
+        ("file", "not a directory"),
+        ("no-config", "config.json is missing"),
+        ("bad-json", "not valid JSON"),
+        ("wrong-type", "model_type is 'sam2_video'"),
+        ("no-weights", "no model.safetensors"),
+        ("truncated-weights", "cannot load weights"),
+        ("other-architecture", "weights do not match config.json"),
+    ],
+)
+def test_bad_checkpoints_give_clear_errors(checkpoint: Path, breakage: str, message: str) -> None:
+    config_file = checkpoint / "config.json"
+    target = checkpoint
+    if breakage == "missing":
+        target = checkpoint / "nope"
+    elif breakage == "file":
+        target = config_file
+    elif breakage == "no-config":
+        config_file.unlink()
+    elif breakage == "bad-json":
+        config_file.write_text("{oops")
+    elif breakage == "wrong-type":
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "sam2_video"}))
+    elif breakage == "no-weights":
+        (checkpoint / "model.safetensors").unlink()
+    elif breakage == "truncated-weights":
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif breakage == "other-architecture":
+        config = json.loads(config_file.read_text())
+        config["tracker_config"]["num_maskmem"] = 3
+        config_file.write_text(json.dumps(config))
+    with pytest.raises(TeacherLoadError, match=message) as error:
+        load_checkpoint(target)
+    assert str(target) in str(error.value)
+    result = runner.invoke(app, ["teacher", "info", "--teacher", str(target)], env=WIDE)
+    assert result.exit_code == 2 and message.split("'")[0] in result.output and "Traceback" not in result.output
+
+
+def test_unknown_random_teacher_name_is_a_path(tmp_path: Path) -> None:
+    with pytest.raises(TeacherLoadError, match="tiny-random, small-random, full-random"):
+        load_model("tiny-randm")
+
+
+def test_export_heads_command(tiny_teacher: Sam3Teacher, tmp_path: Path) -> None:
+    out = tmp_path / "heads"
+    result = runner.invoke(app, ["teacher", "export-heads", "--teacher", "tiny-random", "--out", str(out)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "full teacher" in result.output and "heads (with detector)" in result.output
+    assert tiny_teacher.card.checksum in result.output
+    assert (out / HEADS_WEIGHTS).is_file() and (out / HEADS_CONFIG).is_file()
+    result = runner.invoke(
+        app, ["teacher", "export-heads", "--teacher", "tiny-random", "--out", str(out), "--no-detector", "--json"], env=WIDE
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["detector"] is False and payload["teacher"]["checksum"] == tiny_teacher.card.checksum
+    assert payload["heads_parameters"] == tiny_teacher.card.parameters["tracker_heads"]
+    assert payload["heads_bytes"] == (out / HEADS_WEIGHTS).stat().st_size < payload["teacher_bytes"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--teacher", ""], "--teacher"),
+        (["--out", "FILE"], "exists and is not a folder"),
+    ],
+)
+def test_export_heads_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    values = {"--teacher": "tiny-random", "--out": str(tmp_path / "out")}
+    for flag, value in zip(args[::2], args[1::2]):
+        values[flag] = str(afile) if value == "FILE" else value
+    result = runner.invoke(app, ["teacher", "export-heads", *[x for kv in values.items() for x in kv]], env=WIDE)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_info_command(tiny_teacher: Sam3Teacher) -> None:
+    result = runner.invoke(app, ["teacher", "info", "--teacher", "tiny-random", "--json"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    card = json.loads(result.output)
+    assert card["checksum"] == tiny_teacher.card.checksum and card["geometry"]["image_size"] == 112
+    assert card["parameters"]["total"] == sum(p.numel() for p in tiny_teacher.model.parameters())
+    result = runner.invoke(app, ["teacher", "info", "--teacher", "tiny-random"], env=WIDE)
+    assert result.exit_code == 0 and "mask size" in result.output and tiny_teacher.card.checksum in result.output
