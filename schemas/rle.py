@@ -29,6 +29,18 @@ class Runs:
     width: int
     counts: np.ndarray  # int64 run lengths, sum == height * width
 
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> Runs:
+        """Runs of a dense (height, width) mask (nonzero = foreground)."""
+        height, width = mask.shape
+        flat = np.asarray(mask, dtype=bool).T.ravel()
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        edges = np.concatenate([[0], change, [flat.size]])
+        counts = np.diff(edges)
+        if flat.size and flat[0]:
+            counts = np.concatenate([[0], counts])
+        return cls(height, width, counts.astype(np.int64))
+
     @property
     def fg_starts(self) -> np.ndarray:
         """Flat (column-major) start index of every foreground run."""

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 #: Seeded random teachers that need no download: name -> what it is (see ``esam3.workers.teacher_loading``).
 RANDOM_TEACHERS = {
     "tiny-random": "tiny config (112 px frame, 64-wide 2-layer ViT) for tests and the demo; saved and reloaded",
-    "small-random": "mid-size config (336 px frame, 384-wide 8-layer ViT) for CPU benchmarks; saved and reloaded",
+    "small-random": "mid-size config (336 px frame, 384-wide 12-layer ViT) for CPU benchmarks; saved and reloaded",
     "full-random": "the full SAM3 architecture (1008 px, 1024-wide 32-layer ViT) with random weights; built in memory",
 }
 

@@ -40,6 +40,17 @@ def test_parse_matches_pycocotools() -> None:
             assert runs.bbox_xyxy() is None
 
 
+def test_from_mask_equals_parsed_coco_counts() -> None:
+    from esam3.schemas.rle import Runs
+
+    for mask in _random_masks(np.random.default_rng(1)):
+        rle = encode_rle(mask)
+        parsed = parse_counts(rle["counts"], *rle["size"])
+        runs = Runs.from_mask(mask)
+        np.testing.assert_array_equal(runs.counts, parsed.counts)
+        assert (runs.height, runs.width) == mask.shape and runs.counts.sum() == mask.size
+
+
 def test_contains_and_sampling() -> None:
     rng = np.random.default_rng(1)
     for mask in _random_masks(rng)[1:]:

@@ -185,10 +185,17 @@ def test_video_targets_equal_sam3_tracker_video_model(tiny_teacher: Sam3Teacher,
     assert checked_memory > 5
 
 
-def test_video_limits(tiny_teacher: Sam3Teacher, video) -> None:
-    out = list(tiny_teacher.video_targets(video, VideoTargetConfig(max_objects=1, max_frames=3)))
+def test_video_limits_and_determinism(tiny_teacher: Sam3Teacher, video) -> None:
+    config = VideoTargetConfig(prompt=VideoPrompt.POINT, max_objects=1, max_frames=3)
+    out = list(tiny_teacher.video_targets(video, config))
     assert len(out) == 3 and all(len(f.object_ids) <= 1 for f in out)
     assert out[-1].mask_logits.shape[0] == 1
+    again = list(tiny_teacher.video_targets(video, config))
+    for first, second in zip(out, again):
+        for name in ("trunk", "mask_logits", "object_pointer", "maskmem_features", "pix_feat_with_mem"):
+            assert torch.equal(getattr(first, name), getattr(second, name))
+    other_seed = list(tiny_teacher.video_targets(video, config.model_copy(update={"seed": 5})))
+    assert not torch.equal(other_seed[0].mask_logits, out[0].mask_logits), "point prompts follow the seed"
 
 
 def test_concept_targets_equal_sam3_model(tiny_teacher: Sam3Teacher) -> None:

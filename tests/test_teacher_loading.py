@@ -127,3 +127,16 @@ def test_info_command(tiny_teacher: Sam3Teacher) -> None:
     assert card["parameters"]["total"] == sum(p.numel() for p in tiny_teacher.model.parameters())
     result = runner.invoke(app, ["teacher", "info", "--teacher", "tiny-random"], env=WIDE)
     assert result.exit_code == 0 and "mask size" in result.output and tiny_teacher.card.checksum in result.output
+
+
+def test_full_size_geometry_is_read_from_sam3s_default_config() -> None:
+    """The facts SAM3 is known by (1008 px, 72x72 tokens of 1024, 288x288 masks, 64-channel memory) come from
+    the config, not from constants: the full-random config is transformers' default Sam3VideoConfig."""
+    from esam3.workers.heads import Geometry
+    from esam3.workers.teacher_loading import random_config
+
+    geometry = Geometry.from_config(random_config("full-random"))
+    assert geometry == Geometry(
+        image_size=1008, patch_size=14, grid=72, trunk_width=1024, hidden=256, mask_size=288, memory_channels=64,
+        neck_sizes=(288, 144, 72),
+    )

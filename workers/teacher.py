@@ -136,7 +136,7 @@ class Sam3Teacher:
 
     @classmethod
     def load(cls, config: TeacherConfig) -> Sam3Teacher:
-        model, checkpoint_dir = load_model(config.source, seed=config.seed)
+        model, checkpoint_dir = load_model(config.source, seed=config.seed, device=resolve_device(config.device))
         return cls(model, config, checkpoint_dir)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:

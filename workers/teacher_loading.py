@@ -33,7 +33,7 @@ from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherLoadError
 log = logging.getLogger(__name__)
 
 #: Bumped when the random configs change, so cached random teachers are rebuilt.
-RANDOM_CONFIG_VERSION = 2
+RANDOM_CONFIG_VERSION = 3
 #: Object-score bias of random teachers (see ``build_random_model``).
 OBJECT_SCORE_BIAS = 4.0
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -61,7 +61,7 @@ class RandomSpec:
 
 _SPECS = {
     "tiny-random": RandomSpec(112, 64, 2, 2, 4, (1,), 128, 64, 2, 1024, 1, 10, 1, 128),
-    "small-random": RandomSpec(336, 384, 8, 6, 8, (3, 7), 256, 256, 4, 1024, 2, 50, 2, 1024),
+    "small-random": RandomSpec(336, 384, 12, 6, 8, (3, 7, 11), 256, 256, 4, 1024, 2, 50, 2, 1024),
 }
 
 
@@ -111,15 +111,18 @@ def random_config(name: str) -> Any:
     return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict())
 
 
-def build_random_model(name: str, seed: int) -> Any:
-    """A ``Sam3VideoModel`` with seeded random weights (identical for the same name and seed)."""
+def build_random_model(name: str, seed: int, device: str | torch.device = "cpu") -> Any:
+    """A ``Sam3VideoModel`` with seeded random weights (identical for the same name, seed and device type).
+
+    Built directly on ``device``: initialising 860M parameters takes minutes on a CPU, seconds on a GPU.
+    """
     from transformers import Sam3VideoModel
 
     if name not in RANDOM_TEACHERS:
         raise TeacherLoadError(f"unknown random teacher {name!r}; expected one of {', '.join(RANDOM_TEACHERS)}")
     config = random_config(name)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), torch.device(device):
         torch.manual_seed(seed)
         model = Sam3VideoModel(config).eval()
     # A random object-score head says "absent" about as often as not, and an absent object's masks are all
@@ -157,6 +160,7 @@ def materialize_random(name: str, seed: int, root: Path | None = None) -> Path:
         return target
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
+    _quiet_transformers()
     try:
         model = build_random_model(name, seed)
         model.save_pretrained(staging)
@@ -171,6 +175,13 @@ def materialize_random(name: str, seed: int, root: Path | None = None) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("saved random teacher %s (seed %d) to %s", name, seed, target)
     return target
+
+
+def _quiet_transformers() -> None:
+    """No tqdm bars from transformers' save/load: rich owns the terminal."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def check_checkpoint_dir(path: Path) -> dict[str, Any]:
@@ -202,10 +213,9 @@ def load_checkpoint(path: Path) -> Any:
     """Load a ``Sam3VideoModel`` from a checked directory; missing or mis-shaped weights are errors."""
     from safetensors import SafetensorError
     from transformers import Sam3VideoModel
-    from transformers.utils import logging as hf_logging
 
     check_checkpoint_dir(path)
-    hf_logging.disable_progress_bar()  # rich owns the terminal
+    _quiet_transformers()
     try:
         # Mis-shaped weights are collected (and refused below with their names) rather than raised mid-load.
         model, info = Sam3VideoModel.from_pretrained(
@@ -238,11 +248,14 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_model(source: str, seed: int = 0) -> tuple[Any, str | None]:
-    """``(Sam3VideoModel, checkpoint_dir)`` for a directory or a random teacher name (dir is None in memory)."""
+def load_model(source: str, seed: int = 0, device: str | torch.device = "cpu") -> tuple[Any, str | None]:
+    """``(Sam3VideoModel, checkpoint_dir)`` for a directory or a random teacher name (dir is None in memory).
+
+    Checkpoints load on the CPU (the caller moves them); ``full-random`` is built on ``device``.
+    """
     if source in RANDOM_TEACHERS:
         if source == "full-random":
-            return build_random_model(source, seed), None
+            return build_random_model(source, seed, device), None
         path = materialize_random(source, seed)
         return load_checkpoint(path), str(path)
     path = Path(source).expanduser()

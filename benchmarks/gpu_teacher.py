@@ -1,0 +1,208 @@
+"""The full-size SAM3 teacher (random weights, the real architecture) on a GPU: how fast are its targets?
+
+* trunk targets at bf16 autocast for batch 1/4/8/16: images/s, ms/image, achieved TFLOP/s and model FLOP
+  utilisation (FLOPs counted by ``torch.utils.flop_counter`` on one forward; peak = the GPU's dense bf16 peak),
+  plus the same with the trunk's weights cast to bf16 (no autocast), and the trunk output copied to the host;
+* prompt targets: K=16 prompts per image decoded from the trunk in hand: images/s and prompts/s;
+* video targets: one synthetic 1008x1008 video, 8 objects over 16 annotated frames: frame-objects/s.
+
+Inputs are synthetic (random pixels, moving rectangles as masks), so the script needs no JPEG/MP4 codecs.
+Writes ``$OUT/gpu_teacher.json`` (or ``--out``) and prints the same JSON line. Target: >= 60 trunk images/s
+on one H100 (the public recipe exports 8.68 images/s on an L40S at batch 1).
+
+On the lent GPU machine (Python 3.12, torch and transformers preinstalled, nothing reachable), carry the
+wheels ``benchmarks/gpu_wheels.sh`` downloads into ``.whl`` and run:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_teacher.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Dense bf16 tensor-core peaks (FLOP/s) by device name fragment; SXM parts unless named.
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def install_package_aliases() -> None:
+    """Run from a checkout without ``pip install``: map esam3.<sub> to the repository's top-level folders."""
+    import importlib
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    import esam3
+
+    for sub in ("schemas", "pipeline", "workers", "train"):
+        if f"esam3.{sub}" not in sys.modules:
+            module = importlib.import_module(sub)
+            sys.modules[f"esam3.{sub}"] = module
+            setattr(esam3, sub, module)
+
+
+def peak_flops(name: str) -> float | None:
+    for fragment, peak in PEAK_BF16.items():
+        if fragment in name:
+            return peak
+    return None
+
+
+def timed(fn: Any, repeats: int) -> float:
+    """Seconds per call, after two warm-up calls, with the GPU synchronised."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def trunk_flops(teacher: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = teacher.geometry.image_size
+    pixels = torch.randn(1, 3, size, size, device=teacher.device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode(), teacher.autocast():
+        teacher.trunk(pixels)
+    return counter.get_total_flops()
+
+
+def bench_trunk(teacher: Any, batches: list[int], repeats: int, flops: int, peak: float | None) -> dict[str, Any]:
+    size = teacher.geometry.image_size
+    out: dict[str, Any] = {}
+    dtype = next(teacher.trunk.parameters()).dtype
+    for batch in batches:
+        pixels = torch.randn(batch, 3, size, size, device=teacher.device, dtype=dtype)
+        seconds = timed(lambda: teacher.trunk_features(pixels), repeats)
+        rate = batch / seconds
+        out[f"batch{batch}"] = {
+            "images_per_s": round(rate, 2),
+            "ms_per_image": round(1000 / rate, 2),
+            "tflops": round(flops * rate / 1e12, 1),
+            "mfu": round(flops * rate / peak, 3) if peak else None,
+        }
+    best = max(batches, key=lambda b: out[f"batch{b}"]["images_per_s"])
+    pixels = torch.randn(best, 3, size, size, device=teacher.device, dtype=dtype)
+    seconds = timed(lambda: teacher.trunk_features(pixels).to(torch.float16).cpu(), repeats)
+    out["to_host_fp16"] = {"batch": best, "images_per_s": round(best / seconds, 2)}
+    return out
+
+
+def synthetic_masks(rng: np.random.Generator, height: int, width: int, n: int) -> list[Any]:
+    from esam3.schemas.rle import Runs
+
+    masks = []
+    for _ in range(n):
+        mask = np.zeros((height, width), bool)
+        h, w = rng.integers(height // 10, height // 2), rng.integers(width // 10, width // 2)
+        r, c = rng.integers(0, height - h), rng.integers(0, width - w)
+        mask[r : r + h, c : c + w] = True
+        masks.append(Runs.from_mask(mask))
+    return masks
+
+
+def bench_prompts(teacher: Any, k: int, images: int) -> dict[str, Any]:
+    from esam3.schemas.prompts import PromptConfig
+    from esam3.workers.prompts import sample_prompts
+
+    rng = np.random.default_rng(0)
+    size = teacher.geometry.image_size
+    height, width = 1500, 2250
+    prompt_sets = [
+        sample_prompts(f"sa1b/{i}", synthetic_masks(rng, height, width, 2 * k), (height, width), size, PromptConfig(num_prompts=k))
+        for i in range(images)
+    ]
+    trunks = teacher.trunk_features(torch.randn(images, 3, size, size, device=teacher.device))
+    seconds = timed(lambda: [teacher.prompt_targets(t, p) for t, p in zip(trunks, prompt_sets)], 2)
+    return {"k": k, "images_per_s": round(images / seconds, 2), "prompts_per_s": round(images * k / seconds, 1)}
+
+
+def bench_video(teacher: Any, frames: int, objects: int) -> dict[str, Any]:
+    from esam3.schemas.rle import Runs
+    from esam3.schemas.teacher import VideoPrompt, VideoTargetConfig
+
+    rng = np.random.default_rng(1)
+    height = width = teacher.geometry.image_size
+    pixels = rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    masks = []
+    for t in range(frames):
+        frame_masks = []
+        for obj in range(objects):
+            mask = np.zeros((height, width), bool)
+            r, c = 40 * obj % (height // 2) + 2 * t, 60 * obj % (width // 2) + 3 * t
+            mask[r : r + height // 4, c : c + width // 4] = True
+            frame_masks.append(Runs.from_mask(mask))
+        masks.append(tuple(frame_masks))
+    video = SimpleNamespace(
+        key="sav/synthetic", frames=pixels, frame_indices=np.arange(frames) * 4, masks=tuple(masks),
+        record=SimpleNamespace(masklet_id=list(range(objects))),
+    )
+    config = VideoTargetConfig(prompt=VideoPrompt.MASK, max_objects=objects, max_frames=frames)
+    list(teacher.video_targets(video, config))  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    done = list(teacher.video_targets(video, config))
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    frame_objects = sum(len(f.object_ids) for f in done)
+    return {
+        "frames": len(done), "objects": objects, "frames_per_s": round(len(done) / seconds, 2),
+        "frame_objects_per_s": round(frame_objects / seconds, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="full-random", help="random teacher name or checkpoint directory")
+    parser.add_argument("--batches", default="1,4,8,16", help="trunk batch sizes to time")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch size")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per image")
+    parser.add_argument("--video-frames", type=int, default=16, help="annotated frames of the synthetic video")
+    parser.add_argument("--objects", type=int, default=8, help="objects tracked in the synthetic video")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for gpu_teacher.json")
+    args = parser.parse_args()
+    install_package_aliases()
+    from esam3.schemas.teacher import TeacherConfig
+    from esam3.workers.teacher import Sam3Teacher
+
+    if not torch.cuda.is_available():
+        parser.error("no CUDA device: this benchmark is for the GPU machine (benchmarks/teacher.py runs on CPU)")
+    batches = [int(b) for b in args.batches.split(",")]
+    start = time.perf_counter()
+    teacher = Sam3Teacher.load(TeacherConfig(source=args.teacher, device="cuda", precision="bf16", batch_size=max(batches)))
+    name = torch.cuda.get_device_name()
+    peak = peak_flops(name)
+    flops = trunk_flops(teacher)
+    result: dict[str, Any] = {
+        "benchmark": "gpu_teacher", "gpu": name, "torch": torch.__version__, "teacher": args.teacher,
+        "load_s": round(time.perf_counter() - start, 1), "parameters": teacher.card.parameters,
+        "trunk_gflops_per_image": round(flops / 1e9, 1), "peak_bf16_tflops": peak and peak / 1e12,
+    }
+    result["trunk_autocast"] = bench_trunk(teacher, batches, args.repeats, flops, peak)
+    result["prompts"] = bench_prompts(teacher, args.prompts, images=8)
+    result["video"] = bench_video(teacher, args.video_frames, args.objects)
+    teacher.trunk.to(torch.bfloat16)
+    teacher.amp_dtype = None  # weights in bf16, no autocast: what a cast-once teacher would give
+    result["trunk_bf16_weights"] = bench_trunk(teacher, batches, args.repeats, flops, peak)
+    result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(result)
+    (args.out / "gpu_teacher.json").write_text(line + "\n")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
