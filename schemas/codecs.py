@@ -1,0 +1,200 @@
+"""Tensor codecs of the store: how teacher targets become bytes, and back, with the error each one costs.
+
+Feature maps (C, H, W) — trunk output, neck levels, memory features:
+
+* ``fp16`` / ``bf16``: a cast (fp16 saturates beyond +-65504; bf16 keeps fp32's range with 8 bits of mantissa);
+* ``int8``: symmetric per-channel scales (``absmax / 127`` per channel, fp32), so a few huge-magnitude channels —
+  real ViT trunks have them — do not crush the resolution of the others;
+* ``lowrank``: coefficients on a basis fitted on the first rows of a run and stored once in the store
+  (``Basis``: mean (C,) + orthonormal components (C, r)), int8 per-component scales. Lossy by design: its
+  per-row error is measured and stored so a user sees whether it holds on their features.
+
+Mask logits (..., H, W): ``logit8`` clips to +-15.875 and rounds to steps of 1/8 (int8), then zstd-compresses
+(low-res SAM masks are smooth with large saturated areas). sigmoid(15.875) = 1 - 1.3e-7, so clipping changes no
+probability that matters.
+
+Every ``encode_*`` returns the encoded record and the **relative RMS error** ``||decode(x) - x|| / ||x||`` it
+measured on that very row; ``decode`` of an encoded record is exact up to that quantisation. Records are plain
+bytes + small metadata (never pickled), so any reader can decode them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import pyarrow as pa
+
+
+class FeatureCodec(str, Enum):
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    LOWRANK = "lowrank"
+
+
+LOGIT_STEP = 1 / 8
+LOGIT_LIMIT = 127 * LOGIT_STEP
+_ZSTD_LEVEL = 3
+
+
+class CodecError(ValueError):
+    """An encoded record that cannot be decoded (wrong size, unknown codec, missing basis)."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One encoded tensor: ``data`` (the payload), ``scale`` (fp32 per channel / component, or empty)."""
+
+    codec: str
+    shape: tuple[int, ...]
+    data: bytes
+    scale: bytes = b""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + len(self.scale)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """A low-rank basis for (C, ...) features: ``mean`` (C,) and orthonormal ``components`` (C, r), float32."""
+
+    mean: np.ndarray
+    components: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return self.components.shape[1]
+
+    def to_bytes(self) -> bytes:
+        channels, rank = self.components.shape
+        header = np.array([channels, rank], dtype=np.int64).tobytes()
+        return header + self.mean.astype(np.float32).tobytes() + self.components.astype(np.float32).tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Basis:
+        channels, rank = np.frombuffer(blob[:16], dtype=np.int64)
+        body = np.frombuffer(blob[16:], dtype=np.float32)
+        if body.size != channels + channels * rank:
+            raise CodecError(f"basis of {len(blob)} bytes does not hold {channels} channels x rank {rank}")
+        return cls(body[:channels].copy(), body[channels:].reshape(channels, rank).copy())
+
+
+def relative_rms(decoded: np.ndarray, original: np.ndarray) -> float:
+    """``||decoded - original|| / ||original||`` (0 for an all-zero original decoded exactly)."""
+    original = original.astype(np.float64)
+    norm = float(np.sqrt(np.sum(original**2)))
+    diff = float(np.sqrt(np.sum((decoded.astype(np.float64) - original) ** 2)))
+    if norm == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / norm
+
+
+def fit_basis(samples: np.ndarray, rank: int) -> Basis:
+    """PCA over channels of N feature maps (N, C, H, W): the ``rank`` directions holding the most energy."""
+    n, channels = samples.shape[:2]
+    if not 0 < rank <= channels:
+        raise ValueError(f"rank must be in 1..{channels}, got {rank}")
+    columns = np.moveaxis(samples.reshape(n, channels, -1), 1, 0).reshape(channels, -1).astype(np.float64)
+    mean = columns.mean(axis=1)
+    centred = columns - mean[:, None]
+    covariance = centred @ centred.T / max(1, centred.shape[1] - 1)
+    values, vectors = np.linalg.eigh(covariance)
+    order = np.argsort(values)[::-1][:rank]
+    return Basis(mean.astype(np.float32), vectors[:, order].astype(np.float32))
+
+
+def _per_row_int8(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one fp32 scale per row of a 2-D array."""
+    absmax = np.abs(rows).max(axis=1)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def encode_features(x: np.ndarray, codec: FeatureCodec | str, basis: Basis | None = None) -> tuple[Encoded, float]:
+    """Encode a (C, ...) float feature map; returns the record and its measured relative RMS error."""
+    codec = FeatureCodec(codec)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise CodecError("features hold NaN or Inf; refusing to store them")
+    channels = x.shape[0]
+    if codec == FeatureCodec.FP16:
+        encoded = Encoded(codec.value, x.shape, x.astype(np.float16).tobytes())
+    elif codec == FeatureCodec.BF16:
+        bits = x.view(np.uint32)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+        encoded = Encoded(codec.value, x.shape, rounded.tobytes())
+    elif codec == FeatureCodec.INT8:
+        q, scale = _per_row_int8(x.reshape(channels, -1))
+        encoded = Encoded(codec.value, x.shape, q.tobytes(), scale.tobytes())
+    else:
+        if basis is None:
+            raise CodecError("the lowrank codec needs the store's basis")
+        if basis.components.shape[0] != channels:
+            raise CodecError(f"basis has {basis.components.shape[0]} channels, features have {channels}")
+        coefficients = basis.components.T @ (x.reshape(channels, -1) - basis.mean[:, None])
+        q, scale = _per_row_int8(coefficients)
+        encoded = Encoded(codec.value, x.shape, q.tobytes(), scale.tobytes())
+    return encoded, relative_rms(decode_features(encoded, basis), x)
+
+
+def decode_features(encoded: Encoded, basis: Basis | None = None) -> np.ndarray:
+    """The float32 (C, ...) feature map of a record."""
+    shape = tuple(encoded.shape)
+    count = int(np.prod(shape))
+    channels = shape[0] if shape else 0
+    try:
+        codec = FeatureCodec(encoded.codec)
+    except ValueError:
+        raise CodecError(f"unknown feature codec {encoded.codec!r}") from None
+    _expect(encoded.data, {FeatureCodec.FP16: 2 * count, FeatureCodec.BF16: 2 * count, FeatureCodec.INT8: count}.get(codec), codec)
+    if codec == FeatureCodec.FP16:
+        return np.frombuffer(encoded.data, dtype=np.float16).astype(np.float32).reshape(shape)
+    if codec == FeatureCodec.BF16:
+        bits = np.frombuffer(encoded.data, dtype=np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    scale = np.frombuffer(encoded.scale, dtype=np.float32)
+    if codec == FeatureCodec.INT8:
+        _expect(encoded.scale, 4 * channels, codec, "scale")
+        q = np.frombuffer(encoded.data, dtype=np.int8).reshape(channels, -1)
+        return (q.astype(np.float32) * scale[:, None]).reshape(shape)
+    if basis is None:
+        raise CodecError("the lowrank codec needs the store's basis")
+    rank = basis.rank
+    _expect(encoded.data, rank * (count // max(channels, 1)), codec)
+    _expect(encoded.scale, 4 * rank, codec, "scale")
+    q = np.frombuffer(encoded.data, dtype=np.int8).reshape(rank, -1)
+    coefficients = q.astype(np.float32) * scale[:, None]
+    return (basis.components @ coefficients + basis.mean[:, None]).reshape(shape).astype(np.float32)
+
+
+def _expect(blob: bytes, size: int | None, codec: FeatureCodec | str, part: str = "data") -> None:
+    if size is not None and len(blob) != size:
+        raise CodecError(f"{codec} {part} has {len(blob)} bytes, expected {size}")
+
+
+def encode_logits(x: np.ndarray) -> tuple[Encoded, float]:
+    """Mask logits -> clipped int8 steps of 1/8, zstd-compressed; error measured within the clip range."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if np.isnan(x).any():
+        raise CodecError("mask logits hold NaN; refusing to store them")
+    q = np.clip(np.rint(x / LOGIT_STEP), -127, 127).astype(np.int8)
+    compressed = pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(q.tobytes(), asbytes=True)
+    encoded = Encoded("logit8", x.shape, compressed)
+    clipped = np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT)
+    return encoded, relative_rms(decode_logits(encoded), clipped)
+
+
+def decode_logits(encoded: Encoded) -> np.ndarray:
+    if encoded.codec != "logit8":
+        raise CodecError(f"unknown logit codec {encoded.codec!r}")
+    count = int(np.prod(encoded.shape))
+    try:
+        raw = pa.decompress(encoded.data, decompressed_size=count, codec="zstd", asbytes=True)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise CodecError(f"logit8 payload does not decompress to {count} bytes ({exc})") from None
+    _expect(raw, count, "logit8")
+    return (np.frombuffer(raw, dtype=np.int8).astype(np.float32) * LOGIT_STEP).reshape(encoded.shape)

@@ -1,0 +1,116 @@
+"""Store codecs: exact inverses up to the quantisation they report, sizes, and ViT-like features with outlier channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from esam3.schemas.codecs import (
+    LOGIT_LIMIT,
+    Basis,
+    CodecError,
+    Encoded,
+    FeatureCodec,
+    decode_features,
+    decode_logits,
+    encode_features,
+    encode_logits,
+    fit_basis,
+    relative_rms,
+)
+
+
+def vit_like(rng: np.random.Generator, n: int = 1, channels: int = 256, side: int = 24, rank: int = 48) -> np.ndarray:
+    """Features shaped like a ViT trunk's: low-rank spatial structure + noise, and a few channels ~100x larger."""
+    basis = rng.normal(size=(channels, rank))
+    maps = rng.normal(size=(n, rank, side * side))
+    x = np.einsum("cr,nrp->ncp", basis, maps) / np.sqrt(rank) + 0.1 * rng.normal(size=(n, channels, side * side))
+    outliers = rng.choice(channels, 4, replace=False)
+    x[:, outliers] *= 100.0
+    x[:, outliers] += 300.0
+    return x.reshape(n, channels, side, side).astype(np.float32)
+
+
+@pytest.mark.parametrize("codec", [FeatureCodec.FP16, FeatureCodec.BF16, FeatureCodec.INT8])
+def test_feature_codecs_round_trip_with_reported_error(codec: FeatureCodec) -> None:
+    x = vit_like(np.random.default_rng(0))[0]
+    encoded, error = encode_features(x, codec)
+    decoded = decode_features(encoded)
+    assert decoded.shape == x.shape and decoded.dtype == np.float32
+    assert error == pytest.approx(relative_rms(decoded, x))
+    bound = {FeatureCodec.FP16: 1e-3, FeatureCodec.BF16: 5e-3, FeatureCodec.INT8: 1e-2}[codec]
+    assert 0 < error < bound
+    assert np.array_equal(decode_features(encode_features(decoded, codec)[0]), decoded), "decode is a fixed point"
+    per_value = {FeatureCodec.FP16: 2, FeatureCodec.BF16: 2, FeatureCodec.INT8: 1}[codec]
+    assert encoded.nbytes == per_value * x.size + (4 * x.shape[0] if codec == FeatureCodec.INT8 else 0)
+
+
+def test_bf16_matches_torch_rounding() -> None:
+    x = np.random.default_rng(1).normal(size=(8, 33)).astype(np.float32) * 1e3
+    expected = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(decode_features(encode_features(x, "bf16")[0]), expected)
+
+
+def test_int8_per_channel_keeps_ordinary_channels_precise_next_to_outliers() -> None:
+    x = vit_like(np.random.default_rng(2))[0]
+    decoded = decode_features(encode_features(x, "int8")[0])
+    ordinary = np.abs(x).reshape(x.shape[0], -1).max(axis=1) < 50
+    per_channel = [relative_rms(decoded[c], x[c]) for c in np.flatnonzero(ordinary)]
+    assert max(per_channel) < 0.02  # one global scale would lose them entirely
+    one_scale = np.abs(x).max() / 127
+    coarse = np.rint(x / one_scale) * one_scale
+    assert relative_rms(coarse[ordinary], x[ordinary]) > 10 * relative_rms(decoded[ordinary], x[ordinary])
+
+
+def test_lowrank_codec_with_a_fitted_basis() -> None:
+    rows = vit_like(np.random.default_rng(3), n=9)  # one "model": shared channel structure and outliers
+    train, held_out = rows[:8], rows[8]
+    rank = 64
+    basis = fit_basis(train, rank)
+    assert basis.components.shape == (256, rank)
+    np.testing.assert_allclose(basis.components.T @ basis.components, np.eye(rank), atol=1e-4)
+    assert Basis.from_bytes(basis.to_bytes()).components.tobytes() == basis.components.tobytes()
+    encoded, error = encode_features(held_out, "lowrank", basis)
+    assert encoded.nbytes == rank * 24 * 24 + 4 * rank
+    assert error == pytest.approx(relative_rms(decode_features(encoded, basis), held_out))
+    assert error < 0.05
+    noise = np.random.default_rng(4).normal(size=(256, 24, 24)).astype(np.float32)
+    assert encode_features(noise, "lowrank", basis)[1] > 0.5, "error is measured, not assumed"
+    with pytest.raises(CodecError, match="basis"):
+        encode_features(held_out, "lowrank")
+    with pytest.raises(CodecError, match="channels"):
+        encode_features(held_out[:10], "lowrank", basis)
+
+
+def test_logit_codec() -> None:
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:96, :96]
+    smooth = (20 - np.hypot(yy - 40, xx - 50)).astype(np.float32)[None].repeat(4, 0)  # a blob, saturated outside
+    encoded, error = encode_logits(smooth)
+    decoded = decode_logits(encoded)
+    assert np.abs(decoded - np.clip(smooth, -LOGIT_LIMIT, LOGIT_LIMIT)).max() <= 1 / 16 + 1e-6
+    assert error < 0.01 and encoded.nbytes < smooth.size / 4, "smooth masks compress well below int8"
+    assert np.array_equal((decoded > 0), (smooth > 0))
+    noisy = rng.normal(size=(3, 32, 32)).astype(np.float32)
+    assert decode_logits(encode_logits(noisy)[0]).shape == noisy.shape
+    with pytest.raises(CodecError, match="NaN"):
+        encode_logits(np.full((2, 2), np.nan, np.float32))
+
+
+def test_bad_records_are_errors_not_garbage() -> None:
+    x = np.ones((4, 3, 3), np.float32)
+    good, _ = encode_features(x, "int8")
+    with pytest.raises(CodecError, match="data has 35 bytes, expected 36"):
+        decode_features(Encoded("int8", good.shape, good.data[:-1], good.scale))
+    with pytest.raises(CodecError, match="scale"):
+        decode_features(Encoded("int8", good.shape, good.data, good.scale[:-4]))
+    with pytest.raises(CodecError, match="unknown feature codec"):
+        decode_features(Encoded("zip", good.shape, good.data))
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        encode_features(np.array([[np.inf]], np.float32), "fp16")
+    logits, _ = encode_logits(x)
+    with pytest.raises(CodecError, match="decompress"):
+        decode_logits(Encoded("logit8", logits.shape, logits.data[:-3]))
+    zero, error = encode_features(np.zeros((2, 5), np.float32), "int8")
+    assert error == 0.0 and not decode_features(zero).any()
