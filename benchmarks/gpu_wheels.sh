@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the pure-Python wheels benchmarks/gpu_*.py need on the lent GPU machine (Python 3.12, torch and
+# Download the wheels benchmarks/gpu_*.py need on the lent GPU machine (Python 3.12, torch and
 # transformers preinstalled but an older transformers, no pydantic, nothing reachable) into .whl/ at the
 # repository root. Versions follow this machine's esam3 environment. Then carry ".whl" and start the command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site

@@ -11,7 +11,6 @@ not depend on how many shards are written.
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from collections.abc import Callable, Iterable

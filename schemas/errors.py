@@ -17,3 +17,11 @@ def describe(exc: ValidationError, name: Callable[[str], str] = str, limit: int 
         parts.append(f"{where}: {msg}")
     extra = len(exc.errors()) - limit
     return "; ".join(parts) + (f" (+{extra} more)" if extra > 0 else "")
+
+
+def first_line(exc: BaseException) -> str:
+    """The informative first line of an exception's message (skipping a bare "...:" header), or its type name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esam3.schemas.teacher import HeadsLoadError, TeacherConfig, VideoPrompt, VideoTargetConfig
+from esam3.schemas.teacher import ConceptTargetConfig, HeadsLoadError, TeacherConfig, VideoPrompt, VideoTargetConfig
 from esam3.workers.heads import HEAD_PREFIXES, HEADS_CONFIG, HEADS_WEIGHTS, TeacherHeads
 from esam3.workers.teacher import Sam3Teacher, export_heads, prompt_targets
 from esam3.workers.video_targets import annotated_masks, frame_targets, object_prompts, track
@@ -86,6 +86,19 @@ def test_heads_reproduce_video_targets_from_cached_trunks(tiny_teacher: Sam3Teac
         assert close(mine.maskmem_features, expected.maskmem_features, rel=2**-8)
 
 
+def test_heads_reproduce_concept_targets_from_cached_features(tiny_teacher: Sam3Teacher, exported: Path, no_trunk: None) -> None:
+    """Stage 3 from the store: cached trunk + cached text features through the exported detector heads."""
+    trunk = tiny_teacher.image_targets(IMAGES[:1]).trunk
+    expected = tiny_teacher.concept_targets(trunk, ["a cat", "tree"], ConceptTargetConfig(top_k=5))
+    heads, _ = TeacherHeads.load(exported)
+    with torch.no_grad():
+        out = heads.require_detector().detect(trunk, expected.text_features, expected.attention_mask)
+    rows = torch.arange(2)[:, None]
+    torch.testing.assert_close(out.pred_boxes[rows, expected.query_index], expected.boxes, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.pred_masks[rows, expected.query_index], expected.masks, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.presence_logits.reshape(2), expected.presence_logit, rtol=0, atol=1e-6)
+
+
 def test_concepts_need_detector_heads(tiny_teacher: Sam3Teacher, tmp_path: Path) -> None:
     result = export_heads(TeacherConfig(source="tiny-random"), tmp_path, detector=False)
     heads, document = TeacherHeads.load(tmp_path)
@@ -108,6 +121,14 @@ def test_bad_heads_directories(exported: Path, tmp_path: Path) -> None:
     (bad / HEADS_CONFIG).write_text("{not json")
     with pytest.raises(HeadsLoadError, match="not a heads config"):
         TeacherHeads.load(bad)
+    (bad / HEADS_CONFIG).write_text("[1, 2]")
+    with pytest.raises(HeadsLoadError, match="not a heads config .*list"):
+        TeacherHeads.load(bad)
+    (bad / HEADS_CONFIG).write_text(json.dumps(document))
+    (bad / HEADS_WEIGHTS).write_bytes((exported / HEADS_WEIGHTS).read_bytes()[:500])
+    with pytest.raises(HeadsLoadError, match="unreadable"):
+        TeacherHeads.load(bad)
+    (bad / HEADS_WEIGHTS).write_bytes((exported / HEADS_WEIGHTS).read_bytes())
     config = document["teacher_config"]
     config["tracker_config"]["num_maskmem"] = 3  # a different architecture than the weights
     (bad / HEADS_CONFIG).write_text(json.dumps({**document, "teacher_config": config}))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 import simplejpeg
 from pycocotools import mask as mask_utils
 
-import av
 
 from esam3.pipeline.demo_data import (
     MIN_ANNOTATED_AREA,

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from esam3.pipeline.demo_data import write_demo_data
 from esam3.pipeline.sources import SAVSource
 from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.teacher import ConceptTargetConfig, TeacherConfig, TeacherLoadError, VideoPrompt, VideoTargetConfig
 from esam3.workers.preprocess import preprocess_images, transform_record
 from esam3.workers.prompts import PromptSet, sample_prompts
-from esam3.workers.teacher import Sam3Teacher, prompt_targets
+from esam3.workers.teacher import Sam3Teacher
 from esam3.workers.teacher_loading import load_checkpoint, materialize_random, weights_checksum
 from esam3.workers.video_targets import annotated_masks, object_prompts
 from tests import sam3_reference as ref
+from tests.conftest import small_config
 
 rng = np.random.default_rng(0)
 IMAGES = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((150, 230, 3), (96, 64, 3), (112, 112, 3))]
@@ -147,6 +149,14 @@ def video(demo_root: Path):
     return max(samples, key=lambda s: s.record.masklet_num)
 
 
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory: pytest.TempPathFactory):
+    """A 3.6 s demo video: 22 annotated frames, more than the tracker's 16-frame memory window."""
+    root = tmp_path_factory.mktemp("long-video")
+    write_demo_data(small_config(root, sa1b_shards=0, videos_per_shard=1, video_seconds=3.6))
+    return next(iter(SAVSource(str(root / "sa-v")).iter_samples("0")))
+
+
 @pytest.mark.parametrize("kind", list(VideoPrompt))
 def test_video_targets_equal_sam3_tracker_video_model(tiny_teacher: Sam3Teacher, video, kind: VideoPrompt) -> None:
     g = tiny_teacher.geometry
@@ -222,12 +232,85 @@ def test_concept_targets_equal_sam3_model(tiny_teacher: Sam3Teacher) -> None:
         tiny_teacher.concept_targets(trunk, ["  "], ConceptTargetConfig())
 
 
-def test_shared_prompt_function_runs_on_heads(tiny_teacher: Sam3Teacher) -> None:
-    trunk = tiny_teacher.image_targets(IMAGES[:1]).trunk
+def test_bf16_autocast_stays_close_to_fp32(tiny_teacher: Sam3Teacher, video) -> None:
+    """The GPU precision path (bf16 autocast) also runs on CPU: every target kind, close to fp32."""
+    bf16 = Sam3Teacher(tiny_teacher.model, TeacherConfig(source="tiny-random", precision="bf16"), None)
+    assert bf16.card.precision == "bf16-autocast"
+    trunk32, trunk16 = tiny_teacher.image_targets(IMAGES).trunk, bf16.image_targets(IMAGES).trunk
+    assert trunk16.dtype == torch.float32 and ref.close(trunk16, trunk32, rel=3e-2)
     prompts = prompt_set(tiny_teacher.geometry.image_size)
-    direct = prompt_targets(tiny_teacher.heads, trunk, prompts, torch.device("cpu"))
-    via_teacher = tiny_teacher.prompt_targets(trunk, prompts)
-    assert torch.equal(direct.multi, via_teacher.multi)
+    p32, p16 = tiny_teacher.prompt_targets(trunk32[:1], prompts), bf16.prompt_targets(trunk32[:1], prompts)
+    assert ref.close(p16.multi, p32.multi, rel=5e-2) and ref.close(p16.object_pointer, p32.object_pointer, rel=5e-2)
+    config = VideoTargetConfig(max_objects=2, max_frames=3)
+    v32, v16 = list(tiny_teacher.video_targets(video, config)), list(bf16.video_targets(video, config))
+    assert ref.close(v16[-1].pix_feat_with_mem, v32[-1].pix_feat_with_mem, rel=5e-2)
+    c32 = tiny_teacher.concept_targets(trunk32[:1], ["cat"], ConceptTargetConfig(top_k=3))
+    c16 = bf16.concept_targets(trunk32[:1], ["cat"], ConceptTargetConfig(top_k=3))
+    assert ref.close(c16.text_features, c32.text_features, rel=5e-2)
+
+
+def test_trunk_shape_errors(tiny_teacher: Sam3Teacher) -> None:
+    trunk = tiny_teacher.image_targets(IMAGES[:2]).trunk
+    with pytest.raises(ValueError, match="one image's trunk output"):
+        tiny_teacher.prompt_targets(trunk, prompt_set(tiny_teacher.geometry.image_size))
+    with pytest.raises(ValueError, match="one image's trunk output"):
+        tiny_teacher.concept_targets(trunk, ["cat"], ConceptTargetConfig())
+    with pytest.raises(ValueError, match=r"\(B, 3, 112, 112\)"):
+        tiny_teacher.trunk_features(torch.zeros(1, 3, 64, 64))
+
+
+def test_video_prompts_follow_the_ground_truth(video) -> None:
+    """Checked apart from the tracker reference (which is fed these same prompts)."""
+    size = 112
+    frames = annotated_masks(video, 9)
+    for kind in VideoPrompt:
+        for prompt in object_prompts(video.key, frames, video.record.masklet_id, size, VideoTargetConfig(prompt=kind)):
+            obj = list(video.record.masklet_id).index(prompt.object_id)
+            runs = frames[prompt.frame][1][obj]
+            assert runs.area > 0 and all(frames[t][1][obj].area == 0 for t in range(prompt.frame))
+            sx, sy = size / runs.width, size / runs.height
+            if kind == VideoPrompt.POINT:
+                x, y = prompt.points[0] + 0.5  # back to continuous coordinates in the teacher frame
+                assert runs.contains(np.array([int(y / sy)]), np.array([int(x / sx)]))[0]
+                assert prompt.labels.tolist() == [1]
+            elif kind == VideoPrompt.BOX:
+                x0, y0, x1, y1 = runs.bbox_xyxy()
+                np.testing.assert_allclose(prompt.points + 0.5, [[x0 * sx, y0 * sy], [x1 * sx, y1 * sy]], rtol=1e-5)
+                assert prompt.labels.tolist() == [2, 3]
+            else:
+                np.testing.assert_array_equal(prompt.mask, runs.to_mask())
+
+
+def test_two_videos_in_flight_on_one_teacher(tiny_teacher: Sam3Teacher, video, long_video) -> None:
+    config = VideoTargetConfig(prompt=VideoPrompt.BOX, max_objects=3, max_frames=6)
+    alone = [list(tiny_teacher.video_targets(v, config)) for v in (video, long_video)]
+    first, second = tiny_teacher.video_targets(video, config), tiny_teacher.video_targets(long_video, config)
+    interleaved: list[list] = [[], []]
+    for a, b in zip(first, second):
+        interleaved[0].append(a)
+        interleaved[1].append(b)
+        assert not torch.is_inference_mode_enabled(), "the caller's code must not run in inference mode"
+    for expected, got in zip(alone, interleaved):
+        for e, g in zip(expected, got):
+            assert torch.equal(e.pix_feat_with_mem, g.pix_feat_with_mem)
+            assert torch.equal(e.has_memory_conditioned, g.has_memory_conditioned)
+
+
+def test_long_video_past_the_memory_window_equals_the_tracker(tiny_teacher: Sam3Teacher, long_video) -> None:
+    """Past 16 frames the session drops old outputs; the targets must still equal the unpruned reference."""
+    g = tiny_teacher.geometry
+    config = VideoTargetConfig(prompt=VideoPrompt.BOX, max_objects=3, max_frames=20)
+    ours = list(tiny_teacher.video_targets(long_video, config))
+    frames = annotated_masks(long_video, config.max_frames)
+    assert len(ours) == len(frames) == 20
+    prompts = object_prompts(long_video.key, frames, long_video.record.masklet_id, g.image_size, config)
+    pixels = ref.pixel_values([long_video.frames[p] for p, _ in frames], g.image_size)
+    expected = ref.track(tiny_teacher.card.checkpoint_dir, pixels, prompts, g.image_size)
+    for mine, theirs in zip(ours[16:], expected[16:]):
+        for i, object_id in enumerate(mine.object_ids):
+            stored = theirs["objects"][object_id]
+            assert ref.close(mine.mask_logits[i], stored["pred_masks"][0, 0], rel=1e-3)
+            assert ref.close(mine.object_pointer[i], stored["object_pointer"][0], rel=1e-3)
 
 
 def test_device_cuda_without_gpu_is_a_clear_error(tiny_teacher: Sam3Teacher, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ def test_random_teacher_is_saved_once_and_loaded_like_a_checkpoint(tiny_teacher:
         ("no-config", "config.json is missing"),
         ("bad-json", "not valid JSON"),
         ("wrong-type", "model_type is 'sam2_video'"),
+        ("bad-config", "not a valid sam3_video config"),
         ("no-weights", "no model.safetensors"),
         ("truncated-weights", "cannot load weights"),
         ("other-architecture", "weights do not match config.json"),
@@ -63,6 +64,8 @@ def test_bad_checkpoints_give_clear_errors(checkpoint: Path, breakage: str, mess
         config_file.write_text("{oops")
     elif breakage == "wrong-type":
         config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "sam2_video"}))
+    elif breakage == "bad-config":
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "tracker_config": 5}))
     elif breakage == "no-weights":
         (checkpoint / "model.safetensors").unlink()
     elif breakage == "truncated-weights":
@@ -140,3 +143,24 @@ def test_full_size_geometry_is_read_from_sam3s_default_config() -> None:
         image_size=1008, patch_size=14, grid=72, trunk_width=1024, hidden=256, mask_size=288, memory_channels=64,
         neck_sizes=(288, 144, 72),
     )
+
+
+def test_bf16_checkpoint_loads_in_fp32(tiny_teacher: Sam3Teacher, tmp_path: Path, demo_root: Path) -> None:
+    """A checkpoint stored in bf16 runs like any other (precision is the runner's choice, not the file's)."""
+    import copy
+
+    import torch
+
+    from esam3.pipeline.sources import SAVSource
+    from esam3.schemas.teacher import TeacherConfig, VideoTargetConfig
+
+    bf16_dir = tmp_path / "bf16"
+    copy.deepcopy(tiny_teacher.model).to(torch.bfloat16).save_pretrained(bf16_dir)  # never touch the shared one
+    model = load_checkpoint(bf16_dir)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    teacher = Sam3Teacher(model, TeacherConfig(source=str(bf16_dir)), str(bf16_dir))
+    assert teacher.card.precision == "fp32"
+    assert teacher.card.checksum != tiny_teacher.card.checksum  # the weights were rounded to bf16
+    video = next(iter(SAVSource(str(demo_root / "sa-v")).iter_samples("0")))
+    frames = list(teacher.video_targets(video, VideoTargetConfig(max_objects=2, max_frames=3)))
+    assert frames[-1].maskmem_features.dtype == torch.float32 and frames[-1].object_ids

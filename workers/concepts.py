@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from esam3.schemas.teacher import ConceptTargetConfig
+from esam3.workers.teacher import one_trunk
 from esam3.workers.teacher_loading import TeacherLoadError, character_tokenizer
 
 
@@ -64,8 +65,7 @@ def concept_targets(teacher: Any, trunk: torch.Tensor, phrases: Sequence[str], c
     tokens = tokenizer(
         phrases, padding="max_length", truncation=True, max_length=text_config.max_position_embeddings, return_tensors="pt"
     )
-    if trunk.ndim == 3:
-        trunk = trunk[None]
+    trunk = one_trunk(trunk, teacher.geometry)
     device = teacher.device
     input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
     with torch.inference_mode(), teacher.autocast():

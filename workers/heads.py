@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from esam3.schemas.errors import first_line
 from esam3.schemas.teacher import HeadsLoadError
 
 HEADS_WEIGHTS = "heads.safetensors"
@@ -59,16 +60,16 @@ class Geometry:
     def from_config(cls, config: Any) -> Geometry:
         vit = config.detector_config.vision_config.backbone_config
         tracker = config.tracker_config
-        grid = vit.image_size // vit.patch_size
+        neck_sizes = tuple(size[0] for size in tracker.vision_config.backbone_feature_sizes)
         return cls(
             image_size=vit.image_size,
             patch_size=vit.patch_size,
-            grid=grid,
+            grid=vit.image_size // vit.patch_size,
             trunk_width=vit.hidden_size,
             hidden=tracker.vision_config.fpn_hidden_size,
-            mask_size=4 * grid,
+            mask_size=neck_sizes[0],  # the mask decoder upsamples to its highest-resolution skip level
             memory_channels=tracker.memory_encoder_output_channels,
-            neck_sizes=tuple(size[0] for size in tracker.vision_config.backbone_feature_sizes),
+            neck_sizes=neck_sizes,
         )
 
 
@@ -122,7 +123,12 @@ class DetectorHeads(nn.Module):
         from transformers.models.sam3.modeling_sam3 import Sam3Model
 
         n = text_features.shape[0]
-        embeds = self.vision_embeds(trunk.expand(n, -1, -1, -1))
+        one = self.vision_embeds(trunk)  # the neck once, then shared by the N phrases
+        embeds = type(one)(
+            last_hidden_state=one.last_hidden_state.expand(n, -1, -1),
+            fpn_hidden_states=tuple(level.expand(n, -1, -1, -1) for level in one.fpn_hidden_states),
+            fpn_position_encoding=tuple(pos.expand(n, -1, -1, -1) for pos in one.fpn_position_encoding),
+        )
         text = BaseModelOutputWithPooling(pooler_output=text_features)
         return Sam3Model.forward(self, vision_embeds=embeds, text_embeds=text, attention_mask=attention_mask)
 
@@ -290,6 +296,7 @@ class TeacherHeads(nn.Module):
     @classmethod
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> tuple[TeacherHeads, dict[str, Any]]:
         """Build only the head modules from ``heads.json`` and load ``heads.safetensors`` (strict)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
         from transformers import Sam3VideoConfig
 
@@ -299,29 +306,31 @@ class TeacherHeads(nn.Module):
                 raise HeadsLoadError(f"heads {directory}: {path.name} is missing; expected the output of 'esam3 teacher export-heads'")
         try:
             document = json.loads(config_path.read_text())
+            if not isinstance(document, dict):
+                raise TypeError(f"a JSON {type(document).__name__}, not an object")
             if document.get("format") != HEADS_FORMAT:
                 raise HeadsLoadError(f"heads {config_path}: format {document.get('format')!r}, this esam3 reads {HEADS_FORMAT}")
             config = Sam3VideoConfig.from_dict(document["teacher_config"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise HeadsLoadError(f"heads {config_path}: not a heads config ({exc})") from None
-        state = load_file(str(weights_path), device=str(device))
+        except HeadsLoadError:
+            raise
+        except Exception as exc:  # JSON and strict-config errors come in many types
+            raise HeadsLoadError(f"heads {config_path}: not a heads config ({first_line(exc)})") from None
+        try:
+            state = load_file(str(weights_path), device=str(device))
+        except (OSError, SafetensorError) as exc:
+            raise HeadsLoadError(f"heads {weights_path}: unreadable ({first_line(exc)}); export the heads again") from None
         has_detector = any(k.startswith(DETECTOR_PREFIXES) for k in state)
         heads = cls.build(config, detector=has_detector).to(device)
         try:
             missing, unexpected = heads.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatches
-            raise HeadsLoadError(f"heads {weights_path}: weights do not match heads.json ({_first_line(exc)})") from None
+            raise HeadsLoadError(f"heads {weights_path}: weights do not match heads.json ({first_line(exc)})") from None
         if missing or unexpected:
             raise HeadsLoadError(
                 f"heads {weights_path}: weights do not match heads.json ({len(missing)} missing, e.g. "
                 f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
             )
         return heads.eval(), document
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(exc).__name__)
 
 
 def _atomic_write(target: Path, write: Any) -> None:
@@ -336,22 +345,30 @@ def _atomic_write(target: Path, write: Any) -> None:
 
 
 @contextmanager
-def capture_memory_conditioned(tracker: nn.Module) -> Iterator[dict[tuple[int, int], torch.Tensor]]:
-    """Record ``pix_feat_with_mem`` (1, hidden, g, g) per (frame_idx, obj_idx) while the tracker runs.
+def capture_memory_conditioned(tracker: nn.Module, session: Any) -> Iterator[dict[tuple[int, int], torch.Tensor]]:
+    """Record ``pix_feat_with_mem`` (1, hidden, g, g) per (frame_idx, obj_idx) of ``session`` while the tracker runs.
 
-    Wraps the tracker's ``_prepare_memory_conditioned_features`` on this instance only (the output of memory
-    attention, or the features + no-memory embedding on a conditioning frame); restored on exit.
+    Wraps the tracker's ``_prepare_memory_conditioned_features`` on this instance (the output of memory attention,
+    or the features + no-memory embedding on a conditioning frame). The wrapper is installed once per tracker and
+    files each capture under the session it belongs to, so several videos can be in flight on one tracker.
     """
-    original = tracker._prepare_memory_conditioned_features
+    sinks: dict[int, dict[tuple[int, int], torch.Tensor]] | None = getattr(tracker, "_esam3_capture_sinks", None)
+    if sinks is None:
+        sinks = {}
+        original = tracker._prepare_memory_conditioned_features
+
+        def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+            out = original(*args, **kwargs)
+            sink = sinks.get(id(kwargs.get("inference_session")))
+            if sink is not None:
+                sink[(kwargs["frame_idx"], kwargs["obj_idx"])] = out
+            return out
+
+        tracker._prepare_memory_conditioned_features = wrapper
+        tracker._esam3_capture_sinks = sinks
     captured: dict[tuple[int, int], torch.Tensor] = {}
-
-    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
-        out = original(*args, **kwargs)
-        captured[(kwargs["frame_idx"], kwargs["obj_idx"])] = out
-        return out
-
-    tracker._prepare_memory_conditioned_features = wrapper
+    sinks[id(session)] = captured
     try:
         yield captured
     finally:
-        del tracker._prepare_memory_conditioned_features
+        sinks.pop(id(session), None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,7 @@ class Sam3Teacher:
     @torch.inference_mode()
     def prompt_targets(self, trunk: torch.Tensor, prompts: PromptSet) -> PromptTargets:
         """Tracker outputs for one image's prompts, from its trunk output (1, C, g, g) or (C, g, g)."""
-        return prompt_targets(self.heads, trunk, prompts, self.device, self.autocast())
+        return prompt_targets(self.heads, trunk, prompts, self.device, self.autocast)
 
     # ---- video / concepts ---------------------------------------------------------------------------------
 
@@ -191,6 +191,16 @@ class Sam3Teacher:
         from esam3.workers.concepts import concept_targets
 
         return concept_targets(self, trunk, phrases, config)
+
+
+def one_trunk(trunk: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """One image's trunk output as (1, C, g, g), from (C, g, g) or (1, C, g, g); anything else is an error."""
+    expected = (geometry.trunk_width, geometry.grid, geometry.grid)
+    if trunk.ndim == 3:
+        trunk = trunk[None]
+    if trunk.ndim != 4 or trunk.shape[0] != 1 or tuple(trunk.shape[1:]) != expected:
+        raise ValueError(f"expected one image's trunk output {expected} (or with a leading 1), got {tuple(trunk.shape)}")
+    return trunk
 
 
 def prompt_tensors(prompts: PromptSet, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,19 +216,18 @@ def prompt_targets(
     trunk: torch.Tensor,
     prompts: PromptSet,
     device: torch.device,
-    autocast: contextlib.AbstractContextManager[Any] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> PromptTargets:
     """Shared by the teacher and by exported heads: decode a PromptSet against one image's trunk output."""
     if prompts.model_size != heads.geometry.image_size:
         raise ValueError(f"prompts were mapped to a {prompts.model_size} px frame, the teacher's is {heads.geometry.image_size}")
-    if trunk.ndim == 3:
-        trunk = trunk[None]
+    trunk = one_trunk(trunk, heads.geometry)
     if len(prompts) == 0:
         m, hidden = heads.geometry.mask_size, heads.geometry.hidden
         return PromptTargets(
             torch.zeros(0, 3, m, m), torch.zeros(0, 1, m, m), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, hidden)
         )
-    with torch.inference_mode(), autocast or contextlib.nullcontext():
+    with torch.inference_mode(), autocast():
         embeddings = heads.image_embeddings(trunk.to(device))
         out = heads.decode_prompts(embeddings, *prompt_tensors(prompts, device))
     return PromptTargets(**{name: value.float().cpu() for name, value in out.items()})

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from esam3.schemas.errors import first_line
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherLoadError
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def random_config(name: str) -> Any:
 def build_random_model(name: str, seed: int, device: str | torch.device = "cpu") -> Any:
     """A ``Sam3VideoModel`` with seeded random weights (identical for the same name, seed and device type).
 
-    Built directly on ``device``: initialising 860M parameters takes minutes on a CPU, seconds on a GPU.
+    Built directly on ``device`` (full-random: 860M parameters, ~17 s on a 2-core CPU, seconds on a GPU).
     """
     from transformers import Sam3VideoModel
 
@@ -210,20 +211,29 @@ def check_checkpoint_dir(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path) -> Any:
-    """Load a ``Sam3VideoModel`` from a checked directory; missing or mis-shaped weights are errors."""
+    """Load a ``Sam3VideoModel`` from a checked directory; missing or mis-shaped weights are errors.
+
+    Always in fp32, whatever dtype the file stores: precision is the runner's choice (bf16 autocast on CUDA).
+    """
     from safetensors import SafetensorError
-    from transformers import Sam3VideoModel
+    from transformers import Sam3VideoConfig, Sam3VideoModel
 
     check_checkpoint_dir(path)
     _quiet_transformers()
     try:
+        config = Sam3VideoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # config parsing raises many types (strict dataclass, KeyError, TypeError, ...)
+        raise TeacherLoadError(f"teacher {path / 'config.json'}: not a valid sam3_video config ({first_line(exc)})") from None
+    try:
         # Mis-shaped weights are collected (and refused below with their names) rather than raised mid-load.
         model, info = Sam3VideoModel.from_pretrained(
-            path, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+            path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+            dtype=torch.float32,
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TeacherLoadError(f"teacher {path}: cannot load weights ({first}); do config.json and the weights belong together?") from None
+        raise TeacherLoadError(
+            f"teacher {path}: cannot load weights ({first_line(exc)}); do config.json and the weights belong together?"
+        ) from None
     if info.get("unexpected_keys"):
         log.warning("teacher %s: %d weights not used by Sam3VideoModel (e.g. %s)", path, len(info["unexpected_keys"]),
                     _short(sorted(info["unexpected_keys"])[0]))

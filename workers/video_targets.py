@@ -19,7 +19,7 @@ outputs older than the tracker's memory window are dropped as propagation goes o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,11 +138,12 @@ def track(
     num_frames: int,
     prompts: Sequence[ObjectPrompt],
     device: torch.device,
-    autocast: contextlib.AbstractContextManager[Any] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Step SAM3's tracker through ``num_frames`` frames given each frame's trunk output (1, C, g, g) in order.
 
-    Yields ``(frame, per-object outputs)``. Works on a loaded teacher and on exported heads alike.
+    Yields ``(frame, per-object outputs)``. Works on a loaded teacher and on exported heads alike; inference
+    mode and autocast are entered per frame, never held across a ``yield``, and several calls may be in flight.
     """
     from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
 
@@ -158,21 +159,22 @@ def track(
     for prompt in prompts:
         by_frame.setdefault(prompt.frame, []).append(prompt)
     window = max(tracker.num_maskmem, tracker.config.max_object_pointers_in_encoder)
-    with torch.inference_mode(), autocast or contextlib.nullcontext(), capture_memory_conditioned(tracker) as conditioned:
+    with capture_memory_conditioned(tracker, session) as conditioned:
         for frame, trunk in enumerate(trunk_frames):
             if frame == num_frames:
                 break
-            feats, positions = heads.tracker_features(trunk)
-            session.cache.cache_vision_features(frame, {"vision_feats": feats, "vision_pos_embeds": positions})
-            if frame in by_frame:
-                add_prompts(session, by_frame[frame], size, device)
-            if session.get_obj_num() == 0:
-                yield frame, {}
-                continue
-            tracker(inference_session=session, frame_idx=frame)
-            yield frame, _frame_outputs(session, frame, conditioned)
-            _forget_old(session, frame, window)
-            conditioned.clear()
+            with torch.inference_mode(), autocast():
+                feats, positions = heads.tracker_features(trunk)
+                session.cache.cache_vision_features(frame, {"vision_feats": feats, "vision_pos_embeds": positions})
+                if frame in by_frame:
+                    add_prompts(session, by_frame[frame], size, device)
+                outputs: dict[str, Any] = {}
+                if session.get_obj_num():
+                    tracker(inference_session=session, frame_idx=frame)
+                    outputs = _frame_outputs(session, frame, conditioned)
+                    _forget_old(session, frame, window)
+                conditioned.clear()
+            yield frame, outputs
 
 
 def _frame_outputs(session: Any, frame: int, conditioned: dict[tuple[int, int], torch.Tensor]) -> dict[str, Any]:
@@ -180,9 +182,7 @@ def _frame_outputs(session: Any, frame: int, conditioned: dict[tuple[int, int], 
     for obj_idx in range(session.get_obj_num()):
         per_obj = session.output_dict_per_obj[obj_idx]
         is_cond = frame in per_obj["cond_frame_outputs"]
-        stored = per_obj["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"].get(frame)
-        if stored is None:  # joined on a later frame
-            continue
+        stored = per_obj["cond_frame_outputs" if is_cond else "non_cond_frame_outputs"][frame]
         out["object_ids"].append(session.obj_idx_to_id(obj_idx))
         out["is_conditioning"].append(is_cond)
         out["outputs"].append(stored)
@@ -217,7 +217,7 @@ def iter_video_targets(teacher: Any, sample: VideoSample, config: VideoTargetCon
                 trunks.append(trunk)
                 yield trunk[None]
 
-    for frame, outputs in track(teacher.heads, trunk_stream(), len(frames), prompts, teacher.device, teacher.autocast()):
+    for frame, outputs in track(teacher.heads, trunk_stream(), len(frames), prompts, teacher.device, teacher.autocast):
         yield frame_targets(frame, int(sample.frame_indices[positions[frame]]), trunks[frame], outputs, teacher.heads)
         trunks[frame] = None  # type: ignore[call-overload]
 
