@@ -9,9 +9,9 @@ Feature maps (C, H, W) — trunk output, neck levels, memory features:
   (``Basis``: mean (C,) + orthonormal components (C, r)), int8 per-component scales. Lossy by design: its
   per-row error is measured and stored so a user sees whether it holds on their features.
 
-Mask logits (..., H, W): ``logit8`` clips to +-15.875 and rounds to steps of 1/8 (int8), then zstd-compresses
-(low-res SAM masks are smooth with large saturated areas). sigmoid(15.875) = 1 - 1.3e-7, so clipping changes no
-probability that matters.
+Mask logits (..., H, W): ``logit8`` clips to +-16, quantises each map to int8 with its own scale
+(``min(absmax, 16) / 127``: steps of at most 1/8), then zstd-compresses (low-res SAM masks are smooth with large
+saturated areas). sigmoid(16) = 1 - 1.1e-7, so clipping changes no probability that matters.
 
 Every ``encode_*`` returns the encoded record and the **relative RMS error** ``||decode(x) - x|| / ||x||`` it
 measured on that very row; ``decode`` of an encoded record is exact up to that quantisation. Records are plain
@@ -34,8 +34,7 @@ class FeatureCodec(str, Enum):
     LOWRANK = "lowrank"
 
 
-LOGIT_STEP = 1 / 8
-LOGIT_LIMIT = 127 * LOGIT_STEP
+LOGIT_LIMIT = 16.0
 _ZSTD_LEVEL = 3
 
 
@@ -177,24 +176,32 @@ def _expect(blob: bytes, size: int | None, codec: FeatureCodec | str, part: str 
 
 
 def encode_logits(x: np.ndarray) -> tuple[Encoded, float]:
-    """Mask logits -> clipped int8 steps of 1/8, zstd-compressed; error measured within the clip range."""
+    """Mask logits (..., H, W) -> int8 per map (scale = min(absmax, 16) / 127), zstd-compressed.
+
+    Error measured against the logits clipped to +-16 (sigmoid(16) = 1 - 1.1e-7: nothing a mask loss sees).
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     if np.isnan(x).any():
         raise CodecError("mask logits hold NaN; refusing to store them")
-    q = np.clip(np.rint(x / LOGIT_STEP), -127, 127).astype(np.int8)
+    maps = np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT).reshape(-1, x.shape[-2] * x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
+    q, scale = _per_row_int8(maps)
     compressed = pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(q.tobytes(), asbytes=True)
-    encoded = Encoded("logit8", x.shape, compressed)
-    clipped = np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT)
-    return encoded, relative_rms(decode_logits(encoded), clipped)
+    encoded = Encoded("logit8", x.shape, compressed, scale.tobytes())
+    return encoded, relative_rms(decode_logits(encoded), maps.reshape(x.shape))
 
 
 def decode_logits(encoded: Encoded) -> np.ndarray:
     if encoded.codec != "logit8":
         raise CodecError(f"unknown logit codec {encoded.codec!r}")
-    count = int(np.prod(encoded.shape))
+    shape = tuple(encoded.shape)
+    count = int(np.prod(shape))
+    maps = count // (shape[-2] * shape[-1]) if len(shape) >= 2 else 1
+    _expect(encoded.scale, 4 * maps, "logit8", "scale")
     try:
         raw = pa.decompress(encoded.data, decompressed_size=count, codec="zstd", asbytes=True)
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise CodecError(f"logit8 payload does not decompress to {count} bytes ({exc})") from None
     _expect(raw, count, "logit8")
-    return (np.frombuffer(raw, dtype=np.int8).astype(np.float32) * LOGIT_STEP).reshape(encoded.shape)
+    scale = np.frombuffer(encoded.scale, dtype=np.float32)
+    q = np.frombuffer(raw, dtype=np.int8).reshape(maps, -1)
+    return (q.astype(np.float32) * scale[:, None]).reshape(shape)

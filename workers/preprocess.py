@@ -19,26 +19,44 @@ MEAN = 0.5
 STD = 0.5
 
 
+def resize_uint8(image: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> uint8 (3, S, S): the squash resize, done where the pixels are (a CPU worker)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
+    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return TF.resize(chw, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float32 pixel values: scale to [0, 1], then (x - mean) / std (on any device)."""
+    return pixels.to(torch.float32).div_(255.0).sub_(MEAN).div_(STD)
+
+
 def preprocess_images(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     """RGB uint8 images (H, W, 3), any sizes -> float32 pixel values (B, 3, S, S)."""
     if not images:
         raise ValueError("no images to preprocess")
     batch = []
     for index, image in enumerate(images):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"image {index}: expected uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
-        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        batch.append(TF.resize(chw, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True))
-    pixels = torch.stack(batch).to(torch.float32).div_(255.0)
-    return pixels.sub_(MEAN).div_(STD)
+        try:
+            batch.append(resize_uint8(image, size))
+        except ValueError as exc:
+            raise ValueError(f"image {index}: {exc}") from None
+    return normalize(torch.stack(batch))
 
 
-def transform_record(original_hw: tuple[int, int], size: int) -> dict[str, Any]:
-    """How an image of (height, width) became the teacher's input; stored with every row."""
+def transform_record(original_hw: tuple[int, int], size: int, decoded_hw: tuple[int, int] | None = None) -> dict[str, Any]:
+    """How an image of (height, width) became the teacher's input; stored with every row.
+
+    ``decoded_hw`` is the size the JPEG was decoded at when DCT downscaling was used (else the original size).
+    """
     height, width = original_hw
+    decoded = decoded_hw or original_hw
     return {
         "resize": "squash",
         "interpolation": "bilinear-antialias-uint8",
+        "decoded_height": decoded[0],
+        "decoded_width": decoded[1],
         "size": size,
         "original_height": height,
         "original_width": width,

@@ -251,10 +251,14 @@ class HeadsExport:
 
 def export_heads(config: TeacherConfig, out: Path, detector: bool = True) -> HeadsExport:
     """Write the teacher's heads (``heads.safetensors`` + ``heads.json``) to ``out``; the teacher loads on CPU."""
+    return save_heads(Sam3Teacher.load(config.model_copy(update={"device": Device.CPU})), out, detector)
+
+
+def save_heads(teacher: Sam3Teacher, out: Path, detector: bool = True) -> HeadsExport:
+    """The heads of a loaded teacher, saved to ``out``."""
     from esam3 import __version__
     from esam3.workers.heads import HEADS_WEIGHTS
 
-    teacher = Sam3Teacher.load(config.model_copy(update={"device": Device.CPU}))
     heads = teacher.heads
     if not detector:
         heads = TeacherHeads(teacher.model.config, heads.tracker_neck, heads.tracker_model, None)

@@ -1,0 +1,238 @@
+"""The cache job: shards -> read (CPU) -> teacher (actor pool) -> encode + write fragments (CPU) -> driver commits.
+
+``run_cache(config)`` is the whole job, from Python or from ``esam3 cache``:
+
+1. the driver loads the teacher once on CPU for its card (checksum, sizes), opens the store (creating it, or
+   checking it holds this teacher's targets made the same way), saves the heads there, and reads the ledger;
+2. shards already in the ledger with the same fingerprint are skipped (a rerun of a finished run is a no-op);
+   rows of unfinished shards left by a crash are deleted;
+3. the steps run as a Ray Data streaming plan (``executor="ray"``: local Ray by default, or ``--address``), or
+   as a plain loop in this process (``executor="local"``, for tests and debugging): same step objects;
+4. the driver commits each shard when all its rows are written (fragments, failures, then the ledger row).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
+from esam3.pipeline.store import Store
+from esam3.schemas.cache import CacheConfig, Target
+from esam3.schemas.store import HEADS_DIR
+from esam3.schemas.teacher import Device
+from esam3.workers.read_step import ReadImages
+from esam3.workers.teacher_step import TeacherImages
+from esam3.workers.write_step import WriteImages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardProgress:
+    fragments: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    bytes: int = 0
+    expected: int = -1
+
+    @property
+    def complete(self) -> bool:
+        return self.expected >= 0 and self.rows + len(self.failures) == self.expected
+
+
+@dataclass
+class CacheReport:
+    """What a run did; ``exit_code`` follows ``--max-failures``."""
+
+    run_id: str
+    dataset: str
+    store: str
+    teacher: str
+    shards_selected: int
+    shards_skipped: int
+    shards_committed: int = 0
+    rows: int = 0
+    failures: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    store_version: int = 0
+    failure_samples: list[dict[str, Any]] = field(default_factory=list)
+    exit_code: int = 0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.shards_selected == self.shards_skipped
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "rows_per_s": round(self.rows_per_s, 3), "nothing_to_do": self.nothing_to_do}
+
+
+ProgressCallback = Callable[[CacheReport], None]
+
+
+def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressCallback | None = None) -> CacheReport:
+    """Run (or resume) one cache job; see the module docstring."""
+    from esam3.workers.teacher import Sam3Teacher, save_heads
+
+    start = time.perf_counter()
+    run_id = config.run_id or uuid.uuid4().hex[:12]
+    dataset = DatasetName(config.dataset)
+    shards = select_shards(config.source, dataset, config.shards)
+    teacher = Sam3Teacher.load(config.teacher.model_copy(update={"device": Device.CPU}))
+    checksum, geometry = teacher.card.checksum, teacher.geometry
+    fingerprint = config.fingerprint(checksum)
+    store = Store(config.store)
+    card = {k: v for k, v in teacher.card.to_dict().items() if k not in ("device", "precision")}
+    store.open_for(card, {**config.target_spec(checksum), "fingerprint": fingerprint})
+    _save_heads_once(store, lambda out: save_heads(teacher, out))
+    del teacher
+    done = store.finished_shards(dataset.value, fingerprint)
+    todo = [s for s in shards if s.name not in done]
+    report = CacheReport(run_id, dataset.value, config.store, checksum, len(shards), len(shards) - len(todo))
+    table = "images" if dataset == DatasetName.SA1B else "frames"
+    report.store_version = store.dataset(table).version
+    if not todo:
+        report.seconds = time.perf_counter() - start
+        return report
+    if dataset != DatasetName.SA1B:
+        raise NotImplementedError("SA-V caching lands next; the teacher's video targets are in esam3.workers.video_targets")
+    store.forget_unfinished(table, [s.name for s in todo])
+    read = ReadImages(config.source, geometry.image_size, config.prompts, Target.PROMPTS in config.targets, config.dct_scaling)
+    teacher_args = {"config": config.teacher, "checksum": checksum, "with_prompts": Target.PROMPTS in config.targets}
+    write = WriteImages(
+        store.table_uri(table), geometry, config.codec, checksum, run_id, config.prompts.seed,
+        store_trunk=Target.TRUNK in config.targets,
+    )
+    runner = _run_ray if executor == "ray" else _run_local
+    progress: dict[str, ShardProgress] = {s.name: ShardProgress() for s in todo}
+    for written in runner(config, todo, read, teacher_args, write):
+        for entry in written.to_pylist():
+            state = progress[entry["shard"]]
+            state.fragments.extend(json.loads(entry["fragments"]))
+            state.failures.extend(
+                {"dataset": dataset.value, "shard": entry["shard"], "run_id": run_id, **f} for f in json.loads(entry["failures"])
+            )
+            state.rows += entry["rows"]
+            state.bytes += entry["bytes"]
+            if entry["end_count"] >= 0:
+                state.expected = entry["end_count"]
+            if state.complete:
+                report.store_version = store.commit_shard(
+                    table, dataset.value, entry["shard"], state.fragments, state.failures, state.rows, state.bytes,
+                    run_id, fingerprint,
+                )
+                report.shards_committed += 1
+                report.rows += state.rows
+                report.bytes += state.bytes
+                report.failures += len(state.failures)
+                report.failure_samples.extend(state.failures[: max(0, 20 - len(report.failure_samples))])
+                del progress[entry["shard"]]
+            if on_progress:
+                on_progress(report)
+    report.seconds = time.perf_counter() - start
+    if progress:
+        raise RuntimeError(f"the plan ended with {len(progress)} shard(s) incomplete: {sorted(progress)[:5]}; rerun to finish them")
+    report.exit_code = 1 if config.max_failures.exceeded(report.failures, report.rows + report.failures) else 0
+    return report
+
+
+def _save_heads_once(store: Store, save: Callable[[Path], Any]) -> None:
+    """Put the teacher's heads in the store (once): written locally, then copied to the store's filesystem."""
+    target = f"{store.path}/{HEADS_DIR}"
+    if store.fs.exists(f"{target}/heads.json"):
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save(Path(tmp))
+        store.fs.makedirs(target, exist_ok=True)
+        for name in ("heads.safetensors", "heads.json"):  # the json last: its presence means complete
+            store.fs.put_file(str(Path(tmp) / name), f"{target}/{name}")
+
+
+def _run_local(config: CacheConfig, shards: list[ShardRef], read: ReadImages, teacher_args: dict[str, Any], write: WriteImages) -> Iterator[pa.Table]:
+    teacher = TeacherImages(**teacher_args)
+    for shard in shards:
+        for work in read(shard):
+            yield write(teacher(work))
+
+
+def _run_ray(config: CacheConfig, shards: list[ShardRef], read: ReadImages, teacher_args: dict[str, Any], write: WriteImages) -> Iterator[pa.Table]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    started_here = _init_ray(config.address)
+    try:
+        context = DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        if gpus:
+            teacher_resources: dict[str, Any] = {"num_gpus": 1, "compute": ActorPoolStrategy(size=gpus)}
+            threads = None
+        else:  # CPU teacher: one actor, all cores but one (decode and encode need the rest)
+            threads = max(1, cpus - 1)
+            teacher_resources = {"num_cpus": threads, "compute": ActorPoolStrategy(size=1)}
+        items = [{"dataset": s.dataset.value, "shard_id": s.shard_id, "url": s.url} for s in shards]
+
+        def read_shard(batch: pa.Table) -> Iterator[pa.Table]:
+            for item in batch.to_pylist():
+                yield from read(ShardRef(DatasetName(item["dataset"]), item["shard_id"], item["url"]))
+
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.5)
+        ds = ds.map_batches(
+            TeacherImages, fn_constructor_kwargs={**teacher_args, "threads": threads},
+            batch_size=config.teacher.batch_size, batch_format="pyarrow", **teacher_resources,
+        )
+        ds = ds.map_batches(write, batch_size=None, batch_format="pyarrow", num_cpus=0.5)
+        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _init_ray(address: str | None) -> bool:
+    """Join ``address``, or start a lean local Ray bound to loopback. Returns whether this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return True
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        object_store_memory=_object_store_bytes(),
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return True
+
+
+def _object_store_bytes() -> int:
+    """A modest object store: 1 GiB, or 20% of RAM if that is less (the pipeline streams, it holds little)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * 2**30
+    return int(min(2**30, 0.2 * total))

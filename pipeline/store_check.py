@@ -1,0 +1,159 @@
+"""``esam3 store info`` and ``esam3 store verify``: what a store holds, and whether it is consistent.
+
+verify checks every invariant the cache promises: no duplicate keys; the ledger agrees with the rows (every
+shard with rows has exactly one ledger entry, with the same row and failure counts); every tensor of every row
+decodes with its codec and is finite; every row names the store's teacher.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from esam3.pipeline.store import Store, StoreError
+from esam3.schemas.codecs import CodecError
+from esam3.schemas.store import SCHEMAS, TENSOR, decode_tensor
+
+TARGET_TABLES = ("images", "frames")
+#: Columns where NaN is data ("no box"), not corruption: only Inf is a problem there.
+NAN_MEANS_ABSENT = frozenset({"prompt_boxes"})
+_PROBLEM_LIMIT = 50
+
+
+def tensor_columns(table: str) -> list[str]:
+    return [f.name for f in SCHEMAS[table] if f.type == TENSOR]
+
+
+def store_info(store: Store, sample_rows: int = 64) -> dict[str, Any]:
+    """Rows, versions, bytes per row per column (from up to ``sample_rows`` rows), teacher, failures, ledger."""
+    card = store.read_card()
+    if card is None:
+        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    tables: dict[str, Any] = {}
+    for name in ("images", "frames", "failures", "ledger"):
+        ds = store.dataset(name)
+        entry: dict[str, Any] = {"rows": ds.count_rows(), "version": ds.version}
+        if name in TARGET_TABLES and entry["rows"]:
+            sample = ds.to_table(limit=sample_rows).to_pylist()
+            per_column = {}
+            for column in tensor_columns(name):
+                sizes = [len(r[column]["data"]) + len(r[column]["scale"]) for r in sample if r[column] is not None]
+                if sizes:
+                    per_column[column] = int(np.mean(sizes))
+            entry["bytes_per_row"] = per_column
+            entry["bytes_per_row_total"] = int(sum(per_column.values()))
+        tables[name] = entry
+    ledger = store.dataset("ledger").to_table(columns=["dataset", "shard", "rows", "failures", "bytes"]).to_pylist()
+    return {
+        "store": store.uri,
+        "teacher": card["teacher"],
+        "targets": card["targets"],
+        "tables": tables,
+        "shards": dict(Counter(row["dataset"] for row in ledger)),
+        "failures": tables["failures"]["rows"],
+    }
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    rows_checked: int = 0
+    tensors_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    more_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < _PROBLEM_LIMIT:
+            self.problems.append(text)
+        else:
+            self.more_problems += 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "ok": self.ok}
+
+
+def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> VerifyReport:
+    """Check the store's invariants (see the module docstring); problems are listed, not raised."""
+    report = VerifyReport(store.uri)
+    card = store.read_card()
+    if card is None:
+        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    teacher = card["teacher"]["checksum"]
+    ledger = store.dataset("ledger").to_table().to_pylist()
+    entries: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in ledger:
+        entries.setdefault((row["dataset"], row["shard"]), []).append(row)
+    for (dataset, shard), rows in entries.items():
+        if len(rows) > 1:
+            report.problem(f"ledger: {dataset} shard {shard} has {len(rows)} entries")
+    failures = Counter(store.dataset("failures").to_table(columns=["shard"]).column("shard").to_pylist())
+    ledger_by_shard = {shard: rows[0] for (_, shard), rows in entries.items()}
+    for shard, count in failures.items():
+        if shard not in ledger_by_shard:
+            report.problem(f"failures: {count} rows of shard {shard}, which has no ledger entry")
+        elif ledger_by_shard[shard]["failures"] != count:
+            report.problem(f"failures: shard {shard} has {count} rows, its ledger entry says {ledger_by_shard[shard]['failures']}")
+    for table in TARGET_TABLES:
+        _verify_table(store, table, teacher, ledger_by_shard, card, report, on_rows)
+    return report
+
+
+def _verify_table(
+    store: Store,
+    table: str,
+    teacher: str,
+    ledger_by_shard: dict[str, dict[str, Any]],
+    card: dict[str, Any],
+    report: VerifyReport,
+    on_rows: Callable[[int], None] | None,
+) -> None:
+    dataset_name = "sa-1b" if table == "images" else "sa-v"
+    ds = store.dataset(table)
+    keys = Counter(ds.to_table(columns=["key"]).column("key").to_pylist())
+    for key, count in keys.items():
+        if count > 1:
+            report.problem(f"{table}: key {key} appears {count} times")
+    per_shard: Counter[str] = Counter()
+    for batch in ds.to_batches(batch_size=16):
+        for row in batch.to_pylist():
+            report.rows_checked += 1
+            per_shard[row["shard"]] += 1
+            if row["teacher"] != teacher:
+                report.problem(f"{table}: {row['key']} was made by teacher {row['teacher']}, the store's is {teacher}")
+            for column in tensor_columns(table):
+                value = row[column]
+                if value is None:
+                    continue
+                report.tensors_checked += 1
+                try:
+                    array = decode_tensor(value)
+                except (CodecError, ValueError) as exc:
+                    report.problem(f"{table}: {row['key']} {column} does not decode ({exc})")
+                    continue
+                if array.dtype.kind == "f":
+                    bad = np.isinf(array) if column in NAN_MEANS_ABSENT else ~np.isfinite(array)
+                    if bad.any():
+                        report.problem(f"{table}: {row['key']} {column} holds NaN or Inf")
+        if on_rows:
+            on_rows(batch.num_rows)
+    for shard, count in per_shard.items():
+        entry = ledger_by_shard.get(shard)
+        if entry is None:
+            report.problem(f"{table}: {count} rows of shard {shard}, which has no ledger entry (an unfinished run?)")
+        elif entry["rows"] != count:
+            report.problem(f"{table}: shard {shard} has {count} rows, its ledger entry says {entry['rows']}")
+    for shard, entry in ledger_by_shard.items():
+        if entry["dataset"] == dataset_name and entry["rows"] and shard not in per_shard:
+            report.problem(f"ledger: shard {shard} should have {entry['rows']} rows in {table}, found none")
+    expected = card["targets"].get(dataset_name, {}).get("fingerprint")
+    for shard, entry in ledger_by_shard.items():
+        if entry["dataset"] == dataset_name and expected and entry["fingerprint"] != expected:
+            report.problem(f"ledger: shard {shard} has fingerprint {entry['fingerprint']}, the store's {dataset_name} targets {expected}")

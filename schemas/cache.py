@@ -1,0 +1,125 @@
+"""The config of one ``esam3 cache`` run, validated before anything starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.prompts import PromptConfig
+from esam3.schemas.shards import ShardSpec
+from esam3.schemas.teacher import TeacherConfig, VideoTargetConfig
+
+
+class Target(str, Enum):
+    TRUNK = "trunk"  # ViT trunk output (both datasets)
+    PROMPTS = "prompts"  # SA-1B: tracker outputs for K sampled prompts
+    MEMORY = "memory"  # SA-V: memory targets per (frame, object)
+
+
+DEFAULT_TARGETS = {"sa-1b": ("trunk", "prompts"), "sa-v": ("trunk", "memory")}
+_VALID_TARGETS = {"sa-1b": {"trunk", "prompts"}, "sa-v": {"trunk", "memory"}}
+_MAX_FAILURES = re.compile(r"^(\d{1,9})(%?)$")
+
+
+class MaxFailures(BaseModel):
+    """``N`` failed samples, or ``P%`` of the samples seen, before the run exits non-zero."""
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int | None = None
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> MaxFailures:
+        match = _MAX_FAILURES.match(text.strip())
+        if not match:
+            raise ValueError(f"expected a count like 10 or a percentage like 0.5%, got {text!r}") from None
+        if match.group(2):
+            percent = float(match.group(1))
+            if percent > 100:
+                raise ValueError(f"a percentage must be at most 100%, got {text!r}")
+            return cls(percent=percent)
+        return cls(count=int(match.group(1)))
+
+    def exceeded(self, failures: int, samples: int) -> bool:
+        if self.count is not None:
+            return failures > self.count
+        return samples > 0 and 100.0 * failures / samples > (self.percent or 0.0)
+
+    def __str__(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{self.percent:g}%"
+
+
+class CacheConfig(BaseModel):
+    """Everything one cache run needs; the target part of it is fingerprinted into the ledger."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(pattern="^(sa-1b|sa-v)$")
+    source: str = Field(min_length=1)
+    shards: str = "all"
+    store: str = Field(min_length=1)
+    teacher: TeacherConfig = TeacherConfig()
+    targets: tuple[Target, ...] = ()
+    prompts: PromptConfig = PromptConfig()
+    codec: FeatureCodec = FeatureCodec.FP16
+    video: VideoTargetConfig = VideoTargetConfig()
+    address: str | None = None
+    max_failures: MaxFailures = MaxFailures(count=0)
+    dct_scaling: bool = True
+    run_id: str = ""
+
+    @field_validator("shards")
+    @classmethod
+    def _shards(cls, value: str) -> str:
+        ShardSpec.parse(value)
+        return value
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, value: FeatureCodec) -> FeatureCodec:
+        if value == FeatureCodec.LOWRANK:
+            raise ValueError("the lowrank codec is not available in cache runs yet; use fp16, bf16 or int8")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and value != "auto" and not re.match(r"^ray://[\w.-]+:\d{1,5}$", value):
+            raise ValueError(f"expected auto or ray://HOST:PORT, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _targets(self) -> CacheConfig:
+        if not self.targets:
+            object.__setattr__(self, "targets", tuple(Target(t) for t in DEFAULT_TARGETS[self.dataset]))
+        names = {t.value for t in self.targets}
+        wrong = names - _VALID_TARGETS[self.dataset]
+        if wrong:
+            raise ValueError(f"targets {sorted(wrong)} do not apply to {self.dataset}; choose from {sorted(_VALID_TARGETS[self.dataset])}")
+        return self
+
+    def target_spec(self, teacher_checksum: str) -> dict[str, Any]:
+        """What the rows depend on (not where they come from or go to): fingerprinted into the ledger."""
+        spec: dict[str, Any] = {
+            "dataset": self.dataset,
+            "teacher": teacher_checksum,
+            "targets": sorted(t.value for t in self.targets),
+            "codec": self.codec.value,
+            "dct_scaling": self.dct_scaling,
+        }
+        if self.dataset == "sa-1b":
+            spec["prompts"] = self.prompts.model_dump(mode="json")
+        else:
+            spec["video"] = self.video.model_dump(mode="json")
+        return spec
+
+    def fingerprint(self, teacher_checksum: str) -> str:
+        blob = json.dumps(self.target_spec(teacher_checksum), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

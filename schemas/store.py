@@ -1,0 +1,156 @@
+"""The store's layout and Arrow schemas: what a trainer finds under one store root.
+
+```
+<root>/store.json          the store card: format, teacher card (id, checksum, sizes), target config, created
+<root>/heads/              heads.safetensors + heads.json from ``esam3 teacher export-heads`` (students need nothing else)
+<root>/images.lance        SA-1B: one row per image (key ``sa1b/<image_id>``)
+<root>/frames.lance        SA-V: one row per annotated frame (key ``sav/<video_id>/<frame:05d>``), objects inside the row
+<root>/failures.lance      one row per bad sample: shard, member, reason
+<root>/ledger.lance        one row per finished shard, written after its rows are committed
+```
+
+Every tensor is a ``tensor`` struct: codec, shape, data, scale, and the relative RMS error the codec measured on
+that row (see ``esam3.schemas.codecs``). Every target row records how it was made: teacher checksum, the
+preprocessing transform (JSON), prompt seed and codec.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from esam3.schemas.codecs import Encoded
+
+STORE_FORMAT = 1
+STORE_CARD = "store.json"
+HEADS_DIR = "heads"
+TABLES = ("images", "frames", "failures", "ledger")
+
+TENSOR = pa.struct(
+    [
+        ("codec", pa.string()),
+        ("shape", pa.list_(pa.int32())),
+        ("data", pa.large_binary()),
+        ("scale", pa.binary()),
+        ("error", pa.float32()),
+    ]
+)
+
+_PROVENANCE = [
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("member", pa.string()),
+    ("run_id", pa.string()),
+    ("teacher", pa.string()),  # weights checksum
+    ("codec", pa.string()),  # feature codec
+    ("preprocess", pa.string()),  # transform record, JSON
+]
+
+IMAGES = pa.schema(
+    [
+        *_PROVENANCE,
+        ("image_id", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("prompt_seed", pa.int64()),
+        ("trunk", TENSOR),
+        # K sampled prompts (see esam3.workers.prompts) and the tracker's outputs for them
+        ("prompt_mask_index", TENSOR),
+        ("prompt_kinds", TENSOR),
+        ("prompt_points", TENSOR),  # (K, P, 2) in the teacher frame, continuous coordinates
+        ("prompt_labels", TENSOR),  # (K, P) 1 / 0 / -1 padding
+        ("prompt_boxes", TENSOR),  # (K, 4) XYXY in the teacher frame, NaN = none
+        ("multi_logits", TENSOR),  # (K, 3, m, m)
+        ("single_logits", TENSOR),  # (K, 1, m, m)
+        ("iou", TENSOR),  # (K, 4)
+        ("object_score", TENSOR),  # (K,)
+        ("object_pointer", TENSOR),  # (K, hidden)
+    ]
+)
+
+FRAMES = pa.schema(
+    [
+        *_PROVENANCE,
+        ("video_id", pa.string()),
+        ("frame", pa.int32()),  # position among the annotated frames used
+        ("frame_index", pa.int32()),  # index in the 24 fps video
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("prompt_seed", pa.int64()),
+        ("prompt_kind", pa.string()),
+        ("trunk", TENSOR),
+        ("object_ids", pa.list_(pa.int32())),
+        ("is_conditioning", pa.list_(pa.bool_())),
+        ("has_memory_conditioned", pa.list_(pa.bool_())),
+        ("mask_logits", TENSOR),  # (N, m, m)
+        ("object_score", TENSOR),  # (N,)
+        ("object_pointer", TENSOR),  # (N, hidden)
+        ("maskmem_features", TENSOR),  # (N, 64, g, g)
+        ("pix_feat_with_mem", TENSOR),  # (N, hidden, g, g)
+    ]
+)
+
+FAILURES = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("shard", pa.string()),
+        ("member", pa.string()),
+        ("reason", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+LEDGER = pa.schema(
+    [
+        ("dataset", pa.string()),
+        ("shard", pa.string()),
+        ("rows", pa.int64()),
+        ("failures", pa.int64()),
+        ("bytes", pa.int64()),
+        ("run_id", pa.string()),
+        ("fingerprint", pa.string()),  # hash of the target config: a shard is done only for the same config
+        ("committed_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+SCHEMAS = {"images": IMAGES, "frames": FRAMES, "failures": FAILURES, "ledger": LEDGER}
+#: Raw (exact) codecs for small arrays, next to the feature / logit codecs.
+RAW_DTYPES = {"float32": np.float32, "int8": np.int8, "int32": np.int32, "bool": np.bool_}
+
+
+def tensor_value(encoded: Encoded, error: float) -> dict[str, Any]:
+    """An encoded tensor as a ``TENSOR`` struct value."""
+    return {
+        "codec": encoded.codec,
+        "shape": [int(s) for s in encoded.shape],
+        "data": encoded.data,
+        "scale": encoded.scale,
+        "error": float(error),
+    }
+
+
+def raw_tensor(array: np.ndarray) -> dict[str, Any]:
+    """A small array stored exactly (codec = its dtype name)."""
+    array = np.ascontiguousarray(array)
+    codec = array.dtype.name
+    if codec not in RAW_DTYPES:
+        raise ValueError(f"no raw codec for dtype {codec}; use one of {', '.join(RAW_DTYPES)}")
+    return tensor_value(Encoded(codec, array.shape, array.tobytes()), 0.0)
+
+
+def decode_tensor(value: dict[str, Any], basis: Any = None) -> np.ndarray:
+    """Any stored ``tensor`` struct back to a numpy array (raw dtypes exactly, others up to their codec)."""
+    from esam3.schemas.codecs import CodecError, decode_features, decode_logits
+
+    encoded = Encoded(value["codec"], tuple(value["shape"]), value["data"], value.get("scale") or b"")
+    if encoded.codec in RAW_DTYPES:
+        dtype = np.dtype(RAW_DTYPES[encoded.codec])
+        expected = int(np.prod(encoded.shape)) * dtype.itemsize
+        if len(encoded.data) != expected:
+            raise CodecError(f"{encoded.codec} data has {len(encoded.data)} bytes, expected {expected}")
+        return np.frombuffer(encoded.data, dtype=dtype).reshape(encoded.shape)
+    if encoded.codec == "logit8":
+        return decode_logits(encoded)
+    return decode_features(encoded, basis)

@@ -1,0 +1,89 @@
+"""Cache step 3 (CPU): encode the targets with the run's codecs and write Lance fragments (not committed).
+
+Returns one WRITTEN row per shard in the batch: the fragments' metadata, the failures seen, and the shard's end
+marker if it passed. Only the driver commits, so a writer that dies or is retried leaves at most an orphan
+data file, never a visible row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from lance.fragment import write_fragments
+
+from esam3.schemas.codecs import FeatureCodec, encode_features, encode_logits
+from esam3.schemas.store import IMAGES, raw_tensor, tensor_value
+from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
+from esam3.workers.heads import Geometry
+
+
+@dataclass(frozen=True)
+class WriteImages:
+    """Callable on a TARGETS batch -> WRITTEN rows."""
+
+    table_uri: str
+    geometry: Geometry
+    codec: FeatureCodec
+    teacher: str  # checksum
+    run_id: str
+    prompt_seed: int
+    store_trunk: bool = True
+    storage_options: dict[str, str] | None = None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        by_shard: dict[str, dict[str, Any]] = defaultdict(lambda: {"rows": [], "failures": [], "end": -1})
+        for row in batch.to_pylist():
+            entry = by_shard[row["shard"]]
+            if row["kind"] == KIND_SAMPLE:
+                entry["rows"].append(self.image_row(row))
+            elif row["kind"] == KIND_FAILURE:
+                entry["failures"].append({"member": row["member"], "reason": row["reason"]})
+            elif row["kind"] == KIND_END:
+                entry["end"] = row["count"]
+        out = []
+        for shard, entry in by_shard.items():
+            fragments: list[dict[str, Any]] = []
+            nbytes = 0
+            if entry["rows"]:
+                table = pa.Table.from_pylist(entry["rows"], schema=IMAGES)
+                written = write_fragments(table, self.table_uri, schema=IMAGES, storage_options=self.storage_options or None)
+                fragments = [f.to_json() for f in written]
+                nbytes = sum(_tensor_bytes(r) for r in entry["rows"])
+            out.append({
+                "shard": shard, "fragments": json.dumps(fragments), "rows": len(entry["rows"]), "bytes": nbytes,
+                "failures": json.dumps(entry["failures"]), "end_count": entry["end"],
+            })
+        return pa.Table.from_pylist(out, schema=WRITTEN)
+
+    def image_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        g = self.geometry
+        k = row["k"]
+        out: dict[str, Any] = {
+            name: row[name] for name in ("key", "shard", "member", "image_id", "height", "width")
+        }
+        out.update(run_id=self.run_id, teacher=self.teacher, codec=self.codec.value, preprocess=row["transform"],
+                   prompt_seed=self.prompt_seed)
+        if self.store_trunk:
+            trunk = np.frombuffer(row["trunk"], dtype=np.float32).reshape(g.trunk_width, g.grid, g.grid)
+            out["trunk"] = tensor_value(*encode_features(trunk, self.codec))
+        if k:
+            out["prompt_mask_index"] = raw_tensor(np.frombuffer(row["prompt_mask_index"], dtype=np.int32))
+            out["prompt_kinds"] = raw_tensor(np.frombuffer(row["prompt_kinds"], dtype=np.int8))
+            out["prompt_points"] = raw_tensor(np.frombuffer(row["prompt_points"], dtype=np.float32).reshape(k, -1, 2))
+            out["prompt_labels"] = raw_tensor(np.frombuffer(row["prompt_labels"], dtype=np.int8).reshape(k, -1))
+            out["prompt_boxes"] = raw_tensor(np.frombuffer(row["prompt_boxes"], dtype=np.float32).reshape(k, 4))
+            for name, shape in (("multi_logits", (k, 3, g.mask_size, g.mask_size)), ("single_logits", (k, 1, g.mask_size, g.mask_size))):
+                out[name] = tensor_value(*encode_logits(np.frombuffer(row[name], dtype=np.float32).reshape(shape)))
+            out["iou"] = raw_tensor(np.frombuffer(row["iou"], dtype=np.float32).reshape(k, 4))
+            out["object_score"] = raw_tensor(np.frombuffer(row["object_score"], dtype=np.float32))
+            out["object_pointer"] = raw_tensor(np.frombuffer(row["object_pointer"], dtype=np.float32).reshape(k, g.hidden))
+        return out
+
+
+def _tensor_bytes(row: dict[str, Any]) -> int:
+    return sum(len(v["data"]) + len(v["scale"]) for v in row.values() if isinstance(v, dict) and "data" in v)
