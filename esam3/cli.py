@@ -22,6 +22,7 @@ from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.schemas.demo import DemoDataConfig
 from esam3.schemas.samples import Failure
 from esam3.schemas.shards import ShardSpec
+from esam3.cache_cli import cache_command, store_app
 from esam3.teacher_cli import teacher_app
 
 log = logging.getLogger("esam3")
@@ -35,6 +36,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(teacher_app, name="teacher")
+app.add_typer(store_app, name="store")
+app.command("cache")(cache_command)
 
 
 def _version(value: bool) -> None:

@@ -31,9 +31,9 @@ from esam3.pipeline.store import Store
 from esam3.schemas.cache import CacheConfig, Target
 from esam3.schemas.store import HEADS_DIR
 from esam3.schemas.teacher import Device
-from esam3.workers.read_step import ReadImages
-from esam3.workers.teacher_step import TeacherImages
-from esam3.workers.write_step import WriteImages
+from esam3.workers.read_step import ReadImages, ReadVideos
+from esam3.workers.teacher_step import TeacherImages, TeacherVideos
+from esam3.workers.write_step import WriteFrames, WriteImages
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +109,11 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     if not todo:
         report.seconds = time.perf_counter() - start
         return report
-    if dataset != DatasetName.SA1B:
-        raise NotImplementedError("SA-V caching lands next; the teacher's video targets are in esam3.workers.video_targets")
     store.forget_unfinished(table, [s.name for s in todo])
-    read = ReadImages(config.source, geometry.image_size, config.prompts, Target.PROMPTS in config.targets, config.dct_scaling)
-    teacher_args = {"config": config.teacher, "checksum": checksum, "with_prompts": Target.PROMPTS in config.targets}
-    write = WriteImages(
-        store.table_uri(table), geometry, config.codec, checksum, run_id, config.prompts.seed,
-        store_trunk=Target.TRUNK in config.targets,
-    )
+    steps = build_steps(config, store, geometry, checksum, run_id)
     runner = _run_ray if executor == "ray" else _run_local
     progress: dict[str, ShardProgress] = {s.name: ShardProgress() for s in todo}
-    for written in runner(config, todo, read, teacher_args, write):
+    for written in runner(config, todo, steps):
         for entry in written.to_pylist():
             state = progress[entry["shard"]]
             state.fragments.extend(json.loads(entry["fragments"]))
@@ -151,6 +144,39 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     return report
 
 
+@dataclass(frozen=True)
+class Steps:
+    """The three steps of a run: read (a callable per shard), the teacher actor class and its arguments, write."""
+
+    read: Callable[[ShardRef], Iterator[pa.Table]]
+    teacher: type
+    teacher_args: dict[str, Any]
+    teacher_batch: int
+    write: Callable[[pa.Table], pa.Table]
+
+
+def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str, run_id: str) -> Steps:
+    store_trunk = Target.TRUNK in config.targets
+    if config.dataset == DatasetName.SA1B.value:
+        with_prompts = Target.PROMPTS in config.targets
+        return Steps(
+            read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling),
+            teacher=TeacherImages,
+            teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts},
+            teacher_batch=config.teacher.batch_size,
+            write=WriteImages(store.table_uri("images"), geometry, config.codec, checksum, run_id, config.prompts.seed,
+                              store_trunk=store_trunk),
+        )
+    return Steps(
+        read=ReadVideos(config.source, geometry.image_size, config.video),
+        teacher=TeacherVideos,
+        teacher_args={"config": config.teacher, "checksum": checksum},
+        teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
+        write=WriteFrames(store.table_uri("frames"), geometry, config.codec, checksum, run_id, config.video.seed,
+                          store_trunk=store_trunk),
+    )
+
+
 def _save_heads_once(store: Store, save: Callable[[Path], Any]) -> None:
     """Put the teacher's heads in the store (once): written locally, then copied to the store's filesystem."""
     target = f"{store.path}/{HEADS_DIR}"
@@ -163,14 +189,14 @@ def _save_heads_once(store: Store, save: Callable[[Path], Any]) -> None:
             store.fs.put_file(str(Path(tmp) / name), f"{target}/{name}")
 
 
-def _run_local(config: CacheConfig, shards: list[ShardRef], read: ReadImages, teacher_args: dict[str, Any], write: WriteImages) -> Iterator[pa.Table]:
-    teacher = TeacherImages(**teacher_args)
+def _run_local(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
+    teacher = steps.teacher(**steps.teacher_args)
     for shard in shards:
-        for work in read(shard):
-            yield write(teacher(work))
+        for work in steps.read(shard):
+            yield steps.write(teacher(work))
 
 
-def _run_ray(config: CacheConfig, shards: list[ShardRef], read: ReadImages, teacher_args: dict[str, Any], write: WriteImages) -> Iterator[pa.Table]:
+def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -190,6 +216,8 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], read: ReadImages, teac
             teacher_resources = {"num_cpus": threads, "compute": ActorPoolStrategy(size=1)}
         items = [{"dataset": s.dataset.value, "shard_id": s.shard_id, "url": s.url} for s in shards]
 
+        read = steps.read
+
         def read_shard(batch: pa.Table) -> Iterator[pa.Table]:
             for item in batch.to_pylist():
                 yield from read(ShardRef(DatasetName(item["dataset"]), item["shard_id"], item["url"]))
@@ -197,10 +225,10 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], read: ReadImages, teac
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.5)
         ds = ds.map_batches(
-            TeacherImages, fn_constructor_kwargs={**teacher_args, "threads": threads},
-            batch_size=config.teacher.batch_size, batch_format="pyarrow", **teacher_resources,
+            steps.teacher, fn_constructor_kwargs={**steps.teacher_args, "threads": threads},
+            batch_size=steps.teacher_batch, batch_format="pyarrow", **teacher_resources,
         )
-        ds = ds.map_batches(write, batch_size=None, batch_format="pyarrow", num_cpus=0.5)
+        ds = ds.map_batches(steps.write, batch_size=None, batch_format="pyarrow", num_cpus=0.5)
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
     finally:
         if started_here:

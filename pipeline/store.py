@@ -21,13 +21,9 @@ import pyarrow as pa
 from lance import LanceDataset, LanceOperation
 from lance.fragment import FragmentMetadata
 
-from esam3.schemas.store import SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES
+from esam3.schemas.store import SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
 log = logging.getLogger(__name__)
-
-
-class StoreError(Exception):
-    """A store that cannot be used for this run (another teacher or config, unreadable card)."""
 
 
 def _quote(values: Iterable[str]) -> str:

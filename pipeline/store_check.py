@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from esam3.pipeline.store import Store, StoreError
+from esam3.pipeline.store import Store
+from esam3.schemas.store import StoreError
 from esam3.schemas.codecs import CodecError
 from esam3.schemas.store import SCHEMAS, TENSOR, decode_tensor
 

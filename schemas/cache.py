@@ -24,7 +24,7 @@ class Target(str, Enum):
 
 DEFAULT_TARGETS = {"sa-1b": ("trunk", "prompts"), "sa-v": ("trunk", "memory")}
 _VALID_TARGETS = {"sa-1b": {"trunk", "prompts"}, "sa-v": {"trunk", "memory"}}
-_MAX_FAILURES = re.compile(r"^(\d{1,9})(%?)$")
+_MAX_FAILURES = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)(%?)$")
 
 
 class MaxFailures(BaseModel):
@@ -45,6 +45,8 @@ class MaxFailures(BaseModel):
             if percent > 100:
                 raise ValueError(f"a percentage must be at most 100%, got {text!r}")
             return cls(percent=percent)
+        if "." in match.group(1):
+            raise ValueError(f"a count must be a whole number (or add % for a share), got {text!r}")
         return cls(count=int(match.group(1)))
 
     def exceeded(self, failures: int, samples: int) -> bool:

@@ -3,8 +3,9 @@
 Feature maps (C, H, W) — trunk output, neck levels, memory features:
 
 * ``fp16`` / ``bf16``: a cast (fp16 saturates beyond +-65504; bf16 keeps fp32's range with 8 bits of mantissa);
-* ``int8``: symmetric per-channel scales (``absmax / 127`` per channel, fp32), so a few huge-magnitude channels —
-  real ViT trunks have them — do not crush the resolution of the others;
+* ``int8``: symmetric per-channel scales (``absmax / 127`` per 2-D map, fp32: per channel of (C, H, W), per
+  object and channel of (N, C, H, W)), so a few huge-magnitude channels — real ViT trunks have them — do not
+  crush the resolution of the others;
 * ``lowrank``: coefficients on a basis fitted on the first rows of a run and stored once in the store
   (``Basis``: mean (C,) + orthonormal components (C, r)), int8 per-component scales. Lossy by design: its
   per-row error is measured and stored so a user sees whether it holds on their features.
@@ -127,7 +128,7 @@ def encode_features(x: np.ndarray, codec: FeatureCodec | str, basis: Basis | Non
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
         encoded = Encoded(codec.value, x.shape, rounded.tobytes())
     elif codec == FeatureCodec.INT8:
-        q, scale = _per_row_int8(x.reshape(channels, -1))
+        q, scale = _per_row_int8(x.reshape(_maps(x.shape), -1))
         encoded = Encoded(codec.value, x.shape, q.tobytes(), scale.tobytes())
     else:
         if basis is None:
@@ -157,8 +158,9 @@ def decode_features(encoded: Encoded, basis: Basis | None = None) -> np.ndarray:
         return bits.view(np.float32).reshape(shape)
     scale = np.frombuffer(encoded.scale, dtype=np.float32)
     if codec == FeatureCodec.INT8:
-        _expect(encoded.scale, 4 * channels, codec, "scale")
-        q = np.frombuffer(encoded.data, dtype=np.int8).reshape(channels, -1)
+        maps = _maps(shape)
+        _expect(encoded.scale, 4 * maps, codec, "scale")
+        q = np.frombuffer(encoded.data, dtype=np.int8).reshape(maps, -1)
         return (q.astype(np.float32) * scale[:, None]).reshape(shape)
     if basis is None:
         raise CodecError("the lowrank codec needs the store's basis")
@@ -168,6 +170,11 @@ def decode_features(encoded: Encoded, basis: Basis | None = None) -> np.ndarray:
     q = np.frombuffer(encoded.data, dtype=np.int8).reshape(rank, -1)
     coefficients = q.astype(np.float32) * scale[:, None]
     return (basis.components @ coefficients + basis.mean[:, None]).reshape(shape).astype(np.float32)
+
+
+def _maps(shape: tuple[int, ...]) -> int:
+    """int8 scales: one per 2-D map, i.e. per channel of (C, H, W), per (object, channel) of (N, C, H, W)."""
+    return int(np.prod(shape[:-2])) if len(shape) >= 3 else (shape[0] if shape else 1)
 
 
 def _expect(blob: bytes, size: int | None, codec: FeatureCodec | str, part: str = "data") -> None:

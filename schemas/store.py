@@ -115,6 +115,10 @@ LEDGER = pa.schema(
     ]
 )
 
+class StoreError(Exception):
+    """A store that cannot be used for this run (another teacher or config, unreadable card, not a store)."""
+
+
 SCHEMAS = {"images": IMAGES, "frames": FRAMES, "failures": FAILURES, "ledger": LEDGER}
 #: Raw (exact) codecs for small arrays, next to the feature / logit codecs.
 RAW_DTYPES = {"float32": np.float32, "int8": np.int8, "int32": np.int32, "bool": np.bool_}

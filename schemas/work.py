@@ -1,7 +1,9 @@
 """Arrow schemas of the batches that flow between the cache's steps (never stored).
 
-read -> teacher: ``WORK`` rows. ``kind`` is ``sample`` (decoded, resized pixels + sampled prompts), ``failure``
-(a bad sample: member + reason) or ``end`` (the shard is fully read; ``count`` = sample + failure rows it sent).
+read -> teacher: ``WORK`` rows. ``kind`` is ``sample`` (an image's decoded, resized pixels + sampled prompts, or a
+video's resized annotated frames + object prompts), ``failure`` (a bad sample: member + reason) or ``end`` (the
+shard is fully read; ``count`` = the store rows + failure rows the shard will make: one per image, one per
+frame of each video).
 Arrays travel as raw little-endian bytes; their shapes follow from the teacher's geometry and ``k``.
 
 teacher -> writer: the same rows, samples with the raw float32 targets added.
@@ -36,12 +38,33 @@ WORK = pa.schema(
         ("prompt_points", pa.binary()),  # float32 (K, P, 2)
         ("prompt_labels", pa.binary()),  # int8 (K, P)
         ("prompt_boxes", pa.binary()),  # float32 (K, 4)
+        # SA-V only: one row per video
+        ("frames", pa.int32()),  # T annotated frames used (= store rows this video will make)
+        ("frame_indices", pa.binary()),  # int64 (T,)
+        ("video_prompts", pa.string()),  # JSON: [{object_id, frame, kind, points, labels, mask_index}]
+        ("prompt_masks", pa.large_binary()),  # float32 (M, S, S): the mask prompts, in video_prompts' mask_index order
     ]
 )
 
 #: Raw float32 targets the teacher step adds for samples.
 TARGET_COLUMNS = ("trunk", "multi_logits", "single_logits", "iou", "object_score", "object_pointer")
 TARGETS = pa.schema([*WORK, *[(name, pa.large_binary()) for name in TARGET_COLUMNS]])
+
+#: teacher -> writer for SA-V: one row per frame (or a failure / end row passed through).
+FRAME_TARGET_COLUMNS = ("trunk", "mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")
+FRAME_TARGETS = pa.schema(
+    [
+        *[WORK.field(name) for name in ("kind", "dataset", "shard", "key", "member", "reason", "count", "height", "width", "transform")],
+        ("video_id", pa.string()),
+        ("frame", pa.int32()),
+        ("frame_index", pa.int32()),
+        ("prompt_kind", pa.string()),
+        ("object_ids", pa.list_(pa.int32())),
+        ("is_conditioning", pa.list_(pa.bool_())),
+        ("has_memory_conditioned", pa.list_(pa.bool_())),
+        *[(name, pa.large_binary()) for name in FRAME_TARGET_COLUMNS],
+    ]
+)
 
 WRITTEN = pa.schema(
     [

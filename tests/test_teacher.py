@@ -277,8 +277,13 @@ def test_video_prompts_follow_the_ground_truth(video) -> None:
                 x0, y0, x1, y1 = runs.bbox_xyxy()
                 np.testing.assert_allclose(prompt.points + 0.5, [[x0 * sx, y0 * sy], [x1 * sx, y1 * sy]], rtol=1e-5)
                 assert prompt.labels.tolist() == [2, 3]
-            else:
-                np.testing.assert_array_equal(prompt.mask, runs.to_mask())
+            else:  # SAM3's video processor resize: antialiased bilinear, then >= 0.5
+                expected = torch.nn.functional.interpolate(
+                    torch.from_numpy(runs.to_mask().astype(np.float32))[None, None], size=(size, size),
+                    mode="bilinear", align_corners=False, antialias=True,
+                )[0, 0] >= 0.5
+                np.testing.assert_array_equal(prompt.mask, expected.float().numpy())
+                assert prompt.mask.sum() > 0
 
 
 def test_two_videos_in_flight_on_one_teacher(tiny_teacher: Sam3Teacher, video, long_video) -> None:

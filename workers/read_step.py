@@ -1,7 +1,9 @@
-"""Cache step 1 (CPU): stream one SA-1B shard into WORK batches: decoded, resized pixels and sampled prompts.
+"""Cache step 1 (CPU): stream one shard into WORK batches, ready for the teacher.
 
-Bad samples become ``failure`` rows (the source's checks, plus JPEGs that fail to decode here); the shard ends
-with one ``end`` row counting everything it sent, which is how the driver knows the shard is complete.
+SA-1B: decoded, resized pixels and sampled prompts per image. SA-V: per video, the annotated frames resized to
+the teacher frame and each object's ground-truth prompt. Bad samples become ``failure`` rows (the source's
+checks, plus JPEGs that fail to decode here); the shard ends with one ``end`` row counting the store rows and
+failures it will make, which is how the driver knows the shard is complete.
 """
 
 from __future__ import annotations
@@ -15,17 +17,44 @@ import numpy as np
 import pyarrow as pa
 
 from esam3.pipeline.shards import ShardRef
-from esam3.pipeline.sources import SA1BSource
+from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.schemas.prompts import PromptConfig
-from esam3.schemas.samples import Failure, ImageSample
+from esam3.schemas.samples import Failure, ImageSample, VideoSample
+from esam3.schemas.teacher import VideoTargetConfig
 from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WORK
 from esam3.workers.decode import decode_for_teacher
 from esam3.workers.preprocess import transform_record
 from esam3.workers.prompts import sample_prompts
+from esam3.workers.video_targets import prepare_video
+
+
+class _ReadShard:
+    """Shared loop: items of one shard -> WORK tables of at most ``batch_rows`` rows, then the end row."""
+
+    batch_rows: int
+
+    def __call__(self, shard: ShardRef) -> Iterator[pa.Table]:
+        rows: list[dict[str, Any]] = []
+        store_rows = 0
+        for item in self.items(shard):
+            row = self.row(shard, item)
+            store_rows += row["frames"] if row.get("frames") is not None else 1  # a video makes a row per frame
+            rows.append(row)
+            if len(rows) == self.batch_rows:
+                yield pa.Table.from_pylist(rows, schema=WORK)
+                rows = []
+        rows.append({"kind": KIND_END, "dataset": shard.dataset.value, "shard": shard.name, "count": store_rows})
+        yield pa.Table.from_pylist(rows, schema=WORK)
+
+    def items(self, shard: ShardRef) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def row(self, shard: ShardRef, item: Any) -> dict[str, Any]:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class ReadImages:
+class ReadImages(_ReadShard):
     """Callable on one shard; yields WORK tables of at most ``batch_rows`` rows."""
 
     source: str
@@ -36,21 +65,10 @@ class ReadImages:
     batch_rows: int = 8
     storage_options: dict[str, Any] | None = None
 
-    def __call__(self, shard: ShardRef) -> Iterator[pa.Table]:
-        source = SA1BSource(self.source, self.storage_options, check_pixels=False)  # the decode below checks pixels
-        rows: list[dict[str, Any]] = []
-        sent = 0
-        for item in source.iter_shard(shard):
-            rows.append(self._row(shard, item))
-            if len(rows) == self.batch_rows:
-                sent += len(rows)
-                yield pa.Table.from_pylist(rows, schema=WORK)
-                rows = []
-        sent += len(rows)
-        rows.append({"kind": KIND_END, "dataset": shard.dataset.value, "shard": shard.name, "count": sent})
-        yield pa.Table.from_pylist(rows, schema=WORK)
+    def items(self, shard: ShardRef) -> Iterator[Failure | ImageSample]:
+        yield from SA1BSource(self.source, self.storage_options, check_pixels=False).iter_shard(shard)  # decoded below
 
-    def _row(self, shard: ShardRef, item: Failure | ImageSample) -> dict[str, Any]:
+    def row(self, shard: ShardRef, item: Failure | ImageSample) -> dict[str, Any]:
         if isinstance(item, Failure):
             return failure_row(item)
         try:
@@ -88,3 +106,43 @@ def failure_row(failure: Failure) -> dict[str, Any]:
         "kind": KIND_FAILURE, "dataset": failure.dataset, "shard": failure.shard, "member": failure.member,
         "reason": failure.reason,
     }
+
+
+@dataclass(frozen=True)
+class ReadVideos(_ReadShard):
+    """Callable on one SA-V shard; one WORK row per video (its annotated frames and object prompts)."""
+
+    source: str
+    image_size: int
+    video: VideoTargetConfig
+    batch_rows: int = 1
+    storage_options: dict[str, Any] | None = None
+
+    def items(self, shard: ShardRef) -> Iterator[Failure | VideoSample]:
+        # Keep only the annotated frames that will be used (max_frames of them).
+        yield from SAVSource(self.source, self.storage_options, max_frames=self.video.max_frames).iter_shard(shard)
+
+    def row(self, shard: ShardRef, item: Failure | VideoSample) -> dict[str, Any]:
+        if isinstance(item, Failure):
+            return failure_row(item)
+        work = prepare_video(item, self.video, self.image_size)
+        masks = [p.mask for p in work.prompts if p.mask is not None]
+        prompts, mask_index = [], 0
+        for p in work.prompts:
+            prompts.append({
+                "object_id": p.object_id, "frame": p.frame, "kind": p.kind.value,
+                "points": None if p.points is None else p.points.tolist(),
+                "labels": None if p.labels is None else p.labels.tolist(),
+                "mask_index": mask_index if p.mask is not None else None,
+            })
+            mask_index += p.mask is not None
+        height, width = item.frames.shape[1:3]
+        return {
+            "kind": KIND_SAMPLE, "dataset": shard.dataset.value, "shard": shard.name, "key": item.key,
+            "member": item.member, "height": int(height), "width": int(width),
+            "transform": json.dumps(transform_record((int(height), int(width)), self.image_size), sort_keys=True),
+            "pixels": work.pixels.tobytes(), "frames": len(work.pixels),
+            "frame_indices": work.frame_indices.astype(np.int64).tobytes(),
+            "video_prompts": json.dumps(prompts),
+            "prompt_masks": np.stack(masks).astype(np.float32).tobytes() if masks else b"",
+        }

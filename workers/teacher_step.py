@@ -1,4 +1,5 @@
-"""Cache step 2 (the GPU, or CPU threads): the teacher actor. One trunk pass per image, prompts from it.
+"""Cache step 2 (the GPU, or CPU threads): the teacher actors. One trunk pass per image or frame; prompt and
+memory targets from it.
 
 Loaded once per actor. It checks that the weights it loaded are the ones the driver fingerprinted (same
 checksum), so a worker with another copy of the checkpoint cannot write rows under the wrong teacher id.
@@ -7,18 +8,21 @@ Failure and end rows pass through untouched.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from esam3.schemas.teacher import TeacherConfig, TeacherLoadError
-from esam3.schemas.work import KIND_SAMPLE, TARGETS
+from esam3.schemas.teacher import TeacherConfig, TeacherLoadError, VideoPrompt
+from esam3.schemas.work import FRAME_TARGET_COLUMNS, FRAME_TARGETS, KIND_SAMPLE, TARGETS
 from esam3.workers.preprocess import normalize
 from esam3.workers.prompts import PromptSet
 from esam3.workers.teacher import Sam3Teacher
+from esam3.workers.video_targets import ObjectPrompt, VideoWork, run_video
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +87,58 @@ def prompt_set(row: dict[str, Any], size: int) -> PromptSet:
         image_size=(row["height"], row["width"]),
         model_size=size,
     )
+
+
+class TeacherVideos:
+    """Ray Data actor: WORK rows (one per video) -> FRAME_TARGETS rows (one per annotated frame)."""
+
+    def __init__(self, config: TeacherConfig, checksum: str, threads: int | None = None) -> None:
+        self.images = TeacherImages(config, checksum, with_prompts=False, threads=threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: list[dict[str, Any]] = []
+        for row in batch.to_pylist():
+            if row["kind"] != KIND_SAMPLE:
+                out.append({name: row.get(name) for name in FRAME_TARGETS.names})
+                continue
+            out.extend(self._frames(row))
+        return pa.Table.from_pylist(out, schema=FRAME_TARGETS)
+
+    def _frames(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        teacher = self.images.teacher
+        size = teacher.geometry.image_size
+        video_id = row["key"].split("/", 1)[1]
+        work = VideoWork(
+            key=row["key"],
+            pixels=np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["frames"], 3, size, size),
+            frame_indices=np.frombuffer(row["frame_indices"], dtype=np.int64),
+            prompts=object_prompts_from_json(row["video_prompts"], row["prompt_masks"], size),
+        )
+        kind = work.prompts[0].kind.value if work.prompts else ""
+        for targets in run_video(teacher, work):
+            yield {
+                **{name: row[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
+                "key": f"{row['key']}/{targets.frame:05d}",
+                "video_id": video_id,
+                "frame": targets.frame,
+                "frame_index": targets.frame_index,
+                "prompt_kind": kind,
+                "object_ids": targets.object_ids,
+                "is_conditioning": targets.is_conditioning.tolist(),
+                "has_memory_conditioned": targets.has_memory_conditioned.tolist(),
+                **{name: _raw(getattr(targets, name)) for name in FRAME_TARGET_COLUMNS},
+            }
+
+
+def object_prompts_from_json(text: str, masks: bytes, size: int) -> list[ObjectPrompt]:
+    """The read step's JSON prompts (+ mask prompts as float32 (M, S, S)) back to ObjectPrompts."""
+    stack = np.frombuffer(masks, dtype=np.float32).reshape(-1, size, size) if masks else None
+    prompts = []
+    for p in json.loads(text):
+        prompts.append(ObjectPrompt(
+            object_id=p["object_id"], frame=p["frame"], kind=VideoPrompt(p["kind"]),
+            points=None if p["points"] is None else np.asarray(p["points"], dtype=np.float32),
+            labels=None if p["labels"] is None else np.asarray(p["labels"], dtype=np.int32),
+            mask=None if p["mask_index"] is None else stack[p["mask_index"]],
+        ))
+    return prompts

@@ -32,7 +32,7 @@ from esam3.schemas.sav import SAV_ANNOTATION_STRIDE
 from esam3.schemas.samples import VideoSample
 from esam3.schemas.teacher import VideoPrompt, VideoTargetConfig
 from esam3.workers.heads import TeacherHeads, capture_memory_conditioned
-from esam3.workers.preprocess import preprocess_images
+from esam3.workers.preprocess import normalize, resize_uint8
 from esam3.workers.prompts import positive_point, prompt_rng, to_model_frame
 
 
@@ -45,7 +45,7 @@ class ObjectPrompt:
     kind: VideoPrompt
     points: np.ndarray | None  # (N, 2) SAM pixel-index convention in the S x S frame
     labels: np.ndarray | None  # (N,) int32: 1 positive, 2/3 box corners
-    mask: np.ndarray | None  # (S, S) float32 0/1
+    mask: np.ndarray | None  # (S, S) float32 0/1, already resized to the teacher frame
 
 
 @dataclass
@@ -101,18 +101,18 @@ def object_prompts(
             points = to_model_frame(np.asarray(runs.bbox_xyxy(), dtype=np.float64), hw, size).reshape(2, 2) - 0.5
             labels = np.array([2, 3], dtype=np.int32)
         else:
-            mask = runs.to_mask().astype(np.float32)
+            mask = model_frame_mask(runs.to_mask().astype(np.float32), size)
         prompts.append(ObjectPrompt(int(object_id), frame, config.prompt, points, labels, mask))
     return prompts
 
 
-def model_frame_mask(mask: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
-    """A 0/1 mask at the video's size -> (1, 1, S, S) 0/1 at the teacher's size, as SAM3's video processor does it."""
-    tensor = torch.from_numpy(mask)[None, None].to(device)
-    if tensor.shape[-2:] == (size, size):
-        return tensor
+def model_frame_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A 0/1 mask at the video's size -> (S, S) float32 0/1 at the teacher's size, as SAM3's video processor does it."""
+    if mask.shape == (size, size):
+        return mask.astype(np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (resized >= 0.5).float()
+    return (resized >= 0.5).float()[0, 0].numpy()
 
 
 def add_prompts(session: Any, prompts: Sequence[ObjectPrompt], size: int, device: torch.device) -> None:
@@ -120,7 +120,7 @@ def add_prompts(session: Any, prompts: Sequence[ObjectPrompt], size: int, device
     for prompt in prompts:
         obj_idx = session.obj_id_to_idx(prompt.object_id)
         if prompt.mask is not None:
-            session.add_mask_inputs(obj_idx, prompt.frame, model_frame_mask(prompt.mask, size, device))
+            session.add_mask_inputs(obj_idx, prompt.frame, torch.from_numpy(model_frame_mask(prompt.mask, size))[None, None].to(device))
             session.remove_point_inputs(obj_idx, prompt.frame)
         else:
             inputs = {
@@ -199,27 +199,45 @@ def _forget_old(session: Any, frame: int, window: int) -> None:
         per_obj["non_cond_frame_outputs"].pop(frame - window, None)
 
 
-def iter_video_targets(teacher: Any, sample: VideoSample, config: VideoTargetConfig) -> Iterator[FrameTargets]:
-    """Targets for each of the first ``max_frames`` annotated frames of ``sample`` (see the module docstring)."""
-    geometry = teacher.geometry
+@dataclass(frozen=True)
+class VideoWork:
+    """What the teacher needs of one video, prepared on a CPU worker: resized frames, their indices, prompts."""
+
+    key: str
+    pixels: np.ndarray  # uint8 (T, 3, S, S), the annotated frames used
+    frame_indices: np.ndarray  # int64 (T,), into the 24 fps video
+    prompts: list[ObjectPrompt]
+
+
+def prepare_video(sample: VideoSample, config: VideoTargetConfig, size: int) -> VideoWork:
+    """Resize the first ``max_frames`` annotated frames to S x S and prompt each object (see the module docstring)."""
     frames = annotated_masks(sample, config.max_frames)
-    if not frames:
-        return
-    prompts = object_prompts(sample.key, frames, sample.record.masklet_id, geometry.image_size, config)
+    prompts = object_prompts(sample.key, frames, sample.record.masklet_id, size, config) if frames else []
     positions = [position for position, _ in frames]
-    trunks: list[torch.Tensor] = []
+    pixels = np.stack([resize_uint8(sample.frames[p], size).numpy() for p in positions]) if positions else np.zeros((0, 3, size, size), np.uint8)
+    return VideoWork(sample.key, pixels, sample.frame_indices[positions].astype(np.int64), prompts)
+
+
+def run_video(teacher: Any, work: VideoWork) -> Iterator[FrameTargets]:
+    """Trunk per frame (in batches) + the tracker: targets of each frame of a prepared video, in order."""
+    trunks: list[torch.Tensor | None] = []
 
     def trunk_stream() -> Iterator[torch.Tensor]:
-        for start in range(0, len(positions), teacher.config.batch_size):
-            chosen = positions[start : start + teacher.config.batch_size]
-            pixels = preprocess_images([sample.frames[p] for p in chosen], geometry.image_size)
-            for trunk in teacher.trunk_features(pixels):
+        for start in range(0, len(work.pixels), teacher.config.batch_size):
+            chunk = torch.from_numpy(np.array(work.pixels[start : start + teacher.config.batch_size]))  # writable copy
+            for trunk in teacher.trunk_features(normalize(chunk.to(teacher.device))):
                 trunks.append(trunk)
                 yield trunk[None]
 
-    for frame, outputs in track(teacher.heads, trunk_stream(), len(frames), prompts, teacher.device, teacher.autocast):
-        yield frame_targets(frame, int(sample.frame_indices[positions[frame]]), trunks[frame], outputs, teacher.heads)
-        trunks[frame] = None  # type: ignore[call-overload]
+    stream = track(teacher.heads, trunk_stream(), len(work.pixels), work.prompts, teacher.device, teacher.autocast)
+    for frame, outputs in stream:
+        yield frame_targets(frame, int(work.frame_indices[frame]), trunks[frame], outputs, teacher.heads)
+        trunks[frame] = None
+
+
+def iter_video_targets(teacher: Any, sample: VideoSample, config: VideoTargetConfig) -> Iterator[FrameTargets]:
+    """Targets for each of the first ``max_frames`` annotated frames of ``sample`` (see the module docstring)."""
+    return run_video(teacher, prepare_video(sample, config, teacher.geometry.image_size))
 
 
 def frame_targets(frame: int, frame_index: int, trunk: torch.Tensor, outputs: dict[str, Any], heads: TeacherHeads) -> FrameTargets:

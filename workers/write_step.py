@@ -17,14 +17,14 @@ import pyarrow as pa
 from lance.fragment import write_fragments
 
 from esam3.schemas.codecs import FeatureCodec, encode_features, encode_logits
-from esam3.schemas.store import IMAGES, raw_tensor, tensor_value
+from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
 
 
 @dataclass(frozen=True)
-class WriteImages:
-    """Callable on a TARGETS batch -> WRITTEN rows."""
+class _WriteTable:
+    """Shared: group a batch by shard, turn samples into store rows, write one fragment set per shard."""
 
     table_uri: str
     geometry: Geometry
@@ -35,12 +35,27 @@ class WriteImages:
     store_trunk: bool = True
     storage_options: dict[str, str] | None = None
 
+    schema: Any = None  # the store table's schema, set by each subclass
+
+    def store_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def provenance(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = {name: row[name] for name in ("key", "shard", "member", "height", "width")}
+        out.update(run_id=self.run_id, teacher=self.teacher, codec=self.codec.value, preprocess=row["transform"],
+                   prompt_seed=self.prompt_seed)
+        if self.store_trunk:
+            g = self.geometry
+            trunk = np.frombuffer(row["trunk"], dtype=np.float32).reshape(g.trunk_width, g.grid, g.grid)
+            out["trunk"] = tensor_value(*encode_features(trunk, self.codec))
+        return out
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         by_shard: dict[str, dict[str, Any]] = defaultdict(lambda: {"rows": [], "failures": [], "end": -1})
         for row in batch.to_pylist():
             entry = by_shard[row["shard"]]
             if row["kind"] == KIND_SAMPLE:
-                entry["rows"].append(self.image_row(row))
+                entry["rows"].append(self.store_row(row))
             elif row["kind"] == KIND_FAILURE:
                 entry["failures"].append({"member": row["member"], "reason": row["reason"]})
             elif row["kind"] == KIND_END:
@@ -50,8 +65,8 @@ class WriteImages:
             fragments: list[dict[str, Any]] = []
             nbytes = 0
             if entry["rows"]:
-                table = pa.Table.from_pylist(entry["rows"], schema=IMAGES)
-                written = write_fragments(table, self.table_uri, schema=IMAGES, storage_options=self.storage_options or None)
+                table = pa.Table.from_pylist(entry["rows"], schema=self.schema)
+                written = write_fragments(table, self.table_uri, schema=self.schema, storage_options=self.storage_options or None)
                 fragments = [f.to_json() for f in written]
                 nbytes = sum(_tensor_bytes(r) for r in entry["rows"])
             out.append({
@@ -60,17 +75,18 @@ class WriteImages:
             })
         return pa.Table.from_pylist(out, schema=WRITTEN)
 
-    def image_row(self, row: dict[str, Any]) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class WriteImages(_WriteTable):
+    """SA-1B: TARGETS batch -> ``images`` fragments -> WRITTEN rows."""
+
+    schema: Any = IMAGES
+
+    def store_row(self, row: dict[str, Any]) -> dict[str, Any]:
         g = self.geometry
         k = row["k"]
-        out: dict[str, Any] = {
-            name: row[name] for name in ("key", "shard", "member", "image_id", "height", "width")
-        }
-        out.update(run_id=self.run_id, teacher=self.teacher, codec=self.codec.value, preprocess=row["transform"],
-                   prompt_seed=self.prompt_seed)
-        if self.store_trunk:
-            trunk = np.frombuffer(row["trunk"], dtype=np.float32).reshape(g.trunk_width, g.grid, g.grid)
-            out["trunk"] = tensor_value(*encode_features(trunk, self.codec))
+        out = self.provenance(row)
+        out["image_id"] = row["image_id"]
         if k:
             out["prompt_mask_index"] = raw_tensor(np.frombuffer(row["prompt_mask_index"], dtype=np.int32))
             out["prompt_kinds"] = raw_tensor(np.frombuffer(row["prompt_kinds"], dtype=np.int8))
@@ -87,3 +103,28 @@ class WriteImages:
 
 def _tensor_bytes(row: dict[str, Any]) -> int:
     return sum(len(v["data"]) + len(v["scale"]) for v in row.values() if isinstance(v, dict) and "data" in v)
+
+
+@dataclass(frozen=True)
+class WriteFrames(_WriteTable):
+    """SA-V: FRAME_TARGETS batch -> ``frames`` fragments -> WRITTEN rows."""
+
+    schema: Any = FRAMES
+
+    def store_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        g = self.geometry
+        n = len(row["object_ids"])
+        out = self.provenance(row)
+        for name in ("video_id", "frame", "frame_index", "prompt_kind", "object_ids", "is_conditioning", "has_memory_conditioned"):
+            out[name] = row[name]
+        out["mask_logits"] = tensor_value(*encode_logits(_array(row["mask_logits"], (n, g.mask_size, g.mask_size))))
+        out["object_score"] = raw_tensor(_array(row["object_score"], (n,)))
+        out["object_pointer"] = raw_tensor(_array(row["object_pointer"], (n, g.hidden)))
+        for name, channels in (("maskmem_features", g.memory_channels), ("pix_feat_with_mem", g.hidden)):
+            maps = _array(row[name], (n, channels, g.grid, g.grid))
+            out[name] = tensor_value(*encode_features(maps, self.codec))
+        return out
+
+
+def _array(blob: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float32).reshape(shape)

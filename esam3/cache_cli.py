@@ -1,0 +1,165 @@
+"""``esam3 cache`` (the main job) and ``esam3 store info|verify``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from esam3.console import UsageError, build_config, console, err_console, print_json, progress, user_errors
+from esam3.pipeline.shards import DatasetName
+from esam3.schemas.cache import CacheConfig, MaxFailures, Target
+from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.prompts import PromptConfig
+from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig
+
+store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_help=True)
+
+_FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec"}
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n_bytes < 1000 or unit == "TB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def parse_targets(text: str | None) -> tuple[Target, ...]:
+    if not text:
+        return ()
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return tuple(dict.fromkeys(Target(n) for n in names))
+    except ValueError:
+        raise UsageError(f"--targets: expected a comma-separated list of {', '.join(t.value for t in Target)}, got {text!r}") from None
+
+
+def cache_command(
+    dataset: DatasetName = typer.Option(..., "--dataset", help="Which dataset format the shards are in."),
+    source: str = typer.Option(..., "--source", help="Folder or fsspec URL (s3://...) holding the tar shards."),
+    shards: str = typer.Option("all", "--shards", help="Shards to cache: all, 7, 0-99, 0,3,7-9."),
+    store: str = typer.Option(..., "--store", help="Store root: a folder (created if missing) or s3://bucket/prefix."),
+    teacher: str = typer.Option(
+        "tiny-random", "--teacher", help=f"SAM3 checkpoint directory, or one of: {', '.join(RANDOM_TEACHERS)}."
+    ),
+    targets: str = typer.Option(None, "--targets", help="Comma-separated: trunk,prompts (sa-1b) or trunk,memory (sa-v). Default: both."),
+    prompts: int = typer.Option(16, "--prompts", help="Prompts sampled per image (K) for the prompt targets."),
+    codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Codec of feature maps: fp16, bf16 or int8 (per-channel scales)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per teacher forward."),
+    address: str = typer.Option(None, "--address", help="Join a Ray cluster: auto, or ray://HOST:PORT. Default: start a local Ray."),
+    max_failures: str = typer.Option("0", "--max-failures", help="Bad samples tolerated before exit code 1: a count (10) or a share (0.5%)."),
+    executor: str = typer.Option("ray", "--executor", help="ray (default), or local: every step in this process without Ray, for debugging."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompt sampler (and of a random teacher's weights)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end."),
+) -> None:
+    """The main job: stream shards through the SAM3 teacher into a resumable Lance store (rerun = resume)."""
+    from esam3.pipeline.plan import run_cache
+
+    with user_errors():
+        if executor not in ("ray", "local"):
+            raise UsageError(f"--executor: expected ray or local, got {executor!r}")
+        try:
+            limit = MaxFailures.parse(max_failures)
+        except ValueError as exc:
+            raise UsageError(f"--max-failures: {exc}") from None
+        teacher_config = build_config(TeacherConfig, {"source": "--teacher"}, source=teacher, batch_size=batch_size, seed=seed)
+        prompt_config = build_config(PromptConfig, {"num_prompts": "--prompts", "seed": "--seed"}, num_prompts=prompts, seed=seed)
+        config = build_config(
+            CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
+            targets=parse_targets(targets), prompts=prompt_config, codec=codec, address=address, max_failures=limit,
+        )
+        with progress() as bar:
+            task = bar.add_task(f"cache {dataset.value}", total=None, status="starting")
+
+            def update(report: Any) -> None:
+                todo = report.shards_selected - report.shards_skipped
+                bar.update(
+                    task, total=todo, completed=report.shards_committed,
+                    status=f"{report.rows} rows, {report.failures} failed",
+                )
+
+            report = run_cache(config, executor=executor, on_progress=update)
+            update(report)
+    if as_json:
+        print_json(report.to_json())
+    elif report.nothing_to_do:
+        console.print(Text(f"nothing to do: all {report.shards_selected} selected shard(s) are already in {store} (same teacher and settings)"))
+    else:
+        console.print(summary_table(report))
+    if report.failures:
+        err_console.print(Text(f"{report.failures} bad sample(s) (limit {limit}); see the store's failures table"))
+    raise typer.Exit(report.exit_code)
+
+
+def summary_table(report: Any) -> Table:
+    table = Table(title=Text(f"cached {report.dataset} into {report.store}"), title_justify="left")
+    for column in ("shards", "rows", "bytes", "rows/s", "failures", "store version"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{report.shards_committed} new, {report.shards_skipped} already done",
+        str(report.rows), _size(report.bytes), f"{report.rows_per_s:.2f}",
+        f"[red]{report.failures}[/]" if report.failures else "0", str(report.store_version),
+    )
+    return table
+
+
+@store_app.command("info")
+def info_command(
+    uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+) -> None:
+    """Rows per table, bytes per row per column, teacher, versions, shards and failures of a store."""
+    from esam3.pipeline.store import Store
+    from esam3.pipeline.store_check import store_info
+
+    with user_errors():
+        info = store_info(Store(uri))
+    if as_json:
+        print_json(info)
+        return
+    teacher = info["teacher"]
+    console.print(Text(f"store {uri}: teacher {teacher['source']} ({teacher['checksum']}), shards {info['shards']}"))
+    table = Table(show_header=True)
+    for column in ("table", "rows", "version", "bytes/row"):
+        table.add_column(column, justify="right" if column != "table" else "left")
+    for name, entry in info["tables"].items():
+        per_row = entry.get("bytes_per_row_total")
+        table.add_row(name, str(entry["rows"]), str(entry["version"]), _size(per_row) if per_row else "-")
+    console.print(table)
+    for name, entry in info["tables"].items():
+        if entry.get("bytes_per_row"):
+            columns = Table(title=Text(f"{name}: bytes per row per column"), title_justify="left")
+            columns.add_column("column")
+            columns.add_column("bytes/row", justify="right")
+            for column, size in entry["bytes_per_row"].items():
+                columns.add_row(column, _size(size))
+            console.print(columns)
+
+
+@store_app.command("verify")
+def verify_command(
+    uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the problems found."),
+) -> None:
+    """Check a store: no duplicate keys, ledger agrees with rows, every tensor decodes and is finite. Exit 1 if not."""
+    from esam3.pipeline.store import Store
+    from esam3.pipeline.store_check import verify_store
+
+    with user_errors():
+        with progress() as bar:
+            task = bar.add_task("verify", total=None, status="")
+            report = verify_store(Store(uri), on_rows=lambda n: bar.update(task, advance=n))
+    if as_json:
+        print_json(report.to_json())
+    elif report.ok:
+        console.print(Text(f"ok: {report.rows_checked} rows, {report.tensors_checked} tensors checked"))
+    else:
+        for problem in report.problems:
+            console.print(Text(f"problem: {problem}"))
+        if report.more_problems:
+            console.print(Text(f"... and {report.more_problems} more"))
+    raise typer.Exit(0 if report.ok else 1)
