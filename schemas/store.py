@@ -120,8 +120,8 @@ class StoreError(Exception):
 
 
 SCHEMAS = {"images": IMAGES, "frames": FRAMES, "failures": FAILURES, "ledger": LEDGER}
-#: Raw (exact) codecs for small arrays, next to the feature / logit codecs.
-RAW_DTYPES = {"float32": np.float32, "int8": np.int8, "int32": np.int32, "bool": np.bool_}
+#: Raw (exact) codecs for small arrays, next to the feature / logit codecs (names must not collide with them).
+RAW_DTYPES = {"raw-float32": np.float32, "raw-int8": np.int8, "raw-int32": np.int32, "raw-bool": np.bool_}
 
 
 def tensor_value(encoded: Encoded, error: float) -> dict[str, Any]:
@@ -136,9 +136,9 @@ def tensor_value(encoded: Encoded, error: float) -> dict[str, Any]:
 
 
 def raw_tensor(array: np.ndarray) -> dict[str, Any]:
-    """A small array stored exactly (codec = its dtype name)."""
+    """A small array stored exactly (codec ``raw-<dtype>``)."""
     array = np.ascontiguousarray(array)
-    codec = array.dtype.name
+    codec = f"raw-{array.dtype.name}"
     if codec not in RAW_DTYPES:
         raise ValueError(f"no raw codec for dtype {codec}; use one of {', '.join(RAW_DTYPES)}")
     return tensor_value(Encoded(codec, array.shape, array.tobytes()), 0.0)

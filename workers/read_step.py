@@ -9,6 +9,7 @@ failures it will make, which is how the driver knows the shard is complete.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ from esam3.workers.preprocess import transform_record
 from esam3.workers.prompts import sample_prompts
 from esam3.workers.video_targets import prepare_video
 
+log = logging.getLogger(__name__)
+
 
 class _ReadShard:
     """Shared loop: items of one shard -> WORK tables of at most ``batch_rows`` rows, then the end row."""
@@ -37,7 +40,7 @@ class _ReadShard:
         rows: list[dict[str, Any]] = []
         store_rows = 0
         for item in self.items(shard):
-            row = self.row(shard, item)
+            row = self._checked_row(shard, item)
             store_rows += row["frames"] if row.get("frames") is not None else 1  # a video makes a row per frame
             rows.append(row)
             if len(rows) == self.batch_rows:
@@ -45,6 +48,15 @@ class _ReadShard:
                 rows = []
         rows.append({"kind": KIND_END, "dataset": shard.dataset.value, "shard": shard.name, "count": store_rows})
         yield pa.Table.from_pylist(rows, schema=WORK)
+
+    def _checked_row(self, shard: ShardRef, item: Any) -> dict[str, Any]:
+        """The row, or a failure row if preparing it raised: one odd sample must not stop the shard."""
+        try:
+            return self.row(shard, item)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback, kept as a failure
+            log.exception("unexpected error preparing %s:%s", shard.name, getattr(item, "member", "?"))
+            member = getattr(item, "member", "?")
+            return failure_row(Failure(shard.dataset.value, shard.name, member, f"unexpected error ({type(exc).__name__}): {exc}"))
 
     def items(self, shard: ShardRef) -> Iterator[Any]:
         raise NotImplementedError

@@ -1,0 +1,256 @@
+"""The cache job's invariants with the in-process executor (same steps as the Ray plan, no Ray): rows, codecs,
+resume, crashes between commits, corrupt samples, runs over different shards, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import lance
+import numpy as np
+import pytest
+import simplejpeg
+from typer.testing import CliRunner
+
+from esam3.cli import app
+from esam3.pipeline.demo_data import write_tar
+from esam3.pipeline.plan import run_cache
+from esam3.pipeline.sources import SA1BSource
+from esam3.pipeline.store import Store
+from esam3.pipeline.store_check import verify_store
+from esam3.schemas.cache import CacheConfig, MaxFailures
+from esam3.schemas.store import StoreError, decode_tensor
+from esam3.workers.teacher import Sam3Teacher
+from tests.test_sources import SA1B_BAD, _good_sa1b
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "400"}
+
+
+def config(source: Path, store: Path, **overrides) -> CacheConfig:
+    values = {"dataset": "sa-1b", "source": str(source), "store": str(store), "codec": "int8"}
+    values.update(overrides)
+    return CacheConfig(**values)
+
+
+def keys(store: Path, table: str = "images") -> list[str]:
+    return sorted(lance.dataset(str(store / f"{table}.lance")).to_table(columns=["key"]).column("key").to_pylist())
+
+
+def test_images_end_to_end_rows_decode_to_the_teachers_targets(tiny_teacher: Sam3Teacher, demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    report = run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert (report.shards_committed, report.rows, report.failures, report.exit_code) == (2, 6, 0, 0)
+    assert keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
+    assert verify_store(Store(str(store))).ok
+    row = lance.dataset(str(store / "images.lance")).to_table(filter="key = 'sa1b/2'").to_pylist()[0]
+    assert row["teacher"] == tiny_teacher.card.checksum and row["codec"] == "int8" and row["prompt_seed"] == 0
+    transform = json.loads(row["preprocess"])
+    assert (transform["original_height"], transform["original_width"]) == (row["height"], row["width"])
+    sample = next(s for s in SA1BSource(str(demo_root / "sa-1b")).iter_samples("all") if s.key == "sa1b/2")
+    image = simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB", min_height=112, min_width=112)
+    expected = tiny_teacher.image_targets([np.asarray(image)]).trunk[0].numpy()
+    trunk = decode_tensor(row["trunk"])
+    error = np.linalg.norm(trunk - expected) / np.linalg.norm(expected)
+    assert error < 0.01 and row["trunk"]["error"] == pytest.approx(error, rel=1e-3)
+    k = row["prompt_kinds"]["shape"][0]
+    assert k > 0 and decode_tensor(row["multi_logits"]).shape == (k, 3, 32, 32)
+    assert decode_tensor(row["object_pointer"]).shape == (k, 128) and row["multi_logits"]["error"] < 0.01
+    heads = store / "heads"
+    assert (heads / "heads.safetensors").is_file() and json.loads((heads / "heads.json").read_text())["teacher"]["checksum"] == tiny_teacher.card.checksum
+
+
+def test_rerun_is_a_no_op_and_other_settings_are_refused(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    run_cache(config(demo_root / "sa-1b", store), executor="local")
+    versions = {t: lance.dataset(str(store / f"{t}.lance")).version for t in ("images", "ledger")}
+    again = run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert again.nothing_to_do and again.rows == 0 and again.shards_skipped == 2
+    assert versions == {t: lance.dataset(str(store / f"{t}.lance")).version for t in ("images", "ledger")}
+    with pytest.raises(StoreError, match="codec"):
+        run_cache(config(demo_root / "sa-1b", store, codec="fp16"), executor="local")
+    with pytest.raises(StoreError, match="holds targets of teacher"):
+        run_cache(config(demo_root / "sa-1b", store, teacher={"source": "tiny-random", "seed": 3}), executor="local")
+
+
+@pytest.mark.parametrize("crash", ["before-ledger", "after-first-shard"])
+def test_crash_then_rerun_finishes_only_what_is_missing(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: str) -> None:
+    """A driver dying after the first commit (or between a shard's rows and its ledger row) loses nothing."""
+    reference = tmp_path / "reference"
+    run_cache(config(demo_root / "sa-1b", reference), executor="local")
+    store = tmp_path / "store"
+    calls = {"n": 0}
+    original_append = Store.append
+
+    def dying_append(self, name, table):
+        if name == "ledger":
+            calls["n"] += 1
+            if crash == "before-ledger" and calls["n"] == 2:
+                raise KeyboardInterrupt("driver killed between the rows and the ledger row of shard 2")
+        original_append(self, name, table)
+        if name == "ledger" and crash == "after-first-shard" and calls["n"] == 1:
+            raise KeyboardInterrupt("driver killed after the first commit")
+
+    monkeypatch.setattr(Store, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        run_cache(config(demo_root / "sa-1b", store), executor="local")
+    monkeypatch.setattr(Store, "append", original_append)
+    if crash == "before-ledger":
+        assert len(keys(store)) == 6 and not verify_store(Store(str(store))).ok  # rows of a shard without a ledger row
+    report = run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert (report.shards_skipped, report.shards_committed) == (1, 1)
+    assert keys(store) == keys(reference)
+    assert verify_store(Store(str(store))).ok
+
+
+def _bad_shard(source: Path, shard: int, case: str) -> None:
+    make = SA1B_BAD[case][0]
+    members = []
+    for image_id in (1, 2, 3):
+        jpeg, record = _good_sa1b(image_id)
+        members += make(jpeg, record) if image_id == 2 else [(f"sa_{image_id}.jpg", jpeg), (f"sa_{image_id}.json", json.dumps(record).encode())]
+    renamed = [(name.replace("sa_", f"sa_{shard}0"), data) for name, data in members]
+    fixed = []
+    for name, data in renamed:  # keep file_name and image_id consistent with the renamed members
+        if name.endswith(".json") and data.startswith(b"{") and b'"image"' in data:
+            try:
+                record = json.loads(data)
+                record["image"]["file_name"] = record["image"]["file_name"].replace("sa_", f"sa_{shard}0")
+                record["image"]["image_id"] = int(f"{shard}0{record['image']['image_id']}")
+                data = json.dumps(record).encode()
+            except (ValueError, KeyError, TypeError):
+                pass
+        fixed.append((name, data))
+    write_tar(source / f"sa_{shard:06d}.tar", fixed)
+
+
+def test_corrupt_samples_become_failures_and_max_failures_sets_the_exit_code(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    cases = ["corrupt JPEG", "truncated JPEG", "RLE does not decode", "invalid JSON", "missing JPEG"]
+    for shard, case in enumerate(cases):
+        _bad_shard(source, shard, case)
+    store = tmp_path / "store"
+    report = run_cache(config(source, store, max_failures=MaxFailures.parse("10")), executor="local")
+    assert (report.rows, report.failures, report.exit_code) == (10, 5, 0)
+    failures = lance.dataset(str(store / "failures.lance")).to_table().to_pylist()
+    by_shard = {f["shard"]: f for f in failures}
+    assert by_shard["sa_000000.tar"]["member"] == "sa_002.jpg" and "not a readable JPEG" in by_shard["sa_000000.tar"]["reason"]
+    # the header is fine, the data is cut: found by the cache's own decode (the source skips the pixel check)
+    assert by_shard["sa_000001.tar"]["member"] == "sa_102.jpg" and "JPEG does not decode" in by_shard["sa_000001.tar"]["reason"]
+    assert "RLE" in by_shard["sa_000002.tar"]["reason"] and by_shard["sa_000003.tar"]["member"] == "sa_302.json"
+    assert len(keys(store)) == 10 and verify_store(Store(str(store))).ok
+    strict = run_cache(config(source, tmp_path / "strict", max_failures=MaxFailures.parse("20%")), executor="local")
+    assert strict.exit_code == 1  # 5 of 15 samples = 33%
+
+
+def test_runs_over_different_shards_give_the_union(demo_root: Path, tmp_path: Path) -> None:
+    one_after_other = tmp_path / "sequential"
+    run_cache(config(demo_root / "sa-1b", one_after_other, shards="0"), executor="local")
+    run_cache(config(demo_root / "sa-1b", one_after_other, shards="1"), executor="local")
+    assert keys(one_after_other) == [f"sa1b/{i}" for i in range(1, 7)]
+    together = tmp_path / "concurrent"
+    Store(str(together))  # nothing created until a run opens it: both runs race to create it
+    errors: list[BaseException] = []
+
+    def run(shards: str) -> None:
+        try:
+            run_cache(config(demo_root / "sa-1b", together, shards=shards), executor="local")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in ("0", "1")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert keys(together) == keys(one_after_other) and verify_store(Store(str(together))).ok
+
+
+def test_videos_end_to_end(tiny_teacher: Sam3Teacher, demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    report = run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="bf16"), executor="local")
+    frames = lance.dataset(str(store / "frames.lance")).to_table().to_pylist()
+    assert report.rows == len(frames) == 18 and report.exit_code == 0  # 2 videos x 9 annotated frames
+    first = next(f for f in frames if f["key"].endswith("/00003"))
+    assert first["frame_index"] == 12 and first["prompt_kind"] == "mask"
+    n = len(first["object_ids"])
+    assert decode_tensor(first["maskmem_features"]).shape == (n, 64, 8, 8)
+    assert decode_tensor(first["pix_feat_with_mem"]).shape == (n, 128, 8, 8) and first["pix_feat_with_mem"]["error"] < 5e-3
+    assert verify_store(Store(str(store))).ok and run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="bf16"), executor="local").nothing_to_do
+
+
+def test_verify_finds_duplicates_and_bad_tensors(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    run_cache(config(demo_root / "sa-1b", store, shards="0"), executor="local")
+    images = lance.dataset(str(store / "images.lance"))
+    first = images.to_table(limit=1)
+    broken = first.to_pylist()
+    broken[0]["trunk"] = {**broken[0]["trunk"], "data": broken[0]["trunk"]["data"][:-1]}
+    lance.write_dataset(first, str(store / "images.lance"), mode="append")
+    lance.write_dataset(first.from_pylist(broken, schema=first.schema), str(store / "images.lance"), mode="append")
+    report = verify_store(Store(str(store)))
+    assert not report.ok
+    text = "\n".join(report.problems)
+    assert "appears 3 times" in text and "does not decode" in text and "its ledger entry says 3" in text
+    result = runner.invoke(app, ["store", "verify", str(store)], env=WIDE)
+    assert result.exit_code == 1 and "appears 3 times" in result.output
+
+
+def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    base = ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(store), "--executor", "local"]
+    result = runner.invoke(app, [*base, "--codec", "int8", "--json"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output.strip().splitlines()[-1])
+    assert payload["rows"] == 6 and payload["shards_committed"] == 2 and payload["rows_per_s"] > 0
+    result = runner.invoke(app, [*base, "--codec", "int8"], env=WIDE)
+    assert result.exit_code == 0 and "nothing to do: all 2 selected shard(s)" in result.output
+    result = runner.invoke(app, ["store", "info", str(store), "--json"], env=WIDE)
+    info = json.loads(result.output)
+    assert info["tables"]["images"]["rows"] == 6 and info["shards"] == {"sa-1b": 2}
+    assert info["tables"]["images"]["bytes_per_row"]["trunk"] == 64 * 8 * 8 + 4 * 64
+    result = runner.invoke(app, ["store", "info", str(store)], env=WIDE)
+    assert result.exit_code == 0 and "bytes per row per column" in result.output
+    result = runner.invoke(app, ["store", "verify", str(store)], env=WIDE)
+    assert result.exit_code == 0 and "ok: 6 rows" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--targets", "trunk,memory"], "do not apply to sa-1b"),
+        (["--targets", "feathers"], "--targets"),
+        (["--codec", "lowrank"], "lowrank codec is not available"),
+        (["--max-failures", "5x"], "--max-failures"),
+        (["--executor", "spark"], "--executor"),
+        (["--address", "localhost:10001"], "--address"),
+        (["--prompts", "0"], "--prompts"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--shards", "3-1"], "reversed"),
+        (["--teacher", "/no/such/dir"], "no such directory"),
+    ],
+)
+def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    base = ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(tmp_path / "s"), "--executor", "local"]
+    result = runner.invoke(app, [*base, *args], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_store_commands_on_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
+    for command in ("info", "verify"):
+        result = runner.invoke(app, ["store", command, str(tmp_path)], env=WIDE)
+        assert result.exit_code == 2 and "is not an esam3 store" in result.output
+
+
+def test_store_copy_is_self_contained(demo_root: Path, tmp_path: Path) -> None:
+    """A trainer needs nothing else: the store folder moved elsewhere still verifies and has its heads."""
+    store = tmp_path / "store"
+    run_cache(config(demo_root / "sa-1b", store, shards="0"), executor="local")
+    moved = tmp_path / "moved"
+    shutil.move(str(store), moved)
+    assert verify_store(Store(str(moved))).ok and (moved / "heads" / "heads.json").is_file()

@@ -1,0 +1,87 @@
+"""The cache job on a real local Ray (loopback, 2 CPUs): the streaming plan, and a teacher actor SIGKILLed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import lance
+import pytest
+
+from esam3.pipeline.demo_data import write_demo_data
+from esam3.pipeline.plan import run_cache
+from esam3.pipeline.store import Store
+from esam3.pipeline.store_check import verify_store
+from esam3.schemas.cache import CacheConfig
+from tests.conftest import small_config
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20, logging_level="WARNING",
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _keys(store: Path, table: str) -> list[str]:
+    return sorted(lance.dataset(str(store / f"{table}.lance")).to_table(columns=["key"]).column("key").to_pylist())
+
+
+def test_ray_plan_caches_images_and_videos(local_ray, demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    images = run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(store)), executor="ray")
+    videos = run_cache(CacheConfig(dataset="sa-v", source=str(demo_root / "sa-v"), store=str(store)), executor="ray")
+    assert (images.rows, images.shards_committed, videos.rows, videos.shards_committed) == (6, 2, 18, 1)
+    local = tmp_path / "local"
+    run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(local)), executor="local")
+    assert _keys(store, "images") == _keys(local, "images")
+    assert len(set(_keys(store, "frames"))) == 18 and verify_store(Store(str(store))).ok
+
+
+def _teacher_actor_pids() -> list[int]:
+    """Ray titles an actor's process ``ray::MapWorker(MapBatches(TeacherImages))``; find it in /proc (Linux)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"TeacherImages" in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_sigkilled_teacher_actor_is_replaced_and_every_key_lands_once(local_ray, tmp_path: Path) -> None:
+    source = tmp_path / "data"
+    write_demo_data(small_config(source, sa1b_shards=6, images_per_shard=3, sav_shards=0))
+    store = tmp_path / "store"
+    config = CacheConfig(dataset="sa-1b", source=str(source / "sa-1b"), store=str(store),
+                         teacher={"source": "small-random", "batch_size": 1})
+    done: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: done.update(report=run_cache(config, executor="ray")))
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and time.monotonic() < deadline and killed is None:
+        ledger = store / "ledger.lance"
+        committed = lance.dataset(str(ledger)).count_rows() if ledger.exists() else 0
+        pids = _teacher_actor_pids()
+        if committed >= 1 and pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "the run ended before an actor could be killed mid-run"
+    assert not thread.is_alive() and "report" in done
+    report = done["report"]
+    assert report.rows == 18 and report.shards_committed + report.shards_skipped == 6
+    assert _keys(store, "images") == sorted(f"sa1b/{i}" for i in range(1, 19))  # each exactly once
+    assert verify_store(Store(str(store))).ok
