@@ -13,7 +13,7 @@ from esam3.pipeline.shards import DatasetName
 from esam3.schemas.cache import CacheConfig, MaxFailures, Target
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.prompts import PromptConfig
-from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig
+from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, VideoTargetConfig
 
 store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_help=True)
 
@@ -49,7 +49,10 @@ def cache_command(
     targets: str = typer.Option(None, "--targets", help="Comma-separated: trunk,prompts (sa-1b) or trunk,memory (sa-v). Default: both."),
     prompts: int = typer.Option(16, "--prompts", help="Prompts sampled per image (K) for the prompt targets."),
     codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Codec of feature maps: fp16, bf16 or int8 (per-channel scales)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Images per teacher forward."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per teacher forward."),
+    video_prompt: VideoPrompt = typer.Option(VideoPrompt.MASK, "--video-prompt", help="sa-v: how each object is prompted on its first frame."),
+    max_objects: int = typer.Option(8, "--max-objects", help="sa-v: masklets tracked per video."),
+    max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames (6 fps) used per video."),
     address: str = typer.Option(None, "--address", help="Join a Ray cluster: auto, or ray://HOST:PORT. Default: start a local Ray."),
     max_failures: str = typer.Option("0", "--max-failures", help="Bad samples tolerated before exit code 1: a count (10) or a share (0.5%)."),
     executor: str = typer.Option("ray", "--executor", help="ray (default), or local: every step in this process without Ray, for debugging."),
@@ -68,9 +71,14 @@ def cache_command(
             raise UsageError(f"--max-failures: {exc}") from None
         teacher_config = build_config(TeacherConfig, {"source": "--teacher"}, source=teacher, batch_size=batch_size, seed=seed)
         prompt_config = build_config(PromptConfig, {"num_prompts": "--prompts", "seed": "--seed"}, num_prompts=prompts, seed=seed)
+        video_config = build_config(
+            VideoTargetConfig, {"prompt": "--video-prompt", "seed": "--seed"}, prompt=video_prompt,
+            max_objects=max_objects, max_frames=max_frames, seed=seed,
+        )
         config = build_config(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
-            targets=parse_targets(targets), prompts=prompt_config, codec=codec, address=address, max_failures=limit,
+            targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, address=address,
+            max_failures=limit,
         )
         with progress() as bar:
             task = bar.add_task(f"cache {dataset.value}", total=None, status="starting")
@@ -79,7 +87,7 @@ def cache_command(
                 todo = report.shards_selected - report.shards_skipped
                 bar.update(
                     task, total=todo, completed=report.shards_committed,
-                    status=f"{report.rows} rows, {report.failures} failed",
+                    status=f"{report.rows_written} rows written, {report.rows} committed, {report.failures} failed",
                 )
 
             report = run_cache(config, executor=executor, on_progress=update)
@@ -163,3 +171,61 @@ def verify_command(
         if report.more_problems:
             console.print(Text(f"... and {report.more_problems} more"))
     raise typer.Exit(0 if report.ok else 1)
+
+
+def plan_command(
+    dataset: DatasetName = typer.Option(..., "--dataset", help="Which dataset the run would cache."),
+    shards: str = typer.Option(..., "--shards", help="Shards the run would cache: 0-99, 0,3,7-9 (all needs --source)."),
+    source: str = typer.Option(None, "--source", help="Count the selected shards that exist here (folder or URL)."),
+    teacher: str = typer.Option("full-random", "--teacher", help="Teacher whose sizes to use (its config only; default: SAM3's)."),
+    targets: str = typer.Option(None, "--targets", help="Comma-separated targets, as for cache. Default: both of the dataset's."),
+    prompts: int = typer.Option(16, "--prompts", help="Prompts per image (K)."),
+    codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Feature codec: fp16, bf16 or int8."),
+    max_objects: int = typer.Option(8, "--max-objects", help="sa-v: objects per video."),
+    max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames per video."),
+    rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Override the rows per shard estimate (images, or video frames)."),
+    rows_per_sec: float = typer.Option(None, "--rows-per-sec", help="Measured teacher rows/s per GPU (benchmarks/gpu_teacher.py), for GPU-hours."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+) -> None:
+    """Rows, bytes per row, total bytes and GPU-hours of a cache run, before anything runs (no weights loaded)."""
+    from esam3.pipeline.costs import make_plan
+    from esam3.pipeline.shards import select_shards
+    from esam3.schemas.shards import ShardSpec
+    from esam3.workers.heads import Geometry
+    from esam3.workers.teacher_loading import teacher_config
+
+    with user_errors():
+        if rows_per_shard is not None and rows_per_shard < 1:
+            raise UsageError("--rows-per-shard: must be at least 1")
+        if rows_per_sec is not None and rows_per_sec <= 0:
+            raise UsageError("--rows-per-sec: must be positive")
+        spec = ShardSpec.parse(shards)
+        if source:
+            count = len(select_shards(source, dataset, spec))
+        elif spec.ranges is None:
+            raise UsageError("--shards all: pass --source so the shards can be counted, or give a range like 0-999")
+        else:
+            count = sum(hi - lo + 1 for lo, hi in spec.ranges)
+        video = build_config(VideoTargetConfig, {}, max_objects=max_objects, max_frames=max_frames)
+        config = build_config(
+            CacheConfig, _FLAGS, dataset=dataset.value, source=source or "-", shards=shards, store="-",
+            targets=parse_targets(targets), prompts=build_config(PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts),
+            video=video, codec=codec,
+        )
+        geometry = Geometry.from_config(teacher_config(teacher))
+        plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec)
+    if as_json:
+        print_json(plan.to_json())
+        return
+    table = Table(title=Text(f"plan: {dataset.value}, {count} shard(s), teacher {teacher}, codec {codec.value}"), title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("rows", f"{plan.rows:,} ({plan.rows_per_shard:,} per shard)")
+    for name, size in plan.bytes_per_row.items():
+        table.add_row(f"bytes/row: {name}", _size(size))
+    table.add_row("bytes/row", _size(plan.row_bytes))
+    table.add_row("total", _size(plan.total_bytes))
+    if dataset == DatasetName.SA1B:
+        table.add_row("public recipe (trunk fp16 files)", _size(plan.to_json()["public_recipe_bytes"]))
+    table.add_row("GPU-hours", f"{plan.gpu_hours:,.1f}" if plan.gpu_hours is not None else "pass --rows-per-sec")
+    console.print(table)

@@ -15,14 +15,14 @@ from rich.table import Table
 from rich.text import Text
 
 from esam3 import __version__
-from esam3.console import build_config, console, err_console, print_json, progress, user_errors
+from esam3.console import UsageError, build_config, console, err_console, print_json, progress, user_errors
 from esam3.pipeline.demo_data import write_demo_data
 from esam3.pipeline.scan import ScanReport, scan
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.schemas.demo import DemoDataConfig
 from esam3.schemas.samples import Failure
 from esam3.schemas.shards import ShardSpec
-from esam3.cache_cli import cache_command, store_app
+from esam3.cache_cli import cache_command, plan_command, store_app
 from esam3.teacher_cli import teacher_app
 
 log = logging.getLogger("esam3")
@@ -38,6 +38,7 @@ app = typer.Typer(
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(store_app, name="store")
 app.command("cache")(cache_command)
+app.command("plan")(plan_command)
 
 
 def _version(value: bool) -> None:
@@ -147,14 +148,24 @@ def scan_command(
 
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("esam3-demo"), "--out", help="Working folder for the demo's data."),
+    out: Path = typer.Option(Path("esam3-demo"), "--out", help="Working folder for the demo's data and store."),
     seed: int = typer.Option(0, help="Seed of the generated data."),
+    executor: str = typer.Option("ray", "--executor", help="ray (a local Ray, the default) or local (no Ray)."),
 ) -> None:
-    """The main job on the embedded defaults: generate demo SA-1B / SA-V shards and show what they contain.
+    """The main job on the embedded defaults: demo SA-1B / SA-V shards cached by the tiny teacher into a store.
 
-    (Later versions run the full cache on them with the tiny teacher.)
+    Generates the data (reused on a rerun), checks it, then runs ``esam3 cache`` for both datasets into
+    OUT/store on a local Ray and verifies the store. A rerun resumes: finished shards are skipped.
     """
+    from esam3.cache_cli import summary_table
+    from esam3.pipeline.plan import ray_session, run_cache
+    from esam3.pipeline.store import Store
+    from esam3.pipeline.store_check import verify_store
+    from esam3.schemas.cache import CacheConfig
+
     with user_errors():
+        if executor not in ("ray", "local"):
+            raise UsageError(f"--executor: expected ray or local, got {executor!r}")
         config = build_config(DemoDataConfig, out=out / "data", seed=seed)
         if _same_demo_data(config):
             log.warning("demo data already at %s (same settings): reusing it", config.out)
@@ -166,6 +177,23 @@ def demo(
             if report.failures:
                 console.print(failures_table(report.failures))
                 raise typer.Exit(1)
+        store = out / "store"
+        results = []
+        with ray_session(None, enabled=executor == "ray"), progress() as bar:
+            for dataset, folder in ((DatasetName.SA1B, "sa-1b"), (DatasetName.SAV, "sa-v")):
+                task = bar.add_task(f"cache {dataset.value}", total=None, status="starting")
+                cache = CacheConfig(dataset=dataset.value, source=str(config.out / folder), store=str(store))
+                result = run_cache(cache, executor=executor, on_progress=lambda r, t=task: bar.update(
+                    t, total=r.shards_selected - r.shards_skipped, completed=r.shards_committed,
+                    status=f"{r.rows_written} rows written"))
+                bar.update(task, total=1, completed=1, status="done" if not result.nothing_to_do else "already cached")
+                results.append(result)
+        verified = verify_store(Store(str(store)))
+    for result in results:
+        console.print(summary_table(result))
+    console.print(Text(f"store {store}: {verified.rows_checked} rows, {verified.tensors_checked} tensors verified"
+                       + ("" if verified.ok else f"; PROBLEMS: {verified.problems[:3]}")))
+    raise typer.Exit(0 if verified.ok else 1)
 
 
 def _same_demo_data(config: DemoDataConfig) -> bool:

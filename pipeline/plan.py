@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ class CacheReport:
     shards_selected: int
     shards_skipped: int
     shards_committed: int = 0
-    rows: int = 0
+    rows_written: int = 0  # written to fragments, committed or not (progress)
+    rows: int = 0  # committed
     failures: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -122,6 +124,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
             )
             state.rows += entry["rows"]
             state.bytes += entry["bytes"]
+            report.rows_written += entry["rows"]
             if entry["end_count"] >= 0:
                 state.expected = entry["end_count"]
             if state.complete:
@@ -200,8 +203,7 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Itera
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    started_here = _init_ray(config.address)
-    try:
+    with ray_session(config.address):
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
@@ -230,8 +232,19 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Itera
         )
         ds = ds.map_batches(steps.write, batch_size=None, batch_format="pyarrow", num_cpus=0.5)
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+@contextmanager
+def ray_session(address: str | None, enabled: bool = True) -> Iterator[None]:
+    """Ray for the duration: join ``address`` or start a lean local Ray, unless one is already up (then reuse
+    it and leave it running). Stops only what it started."""
+    import ray
+
+    started = enabled and _init_ray(address)
+    try:
+        yield
     finally:
-        if started_here:
+        if started:
             ray.shutdown()
 
 

@@ -170,6 +170,18 @@ def test_runs_over_different_shards_give_the_union(demo_root: Path, tmp_path: Pa
     assert keys(together) == keys(one_after_other) and verify_store(Store(str(together))).ok
 
 
+def test_video_flags_reach_the_rows(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    result = runner.invoke(app, [
+        "cache", "--dataset", "sa-v", "--source", str(demo_root / "sa-v"), "--store", str(store), "--executor", "local",
+        "--video-prompt", "box", "--max-objects", "2", "--max-frames", "4", "--codec", "int8",
+    ], env=WIDE)
+    assert result.exit_code == 0, result.output
+    frames = lance.dataset(str(store / "frames.lance")).to_table().to_pylist()
+    assert len(frames) == 8 and {f["prompt_kind"] for f in frames} == {"box"}
+    assert max(len(f["object_ids"]) for f in frames) == 2 and max(f["frame"] for f in frames) == 3
+
+
 def test_videos_end_to_end(tiny_teacher: Sam3Teacher, demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     report = run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="bf16"), executor="local")
@@ -232,6 +244,9 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
         (["--batch-size", "0"], "--batch-size"),
         (["--shards", "3-1"], "reversed"),
         (["--teacher", "/no/such/dir"], "no such directory"),
+        (["--max-objects", "0"], "--max-objects"),
+        (["--max-frames", "0"], "--max-frames"),
+        (["--video-prompt", "scribble"], "--video-prompt"),
     ],
 )
 def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -254,3 +269,37 @@ def test_store_copy_is_self_contained(demo_root: Path, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     shutil.move(str(store), moved)
     assert verify_store(Store(str(moved))).ok and (moved / "heads" / "heads.json").is_file()
+
+
+def test_plan_command(demo_root: Path) -> None:
+    result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0-9", "--codec", "int8", "--rows-per-sec", "60", "--json"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["rows"] == 111_860 and plan["bytes_per_row"]["trunk"] == 1024 * 72 * 72 + 4 * 1024  # SAM3's sizes
+    assert plan["gpu_hours"] == pytest.approx(111_860 / 60 / 3600)
+    assert plan["total_bytes"] == plan["rows"] * plan["row_bytes"]
+    result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "all", "--source", str(demo_root / "sa-1b"),
+                                 "--teacher", "tiny-random", "--targets", "trunk", "--rows-per-shard", "3", "--json"], env=WIDE)
+    plan = json.loads(result.output)
+    assert plan["shards"] == 2 and plan["rows"] == 6 and plan["bytes_per_row"] == {"trunk": 2 * 64 * 8 * 8}
+    result = runner.invoke(app, ["plan", "--dataset", "sa-v", "--shards", "0", "--max-frames", "10", "--max-objects", "2", "--json"], env=WIDE)
+    plan = json.loads(result.output)
+    assert plan["rows"] == 9030 and plan["bytes_per_row"]["maskmem_features"] == 2 * 2 * 64 * 72 * 72
+    result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0"], env=WIDE)
+    assert result.exit_code == 0 and "pass --rows-per-sec" in result.output and "public recipe" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shards", "all"], "pass --source"),
+        (["--shards", "0", "--rows-per-sec", "0"], "--rows-per-sec"),
+        (["--shards", "0", "--rows-per-shard", "0"], "--rows-per-shard"),
+        (["--shards", "0", "--teacher", "/nope"], "no such directory"),
+        (["--shards", "0", "--max-frames", "0"], "--max-frames"),
+        (["--shards", "0", "--targets", "memory"], "do not apply"),
+    ],
+)
+def test_plan_usage_errors(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["plan", "--dataset", "sa-1b", *args], env=WIDE)
+    assert result.exit_code == 2 and message in result.output, result.output

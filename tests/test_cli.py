@@ -157,15 +157,23 @@ def test_installed_entry_point(demo_root: Path) -> None:
     assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout.strip() == f"esam3 {__version__}"
 
 
-def test_demo_command_reuses_data(tmp_path: Path) -> None:
-    """`esam3 demo` (the README's main job, ~6 s) generates full-size demo data once; a rerun reuses it."""
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+def test_demo_command_caches_then_resumes(tmp_path: Path) -> None:
+    """`esam3 demo` (the README's main job): full-size demo data once, cached by the tiny teacher on a local Ray
+    into a store that verifies; a rerun reuses the data and caches nothing new."""
+    import lance
+
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path)], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert "sa-1b at" in result.stdout and "sa-v at" in result.stdout
     assert "│      2 │      16 │" in result.stdout  # 2 SA-1B shards of 8 images
+    store = tmp_path / "store"
+    assert lance.dataset(str(store / "images.lance")).count_rows() == 16
+    frames = lance.dataset(str(store / "frames.lance")).count_rows()
+    assert frames > 0 and f"{16 + frames} rows" in result.stdout and "tensors verified" in result.stdout
     stamp = (tmp_path / "data" / "sa-1b" / "sa_000000.tar").stat().st_mtime_ns
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--executor", "local"], env={"COLUMNS": "400"})
     assert result.exit_code == 0 and "reusing it" in result.stderr
+    assert "0 new, 2 already done" in result.stdout and "0 new, 1 already done" in result.stdout
     assert (tmp_path / "data" / "sa-1b" / "sa_000000.tar").stat().st_mtime_ns == stamp
 
 

@@ -216,14 +216,10 @@ def load_checkpoint(path: Path) -> Any:
     Always in fp32, whatever dtype the file stores: precision is the runner's choice (bf16 autocast on CUDA).
     """
     from safetensors import SafetensorError
-    from transformers import Sam3VideoConfig, Sam3VideoModel
+    from transformers import Sam3VideoModel
 
-    check_checkpoint_dir(path)
     _quiet_transformers()
-    try:
-        config = Sam3VideoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # config parsing raises many types (strict dataclass, KeyError, TypeError, ...)
-        raise TeacherLoadError(f"teacher {path / 'config.json'}: not a valid sam3_video config ({first_line(exc)})") from None
+    config = teacher_config(str(path))
     try:
         # Mis-shaped weights are collected (and refused below with their names) rather than raised mid-load.
         model, info = Sam3VideoModel.from_pretrained(
@@ -270,3 +266,17 @@ def load_model(source: str, seed: int = 0, device: str | torch.device = "cpu") -
         return load_checkpoint(path), str(path)
     path = Path(source).expanduser()
     return load_checkpoint(path), str(path)
+
+
+def teacher_config(source: str) -> Any:
+    """The ``Sam3VideoConfig`` of a teacher without loading its weights (for plans and sizes)."""
+    from transformers import Sam3VideoConfig
+
+    if source in RANDOM_TEACHERS:
+        return random_config(source)
+    path = Path(source).expanduser()
+    check_checkpoint_dir(path)
+    try:
+        return Sam3VideoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # config parsing raises many types
+        raise TeacherLoadError(f"teacher {path / 'config.json'}: not a valid sam3_video config ({first_line(exc)})") from None

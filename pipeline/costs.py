@@ -1,0 +1,90 @@
+"""``esam3 plan``: rows, bytes and GPU-hours of a cache run, before anything runs.
+
+Rows come from the shards selected (counted at ``--source`` when given) times rows per shard: SA-1B has
+11,185,362 images in 1000 shards (11,186 per shard); for SA-V a shard is taken as ~903 videos (50,583 training
+videos over 56 shards) and each video as ``max_frames`` annotated frames with ``max_objects`` objects — both
+upper-bound-ish estimates, override with ``--rows-per-shard``. Bytes per row follow from the teacher's config
+(no weights are loaded) and the codecs; mask logits are counted at int8 before zstd (an upper bound: smooth
+masks compress several-fold). GPU-hours need a measured rate (``--rows-per-sec``, e.g. from
+``benchmarks/gpu_teacher.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from esam3.schemas.cache import CacheConfig, Target
+from esam3.schemas.codecs import FeatureCodec
+from esam3.workers.heads import Geometry
+
+SA1B_IMAGES_PER_SHARD = 11_186
+SAV_VIDEOS_PER_SHARD = 903
+PUBLIC_BYTES_PER_IMAGE = 10.6e6  # the public recipe's stage-1 file per image (trunk fp16 + header)
+
+
+def feature_bytes(maps: int, pixels: int, codec: FeatureCodec) -> int:
+    """Bytes of ``maps`` feature maps of ``pixels`` values each under a feature codec."""
+    if codec == FeatureCodec.INT8:
+        return maps * pixels + 4 * maps
+    return 2 * maps * pixels
+
+
+def bytes_per_row(config: CacheConfig, geometry: Geometry) -> dict[str, int]:
+    """Bytes of each stored tensor column of one row (upper bound for mask logits)."""
+    g, m, hidden = geometry.grid, geometry.mask_size, geometry.hidden
+    codec = config.codec
+    out: dict[str, int] = {}
+    if Target.TRUNK in config.targets:
+        out["trunk"] = feature_bytes(geometry.trunk_width, g * g, codec)
+    if config.dataset == "sa-1b" and Target.PROMPTS in config.targets:
+        k, p = config.prompts.num_prompts, 1 + config.prompts.max_negative_points
+        out["multi_logits"] = 3 * k * m * m + 12 * k
+        out["single_logits"] = k * m * m + 4 * k
+        out["prompts"] = k * (4 + 1 + 8 * p + p + 16)
+        out["iou_score_pointer"] = k * (16 + 4 + 4 * hidden)
+    if config.dataset == "sa-v" and Target.MEMORY in config.targets:
+        n = config.video.max_objects
+        out["mask_logits"] = n * (m * m + 4)
+        out["maskmem_features"] = feature_bytes(n * geometry.memory_channels, g * g, codec)
+        out["pix_feat_with_mem"] = feature_bytes(n * hidden, g * g, codec)
+        out["score_pointer"] = n * (4 + 4 * hidden)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    dataset: str
+    shards: int
+    rows_per_shard: int
+    rows: int
+    bytes_per_row: dict[str, int]
+    rows_per_sec: float | None
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(self.bytes_per_row.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @property
+    def gpu_hours(self) -> float | None:
+        return None if not self.rows_per_sec else self.rows / self.rows_per_sec / 3600
+
+    def to_json(self) -> dict[str, Any]:
+        public = self.rows * PUBLIC_BYTES_PER_IMAGE if self.dataset == "sa-1b" else None
+        return {
+            **self.__dict__, "row_bytes": self.row_bytes, "total_bytes": self.total_bytes, "gpu_hours": self.gpu_hours,
+            "public_recipe_bytes": public,
+        }
+
+
+def make_plan(config: CacheConfig, geometry: Geometry, shards: int, rows_per_shard: int | None, rows_per_sec: float | None) -> Plan:
+    if rows_per_shard is None:
+        if config.dataset == "sa-1b":
+            rows_per_shard = SA1B_IMAGES_PER_SHARD
+        else:
+            rows_per_shard = SAV_VIDEOS_PER_SHARD * config.video.max_frames
+    return Plan(config.dataset, shards, rows_per_shard, shards * rows_per_shard, bytes_per_row(config, geometry), rows_per_sec)
