@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -229,3 +230,21 @@ def plan_command(
         table.add_row("public recipe (trunk fp16 files)", _size(plan.to_json()["public_recipe_bytes"]))
     table.add_row("GPU-hours", f"{plan.gpu_hours:,.1f}" if plan.gpu_hours is not None else "pass --rows-per-sec")
     console.print(table)
+
+
+@store_app.command("show")
+def show_command(
+    uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    key: str = typer.Argument(..., help="Row key: sa1b/<image_id> or sav/<video_id>/<frame:05d>."),
+    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+    source: str = typer.Option(None, "--source", help="Where the shards are now (default: where the ledger says they were read)."),
+) -> None:
+    """Draw a row: the image (or frame) with the prompts and the teacher's masks."""
+    from esam3.pipeline.store import Store
+    from esam3.pipeline.store_show import show
+
+    with user_errors():
+        if out.suffix.lower() != ".png":
+            raise UsageError(f"--out: expected a .png file, got {out}")
+        drawn = show(Store(uri), key, out, source)
+    console.print(Text(f"wrote {drawn['out']}: {', '.join(f'{k} {v}' for k, v in drawn.items() if k not in ('key', 'out'))}"))

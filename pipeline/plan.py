@@ -115,6 +115,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     steps = build_steps(config, store, geometry, checksum, run_id)
     runner = _run_ray if executor == "ray" else _run_local
     progress: dict[str, ShardProgress] = {s.name: ShardProgress() for s in todo}
+    urls = {s.name: s.url for s in todo}
     for written in runner(config, todo, steps):
         for entry in written.to_pylist():
             state = progress[entry["shard"]]
@@ -129,7 +130,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
                 state.expected = entry["end_count"]
             if state.complete:
                 report.store_version = store.commit_shard(
-                    table, dataset.value, entry["shard"], state.fragments, state.failures, state.rows, state.bytes,
+                    table, dataset.value, entry["shard"], urls[entry["shard"]], state.fragments, state.failures, state.rows, state.bytes,
                     run_id, fingerprint,
                 )
                 report.shards_committed += 1

@@ -137,6 +137,7 @@ class Store:
         table: str,
         dataset: str,
         shard: str,
+        source: str,
         fragments: Sequence[dict[str, Any]],
         failures: Sequence[dict[str, Any]],
         rows: int,
@@ -156,7 +157,7 @@ class Store:
         if failures:
             self.append("failures", pa.Table.from_pylist(list(failures), schema=SCHEMAS["failures"]))
         ledger_row = {
-            "dataset": dataset, "shard": shard, "rows": rows, "failures": len(failures), "bytes": nbytes,
+            "dataset": dataset, "shard": shard, "source": source, "rows": rows, "failures": len(failures), "bytes": nbytes,
             "run_id": run_id, "fingerprint": fingerprint, "committed_at": _now(),
         }
         self.append("ledger", pa.Table.from_pylist([ledger_row], schema=SCHEMAS["ledger"]))

@@ -106,6 +106,7 @@ LEDGER = pa.schema(
     [
         ("dataset", pa.string()),
         ("shard", pa.string()),
+        ("source", pa.string()),  # where the shard was read from (its URL or path)
         ("rows", pa.int64()),
         ("failures", pa.int64()),
         ("bytes", pa.int64()),

@@ -303,3 +303,40 @@ def test_plan_command(demo_root: Path) -> None:
 def test_plan_usage_errors(args: list[str], message: str) -> None:
     result = runner.invoke(app, ["plan", "--dataset", "sa-1b", *args], env=WIDE)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_store_show_draws_rows(demo_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    store = tmp_path / "store"
+    run_cache(config(demo_root / "sa-1b", store, shards="0"), executor="local")
+    run_cache(config(demo_root / "sa-v", store, dataset="sa-v"), executor="local")
+    png = tmp_path / "image.png"
+    result = runner.invoke(app, ["store", "show", str(store), "sa1b/2", "--out", str(png)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    sample = next(s for s in SA1BSource(str(demo_root / "sa-1b")).iter_samples("0") if s.key == "sa1b/2")
+    picture = np.asarray(Image.open(png))
+    original = simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB")
+    assert picture.shape == original.shape and not np.array_equal(picture, original), "masks and prompts drawn"
+    key = lance.dataset(str(store / "frames.lance")).to_table(columns=["key"], limit=1).column("key")[0].as_py()
+    result = runner.invoke(app, ["store", "show", str(store), key, "--out", str(tmp_path / "frame.png")], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "frame.png").size == (160, 128)
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_root / "sa-1b", moved)
+    result = runner.invoke(app, ["store", "show", str(store), "sa1b/1", "--out", str(tmp_path / "m.png"), "--source", str(moved)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    only_second = tmp_path / "only-second"
+    only_second.mkdir()
+    shutil.copy(demo_root / "sa-1b" / "sa_000001.tar", only_second)
+    for args, message in (
+        (["sa1b/999"], "no row with key"),
+        (["cat/1"], "expected sa1b/"),
+        (["sa1b/1", "--source", str(tmp_path / "nowhere")], "is not a folder or prefix that exists"),
+        (["sa1b/1", "--source", str(tmp_path)], "no shards found at the source"),
+        (["sa1b/1", "--source", str(only_second)], "sa_000000.tar is not at"),
+    ):
+        result = runner.invoke(app, ["store", "show", str(store), *args, "--out", str(tmp_path / "x.png")], env=WIDE)
+        assert result.exit_code == 2 and message in result.output, result.output
+    result = runner.invoke(app, ["store", "show", str(store), "sa1b/1", "--out", str(tmp_path / "x.jpg")], env=WIDE)
+    assert result.exit_code == 2 and "--out" in result.output

@@ -1,0 +1,116 @@
+"""``esam3 store show``: one stored row drawn on its image (or video frame), to see what the teacher said.
+
+The pixels are not in the store: the row's shard is read again from where the ledger says it came from (or
+from ``--source``). SA-1B rows show the K prompts (positive clicks green, negative red, boxes yellow) and the
+teacher's single-mask output for each (logit > 0) in its own colour; SA-V frame rows show each object's mask.
+Teacher-frame coordinates are mapped back with the squash transform stored in the row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import simplejpeg
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from esam3.pipeline.shards import DatasetName, select_shards
+from esam3.pipeline.sources import SA1BSource, SAVSource
+from esam3.pipeline.store import Store
+from esam3.schemas.samples import Failure
+from esam3.schemas.store import StoreError, decode_tensor
+
+_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
+
+
+def find_row(store: Store, key: str) -> tuple[str, dict[str, Any]]:
+    """(table, row) of ``key``; a clear error when no row has it."""
+    table = "images" if key.startswith("sa1b/") else "frames" if key.startswith("sav/") else None
+    if table is None:
+        raise StoreError(f"key {key!r}: expected sa1b/<image_id> or sav/<video_id>/<frame:05d>")
+    quoted = key.replace("'", "''")
+    rows = store.dataset(table).to_table(filter=f"key = '{quoted}'").to_pylist()
+    if not rows:
+        raise StoreError(f"store {store.uri} has no row with key {key!r} (see 'esam3 store info')")
+    return table, rows[0]
+
+
+def shard_source(store: Store, row: dict[str, Any], source: str | None) -> str:
+    """The folder / URL holding the row's shard: ``source`` if given, else the one the ledger recorded."""
+    if source:
+        return source
+    quoted = row["shard"].replace("'", "''")
+    ledger = store.dataset("ledger").to_table(filter=f"shard = '{quoted}'").to_pylist()
+    if not ledger or not ledger[0].get("source"):
+        raise StoreError(f"the ledger does not say where {row['shard']} came from; pass --source")
+    return ledger[0]["source"].rsplit("/", 1)[0]
+
+
+def _sample(dataset: DatasetName, source: str, shard_name: str, key: str, **options: Any) -> Any:
+    source_cls = SA1BSource if dataset == DatasetName.SA1B else SAVSource
+    reader = source_cls(source, **options)
+    shard = next((s for s in select_shards(source, dataset, "all") if s.name == shard_name), None)
+    if shard is None:
+        raise StoreError(f"{shard_name} is not at {source}; pass --source with where the shards are now")
+    for item in reader.iter_shard(shard):
+        if not isinstance(item, Failure) and item.key == key:
+            return item
+    raise StoreError(f"{key} is not in {source}/{shard_name} any more")
+
+
+def _mask_to_image(logits: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Low-res logits (m, m) in the squashed teacher frame -> bool (height, width) in the image."""
+    tensor = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[None, None]
+    return (F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
+
+
+def _overlay(image: np.ndarray, masks: list[np.ndarray]) -> Image.Image:
+    out = image.astype(np.float32)
+    for index, mask in enumerate(masks):
+        colour = np.array(_COLOURS[index % len(_COLOURS)], dtype=np.float32)
+        out[mask] = 0.45 * out[mask] + 0.55 * colour
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[str, Any]:
+    """Draw the row of ``key`` into ``out`` (PNG); returns what was drawn."""
+    table, row = find_row(store, key)
+    transform = json.loads(row["preprocess"])
+    height, width = transform["original_height"], transform["original_width"]
+    size = transform["size"]
+    where = shard_source(store, row, source)
+    if table == "images":
+        sample = _sample(DatasetName.SA1B, where, row["shard"], key, check_pixels=False)
+        image = np.asarray(simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB"))
+        single = decode_tensor(row["single_logits"])[:, 0] if row["single_logits"] else np.zeros((0, 1, 1))
+        picture = _overlay(image, [_mask_to_image(m, height, width) for m in single])
+        draw = ImageDraw.Draw(picture)
+        sx, sy = width / size, height / size
+        points = decode_tensor(row["prompt_points"]) if row["prompt_points"] else np.zeros((0, 0, 2))
+        labels = decode_tensor(row["prompt_labels"]) if row["prompt_labels"] else np.zeros((0, 0))
+        boxes = decode_tensor(row["prompt_boxes"]) if row["prompt_boxes"] else np.zeros((0, 4))
+        radius = max(3, min(height, width) // 150)
+        for k in range(len(points)):
+            for (x, y), label in zip(points[k], labels[k]):
+                if label < 0:
+                    continue
+                cx, cy = x * sx, y * sy
+                draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(0, 255, 0) if label == 1 else (255, 0, 0))
+            if not np.isnan(boxes[k]).any():
+                x0, y0, x1, y1 = boxes[k]
+                draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=(255, 255, 0), width=max(1, radius // 2))
+        drawn = {"prompts": int(len(points)), "masks": int(len(single))}
+    else:
+        sample = _sample(DatasetName.SAV, where, row["shard"], key.rsplit("/", 1)[0], max_frames=row["frame"] + 1)
+        position = int(np.flatnonzero(sample.frame_indices == row["frame_index"])[0])
+        logits = decode_tensor(row["mask_logits"])
+        picture = _overlay(sample.frames[position], [_mask_to_image(m, height, width) for m in logits])
+        drawn = {"objects": len(row["object_ids"]), "frame_index": row["frame_index"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out, format="PNG")
+    return {"key": key, "out": str(out), "width": width, "height": height, **drawn}
