@@ -206,3 +206,7 @@ def _same_demo_data(config: DemoDataConfig) -> bool:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

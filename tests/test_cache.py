@@ -340,3 +340,38 @@ def test_store_show_draws_rows(demo_root: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2 and message in result.output, result.output
     result = runner.invoke(app, ["store", "show", str(store), "sa1b/1", "--out", str(tmp_path / "x.jpg")], env=WIDE)
     assert result.exit_code == 2 and "--out" in result.output
+
+
+def test_driver_sigkilled_after_first_commit_then_rerun(tmp_path: Path) -> None:
+    """The real thing: `esam3 cache` killed with SIGKILL once a shard is committed; the same command rerun
+    finishes only the rest, and the key set equals an uninterrupted run's with no duplicates."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from esam3.pipeline.demo_data import write_demo_data
+    from tests.conftest import small_config
+
+    write_demo_data(small_config(tmp_path / "data", sa1b_shards=4, images_per_shard=3, sav_shards=0))
+    source, store = tmp_path / "data" / "sa-1b", tmp_path / "store"
+    command = [sys.executable, "-m", "esam3.cli", "cache", "--dataset", "sa-1b", "--source", str(source),
+               "--store", str(store), "--executor", "local", "--teacher", "small-random", "--batch-size", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    ledger = store / "ledger.lance"
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if ledger.exists() and lance.dataset(str(ledger)).count_rows() >= 1:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    committed = lance.dataset(str(ledger)).count_rows()
+    assert 1 <= committed < 4
+    rerun = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert report["shards_skipped"] == committed and report["shards_committed"] == 4 - committed
+    assert keys(store) == sorted(f"sa1b/{i}" for i in range(1, 13))
+    assert verify_store(Store(str(store))).ok
