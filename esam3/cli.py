@@ -7,6 +7,7 @@ User mistakes (bad flags, bad ``--shards``, missing sources) print one line and 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import typer
@@ -205,6 +206,8 @@ def _same_demo_data(config: DemoDataConfig) -> bool:
 
 
 def main() -> None:
+    # Lance warns on every fork; Ray starts its workers itself and they open datasets on their own.
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
     app()
 
 

@@ -208,7 +208,7 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Itera
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its "progress bars disabled" notice, among others
         gpus = int(ray.cluster_resources().get("GPU", 0))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         if gpus:
