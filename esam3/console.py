@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from esam3.pipeline.shards import SourceError
 from esam3.pipeline.tar_stream import ShardReadError
+from esam3.schemas.cache import RunError
 from esam3.schemas.errors import describe
 from esam3.schemas.shards import ShardSpecError
 from esam3.schemas.store import StoreError
@@ -50,7 +51,7 @@ def user_errors() -> Iterator[None]:
     """Turn user-input errors into one line on stderr and exit code 2."""
     try:
         yield
-    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError, StoreError) as exc:
+    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError, StoreError, RunError) as exc:
         err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except ShardReadError as exc:

@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
+from esam3.pipeline.shards import DatasetName, ShardRef, SourceError, select_shards
+from esam3.pipeline.tar_stream import ShardReadError
 from esam3.pipeline.store import Store
-from esam3.schemas.cache import CacheConfig, Target
-from esam3.schemas.store import HEADS_DIR
-from esam3.schemas.teacher import Device
+from esam3.schemas.cache import CacheConfig, RunError, Target
+from esam3.schemas.store import HEADS_DIR, StoreError
+from esam3.schemas.teacher import Device, TeacherLoadError
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_step import TeacherImages, TeacherVideos
 from esam3.workers.write_step import WriteFrames, WriteImages
@@ -41,15 +43,36 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ShardProgress:
+    """What the driver has heard of one shard so far."""
+
+    name: str
+    url: str
     fragments: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
     rows: int = 0
     bytes: int = 0
-    expected: int = -1
+    expected: int = -1  # store rows + failure weight, from the shard's end marker
+    samples: int = -1
+
+    @property
+    def accounted(self) -> int:
+        return self.rows + sum(f.get("weight", 1) for f in self.failures)
 
     @property
     def complete(self) -> bool:
-        return self.expected >= 0 and self.rows + len(self.failures) == self.expected
+        return self.expected >= 0 and self.accounted == self.expected
+
+    def add(self, entry: dict[str, Any], run_id: str, dataset: str) -> None:
+        self.fragments.extend(json.loads(entry["fragments"]))
+        self.failures.extend({"dataset": dataset, "shard": self.name, "run_id": run_id, **f} for f in json.loads(entry["failures"]))
+        self.keys.extend(json.loads(entry["keys"]))
+        self.rows += entry["rows"]
+        self.bytes += entry["bytes"]
+        if entry["end_count"] >= 0:
+            self.expected, self.samples = entry["end_count"], entry["end_samples"]
+        if self.expected >= 0 and self.accounted > self.expected:
+            raise RunError(f"{self.name}: {self.accounted} rows and failures arrived for {self.expected} expected; rerun the command")
 
 
 @dataclass
@@ -92,6 +115,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     from esam3.workers.teacher import Sam3Teacher, save_heads
 
     start = time.perf_counter()
+    config = config.model_copy(update={"source": absolute(config.source), "store": absolute(config.store)})
     run_id = config.run_id or uuid.uuid4().hex[:12]
     dataset = DatasetName(config.dataset)
     shards = select_shards(config.source, dataset, config.shards)
@@ -101,8 +125,8 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     store = Store(config.store)
     card = {k: v for k, v in teacher.card.to_dict().items() if k not in ("device", "precision")}
     store.open_for(card, {**config.target_spec(checksum), "fingerprint": fingerprint})
-    _save_heads_once(store, lambda out: save_heads(teacher, out))
-    del teacher
+    _save_heads_once(store, functools.partial(save_heads, teacher))
+    del teacher  # the driver needs only the card; actors load their own copy
     done = store.finished_shards(dataset.value, fingerprint)
     todo = [s for s in shards if s.name not in done]
     report = CacheReport(run_id, dataset.value, config.store, checksum, len(shards), len(shards) - len(todo))
@@ -114,38 +138,69 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     store.forget_unfinished(table, [s.name for s in todo])
     steps = build_steps(config, store, geometry, checksum, run_id)
     runner = _run_ray if executor == "ray" else _run_local
-    progress: dict[str, ShardProgress] = {s.name: ShardProgress() for s in todo}
-    urls = {s.name: s.url for s in todo}
-    for written in runner(config, todo, steps):
-        for entry in written.to_pylist():
-            state = progress[entry["shard"]]
-            state.fragments.extend(json.loads(entry["fragments"]))
-            state.failures.extend(
-                {"dataset": dataset.value, "shard": entry["shard"], "run_id": run_id, **f} for f in json.loads(entry["failures"])
-            )
-            state.rows += entry["rows"]
-            state.bytes += entry["bytes"]
-            report.rows_written += entry["rows"]
-            if entry["end_count"] >= 0:
-                state.expected = entry["end_count"]
-            if state.complete:
-                report.store_version = store.commit_shard(
-                    table, dataset.value, entry["shard"], urls[entry["shard"]], state.fragments, state.failures, state.rows, state.bytes,
-                    run_id, fingerprint,
-                )
-                report.shards_committed += 1
-                report.rows += state.rows
-                report.bytes += state.bytes
-                report.failures += len(state.failures)
-                report.failure_samples.extend(state.failures[: max(0, 20 - len(report.failure_samples))])
-                del progress[entry["shard"]]
-            if on_progress:
-                on_progress(report)
+    progress = {s.name: ShardProgress(s.name, s.url) for s in todo}
+    with closing(runner(config, todo, steps)) as stream, ray_errors():
+        for written in stream:
+            for entry in written.to_pylist():
+                state = progress.get(entry["shard"])
+                if state is None:
+                    raise RunError(f"rows of {entry['shard']} arrived after it was committed; rerun the command")
+                state.add(entry, run_id, dataset.value)
+                report.rows_written += entry["rows"]
+                if state.complete:
+                    _commit(store, table, dataset.value, state, run_id, fingerprint, report)
+                    del progress[state.name]
+                if on_progress:
+                    on_progress(report)
     report.seconds = time.perf_counter() - start
     if progress:
-        raise RuntimeError(f"the plan ended with {len(progress)} shard(s) incomplete: {sorted(progress)[:5]}; rerun to finish them")
-    report.exit_code = 1 if config.max_failures.exceeded(report.failures, report.rows + report.failures) else 0
+        raise RunError(f"the plan ended with {len(progress)} shard(s) incomplete: {sorted(progress)[:5]}; rerun to finish them")
+    report.exit_code = 1 if _failures_exceeded(store, config, fingerprint, {s.name for s in shards}) else 0
     return report
+
+
+def absolute(uri: str) -> str:
+    """Local paths made absolute (Ray workers do not share the driver's working directory); URLs unchanged."""
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+def _commit(store: Store, table: str, dataset: str, state: ShardProgress, run_id: str, fingerprint: str, report: CacheReport) -> None:
+    """Commit one complete shard, unless another run already did; keys already stored elsewhere become failures."""
+    if state.name in store.finished_shards(dataset, fingerprint):
+        log.warning("%s was committed by another run meanwhile; this run's copy is dropped", state.name)
+        return
+    report.store_version, rows, failures = store.commit_shard(
+        table, dataset, state.name, state.url, state.fragments, state.failures, state.rows, state.bytes,
+        run_id, fingerprint, samples=state.samples, keys=state.keys,
+    )
+    report.shards_committed += 1
+    report.rows += rows
+    report.bytes += state.bytes
+    report.failures += failures
+    report.failure_samples.extend(state.failures[: max(0, 20 - len(report.failure_samples))])
+
+
+def _failures_exceeded(store: Store, config: CacheConfig, fingerprint: str, shards: set[str]) -> bool:
+    """--max-failures over every selected shard in the ledger (this run's and earlier ones'), in samples."""
+    ledger = store.dataset("ledger").to_table(
+        columns=["shard", "samples", "failures"], filter=f"dataset = '{config.dataset}' AND fingerprint = '{fingerprint}'"
+    ).to_pylist()
+    rows = [r for r in ledger if r["shard"] in shards]
+    return config.max_failures.exceeded(sum(r["failures"] for r in rows), sum(r["samples"] for r in rows))
+
+
+@contextmanager
+def ray_errors() -> Iterator[None]:
+    """Errors raised inside a Ray step reach the driver wrapped; unwrap the ones users should see as one line."""
+    try:
+        yield
+    except Exception as exc:
+        cause = exc
+        while type(cause).__name__ in ("UserCodeException", "RayTaskError") and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not exc and isinstance(cause, (StoreError, TeacherLoadError, SourceError, ShardReadError)):
+            raise cause from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -194,10 +249,13 @@ def _save_heads_once(store: Store, save: Callable[[Path], Any]) -> None:
 
 
 def _run_local(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
+    del config  # same signature as _run_ray; the local loop needs no cluster settings
     teacher = steps.teacher(**steps.teacher_args)
     for shard in shards:
         for work in steps.read(shard):
-            yield steps.write(teacher(work))
+            out = teacher(work)
+            for batch in [out] if isinstance(out, pa.Table) else out:  # teacher steps may yield several batches
+                yield steps.write(batch)
 
 
 def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
@@ -216,7 +274,8 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Itera
             threads = None
         else:  # CPU teacher: one actor, all cores but one (decode and encode need the rest)
             threads = max(1, cpus - 1)
-            teacher_resources = {"num_cpus": threads, "compute": ActorPoolStrategy(size=1)}
+            teacher_resources = {"num_cpus": cpus - 1 if cpus >= 2 else 0.5, "compute": ActorPoolStrategy(size=1)}
+        side_cpus = 0.5 if cpus >= 2 else 0.25  # read and write tasks: they must fit beside the teacher
         items = [{"dataset": s.dataset.value, "shard_id": s.shard_id, "url": s.url} for s in shards]
 
         read = steps.read
@@ -226,12 +285,12 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Itera
                 yield from read(ShardRef(DatasetName(item["dataset"]), item["shard_id"], item["url"]))
 
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0.5)
+        ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=side_cpus)
         ds = ds.map_batches(
             steps.teacher, fn_constructor_kwargs={**steps.teacher_args, "threads": threads},
             batch_size=steps.teacher_batch, batch_format="pyarrow", **teacher_resources,
         )
-        ds = ds.map_batches(steps.write, batch_size=None, batch_format="pyarrow", num_cpus=0.5)
+        ds = ds.map_batches(steps.write, batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

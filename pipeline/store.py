@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -49,48 +50,68 @@ class Store:
 
     # ---- card -----------------------------------------------------------------------------------------
 
-    def read_card(self) -> dict[str, Any] | None:
+    def _read_json(self, name: str) -> dict[str, Any] | None:
         try:
-            with self.fs.open(f"{self.path}/{STORE_CARD}", "r") as handle:
-                card = json.load(handle)
+            with self.fs.open(f"{self.path}/{name}", "r") as handle:
+                return json.load(handle)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise StoreError(f"store {self.uri}: {STORE_CARD} is unreadable ({exc})") from None
+            raise StoreError(f"store {self.uri}: {name} is unreadable ({exc})") from None
+
+    def _write_json_once(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
+        """Write ``name`` unless it exists (temp file + rename: readers never see half a file); returns what is
+        there afterwards, which is another run's document if it won a race."""
+        existing = self._read_json(name)
+        if existing is not None:
+            return existing
+        self.fs.makedirs(self.path, exist_ok=True)
+        staging = f"{self.path}/.{name}.{uuid.uuid4().hex}"
+        with self.fs.open(staging, "w") as handle:
+            json.dump(document, handle, indent=2, sort_keys=True)
+        self.fs.mv(staging, f"{self.path}/{name}")
+        return self._read_json(name) or document
+
+    def read_card(self) -> dict[str, Any] | None:
+        """The store card (``store.json``) with each dataset's target settings (``targets-<dataset>.json``)."""
+        card = self._read_json(STORE_CARD)
+        if card is None:
+            return None
         if card.get("format") != STORE_FORMAT:
             raise StoreError(f"store {self.uri}: format {card.get('format')!r}, this esam3 writes {STORE_FORMAT}")
+        card["targets"] = {}
+        for dataset in ("sa-1b", "sa-v"):
+            targets = self._read_json(f"targets-{dataset}.json")
+            if targets is not None:
+                card["targets"][dataset] = targets
         return card
 
     def open_for(self, teacher: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
         """Create the store (card + empty tables) or check that it holds this teacher's targets of this kind.
 
         A store holds one teacher; each dataset in it one target spec. Another teacher or spec is refused (use
-        another store) rather than mixing rows that a trainer could not tell apart.
+        another store) rather than mixing rows that a trainer could not tell apart. Each part of the card is
+        its own file, written once, so runs of different datasets can create a store at the same time.
         """
-        card = self.read_card()
-        dataset = targets["dataset"]
-        if card is None:
-            card = {"format": STORE_FORMAT, "teacher": teacher, "targets": {}, "created": _now().isoformat()}
-        elif card["teacher"]["checksum"] != teacher["checksum"]:
+        card = self._write_json_once(STORE_CARD, {"format": STORE_FORMAT, "teacher": teacher, "created": _now().isoformat()})
+        if card.get("format") != STORE_FORMAT:
+            raise StoreError(f"store {self.uri}: format {card.get('format')!r}, this esam3 writes {STORE_FORMAT}")
+        if card["teacher"]["checksum"] != teacher["checksum"]:
             raise StoreError(
                 f"store {self.uri} holds targets of teacher {card['teacher']['checksum']} ({card['teacher']['source']}); "
                 f"this run's teacher is {teacher['checksum']} ({teacher['source']}): use another --store"
             )
-        existing = card["targets"].get(dataset)
-        if existing is not None and existing != targets:
+        dataset = targets["dataset"]
+        existing = self._write_json_once(f"targets-{dataset}.json", targets)
+        if existing != targets:
             changed = sorted(k for k in set(existing) | set(targets) if existing.get(k) != targets.get(k))
             raise StoreError(
                 f"store {self.uri} holds {dataset} targets made with other settings ({', '.join(changed)} differ); "
                 "rerun with the same settings, or use another --store"
             )
-        if existing is None:
-            card["targets"][dataset] = targets
-            self.fs.makedirs(self.path, exist_ok=True)
-            with self.fs.open(f"{self.path}/{STORE_CARD}", "w") as handle:
-                json.dump(card, handle, indent=2, sort_keys=True)
         for name in TABLES:
             self.create_table(name)
-        return card
+        return {**card, "targets": {dataset: targets}}
 
     def create_table(self, name: str) -> None:
         """An empty table with the store schema; a no-op (race included) when it exists."""
@@ -144,9 +165,20 @@ class Store:
         nbytes: int,
         run_id: str,
         fingerprint: str,
-    ) -> int:
-        """Make one shard visible: its fragments, then its failures, then its ledger row. Returns the table version."""
+        samples: int = -1,
+        keys: Sequence[str] = (),
+    ) -> tuple[int, int, int]:
+        """Make one shard visible: its fragments, then its failures, then its ledger row.
+
+        Returns (table version, rows stored, failures stored).
+
+        Keys the table already holds (the same image in two shards) are deleted again from this shard's rows
+        and recorded as failures, before the ledger row: a key is never stored twice.
+        """
         version = self.dataset(table).version
+        key_column = "key" if table == "images" else "video_id"
+        shard_keys = sorted({k if table == "images" else k.split("/")[1] for k in keys})
+        taken = self._existing(table, key_column, shard_keys) if shard_keys else {}
         if fragments:
             metadata = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
             # Appends commute: Lance rebases this commit onto whatever other writers committed since read_version.
@@ -154,14 +186,32 @@ class Store:
                 self.table_uri(table), LanceOperation.Append(metadata), read_version=version,
                 storage_options=self.storage_options or None,
             ).version
+        if taken:
+            where = f"shard = '{shard.replace(chr(39), chr(39) * 2)}' AND {key_column} IN ({_quote(taken)})"
+            dataset_now = self.dataset(table)
+            removed = dataset_now.count_rows(filter=where)
+            dataset_now.delete(where)
+            version = self.dataset(table).version
+            rows -= removed
+            failures = [*failures, *({"dataset": dataset, "shard": shard, "member": key, "run_id": run_id,
+                                      "reason": f"duplicate key {key}: already stored from {other}"} for key, other in taken.items())]
         if failures:
-            self.append("failures", pa.Table.from_pylist(list(failures), schema=SCHEMAS["failures"]))
+            self.append("failures", pa.Table.from_pylist([{k: f[k] for k in SCHEMAS["failures"].names} for f in failures], schema=SCHEMAS["failures"]))
         ledger_row = {
-            "dataset": dataset, "shard": shard, "source": source, "rows": rows, "failures": len(failures), "bytes": nbytes,
+            "dataset": dataset, "shard": shard, "source": source, "samples": samples, "rows": rows, "failures": len(failures), "bytes": nbytes,
             "run_id": run_id, "fingerprint": fingerprint, "committed_at": _now(),
         }
         self.append("ledger", pa.Table.from_pylist([ledger_row], schema=SCHEMAS["ledger"]))
-        return version
+        return version, rows, len(failures)
+
+    def _existing(self, table: str, column: str, keys: Sequence[str]) -> dict[str, str]:
+        """Which of ``keys`` the table already holds, and from which shard."""
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            rows = self.dataset(table).to_table(columns=[column, "shard"], filter=f"{column} IN ({_quote(chunk)})")
+            found.update(zip(rows.column(column).to_pylist(), rows.column("shard").to_pylist()))
+        return found
 
     def append(self, name: str, table: pa.Table) -> None:
         lance.write_dataset(table, self.table_uri(name), mode="append", storage_options=self.storage_options or None)

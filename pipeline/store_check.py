@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from esam3.pipeline.store import Store
-from esam3.schemas.store import StoreError
 from esam3.schemas.codecs import CodecError
-from esam3.schemas.store import SCHEMAS, TENSOR, decode_tensor
+from esam3.schemas.store import SCHEMAS, TENSOR, StoreError, decode_tensor
 
 TARGET_TABLES = ("images", "frames")
 #: Columns where NaN is data ("no box"), not corruption: only Inf is a problem there.
@@ -97,6 +96,9 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
             report.problem(f"ledger: {dataset} shard {shard} has {len(rows)} entries")
     failures = Counter(store.dataset("failures").to_table(columns=["shard"]).column("shard").to_pylist())
     ledger_by_shard = {shard: rows[0] for (_, shard), rows in entries.items()}
+    for shard, entry in ledger_by_shard.items():
+        if entry["failures"] and shard not in failures:
+            report.problem(f"failures: shard {shard} has none, its ledger entry says {entry['failures']}")
     for shard, count in failures.items():
         if shard not in ledger_by_shard:
             report.problem(f"failures: {count} rows of shard {shard}, which has no ledger entry")

@@ -16,6 +16,10 @@ from esam3.schemas.shards import ShardSpec
 from esam3.schemas.teacher import TeacherConfig, VideoTargetConfig
 
 
+class RunError(Exception):
+    """A cache run that cannot finish as asked (incomplete shards, inconsistent accounting): rerun to resume."""
+
+
 class Target(str, Enum):
     TRUNK = "trunk"  # ViT trunk output (both datasets)
     PROMPTS = "prompts"  # SA-1B: tracker outputs for K sampled prompts
@@ -93,8 +97,13 @@ class CacheConfig(BaseModel):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
-        if value is not None and value != "auto" and not re.match(r"^ray://[\w.-]+:\d{1,5}$", value):
-            raise ValueError(f"expected auto or ray://HOST:PORT, got {value!r}")
+        if value is not None and value.startswith("ray://"):
+            raise ValueError(
+                "Ray Client (ray://) cannot run Ray Data plans; submit the job instead: "
+                "ray job submit --address http://HEAD:8265 -- esam3 cache ... --address auto"
+            )
+        if value is not None and value != "auto" and not re.match(r"^[\w.-]+:\d{1,5}$", value):
+            raise ValueError(f"expected auto or HOST:PORT of a running Ray cluster, got {value!r}")
         return value
 
     @model_validator(mode="after")

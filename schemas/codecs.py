@@ -11,7 +11,7 @@ Feature maps (C, H, W) — trunk output, neck levels, memory features:
   per-row error is measured and stored so a user sees whether it holds on their features.
 
 Mask logits (..., H, W): ``logit8`` clips to +-16, quantises each map to int8 with its own scale
-(``min(absmax, 16) / 127``: steps of at most 1/8), then zstd-compresses (low-res SAM masks are smooth with large
+(``min(absmax, 16) / 127``: steps of at most 0.126), then zstd-compresses (low-res SAM masks are smooth with large
 saturated areas). sigmoid(16) = 1 - 1.1e-7, so clipping changes no probability that matters.
 
 Every ``encode_*`` returns the encoded record and the **relative RMS error** ``||decode(x) - x|| / ||x||`` it
@@ -108,7 +108,7 @@ def fit_basis(samples: np.ndarray, rank: int) -> Basis:
 
 def _per_row_int8(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 with one fp32 scale per row of a 2-D array."""
-    absmax = np.abs(rows).max(axis=1)
+    absmax = np.abs(rows).max(axis=1, initial=0.0)
     scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(rows / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
@@ -128,7 +128,8 @@ def encode_features(x: np.ndarray, codec: FeatureCodec | str, basis: Basis | Non
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
         encoded = Encoded(codec.value, x.shape, rounded.tobytes())
     elif codec == FeatureCodec.INT8:
-        q, scale = _per_row_int8(x.reshape(_maps(x.shape), -1))
+        maps = _maps(x.shape)
+        q, scale = _per_row_int8(x.reshape(maps, x.size // maps if maps else 0))
         encoded = Encoded(codec.value, x.shape, q.tobytes(), scale.tobytes())
     else:
         if basis is None:
@@ -160,7 +161,7 @@ def decode_features(encoded: Encoded, basis: Basis | None = None) -> np.ndarray:
     if codec == FeatureCodec.INT8:
         maps = _maps(shape)
         _expect(encoded.scale, 4 * maps, codec, "scale")
-        q = np.frombuffer(encoded.data, dtype=np.int8).reshape(maps, -1)
+        q = np.frombuffer(encoded.data, dtype=np.int8).reshape(maps, count // maps if maps else 0)
         return (q.astype(np.float32) * scale[:, None]).reshape(shape)
     if basis is None:
         raise CodecError("the lowrank codec needs the store's basis")
@@ -190,7 +191,9 @@ def encode_logits(x: np.ndarray) -> tuple[Encoded, float]:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if np.isnan(x).any():
         raise CodecError("mask logits hold NaN; refusing to store them")
-    maps = np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT).reshape(-1, x.shape[-2] * x.shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
+    plane = x.shape[-2] * x.shape[-1] if x.ndim >= 2 else x.size
+    count = x.size // plane if plane else 0
+    maps = np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT).reshape(count, plane)
     q, scale = _per_row_int8(maps)
     compressed = pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(q.tobytes(), asbytes=True)
     encoded = Encoded("logit8", x.shape, compressed, scale.tobytes())
@@ -202,7 +205,8 @@ def decode_logits(encoded: Encoded) -> np.ndarray:
         raise CodecError(f"unknown logit codec {encoded.codec!r}")
     shape = tuple(encoded.shape)
     count = int(np.prod(shape))
-    maps = count // (shape[-2] * shape[-1]) if len(shape) >= 2 else 1
+    plane = shape[-2] * shape[-1] if len(shape) >= 2 else count
+    maps = count // plane if plane else 0
     _expect(encoded.scale, 4 * maps, "logit8", "scale")
     try:
         raw = pa.decompress(encoded.data, decompressed_size=count, codec="zstd", asbytes=True)
@@ -210,5 +214,5 @@ def decode_logits(encoded: Encoded) -> np.ndarray:
         raise CodecError(f"logit8 payload does not decompress to {count} bytes ({exc})") from None
     _expect(raw, count, "logit8")
     scale = np.frombuffer(encoded.scale, dtype=np.float32)
-    q = np.frombuffer(raw, dtype=np.int8).reshape(maps, -1)
+    q = np.frombuffer(raw, dtype=np.int8).reshape(maps, plane)
     return (q.astype(np.float32) * scale[:, None]).reshape(shape)

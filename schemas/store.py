@@ -1,7 +1,8 @@
 """The store's layout and Arrow schemas: what a trainer finds under one store root.
 
 ```
-<root>/store.json          the store card: format, teacher card (id, checksum, sizes), target config, created
+<root>/store.json          the store card: format, teacher card (id, checksum, sizes), created
+<root>/targets-<dataset>.json  the target settings of that dataset's rows (and their fingerprint)
 <root>/heads/              heads.safetensors + heads.json from ``esam3 teacher export-heads`` (students need nothing else)
 <root>/images.lance        SA-1B: one row per image (key ``sa1b/<image_id>``)
 <root>/frames.lance        SA-V: one row per annotated frame (key ``sav/<video_id>/<frame:05d>``), objects inside the row
@@ -44,6 +45,7 @@ _PROVENANCE = [
     ("member", pa.string()),
     ("run_id", pa.string()),
     ("teacher", pa.string()),  # weights checksum
+    ("precision", pa.string()),  # how the teacher ran: fp32, or bf16-autocast
     ("codec", pa.string()),  # feature codec
     ("preprocess", pa.string()),  # transform record, JSON
 ]
@@ -107,6 +109,7 @@ LEDGER = pa.schema(
         ("dataset", pa.string()),
         ("shard", pa.string()),
         ("source", pa.string()),  # where the shard was read from (its URL or path)
+        ("samples", pa.int64()),  # images / videos in the shard, good or failed
         ("rows", pa.int64()),
         ("failures", pa.int64()),
         ("bytes", pa.int64()),

@@ -26,7 +26,8 @@ WORK = pa.schema(
         ("key", pa.string()),
         ("member", pa.string()),
         ("reason", pa.string()),
-        ("count", pa.int64()),
+        ("count", pa.int64()),  # end row: store rows + failure weight of the shard; failure row: its weight (1, or a video's frames)
+        ("samples", pa.int64()),  # end row: images / videos read (good or failed)
         ("image_id", pa.int64()),
         ("height", pa.int32()),
         ("width", pa.int32()),
@@ -48,17 +49,18 @@ WORK = pa.schema(
 
 #: Raw float32 targets the teacher step adds for samples.
 TARGET_COLUMNS = ("trunk", "multi_logits", "single_logits", "iou", "object_score", "object_pointer")
-TARGETS = pa.schema([*WORK, *[(name, pa.large_binary()) for name in TARGET_COLUMNS]])
+TARGETS = pa.schema([*WORK, ("precision", pa.string()), *[(name, pa.large_binary()) for name in TARGET_COLUMNS]])
 
 #: teacher -> writer for SA-V: one row per frame (or a failure / end row passed through).
 FRAME_TARGET_COLUMNS = ("trunk", "mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")
 FRAME_TARGETS = pa.schema(
     [
-        *[WORK.field(name) for name in ("kind", "dataset", "shard", "key", "member", "reason", "count", "height", "width", "transform")],
+        *[WORK.field(name) for name in ("kind", "dataset", "shard", "key", "member", "reason", "count", "samples", "height", "width", "transform")],
         ("video_id", pa.string()),
         ("frame", pa.int32()),
         ("frame_index", pa.int32()),
         ("prompt_kind", pa.string()),
+        ("precision", pa.string()),
         ("object_ids", pa.list_(pa.int32())),
         ("is_conditioning", pa.list_(pa.bool_())),
         ("has_memory_conditioned", pa.list_(pa.bool_())),
@@ -71,8 +73,10 @@ WRITTEN = pa.schema(
         ("shard", pa.string()),
         ("fragments", pa.string()),  # JSON list of Lance FragmentMetadata
         ("rows", pa.int64()),  # sample rows in those fragments
+        ("keys", pa.string()),  # JSON list of their keys
         ("bytes", pa.int64()),  # encoded target bytes
-        ("failures", pa.string()),  # JSON list of {member, reason}
+        ("failures", pa.string()),  # JSON list of {member, reason, weight}: weight = store rows the failure stands for
         ("end_count", pa.int64()),  # -1, or the shard's total row count when its end marker passed
+        ("end_samples", pa.int64()),  # -1, or the images / videos the shard held
     ]
 )

@@ -47,6 +47,7 @@ def test_images_end_to_end_rows_decode_to_the_teachers_targets(tiny_teacher: Sam
     assert verify_store(Store(str(store))).ok
     row = lance.dataset(str(store / "images.lance")).to_table(filter="key = 'sa1b/2'").to_pylist()[0]
     assert row["teacher"] == tiny_teacher.card.checksum and row["codec"] == "int8" and row["prompt_seed"] == 0
+    assert row["precision"] == "fp32"
     transform = json.loads(row["preprocess"])
     assert (transform["original_height"], transform["original_width"]) == (row["height"], row["width"])
     sample = next(s for s in SA1BSource(str(demo_root / "sa-1b")).iter_samples("all") if s.key == "sa1b/2")
@@ -239,7 +240,8 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
         (["--codec", "lowrank"], "lowrank codec is not available"),
         (["--max-failures", "5x"], "--max-failures"),
         (["--executor", "spark"], "--executor"),
-        (["--address", "localhost:10001"], "--address"),
+        (["--address", "ray://localhost:10001"], "Ray Client (ray://) cannot run Ray Data"),
+        (["--address", "somewhere"], "--address"),
         (["--prompts", "0"], "--prompts"),
         (["--batch-size", "0"], "--batch-size"),
         (["--shards", "3-1"], "reversed"),
@@ -375,3 +377,74 @@ def test_driver_sigkilled_after_first_commit_then_rerun(tmp_path: Path) -> None:
     assert report["shards_skipped"] == committed and report["shards_committed"] == 4 - committed
     assert keys(store) == sorted(f"sa1b/{i}" for i in range(1, 13))
     assert verify_store(Store(str(store))).ok
+
+
+def test_the_same_key_twice_is_stored_once(tmp_path: Path) -> None:
+    """An image in two shards (or twice in one) is a failure the second time, never a second row."""
+    source = tmp_path / "source"
+    source.mkdir()
+    members = {}
+    for image_id in (1, 2, 3):
+        jpeg, record = _good_sa1b(image_id)
+        members[image_id] = [(f"sa_{image_id}.jpg", jpeg), (f"sa_{image_id}.json", json.dumps(record).encode())]
+    write_tar(source / "sa_000000.tar", members[1] + members[2])
+    write_tar(source / "sa_000001.tar", members[2] + members[3] + members[3])
+    store = tmp_path / "store"
+    report = run_cache(config(source, store, max_failures=MaxFailures.parse("5")), executor="local")
+    assert keys(store) == ["sa1b/1", "sa1b/2", "sa1b/3"]
+    reasons = sorted(f["reason"] for f in lance.dataset(str(store / "failures.lance")).to_table().to_pylist())
+    assert len(reasons) == 2 and any("already stored from sa_000000.tar" in r for r in reasons)
+    assert any("duplicate key sa1b/3 in the shard" in r for r in reasons)
+    assert report.failures == 2 and verify_store(Store(str(store))).ok
+
+
+def test_exit_code_counts_failures_of_earlier_runs(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    _bad_shard(source, 0, "corrupt JPEG")
+    shutil.copy(source / "sa_000000.tar", source / "sa_000001.tar")
+    store = tmp_path / "store"
+    first = run_cache(config(source, store, shards="0"), executor="local")
+    assert first.exit_code == 1  # 1 failure, --max-failures 0
+    rest = run_cache(config(source, store, shards="0-1"), executor="local")
+    assert rest.shards_skipped == 1 and rest.exit_code == 1  # the selected shards hold failures either way
+    assert run_cache(config(source, store, shards="0-1", max_failures=MaxFailures.parse("2")), executor="local").exit_code == 0
+
+
+def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) -> None:
+    """SA-V frames before the first prompted object have no objects: empty tensors, not a crash."""
+    from esam3.schemas.codecs import FeatureCodec
+    from esam3.workers.write_step import WriteFrames
+
+    g = tiny_teacher.geometry
+    write = WriteFrames("unused", g, FeatureCodec.INT8, "checksum", "run", 0)
+    row = {
+        "key": "sav/x/00000", "shard": "sav_000.tar", "member": "sav_000/x.mp4", "height": 10, "width": 12,
+        "transform": "{}", "precision": "fp32", "video_id": "x", "frame": 0, "frame_index": 0, "prompt_kind": "mask", "object_ids": [],
+        "is_conditioning": [], "has_memory_conditioned": [],
+        "trunk": np.zeros((g.trunk_width, g.grid, g.grid), np.float32).tobytes(),
+        **{name: b"" for name in ("mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")},
+    }
+    stored = write.store_row(row)
+    assert decode_tensor(stored["maskmem_features"]).shape == (0, g.memory_channels, g.grid, g.grid)
+    assert decode_tensor(stored["mask_logits"]).shape == (0, g.mask_size, g.mask_size)
+
+
+def test_two_datasets_create_one_store_at_the_same_time(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    errors: list[BaseException] = []
+
+    def run(dataset: str) -> None:
+        try:
+            run_cache(config(demo_root / dataset, store, dataset=dataset), executor="local")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(d,)) for d in ("sa-1b", "sa-v")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    card = Store(str(store)).read_card()
+    assert set(card["targets"]) == {"sa-1b", "sa-v"} and verify_store(Store(str(store))).ok

@@ -115,3 +115,12 @@ def test_bad_records_are_errors_not_garbage() -> None:
         decode_logits(Encoded("logit8", logits.shape, logits.data[:-3], logits.scale))
     zero, error = encode_features(np.zeros((2, 5), np.float32), "int8")
     assert error == 0.0 and not decode_features(zero).any()
+
+
+def test_empty_tensors_round_trip() -> None:
+    """A video frame before any object appears has zero objects: its tensors are empty, not an error."""
+    for codec in ("fp16", "bf16", "int8"):
+        encoded, error = encode_features(np.zeros((0, 64, 8, 8), np.float32), codec)
+        assert decode_features(encoded).shape == (0, 64, 8, 8) and error == 0.0
+    encoded, error = encode_logits(np.zeros((0, 32, 32), np.float32))
+    assert decode_logits(encoded).shape == (0, 32, 32) and error == 0.0

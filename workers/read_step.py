@@ -38,15 +38,22 @@ class _ReadShard:
 
     def __call__(self, shard: ShardRef) -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
-        store_rows = 0
+        store_rows = samples = 0
+        seen: set[str] = set()
         for item in self.items(shard):
+            samples += 1
+            if not isinstance(item, Failure) and item.key in seen:
+                item = Failure(shard.dataset.value, shard.name, item.member, f"duplicate key {item.key} in the shard; kept the first")
+            elif not isinstance(item, Failure):
+                seen.add(item.key)
             row = self._checked_row(shard, item)
             store_rows += row["frames"] if row.get("frames") is not None else 1  # a video makes a row per frame
             rows.append(row)
             if len(rows) == self.batch_rows:
                 yield pa.Table.from_pylist(rows, schema=WORK)
                 rows = []
-        rows.append({"kind": KIND_END, "dataset": shard.dataset.value, "shard": shard.name, "count": store_rows})
+        rows.append({"kind": KIND_END, "dataset": shard.dataset.value, "shard": shard.name, "count": store_rows,
+                     "samples": samples})
         yield pa.Table.from_pylist(rows, schema=WORK)
 
     def _checked_row(self, shard: ShardRef, item: Any) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from esam3.schemas.teacher import TeacherConfig, TeacherLoadError, VideoPrompt
-from esam3.schemas.work import FRAME_TARGET_COLUMNS, FRAME_TARGETS, KIND_SAMPLE, TARGETS
+from esam3.schemas.work import FRAME_TARGET_COLUMNS, FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, TARGETS
 from esam3.workers.preprocess import normalize
 from esam3.workers.prompts import PromptSet
 from esam3.workers.teacher import Sam3Teacher
@@ -58,13 +58,24 @@ class TeacherImages:
         for position, index in enumerate(samples):
             row = rows[index]
             row["pixels"] = None  # not needed downstream: keep the object store small
+            row["precision"] = teacher.card.precision
             row["trunk"] = _raw(trunk[position])
             if self.with_prompts and row["k"]:
-                out = teacher.prompt_targets(trunk[position], prompt_set(row, size))
+                try:
+                    out = teacher.prompt_targets(trunk[position], prompt_set(row, size))
+                except ValueError as exc:  # a bad prompt set fails this sample only
+                    rows[index] = as_failure(row, f"prompt targets failed: {exc}")
+                    continue
                 for name in ("multi", "single"):
                     row[f"{name}_logits"] = _raw(getattr(out, name))
                 for name in ("iou", "object_score", "object_pointer"):
                     row[name] = _raw(getattr(out, name))
+
+
+def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, Any]:
+    """A sample row turned into a failure row standing for ``count`` store rows."""
+    return {"kind": KIND_FAILURE, "dataset": row["dataset"], "shard": row["shard"], "member": row["member"],
+            "reason": reason, "count": count}
 
 
 def _raw(tensor: torch.Tensor) -> bytes:
@@ -95,14 +106,19 @@ class TeacherVideos:
     def __init__(self, config: TeacherConfig, checksum: str, threads: int | None = None) -> None:
         self.images = TeacherImages(config, checksum, with_prompts=False, threads=threads)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out: list[dict[str, Any]] = []
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for row in batch.to_pylist():
             if row["kind"] != KIND_SAMPLE:
-                out.append({name: row.get(name) for name in FRAME_TARGETS.names})
+                yield pa.Table.from_pylist([{name: row.get(name) for name in FRAME_TARGETS.names}], schema=FRAME_TARGETS)
                 continue
-            out.extend(self._frames(row))
-        return pa.Table.from_pylist(out, schema=FRAME_TARGETS)
+            try:
+                frames = list(self._frames(row))
+            except ValueError as exc:  # a bad video fails as a whole, standing for all of its frames
+                failure = as_failure(row, f"video targets failed: {exc}", count=row["frames"])
+                yield pa.Table.from_pylist([{name: failure.get(name) for name in FRAME_TARGETS.names}], schema=FRAME_TARGETS)
+                continue
+            for start in range(0, len(frames), 8):  # small blocks: one frame is ~77 MB of float32 at full size
+                yield pa.Table.from_pylist(frames[start : start + 8], schema=FRAME_TARGETS)
 
     def _frames(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         teacher = self.images.teacher
@@ -123,6 +139,7 @@ class TeacherVideos:
                 "frame": targets.frame,
                 "frame_index": targets.frame_index,
                 "prompt_kind": kind,
+                "precision": teacher.card.precision,
                 "object_ids": targets.object_ids,
                 "is_conditioning": targets.is_conditioning.tolist(),
                 "has_memory_conditioned": targets.has_memory_conditioned.tolist(),

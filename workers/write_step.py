@@ -8,6 +8,7 @@ data file, never a visible row.
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +17,12 @@ import numpy as np
 import pyarrow as pa
 from lance.fragment import write_fragments
 
-from esam3.schemas.codecs import FeatureCodec, encode_features, encode_logits
+from esam3.schemas.codecs import CodecError, FeatureCodec, encode_features, encode_logits
 from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class _WriteTable:
         raise NotImplementedError
 
     def provenance(self, row: dict[str, Any]) -> dict[str, Any]:
-        out = {name: row[name] for name in ("key", "shard", "member", "height", "width")}
+        out = {name: row[name] for name in ("key", "shard", "member", "height", "width", "precision")}
         out.update(run_id=self.run_id, teacher=self.teacher, codec=self.codec.value, preprocess=row["transform"],
                    prompt_seed=self.prompt_seed)
         if self.store_trunk:
@@ -51,15 +54,19 @@ class _WriteTable:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        by_shard: dict[str, dict[str, Any]] = defaultdict(lambda: {"rows": [], "failures": [], "end": -1})
+        by_shard: dict[str, dict[str, Any]] = defaultdict(lambda: {"rows": [], "failures": [], "end": -1, "samples": -1})
         for row in batch.to_pylist():
             entry = by_shard[row["shard"]]
             if row["kind"] == KIND_SAMPLE:
-                entry["rows"].append(self.store_row(row))
+                try:
+                    entry["rows"].append(self.store_row(row))
+                except (CodecError, ValueError) as exc:  # e.g. NaN targets: this row fails, the shard goes on
+                    log.warning("%s: cannot store %s: %s", row["shard"], row["key"], exc)
+                    entry["failures"].append({"member": row["member"], "reason": f"targets of {row['key']} not stored: {exc}", "weight": 1})
             elif row["kind"] == KIND_FAILURE:
-                entry["failures"].append({"member": row["member"], "reason": row["reason"]})
+                entry["failures"].append({"member": row["member"], "reason": row["reason"], "weight": row.get("count") or 1})
             elif row["kind"] == KIND_END:
-                entry["end"] = row["count"]
+                entry["end"], entry["samples"] = row["count"], row["samples"]
         out = []
         for shard, entry in by_shard.items():
             fragments: list[dict[str, Any]] = []
@@ -70,8 +77,9 @@ class _WriteTable:
                 fragments = [f.to_json() for f in written]
                 nbytes = sum(_tensor_bytes(r) for r in entry["rows"])
             out.append({
-                "shard": shard, "fragments": json.dumps(fragments), "rows": len(entry["rows"]), "bytes": nbytes,
-                "failures": json.dumps(entry["failures"]), "end_count": entry["end"],
+                "shard": shard, "fragments": json.dumps(fragments), "rows": len(entry["rows"]),
+                "keys": json.dumps([r["key"] for r in entry["rows"]]), "bytes": nbytes,
+                "failures": json.dumps(entry["failures"]), "end_count": entry["end"], "end_samples": entry["samples"],
             })
         return pa.Table.from_pylist(out, schema=WRITTEN)
 
