@@ -18,7 +18,7 @@ from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, V
 
 store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_help=True)
 
-_FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec"}
+_FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec", "rank": "--rank"}
 
 
 def _size(n_bytes: float) -> str:
@@ -49,7 +49,11 @@ def cache_command(
     ),
     targets: str = typer.Option(None, "--targets", help="Comma-separated: trunk,prompts (sa-1b) or trunk,memory (sa-v). Default: both."),
     prompts: int = typer.Option(16, "--prompts", help="Prompts sampled per image (K) for the prompt targets."),
-    codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Codec of feature maps: fp16, bf16 or int8 (per-channel scales)."),
+    codec: FeatureCodec = typer.Option(
+        FeatureCodec.FP16, "--codec",
+        help="Codec of feature maps: fp16, bf16, int8 (per-channel scales) or lowrank (trunk on a basis fitted on the run's first rows; other maps int8).",
+    ),
+    rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size (capped at the trunk width)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per teacher forward."),
     video_prompt: VideoPrompt = typer.Option(VideoPrompt.MASK, "--video-prompt", help="sa-v: how each object is prompted on its first frame."),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: masklets tracked per video."),
@@ -78,8 +82,8 @@ def cache_command(
         )
         config = build_config(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
-            targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, address=address,
-            max_failures=limit,
+            targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, rank=rank,
+            address=address, max_failures=limit,
         )
         with progress() as bar:
             task = bar.add_task(f"cache {dataset.value}", total=None, status="starting")
@@ -181,7 +185,8 @@ def plan_command(
     teacher: str = typer.Option("full-random", "--teacher", help="Teacher whose sizes to use (its config only; default: SAM3's)."),
     targets: str = typer.Option(None, "--targets", help="Comma-separated targets, as for cache. Default: both of the dataset's."),
     prompts: int = typer.Option(16, "--prompts", help="Prompts per image (K)."),
-    codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Feature codec: fp16, bf16 or int8."),
+    codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Feature codec: fp16, bf16, int8 or lowrank."),
+    rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size."),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: objects per video."),
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames per video."),
     rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Override the rows per shard estimate (images, or video frames)."),
@@ -211,7 +216,7 @@ def plan_command(
         config = build_config(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source or "-", shards=shards, store="-",
             targets=parse_targets(targets), prompts=build_config(PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts),
-            video=video, codec=codec,
+            video=video, codec=codec, rank=rank,
         )
         geometry = Geometry.from_config(teacher_config(teacher))
         plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec)

@@ -33,10 +33,14 @@ def feature_bytes(maps: int, pixels: int, codec: FeatureCodec) -> int:
 def bytes_per_row(config: CacheConfig, geometry: Geometry) -> dict[str, int]:
     """Bytes of each stored tensor column of one row (upper bound for mask logits)."""
     g, m, hidden = geometry.grid, geometry.mask_size, geometry.hidden
-    codec = config.codec
+    codec = FeatureCodec.INT8 if config.codec == FeatureCodec.LOWRANK else config.codec  # low-rank: trunk only
     out: dict[str, int] = {}
     if Target.TRUNK in config.targets:
-        out["trunk"] = feature_bytes(geometry.trunk_width, g * g, codec)
+        if config.codec == FeatureCodec.LOWRANK:
+            rank = min(config.rank, geometry.trunk_width)
+            out["trunk"] = rank * g * g + 4 * rank
+        else:
+            out["trunk"] = feature_bytes(geometry.trunk_width, g * g, codec)
     if config.dataset == "sa-1b" and Target.PROMPTS in config.targets:
         k, p = config.prompts.num_prompts, 1 + config.prompts.max_negative_points
         out["multi_logits"] = 3 * k * m * m + 12 * k

@@ -32,6 +32,7 @@ from esam3.pipeline.shards import DatasetName, ShardRef, SourceError, select_sha
 from esam3.pipeline.tar_stream import ShardReadError
 from esam3.pipeline.store import Store
 from esam3.schemas.cache import CacheConfig, RunError, Target
+from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.store import HEADS_DIR, StoreError
 from esam3.schemas.teacher import Device, TeacherLoadError
 from esam3.workers.read_step import ReadImages, ReadVideos
@@ -216,23 +217,26 @@ class Steps:
 
 def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str, run_id: str) -> Steps:
     store_trunk = Target.TRUNK in config.targets
+    lowrank = config.codec == FeatureCodec.LOWRANK
+    basis = (store.uri, config.dataset, config.rank) if lowrank else None
+    basis_source = (store.uri, config.dataset) if lowrank else None
     if config.dataset == DatasetName.SA1B.value:
         with_prompts = Target.PROMPTS in config.targets
         return Steps(
             read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling),
             teacher=TeacherImages,
-            teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts},
+            teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts, "basis": basis},
             teacher_batch=config.teacher.batch_size,
             write=WriteImages(store.table_uri("images"), geometry, config.codec, checksum, run_id, config.prompts.seed,
-                              store_trunk=store_trunk),
+                              store_trunk=store_trunk, basis_source=basis_source),
         )
     return Steps(
         read=ReadVideos(config.source, geometry.image_size, config.video),
         teacher=TeacherVideos,
-        teacher_args={"config": config.teacher, "checksum": checksum},
+        teacher_args={"config": config.teacher, "checksum": checksum, "basis": basis},
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
         write=WriteFrames(store.table_uri("frames"), geometry, config.codec, checksum, run_id, config.video.seed,
-                          store_trunk=store_trunk),
+                          store_trunk=store_trunk, basis_source=basis_source),
     )
 
 

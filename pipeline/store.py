@@ -22,6 +22,7 @@ import pyarrow as pa
 from lance import LanceDataset, LanceOperation
 from lance.fragment import FragmentMetadata
 
+from esam3.schemas.codecs import Basis
 from esam3.schemas.store import SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,32 @@ class Store:
         for name in TABLES:
             self.create_table(name)
         return {**card, "targets": {dataset: targets}}
+
+    # ---- low-rank basis ----------------------------------------------------------------------------
+
+    def basis_path(self, dataset: str) -> str:
+        return f"{self.path}/basis-{dataset}.bin"
+
+    def read_basis(self, dataset: str) -> Basis | None:
+        try:
+            with self.fs.open(self.basis_path(dataset), "rb") as handle:
+                return Basis.from_bytes(handle.read())
+        except FileNotFoundError:
+            return None
+
+    def write_basis_once(self, dataset: str, basis: Basis) -> Basis:
+        """Store the run's basis unless one is there (another actor won the race): returns the stored one."""
+        existing = self.read_basis(dataset)
+        if existing is not None:
+            return existing
+        staging = f"{self.path}/.basis-{dataset}.{uuid.uuid4().hex}"
+        with self.fs.open(staging, "wb") as handle:
+            handle.write(basis.to_bytes())
+        if not self.fs.exists(self.basis_path(dataset)):
+            self.fs.mv(staging, self.basis_path(dataset))
+        else:
+            self.fs.rm(staging)
+        return self.read_basis(dataset) or basis
 
     def create_table(self, name: str) -> None:
         """An empty table with the store schema; a no-op (race included) when it exists."""

@@ -125,6 +125,7 @@ def _verify_table(
         if count > 1:
             report.problem(f"{table}: key {key} appears {count} times")
     per_shard: Counter[str] = Counter()
+    basis = store.read_basis(dataset_name)
     for batch in ds.to_batches(batch_size=16):
         for row in batch.to_pylist():
             report.rows_checked += 1
@@ -137,7 +138,7 @@ def _verify_table(
                     continue
                 report.tensors_checked += 1
                 try:
-                    array = decode_tensor(value)
+                    array = decode_tensor(value, basis)
                 except (CodecError, ValueError) as exc:
                     report.problem(f"{table}: {row['key']} {column} does not decode ({exc})")
                     continue

@@ -75,6 +75,7 @@ class CacheConfig(BaseModel):
     targets: tuple[Target, ...] = ()
     prompts: PromptConfig = PromptConfig()
     codec: FeatureCodec = FeatureCodec.FP16
+    rank: int = Field(256, ge=1, le=4096, description="lowrank codec: basis size (capped at the trunk width)")
     video: VideoTargetConfig = VideoTargetConfig()
     address: str | None = None
     max_failures: MaxFailures = MaxFailures(count=0)
@@ -87,12 +88,6 @@ class CacheConfig(BaseModel):
         ShardSpec.parse(value)
         return value
 
-    @field_validator("codec")
-    @classmethod
-    def _codec(cls, value: FeatureCodec) -> FeatureCodec:
-        if value == FeatureCodec.LOWRANK:
-            raise ValueError("the lowrank codec is not available in cache runs yet; use fp16, bf16 or int8")
-        return value
 
     @field_validator("address")
     @classmethod
@@ -125,6 +120,8 @@ class CacheConfig(BaseModel):
             "codec": self.codec.value,
             "dct_scaling": self.dct_scaling,
         }
+        if self.codec == FeatureCodec.LOWRANK:
+            spec["rank"] = self.rank
         if self.dataset == "sa-1b":
             spec["prompts"] = self.prompts.model_dump(mode="json")
         else:

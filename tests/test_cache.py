@@ -237,7 +237,7 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
     [
         (["--targets", "trunk,memory"], "do not apply to sa-1b"),
         (["--targets", "feathers"], "--targets"),
-        (["--codec", "lowrank"], "lowrank codec is not available"),
+        (["--codec", "lowrank", "--rank", "0"], "--rank"),
         (["--max-failures", "5x"], "--max-failures"),
         (["--executor", "spark"], "--executor"),
         (["--address", "ray://localhost:10001"], "Ray Client (ray://) cannot run Ray Data"),
@@ -448,3 +448,31 @@ def test_two_datasets_create_one_store_at_the_same_time(demo_root: Path, tmp_pat
     assert not errors, errors
     card = Store(str(store)).read_card()
     assert set(card["targets"]) == {"sa-1b", "sa-v"} and verify_store(Store(str(store))).ok
+
+
+def test_lowrank_codec_fits_a_basis_once_and_stores_it(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    result = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(store),
+                                 "--executor", "local", "--codec", "lowrank", "--rank", "16"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    basis = Store(str(store)).read_basis("sa-1b")
+    assert basis is not None and basis.components.shape == (64, 16)
+    rows = lance.dataset(str(store / "images.lance")).to_table().to_pylist()
+    assert len(rows) == 6 and all(r["trunk"]["codec"] == "lowrank" and len(r["trunk"]["data"]) == 16 * 8 * 8 for r in rows)
+    assert all(0 < r["trunk"]["error"] < 1 for r in rows)  # measured per row, whatever it is
+    trunk = decode_tensor(rows[0]["trunk"], basis)
+    assert trunk.shape == (64, 8, 8) and verify_store(Store(str(store))).ok
+    stamp = (store / "basis-sa-1b.bin").stat().st_mtime_ns
+    assert run_cache(config(demo_root / "sa-1b", store, codec="lowrank", rank=16), executor="local").nothing_to_do
+    assert (store / "basis-sa-1b.bin").stat().st_mtime_ns == stamp
+    result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0", "--codec", "lowrank", "--json"], env=WIDE)
+    assert json.loads(result.output)["bytes_per_row"]["trunk"] == 256 * 72 * 72 + 4 * 256  # 1.33 MB at SAM3's size
+
+
+def test_lowrank_codec_on_videos(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    report = run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="lowrank", rank=8), executor="local")
+    assert report.rows == 18 and Store(str(store)).read_basis("sa-v").rank == 8
+    row = lance.dataset(str(store / "frames.lance")).to_table(limit=1).to_pylist()[0]
+    assert row["trunk"]["codec"] == "lowrank" and row["maskmem_features"]["codec"] == "int8"
+    assert verify_store(Store(str(store))).ok

@@ -28,9 +28,16 @@ log = logging.getLogger(__name__)
 
 
 class TeacherImages:
-    """Ray Data actor: WORK batch (pyarrow) -> TARGETS batch with raw float32 trunk / prompt targets."""
+    """Ray Data actor: WORK batch (pyarrow) -> TARGETS batch with raw float32 trunk / prompt targets.
 
-    def __init__(self, config: TeacherConfig, checksum: str, with_prompts: bool, threads: int | None = None) -> None:
+    With the low-rank codec (``basis`` = (store URI, dataset, rank)), the first actor to compute trunks fits the
+    basis on its first batch and stores it before emitting any row; writers encode with the stored basis.
+    """
+
+    def __init__(
+        self, config: TeacherConfig, checksum: str, with_prompts: bool, threads: int | None = None,
+        basis: tuple[str, str, int] | None = None,
+    ) -> None:
         if threads:
             torch.set_num_threads(threads)  # Ray reuses workers: set it explicitly, every time
         self.teacher = Sam3Teacher.load(config)
@@ -40,6 +47,23 @@ class TeacherImages:
                 f"the run expects {checksum}: every worker must see the same checkpoint"
             )
         self.with_prompts = with_prompts
+        self.basis = basis
+        self.basis_ready = basis is None
+
+    def ensure_basis(self, trunks: torch.Tensor) -> None:
+        """Fit and store the run's low-rank basis on these trunk outputs (N, C, g, g) unless the store has one."""
+        if self.basis_ready:
+            return
+        from esam3.pipeline.store import Store
+        from esam3.schemas.codecs import fit_basis
+
+        uri, dataset, rank = self.basis
+        store = Store(uri)
+        if store.read_basis(dataset) is None:
+            features = trunks.detach().float().cpu().numpy()
+            stored = store.write_basis_once(dataset, fit_basis(features, min(rank, features.shape[1])))
+            log.info("low-rank basis of rank %d fitted on %d rows and stored", stored.rank, len(features))
+        self.basis_ready = True
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -55,6 +79,7 @@ class TeacherImages:
             [torch.frombuffer(bytearray(rows[i]["pixels"]), dtype=torch.uint8).reshape(3, size, size) for i in samples]
         )
         trunk = teacher.trunk_features(normalize(pixels.to(teacher.device)))
+        self.ensure_basis(trunk)
         for position, index in enumerate(samples):
             row = rows[index]
             row["pixels"] = None  # not needed downstream: keep the object store small
@@ -103,8 +128,10 @@ def prompt_set(row: dict[str, Any], size: int) -> PromptSet:
 class TeacherVideos:
     """Ray Data actor: WORK rows (one per video) -> FRAME_TARGETS rows (one per annotated frame)."""
 
-    def __init__(self, config: TeacherConfig, checksum: str, threads: int | None = None) -> None:
-        self.images = TeacherImages(config, checksum, with_prompts=False, threads=threads)
+    def __init__(
+        self, config: TeacherConfig, checksum: str, threads: int | None = None, basis: tuple[str, str, int] | None = None
+    ) -> None:
+        self.images = TeacherImages(config, checksum, with_prompts=False, threads=threads, basis=basis)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for row in batch.to_pylist():
@@ -131,7 +158,12 @@ class TeacherVideos:
             prompts=object_prompts_from_json(row["video_prompts"], row["prompt_masks"], size),
         )
         kind = work.prompts[0].kind.value if work.prompts else ""
+        first: list[torch.Tensor] = []
         for targets in run_video(teacher, work):
+            if not self.images.basis_ready:  # the low-rank basis is fitted on the first 8 frames, before any is sent
+                first.append(targets.trunk)
+                if len(first) == min(8, len(work.pixels)):
+                    self.images.ensure_basis(torch.stack(first))
             yield {
                 **{name: row[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
                 "key": f"{row['key']}/{targets.frame:05d}",

@@ -17,12 +17,14 @@ import numpy as np
 import pyarrow as pa
 from lance.fragment import write_fragments
 
-from esam3.schemas.codecs import CodecError, FeatureCodec, encode_features, encode_logits
+from esam3.schemas.codecs import Basis, CodecError, FeatureCodec, encode_features, encode_logits
 from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
 
 log = logging.getLogger(__name__)
+#: Low-rank bases read from stores, per worker process.
+_BASES: dict[tuple[str, str], Basis] = {}
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,27 @@ class _WriteTable:
     prompt_seed: int
     store_trunk: bool = True
     storage_options: dict[str, str] | None = None
+    basis_source: tuple[str, str] | None = None  # (store URI, dataset) of the low-rank basis
 
     schema: Any = None  # the store table's schema, set by each subclass
+
+    @property
+    def map_codec(self) -> FeatureCodec:
+        """Codec of the per-object feature maps: low-rank applies to the trunk only, the rest go int8."""
+        return FeatureCodec.INT8 if self.codec == FeatureCodec.LOWRANK else self.codec
+
+    def basis(self) -> Basis | None:
+        if self.codec != FeatureCodec.LOWRANK or self.basis_source is None:
+            return None
+        if self.basis_source not in _BASES:
+            from esam3.pipeline.store import Store
+
+            uri, dataset = self.basis_source
+            found = Store(uri).read_basis(dataset)
+            if found is None:
+                raise CodecError("the low-rank basis is not in the store yet (the teacher step writes it first)")
+            _BASES[self.basis_source] = found
+        return _BASES[self.basis_source]
 
     def store_row(self, row: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -50,7 +71,7 @@ class _WriteTable:
         if self.store_trunk:
             g = self.geometry
             trunk = np.frombuffer(row["trunk"], dtype=np.float32).reshape(g.trunk_width, g.grid, g.grid)
-            out["trunk"] = tensor_value(*encode_features(trunk, self.codec))
+            out["trunk"] = tensor_value(*encode_features(trunk, self.codec, self.basis()))
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -130,7 +151,7 @@ class WriteFrames(_WriteTable):
         out["object_pointer"] = raw_tensor(_array(row["object_pointer"], (n, g.hidden)))
         for name, channels in (("maskmem_features", g.memory_channels), ("pix_feat_with_mem", g.hidden)):
             maps = _array(row[name], (n, channels, g.grid, g.grid))
-            out[name] = tensor_value(*encode_features(maps, self.codec))
+            out[name] = tensor_value(*encode_features(maps, self.map_codec))
         return out
 
 
