@@ -33,6 +33,7 @@ from esam3.pipeline.tar_stream import ShardReadError
 from esam3.pipeline.store import Store
 from esam3.schemas.cache import CacheConfig, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.errors import first_line
 from esam3.schemas.store import HEADS_DIR, StoreError
 from esam3.schemas.teacher import Device, TeacherLoadError
 from esam3.workers.read_step import ReadImages, ReadVideos
@@ -319,7 +320,10 @@ def _init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as exc:
+            raise RunError(f"--address {address}: no Ray cluster answers ({first_line(exc)}); start one with 'ray start --head'") from None
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -476,3 +476,4 @@ def test_lowrank_codec_on_videos(demo_root: Path, tmp_path: Path) -> None:
     row = lance.dataset(str(store / "frames.lance")).to_table(limit=1).to_pylist()[0]
     assert row["trunk"]["codec"] == "lowrank" and row["maskmem_features"]["codec"] == "int8"
     assert verify_store(Store(str(store))).ok
+
