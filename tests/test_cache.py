@@ -477,3 +477,37 @@ def test_lowrank_codec_on_videos(demo_root: Path, tmp_path: Path) -> None:
     assert row["trunk"]["codec"] == "lowrank" and row["maskmem_features"]["codec"] == "int8"
     assert verify_store(Store(str(store))).ok
 
+
+
+def test_every_kind_of_bad_sample_becomes_a_failure_row(tmp_path: Path) -> None:
+    """Each bad-input kind of the sources, plus a truncated tar, in one SA-1B run; a broken video in an SA-V run."""
+    from tests.test_sources import SAV_BAD, _sav_shard
+
+    source = tmp_path / "sa-1b"
+    source.mkdir()
+    cases = list(SA1B_BAD)
+    for shard, case in enumerate(cases):
+        _bad_shard(source, shard, case)
+    truncated = source / f"sa_{len(cases):06d}.tar"
+    shutil.copy(source / "sa_000000.tar", truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    store = tmp_path / "store"
+    report = run_cache(config(source, store, max_failures=MaxFailures.parse("100%")), executor="local")
+    failures = lance.dataset(str(store / "failures.lance")).to_table().to_pylist()
+    by_shard: dict[str, list] = {}
+    for failure in failures:
+        by_shard.setdefault(failure["shard"], []).append(failure)
+    for shard, case in enumerate(cases):
+        assert len(by_shard[f"sa_{shard:06d}.tar"]) == 1, case
+    assert any("truncated or corrupt tar" in f["reason"] for f in by_shard[truncated.name])
+    # the truncated copy repeats shard 0's keys: what it still holds is a duplicate, never a second row
+    assert report.exit_code == 0 and len(keys(store)) == len(set(keys(store))) == 2 * len(cases)
+    assert verify_store(Store(str(store))).ok
+    videos = tmp_path / "sa-v"
+    videos.mkdir()
+    _sav_shard(videos, SAV_BAD["unreadable mp4"][0])
+    video_store = tmp_path / "video-store"
+    report = run_cache(config(videos, video_store, dataset="sa-v", max_failures=MaxFailures.parse("1")), executor="local")
+    failure = lance.dataset(str(video_store / "failures.lance")).to_table().to_pylist()
+    assert report.exit_code == 0 and len(failure) == 1 and "not a readable video" in failure[0]["reason"]
+    assert {k.split("/")[1] for k in keys(video_store, "frames")} == {"sav_000001", "sav_000003"}
