@@ -18,7 +18,9 @@ from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, V
 
 store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_help=True)
 
-_FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec", "rank": "--rank"}
+_S3_HELP = "S3-compatible endpoint (http(s)://HOST:PORT) for s3:// paths; credentials come from the usual AWS variables."
+_FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec", "rank": "--rank",
+          "s3_endpoint": "--s3-endpoint"}
 
 
 def _size(n_bytes: float) -> str:
@@ -58,7 +60,8 @@ def cache_command(
     video_prompt: VideoPrompt = typer.Option(VideoPrompt.MASK, "--video-prompt", help="sa-v: how each object is prompted on its first frame."),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: masklets tracked per video."),
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames (6 fps) used per video."),
-    address: str = typer.Option(None, "--address", help="Join a Ray cluster: auto, or ray://HOST:PORT. Default: start a local Ray."),
+    address: str = typer.Option(None, "--address", help="Join a running Ray cluster: auto, or HOST:PORT. Default: start a local Ray."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),
     max_failures: str = typer.Option("0", "--max-failures", help="Bad samples tolerated before exit code 1: a count (10) or a share (0.5%)."),
     executor: str = typer.Option("ray", "--executor", help="ray (default), or local: every step in this process without Ray, for debugging."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt sampler (and of a random teacher's weights)."),
@@ -83,7 +86,7 @@ def cache_command(
         config = build_config(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
             targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, rank=rank,
-            address=address, max_failures=limit,
+            address=address, s3_endpoint=s3_endpoint, max_failures=limit,
         )
         with progress() as bar:
             task = bar.add_task(f"cache {dataset.value}", total=None, status="starting")
@@ -120,17 +123,29 @@ def summary_table(report: Any) -> Table:
     return table
 
 
+def open_store(uri: str, s3_endpoint: str | None) -> Any:
+    """A Store for the CLI: ``--s3-endpoint`` checked like the cache's, credentials from the environment."""
+    import re
+
+    from esam3.pipeline.object_store import S3Settings
+    from esam3.pipeline.store import Store
+
+    if s3_endpoint is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", s3_endpoint):
+        raise UsageError(f"--s3-endpoint: expected http(s)://HOST[:PORT], got {s3_endpoint!r}")
+    return Store(uri, S3Settings.from_environment(s3_endpoint))
+
+
 @store_app.command("info")
 def info_command(
     uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
     """Rows per table, bytes per row per column, teacher, versions, shards and failures of a store."""
-    from esam3.pipeline.store import Store
     from esam3.pipeline.store_check import store_info
 
     with user_errors():
-        info = store_info(Store(uri))
+        info = store_info(open_store(uri, s3_endpoint))
     if as_json:
         print_json(info)
         return
@@ -156,16 +171,17 @@ def info_command(
 @store_app.command("verify")
 def verify_command(
     uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the problems found."),
 ) -> None:
     """Check a store: no duplicate keys, ledger agrees with rows, every tensor decodes and is finite. Exit 1 if not."""
-    from esam3.pipeline.store import Store
     from esam3.pipeline.store_check import verify_store
 
     with user_errors():
+        store = open_store(uri, s3_endpoint)
         with progress() as bar:
             task = bar.add_task("verify", total=None, status="")
-            report = verify_store(Store(uri), on_rows=lambda n: bar.update(task, advance=n))
+            report = verify_store(store, on_rows=lambda n: bar.update(task, advance=n))
     if as_json:
         print_json(report.to_json())
     elif report.ok:
@@ -243,13 +259,13 @@ def show_command(
     key: str = typer.Argument(..., help="Row key: sa1b/<image_id> or sav/<video_id>/<frame:05d>."),
     out: Path = typer.Option(..., "--out", help="PNG file to write."),
     source: str = typer.Option(None, "--source", help="Where the shards are now (default: where the ledger says they were read)."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),
 ) -> None:
     """Draw a row: the image (or frame) with the prompts and the teacher's masks."""
-    from esam3.pipeline.store import Store
     from esam3.pipeline.store_show import show
 
     with user_errors():
         if out.suffix.lower() != ".png":
             raise UsageError(f"--out: expected a .png file, got {out}")
-        drawn = show(Store(uri), key, out, source)
+        drawn = show(open_store(uri, s3_endpoint), key, out, source)
     console.print(Text(f"wrote {drawn['out']}: {', '.join(f'{k} {v}' for k, v in drawn.items() if k not in ('key', 'out'))}"))

@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.shards import DatasetName, ShardRef, SourceError, select_shards
 from esam3.pipeline.tar_stream import ShardReadError
 from esam3.pipeline.store import Store
@@ -120,11 +121,12 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     config = config.model_copy(update={"source": absolute(config.source), "store": absolute(config.store)})
     run_id = config.run_id or uuid.uuid4().hex[:12]
     dataset = DatasetName(config.dataset)
-    shards = select_shards(config.source, dataset, config.shards)
+    s3 = S3Settings.from_environment(config.s3_endpoint)
+    shards = select_shards(config.source, dataset, config.shards, s3.fsspec_options(config.source))
     teacher = Sam3Teacher.load(config.teacher.model_copy(update={"device": Device.CPU}))
     checksum, geometry = teacher.card.checksum, teacher.geometry
     fingerprint = config.fingerprint(checksum)
-    store = Store(config.store)
+    store = Store(config.store, s3)
     card = {k: v for k, v in teacher.card.to_dict().items() if k not in ("device", "precision")}
     store.open_for(card, {**config.target_spec(checksum), "fingerprint": fingerprint})
     _save_heads_once(store, functools.partial(save_heads, teacher))
@@ -219,25 +221,27 @@ class Steps:
 def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str, run_id: str) -> Steps:
     store_trunk = Target.TRUNK in config.targets
     lowrank = config.codec == FeatureCodec.LOWRANK
-    basis = (store.uri, config.dataset, config.rank) if lowrank else None
-    basis_source = (store.uri, config.dataset) if lowrank else None
+    basis = (store.uri, config.dataset, config.rank, store.s3) if lowrank else None
+    basis_source = (store.uri, config.dataset, store.s3) if lowrank else None
+    source_options = store.s3.fsspec_options(config.source)
     if config.dataset == DatasetName.SA1B.value:
         with_prompts = Target.PROMPTS in config.targets
         return Steps(
-            read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling),
+            read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling,
+                            storage_options=source_options),
             teacher=TeacherImages,
             teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts, "basis": basis},
             teacher_batch=config.teacher.batch_size,
             write=WriteImages(store.table_uri("images"), geometry, config.codec, checksum, run_id, config.prompts.seed,
-                              store_trunk=store_trunk, basis_source=basis_source),
+                              store_trunk=store_trunk, basis_source=basis_source, storage_options=store.storage_options),
         )
     return Steps(
-        read=ReadVideos(config.source, geometry.image_size, config.video),
+        read=ReadVideos(config.source, geometry.image_size, config.video, storage_options=source_options),
         teacher=TeacherVideos,
         teacher_args={"config": config.teacher, "checksum": checksum, "basis": basis},
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
         write=WriteFrames(store.table_uri("frames"), geometry, config.codec, checksum, run_id, config.video.seed,
-                          store_trunk=store_trunk, basis_source=basis_source),
+                          store_trunk=store_trunk, basis_source=basis_source, storage_options=store.storage_options),
     )
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 from lance import LanceDataset, LanceOperation
 from lance.fragment import FragmentMetadata
 
+from esam3.pipeline.object_store import S3Settings
 from esam3.schemas.codecs import Basis
 from esam3.schemas.store import SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
@@ -35,10 +36,11 @@ def _quote(values: Iterable[str]) -> str:
 class Store:
     """A store root: a local folder or an fsspec/object-store URL (``s3://bucket/prefix``)."""
 
-    def __init__(self, uri: str, storage_options: dict[str, str] | None = None) -> None:
+    def __init__(self, uri: str, s3: S3Settings | None = None) -> None:
         self.uri = uri.rstrip("/")
-        self.storage_options = storage_options or {}
-        self.fs, self.path = fsspec.core.url_to_fs(self.uri, **_fsspec_options(self.storage_options))
+        self.s3 = s3 or S3Settings.from_environment()
+        self.storage_options = self.s3.lance_options(self.uri)  # for Lance; never logged or stored
+        self.fs, self.path = fsspec.core.url_to_fs(self.uri, **self.s3.fsspec_options(self.uri))
 
     def table_uri(self, name: str) -> str:
         return f"{self.uri}/{name}.lance"
@@ -246,15 +248,3 @@ class Store:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _fsspec_options(storage_options: dict[str, str]) -> dict[str, Any]:
-    """Lance storage options (aws_*) -> s3fs keyword arguments, for the card file."""
-    options: dict[str, Any] = {}
-    if "aws_access_key_id" in storage_options:
-        options["key"] = storage_options["aws_access_key_id"]
-    if "aws_secret_access_key" in storage_options:
-        options["secret"] = storage_options["aws_secret_access_key"]
-    if "aws_endpoint" in storage_options:
-        options["client_kwargs"] = {"endpoint_url": storage_options["aws_endpoint"]}
-    return options

@@ -51,10 +51,11 @@ def shard_source(store: Store, row: dict[str, Any], source: str | None) -> str:
     return ledger[0]["source"].rsplit("/", 1)[0]
 
 
-def _sample(dataset: DatasetName, source: str, shard_name: str, key: str, **options: Any) -> Any:
+def _sample(store: Store, dataset: DatasetName, source: str, shard_name: str, key: str, **options: Any) -> Any:
     source_cls = SA1BSource if dataset == DatasetName.SA1B else SAVSource
-    reader = source_cls(source, **options)
-    shard = next((s for s in select_shards(source, dataset, "all") if s.name == shard_name), None)
+    storage = store.s3.fsspec_options(source)
+    reader = source_cls(source, storage, **options)
+    shard = next((s for s in select_shards(source, dataset, "all", storage) if s.name == shard_name), None)
     if shard is None:
         raise StoreError(f"{shard_name} is not at {source}; pass --source with where the shards are now")
     for item in reader.iter_shard(shard):
@@ -85,7 +86,7 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
     size = transform["size"]
     where = shard_source(store, row, source)
     if table == "images":
-        sample = _sample(DatasetName.SA1B, where, row["shard"], key, check_pixels=False)
+        sample = _sample(store, DatasetName.SA1B, where, row["shard"], key, check_pixels=False)
         image = np.asarray(simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB"))
         single = decode_tensor(row["single_logits"])[:, 0] if row["single_logits"] else np.zeros((0, 1, 1))
         picture = _overlay(image, [_mask_to_image(m, height, width) for m in single])
@@ -106,7 +107,7 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
                 draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=(255, 255, 0), width=max(1, radius // 2))
         drawn = {"prompts": int(len(points)), "masks": int(len(single))}
     else:
-        sample = _sample(DatasetName.SAV, where, row["shard"], key.rsplit("/", 1)[0], max_frames=row["frame"] + 1)
+        sample = _sample(store, DatasetName.SAV, where, row["shard"], key.rsplit("/", 1)[0], max_frames=row["frame"] + 1)
         position = int(np.flatnonzero(sample.frame_indices == row["frame_index"])[0])
         logits = decode_tensor(row["mask_logits"])
         picture = _overlay(sample.frames[position], [_mask_to_image(m, height, width) for m in logits])

@@ -78,6 +78,7 @@ class CacheConfig(BaseModel):
     rank: int = Field(256, ge=1, le=4096, description="lowrank codec: basis size (capped at the trunk width)")
     video: VideoTargetConfig = VideoTargetConfig()
     address: str | None = None
+    s3_endpoint: str | None = None  # S3-compatible server for s3:// sources and stores (else AWS_ENDPOINT_URL / AWS)
     max_failures: MaxFailures = MaxFailures(count=0)
     dct_scaling: bool = True
     run_id: str = ""
@@ -99,6 +100,13 @@ class CacheConfig(BaseModel):
             )
         if value is not None and value != "auto" and not re.match(r"^[\w.-]+:\d{1,5}$", value):
             raise ValueError(f"expected auto or HOST:PORT of a running Ray cluster, got {value!r}")
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", value):
+            raise ValueError(f"expected http(s)://HOST[:PORT], got {value!r}")
         return value
 
     @model_validator(mode="after")

@@ -30,13 +30,13 @@ log = logging.getLogger(__name__)
 class TeacherImages:
     """Ray Data actor: WORK batch (pyarrow) -> TARGETS batch with raw float32 trunk / prompt targets.
 
-    With the low-rank codec (``basis`` = (store URI, dataset, rank)), the first actor to compute trunks fits the
+    With the low-rank codec (``basis`` = (store URI, dataset, rank, S3 settings)), the first actor to compute trunks fits the
     basis on its first batch and stores it before emitting any row; writers encode with the stored basis.
     """
 
     def __init__(
         self, config: TeacherConfig, checksum: str, with_prompts: bool, threads: int | None = None,
-        basis: tuple[str, str, int] | None = None,
+        basis: tuple[str, str, int, Any] | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)  # Ray reuses workers: set it explicitly, every time
@@ -57,8 +57,8 @@ class TeacherImages:
         from esam3.pipeline.store import Store
         from esam3.schemas.codecs import fit_basis
 
-        uri, dataset, rank = self.basis
-        store = Store(uri)
+        uri, dataset, rank, s3 = self.basis
+        store = Store(uri, s3)
         if store.read_basis(dataset) is None:
             features = trunks.detach().float().cpu().numpy()
             stored = store.write_basis_once(dataset, fit_basis(features, min(rank, features.shape[1])))
@@ -129,7 +129,7 @@ class TeacherVideos:
     """Ray Data actor: WORK rows (one per video) -> FRAME_TARGETS rows (one per annotated frame)."""
 
     def __init__(
-        self, config: TeacherConfig, checksum: str, threads: int | None = None, basis: tuple[str, str, int] | None = None
+        self, config: TeacherConfig, checksum: str, threads: int | None = None, basis: tuple[str, str, int, Any] | None = None
     ) -> None:
         self.images = TeacherImages(config, checksum, with_prompts=False, threads=threads, basis=basis)
 

@@ -24,7 +24,7 @@ from esam3.workers.heads import Geometry
 
 log = logging.getLogger(__name__)
 #: Low-rank bases read from stores, per worker process.
-_BASES: dict[tuple[str, str], Basis] = {}
+_BASES: dict[tuple[str, str, Any], Basis] = {}
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class _WriteTable:
     prompt_seed: int
     store_trunk: bool = True
     storage_options: dict[str, str] | None = None
-    basis_source: tuple[str, str] | None = None  # (store URI, dataset) of the low-rank basis
+    basis_source: tuple[str, str, Any] | None = None  # (store URI, dataset, S3 settings) of the low-rank basis
 
     schema: Any = None  # the store table's schema, set by each subclass
 
@@ -54,8 +54,8 @@ class _WriteTable:
         if self.basis_source not in _BASES:
             from esam3.pipeline.store import Store
 
-            uri, dataset = self.basis_source
-            found = Store(uri).read_basis(dataset)
+            uri, dataset, s3 = self.basis_source
+            found = Store(uri, s3).read_basis(dataset)
             if found is None:
                 raise CodecError("the low-rank basis is not in the store yet (the teacher step writes it first)")
             _BASES[self.basis_source] = found

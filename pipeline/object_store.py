@@ -1,0 +1,75 @@
+"""Credentials and endpoints for s3:// sources and stores, from the standard AWS settings (+ ``--s3-endpoint``).
+
+Two libraries talk to S3 here with two spellings of the same settings: fsspec/s3fs (sources, the store's card
+files) and Lance's object store (the tables). Both are built from one place: the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``)
+and an explicit endpoint for S3-compatible servers. With no keys in the environment, both libraries fall back to
+their own credential chains (profiles, instance roles). These options are passed around in memory only: they are
+never logged, printed, or written into a store.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Resolved S3 settings; ``repr`` hides the secrets."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    key: str | None = field(default=None, repr=False)
+    secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_environment(cls, endpoint: str | None = None) -> S3Settings:
+        env = os.environ
+        return cls(
+            endpoint=endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            key=env.get("AWS_ACCESS_KEY_ID"),
+            secret=env.get("AWS_SECRET_ACCESS_KEY"),
+            token=env.get("AWS_SESSION_TOKEN"),
+        )
+
+    def fsspec_options(self, uri: str) -> dict[str, Any]:
+        """s3fs keyword arguments for ``uri`` ({} for local paths)."""
+        if not is_s3(uri):
+            return {}
+        options: dict[str, Any] = {}
+        if self.key and self.secret:
+            options.update(key=self.key, secret=self.secret)
+            if self.token:
+                options["token"] = self.token
+        client: dict[str, Any] = {}
+        if self.endpoint:
+            client["endpoint_url"] = self.endpoint
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            options["client_kwargs"] = client
+        return options
+
+    def lance_options(self, uri: str) -> dict[str, str]:
+        """Lance ``storage_options`` for ``uri`` ({} for local paths)."""
+        if not is_s3(uri):
+            return {}
+        options: dict[str, str] = {}
+        if self.key and self.secret:
+            options.update(aws_access_key_id=self.key, aws_secret_access_key=self.secret)
+            if self.token:
+                options["aws_session_token"] = self.token
+        if self.endpoint:
+            options["aws_endpoint"] = self.endpoint
+            if self.endpoint.startswith("http://"):
+                options["allow_http"] = "true"
+        options["aws_region"] = self.region or "us-east-1"
+        return options

@@ -1,0 +1,79 @@
+"""`esam3 cache` from s3:// shards into an s3:// store on a real S3 server (SeaweedFS on 127.0.0.1), as a user
+runs it: the standard AWS variables or --s3-endpoint, and no credential anywhere in output or in the store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+
+SECRET = "test-secret"
+
+
+@pytest.fixture(scope="module")
+def shards_bucket(s3, demo_root: Path) -> str:
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    fs.mkdir("cache-shards")
+    for path in sorted((demo_root / "sa-1b").glob("*.tar")):
+        fs.put_file(str(path), f"cache-shards/sa-1b/{path.name}")
+    fs.mkdir("cache-store")
+    return "s3://cache-shards/sa-1b"
+
+
+def _esam3(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("esam3")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cache_into_an_s3_store_then_resume_info_verify(s3, shards_bucket: str) -> None:
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env = base_env | s3.env  # endpoint from AWS_ENDPOINT_URL
+    store = "s3://cache-store/run1"
+    args = ["cache", "--dataset", "sa-1b", "--source", shards_bucket, "--store", store, "--executor", "local",
+            "--codec", "int8", "--json"]
+    first = _esam3(args, env)
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout.strip().splitlines()[-1])
+    assert (report["rows"], report["shards_committed"], report["store"]) == (6, 2, store)
+    again = _esam3(args, env)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["nothing_to_do"]
+    # The endpoint as a flag instead of the environment.
+    flag_env = {k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL"}
+    info = _esam3(["store", "info", store, "--s3-endpoint", s3.endpoint, "--json"], flag_env)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["tables"]["images"]["rows"] == 6
+    verify = _esam3(["store", "verify", store, "--s3-endpoint", s3.endpoint], flag_env)
+    assert verify.returncode == 0 and "ok: 6 rows" in verify.stdout
+    for result in (first, again, info, verify):
+        assert SECRET not in result.stdout + result.stderr
+    fs = fsspec.filesystem("s3", **s3.storage_options)
+    files = [p for p in fs.find("cache-store/run1")]
+    assert any(p.endswith("store.json") for p in files) and any("images.lance" in p for p in files)
+    for path in files:
+        assert SECRET.encode() not in fs.cat_file(path), f"credentials leaked into {path}"
+
+
+def test_s3_errors_are_one_line(s3, shards_bucket: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3.env
+    bad = _esam3(["store", "info", "s3://cache-store/run1", "--s3-endpoint", "localhost:1"], env)
+    assert bad.returncode == 2 and "--s3-endpoint" in bad.stderr and "Traceback" not in bad.stderr
+    missing = _esam3(["store", "info", "s3://cache-store/nothing-here"], env)
+    assert missing.returncode == 2 and "is not an esam3 store" in missing.stderr
+    assert SECRET not in bad.stderr + missing.stderr
+
+
+def test_ray_plan_writes_an_s3_store(s3, shards_bucket: str) -> None:
+    """The default executor: Ray workers get the store's options from the plan, not from their environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3.env
+    result = _esam3(["cache", "--dataset", "sa-1b", "--source", shards_bucket, "--store", "s3://cache-store/run2",
+                     "--codec", "lowrank", "--rank", "8", "--json"], env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["rows"] == 6
+    verify = _esam3(["store", "verify", "s3://cache-store/run2", "--json"], env)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"]
+    assert SECRET not in result.stdout + result.stderr
