@@ -11,7 +11,8 @@ from rich.text import Text
 
 from esam3.console import UsageError, build_config, console, err_console, print_json, progress, user_errors
 from esam3.pipeline.shards import DatasetName
-from esam3.schemas.cache import CacheConfig, MaxFailures, Target
+from esam3.schemas.cache import CacheConfig, MaxFailures, RunError, Target
+from esam3.schemas.errors import first_line
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, VideoTargetConfig
@@ -98,7 +99,10 @@ def cache_command(
                     status=f"{report.rows_written} rows written, {report.rows} committed, {report.failures} failed",
                 )
 
-            report = run_cache(config, executor=executor, on_progress=update)
+            try:
+                report = run_cache(config, executor=executor, on_progress=update)
+            except OSError as exc:  # storage or network trouble (S3 down, disk full): nothing half-done is visible
+                raise RunError(f"storage error: {first_line(exc)}; rerun the same command to resume") from None
             update(report)
     if as_json:
         print_json(report.to_json())

@@ -48,15 +48,20 @@ def build_config(model: type[M], flags: dict[str, str] | None = None, **values: 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn user-input errors into one line on stderr and exit code 2."""
+    """Errors as one line on stderr: the user's input (exit 2), or a run that should be retried (exit 1)."""
     try:
         yield
-    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError, StoreError, RunError) as exc:
-        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError, StoreError) as exc:
+        _fail(str(exc), 2)
+    except RunError as exc:
+        _fail(str(exc), 1)
     except ShardReadError as exc:
-        err_console.print(f"[bold red]esam3: error:[/] {escape(str(exc))}; rerun to retry", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail(f"{exc}; rerun to retry", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]esam3: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
 
 
 def progress() -> Progress:

