@@ -135,7 +135,7 @@ def open_store(uri: str, s3_endpoint: str | None) -> Any:
     from esam3.pipeline.store import Store
 
     if s3_endpoint is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", s3_endpoint):
-        raise UsageError(f"--s3-endpoint: expected http(s)://HOST[:PORT], got {s3_endpoint!r}")
+        raise UsageError("--s3-endpoint: expected http(s)://HOST[:PORT] (no user or password in the URL)")
     return Store(uri, S3Settings.from_environment(s3_endpoint))
 
 

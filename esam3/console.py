@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -24,6 +25,15 @@ from esam3.schemas.teacher import HeadsLoadError, TeacherLoadError
 console = Console()
 err_console = Console(stderr=True)
 M = TypeVar("M", bound=BaseModel)
+
+
+def redact(text: str) -> str:
+    """Remove the S3 credentials of this environment from a message (server replies can echo them)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
 
 
 class UsageError(Exception):
@@ -60,7 +70,7 @@ def user_errors() -> Iterator[None]:
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]esam3: error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]esam3: error:[/] {escape(redact(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code) from None
 
 

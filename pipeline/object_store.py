@@ -71,5 +71,8 @@ class S3Settings:
             options["aws_endpoint"] = self.endpoint
             if self.endpoint.startswith("http://"):
                 options["allow_http"] = "true"
-        options["aws_region"] = self.region or "us-east-1"
+        if self.region:
+            options["aws_region"] = self.region
+        elif self.endpoint:  # S3-compatible servers need some region name; AWS buckets find their own
+            options["aws_region"] = "us-east-1"
         return options

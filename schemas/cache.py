@@ -106,7 +106,7 @@ class CacheConfig(BaseModel):
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", value):
-            raise ValueError(f"expected http(s)://HOST[:PORT], got {value!r}")
+            raise ValueError("expected http(s)://HOST[:PORT] (no user or password in the URL)")
         return value
 
     @model_validator(mode="after")

@@ -166,6 +166,7 @@ def test_s3_server_down_mid_run_then_back(tmp_path: Path, demo_root: Path) -> No
         deadline = time.monotonic() + 180
         while run.poll() is None and time.monotonic() < deadline and _ledger_rows(server, store) < 1:
             time.sleep(0.05)
+        assert run.poll() is None, "the run ended before the server could be killed under it"
         port = server.port
     # The server is down now (killed); bring it back on the same ports and data after a pause.
     time.sleep(2)
@@ -178,3 +179,25 @@ def test_s3_server_down_mid_run_then_back(tmp_path: Path, demo_root: Path) -> No
         assert rerun.returncode == 0, rerun.stderr
         assert _keys(server, store) == [f"sa1b/{i}" for i in range(1, 7)]
         assert _esam3(["store", "verify", store], _s3_env(server)).returncode == 0
+
+
+def test_credentials_are_redacted_from_errors(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Server replies can echo the access key or token; the CLI's one-line errors never show them."""
+    import typer
+
+    from esam3.console import user_errors
+    from esam3.schemas.store import StoreError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    with pytest.raises(typer.Exit):
+        with user_errors():
+            raise StoreError("SignatureDoesNotMatch for AKIAEXAMPLEKEY (secret very-secret-value)")
+    err = capsys.readouterr().err
+    assert "AKIAEXAMPLEKEY" not in err and "very-secret-value" not in err and "***" in err
+    from typer.testing import CliRunner
+
+    from esam3.cli import app
+
+    result = CliRunner().invoke(app, ["store", "info", "s3://b/s", "--s3-endpoint", "http://user:pass@host:9000"])
+    assert result.exit_code == 2 and "user:pass" not in result.output

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -82,7 +82,7 @@ class ReadImages(_ReadShard):
     with_prompts: bool = True
     dct_scaling: bool = True
     batch_rows: int = 8
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
     def items(self, shard: ShardRef) -> Iterator[Failure | ImageSample]:
         yield from SA1BSource(self.source, self.storage_options, check_pixels=False).iter_shard(shard)  # decoded below
@@ -135,7 +135,7 @@ class ReadVideos(_ReadShard):
     image_size: int
     video: VideoTargetConfig
     batch_rows: int = 1
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
     def items(self, shard: ShardRef) -> Iterator[Failure | VideoSample]:
         # Keep only the annotated frames that will be used (max_frames of them).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ class _WriteTable:
     run_id: str
     prompt_seed: int
     store_trunk: bool = True
-    storage_options: dict[str, str] | None = None
+    storage_options: dict[str, str] | None = field(default=None, repr=False)  # may hold credentials
     basis_source: tuple[str, str, Any] | None = None  # (store URI, dataset, S3 settings) of the low-rank basis
 
     schema: Any = None  # the store table's schema, set by each subclass
