@@ -127,16 +127,21 @@ def summary_table(report: Any) -> Table:
     return table
 
 
-def open_store(uri: str, s3_endpoint: str | None) -> Any:
-    """A Store for the CLI: ``--s3-endpoint`` checked like the cache's, credentials from the environment."""
+def s3_settings(s3_endpoint: str | None) -> Any:
+    """S3 settings for the CLI: ``--s3-endpoint`` checked like the cache's, credentials from the environment."""
     import re
 
     from esam3.pipeline.object_store import S3Settings
-    from esam3.pipeline.store import Store
 
     if s3_endpoint is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", s3_endpoint):
         raise UsageError("--s3-endpoint: expected http(s)://HOST[:PORT] (no user or password in the URL)")
-    return Store(uri, S3Settings.from_environment(s3_endpoint))
+    return S3Settings.from_environment(s3_endpoint)
+
+
+def open_store(uri: str, s3_endpoint: str | None) -> Any:
+    from esam3.pipeline.store import Store
+
+    return Store(uri, s3_settings(s3_endpoint))
 
 
 @store_app.command("info")
@@ -211,6 +216,7 @@ def plan_command(
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames per video."),
     rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Override the rows per shard estimate (images, or video frames)."),
     rows_per_sec: float = typer.Option(None, "--rows-per-sec", help="Measured teacher rows/s per GPU (benchmarks/gpu_teacher.py), for GPU-hours."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
     """Rows, bytes per row, total bytes and GPU-hours of a cache run, before anything runs (no weights loaded)."""
@@ -227,7 +233,7 @@ def plan_command(
             raise UsageError("--rows-per-sec: must be positive")
         spec = ShardSpec.parse(shards)
         if source:
-            count = len(select_shards(source, dataset, spec))
+            count = len(select_shards(source, dataset, spec, s3_settings(s3_endpoint).fsspec_options(source)))
         elif spec.ranges is None:
             raise UsageError("--shards all: pass --source so the shards can be counted, or give a range like 0-999")
         else:

@@ -82,16 +82,19 @@ def failures_table(failures: list[Failure], limit: int = 20) -> Table:
     return table
 
 
-def run_scan(dataset: DatasetName, source: str, shards: str) -> ScanReport:
+def run_scan(dataset: DatasetName, source: str, shards: str, s3_endpoint: str | None = None) -> ScanReport:
     """Scan with a progress bar (shards done, samples and failures so far); spec errors come before the bar."""
-    selected = select_shards(source, dataset, ShardSpec.parse(shards))
+    from esam3.cache_cli import s3_settings
+
+    storage = s3_settings(s3_endpoint).fsspec_options(source)
+    selected = select_shards(source, dataset, ShardSpec.parse(shards), storage)
     with progress() as bar:
         task = bar.add_task(f"scan {dataset.value}", total=len(selected), status="")
 
         def shard_done(_: ShardRef, report: ScanReport) -> None:
             bar.update(task, advance=1, status=f"{report.samples} samples, {len(report.failures)} failed")
 
-        return scan(dataset, source, selected, on_shard=shard_done)
+        return scan(dataset, source, selected, storage, on_shard=shard_done)
 
 
 @app.command("demo-data")
@@ -132,11 +135,12 @@ def scan_command(
     dataset: DatasetName = typer.Option(..., "--dataset", help="Which dataset format the shards are in."),
     source: str = typer.Option(..., "--source", help="Folder or fsspec URL (s3://...) holding the tar shards."),
     shards: str = typer.Option("all", "--shards", help="Shards to read: all, 7, 0-99, 0,3,7-9."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="S3-compatible endpoint (http(s)://HOST:PORT) for s3:// sources."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the counts and every failure."),
 ) -> None:
     """Read shards end to end with every check the cache runs; exit 1 if any sample failed."""
     with user_errors():
-        report = run_scan(dataset, source, shards)
+        report = run_scan(dataset, source, shards, s3_endpoint)
     if as_json:
         print_json(report.to_json())
     else:

@@ -55,3 +55,22 @@ def test_cli_scan_over_s3_with_aws_environment(s3, bucket: str) -> None:
     missing = subprocess.run([str(exe), "scan", "--dataset", "sa-1b", "--source", f"{bucket}/sa-1b", "--shards", "2"],
                              capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and "shards 2 do not exist at the source (available: 0-1,7)" in missing.stderr
+
+
+def test_scan_and_plan_take_an_s3_endpoint_flag(s3, bucket: str) -> None:
+    """Credentials from the environment, the endpoint as a flag (no AWS_ENDPOINT_URL)."""
+    exe = Path(sys.executable).with_name("esam3")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
+        k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"
+    }
+    result = subprocess.run([str(exe), "scan", "--dataset", "sa-1b", "--source", f"{bucket}/sa-1b", "--shards", "0",
+                             "--s3-endpoint", s3.endpoint, "--json"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["samples"] == 3
+    plan = subprocess.run([str(exe), "plan", "--dataset", "sa-1b", "--shards", "all", "--source", f"{bucket}/sa-1b",
+                           "--s3-endpoint", s3.endpoint, "--json"], capture_output=True, text=True, env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["shards"] == 3
+    bad = subprocess.run([str(exe), "scan", "--dataset", "sa-1b", "--source", f"{bucket}/sa-1b", "--s3-endpoint", "nope"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "--s3-endpoint" in bad.stderr
