@@ -43,10 +43,10 @@ def teacher_only_rows_per_s(config: CacheConfig, source: Path, threads: int, cpu
     Ray actor with the resources the plan gives it."""
     import ray
 
-    size = Sam3Teacher.load(config.teacher.model_copy(update={"device": "cpu"})).geometry.image_size
-    read = ReadImages(str(source), size, config.prompts, True, config.dct_scaling)
+    card = Sam3Teacher.load(config.teacher.model_copy(update={"device": "cpu"})).card
+    read = ReadImages(str(source), card.geometry.image_size, config.prompts, True, config.dct_scaling)
     work = [batch for shard in select_shards(str(source), DatasetName.SA1B, "all") for batch in read(shard)]
-    checksum = Sam3Teacher.load(config.teacher).card.checksum
+    checksum = card.checksum
 
     @ray.remote(num_cpus=min(threads, cpus))
     def timed(batches: list[Any]) -> float:

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esam3.console import UsageError, build_config, console, err_console, print_json, progress, user_errors
+from esam3.console import UsageError, build_config, console, err_console, human_bytes, print_json, progress, user_errors
 from esam3.pipeline.shards import DatasetName
-from esam3.schemas.cache import CacheConfig, MaxFailures, RunError, Target
+from esam3.schemas.cache import CacheConfig, MaxFailures, RunError, Target, check_s3_endpoint
 from esam3.schemas.errors import first_line
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.prompts import PromptConfig
@@ -22,14 +22,6 @@ store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_he
 _S3_HELP = "S3-compatible endpoint (http(s)://HOST:PORT) for s3:// paths; credentials come from the usual AWS variables."
 _FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec", "rank": "--rank",
           "s3_endpoint": "--s3-endpoint"}
-
-
-def _size(n_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n_bytes < 1000 or unit == "TB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    raise AssertionError("unreachable")
 
 
 def parse_targets(text: str | None) -> tuple[Target, ...]:
@@ -90,15 +82,7 @@ def cache_command(
             address=address, s3_endpoint=s3_endpoint, max_failures=limit,
         )
         with progress() as bar:
-            task = bar.add_task(f"cache {dataset.value}", total=None, status="starting")
-
-            def update(report: Any) -> None:
-                todo = report.shards_selected - report.shards_skipped
-                bar.update(
-                    task, total=todo, completed=report.shards_committed,
-                    status=f"{report.rows_written} rows written, {report.rows} committed, {report.failures} failed",
-                )
-
+            update = cache_progress(bar, bar.add_task(f"cache {dataset.value}", total=None, status="starting"))
             try:
                 report = run_cache(config, executor=executor, on_progress=update)
             except OSError as exc:  # storage or network trouble (S3 down, disk full): nothing half-done is visible
@@ -115,13 +99,25 @@ def cache_command(
     raise typer.Exit(report.exit_code)
 
 
+def cache_progress(bar: Any, task: Any) -> Any:
+    """The progress callback of a cache run: shards committed of those to do, rows written and committed, failures."""
+
+    def update(report: Any) -> None:
+        bar.update(
+            task, total=report.shards_selected - report.shards_skipped, completed=report.shards_committed,
+            status=f"{report.rows_written} rows written, {report.rows} committed, {report.failures} failed",
+        )
+
+    return update
+
+
 def summary_table(report: Any) -> Table:
     table = Table(title=Text(f"cached {report.dataset} into {report.store}"), title_justify="left")
     for column in ("shards", "rows", "bytes", "rows/s", "failures", "store version"):
         table.add_column(column, justify="right")
     table.add_row(
         f"{report.shards_committed} new, {report.shards_skipped} already done",
-        str(report.rows), _size(report.bytes), f"{report.rows_per_s:.2f}",
+        str(report.rows), human_bytes(report.bytes), f"{report.rows_per_s:.2f}",
         f"[red]{report.failures}[/]" if report.failures else "0", str(report.store_version),
     )
     return table
@@ -129,12 +125,12 @@ def summary_table(report: Any) -> Table:
 
 def s3_settings(s3_endpoint: str | None) -> Any:
     """S3 settings for the CLI: ``--s3-endpoint`` checked like the cache's, credentials from the environment."""
-    import re
-
     from esam3.pipeline.object_store import S3Settings
 
-    if s3_endpoint is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", s3_endpoint):
-        raise UsageError("--s3-endpoint: expected http(s)://HOST[:PORT] (no user or password in the URL)")
+    try:
+        check_s3_endpoint(s3_endpoint)
+    except ValueError as exc:
+        raise UsageError(f"--s3-endpoint: {exc}") from None
     return S3Settings.from_environment(s3_endpoint)
 
 
@@ -165,7 +161,7 @@ def info_command(
         table.add_column(column, justify="right" if column != "table" else "left")
     for name, entry in info["tables"].items():
         per_row = entry.get("bytes_per_row_total")
-        table.add_row(name, str(entry["rows"]), str(entry["version"]), _size(per_row) if per_row else "-")
+        table.add_row(name, str(entry["rows"]), str(entry["version"]), human_bytes(per_row) if per_row else "-")
     console.print(table)
     for name, entry in info["tables"].items():
         if entry.get("bytes_per_row"):
@@ -173,7 +169,7 @@ def info_command(
             columns.add_column("column")
             columns.add_column("bytes/row", justify="right")
             for column, size in entry["bytes_per_row"].items():
-                columns.add_row(column, _size(size))
+                columns.add_row(column, human_bytes(size))
             console.print(columns)
 
 
@@ -254,11 +250,11 @@ def plan_command(
     table.add_column("value", justify="right")
     table.add_row("rows", f"{plan.rows:,} ({plan.rows_per_shard:,} per shard)")
     for name, size in plan.bytes_per_row.items():
-        table.add_row(f"bytes/row: {name}", _size(size))
-    table.add_row("bytes/row", _size(plan.row_bytes))
-    table.add_row("total", _size(plan.total_bytes))
+        table.add_row(f"bytes/row: {name}", human_bytes(size))
+    table.add_row("bytes/row", human_bytes(plan.row_bytes))
+    table.add_row("total", human_bytes(plan.total_bytes))
     if dataset == DatasetName.SA1B:
-        table.add_row("public recipe (trunk fp16 files)", _size(plan.to_json()["public_recipe_bytes"]))
+        table.add_row("public recipe (trunk fp16 files)", human_bytes(plan.to_json()["public_recipe_bytes"]))
     table.add_row("GPU-hours", f"{plan.gpu_hours:,.1f}" if plan.gpu_hours is not None else "pass --rows-per-sec")
     console.print(table)
 

@@ -162,7 +162,7 @@ def demo(
     Generates the data (reused on a rerun), checks it, then runs ``esam3 cache`` for both datasets into
     OUT/store on a local Ray and verifies the store. A rerun resumes: finished shards are skipped.
     """
-    from esam3.cache_cli import summary_table
+    from esam3.cache_cli import cache_progress, summary_table
     from esam3.pipeline.plan import ray_session, run_cache
     from esam3.pipeline.store import Store
     from esam3.pipeline.store_check import verify_store
@@ -188,9 +188,7 @@ def demo(
             for dataset, folder in ((DatasetName.SA1B, "sa-1b"), (DatasetName.SAV, "sa-v")):
                 task = bar.add_task(f"cache {dataset.value}", total=None, status="starting")
                 cache = CacheConfig(dataset=dataset.value, source=str(config.out / folder), store=str(store))
-                result = run_cache(cache, executor=executor, on_progress=lambda r, t=task: bar.update(
-                    t, total=r.shards_selected - r.shards_skipped, completed=r.shards_committed,
-                    status=f"{r.rows_written} rows written"))
+                result = run_cache(cache, executor=executor, on_progress=cache_progress(bar, task))
                 bar.update(task, total=1, completed=1, status="done" if not result.nothing_to_do else "already cached")
                 results.append(result)
         verified = verify_store(Store(str(store)))

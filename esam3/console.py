@@ -36,6 +36,15 @@ def redact(text: str) -> str:
     return text
 
 
+def human_bytes(n_bytes: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as the benchmarks report them)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n_bytes < 1000 or unit == "TB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
 class UsageError(Exception):
     """A mistake in what the user typed; shown as one line, exit code 2."""
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esam3.console import UsageError, build_config, console, err_console, print_json, user_errors
+from esam3.console import UsageError, build_config, console, err_console, human_bytes, print_json, user_errors
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig
 
 teacher_app = typer.Typer(
@@ -19,14 +19,6 @@ teacher_app = typer.Typer(
 _TEACHER_HELP = f"A local SAM3 checkpoint directory (config.json + model.safetensors) or one of: {', '.join(RANDOM_TEACHERS)}."
 _FLAGS = {"source": "--teacher"}
 _SEED_HELP = "Weight seed of a random teacher (ignored for checkpoint directories)."
-
-
-def _size(n_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n_bytes < 1000 or unit == "GB":
-            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    raise AssertionError("unreachable")
 
 
 def _millions(n: int) -> str:
@@ -56,8 +48,8 @@ def export_heads_command(
     table = Table(title=Text(f"heads of {teacher} -> {out}"), title_justify="left")
     for column in ("", "parameters", "size"):
         table.add_column(column, justify="right" if column else "left")
-    table.add_row("full teacher", _millions(result.teacher_parameters), _size(result.teacher_bytes))
-    table.add_row("heads" + (" (with detector)" if detector else ""), _millions(result.heads_parameters), _size(result.heads_bytes))
+    table.add_row("full teacher", _millions(result.teacher_parameters), human_bytes(result.teacher_bytes))
+    table.add_row("heads" + (" (with detector)" if detector else ""), _millions(result.heads_parameters), human_bytes(result.heads_bytes))
     console.print(table)
     console.print(Text(f"teacher checksum {result.teacher.checksum}"))
 

@@ -35,7 +35,7 @@ from esam3.pipeline.store import Store
 from esam3.schemas.cache import CacheConfig, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.errors import first_line
-from esam3.schemas.store import HEADS_DIR, StoreError
+from esam3.schemas.store import HEADS_DIR, TABLE_OF, StoreError
 from esam3.schemas.teacher import Device, TeacherLoadError
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_step import TeacherImages, TeacherVideos
@@ -134,7 +134,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     done = store.finished_shards(dataset.value, fingerprint)
     todo = [s for s in shards if s.name not in done]
     report = CacheReport(run_id, dataset.value, config.store, checksum, len(shards), len(shards) - len(todo))
-    table = "images" if dataset == DatasetName.SA1B else "frames"
+    table = TABLE_OF[dataset.value]
     report.store_version = store.dataset(table).version
     if not todo:
         report.seconds = time.perf_counter() - start

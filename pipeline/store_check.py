@@ -16,9 +16,9 @@ import numpy as np
 
 from esam3.pipeline.store import Store
 from esam3.schemas.codecs import CodecError
-from esam3.schemas.store import SCHEMAS, TENSOR, StoreError, decode_tensor
+from esam3.schemas.store import SCHEMAS, TABLE_OF, TENSOR, StoreError, decode_tensor
 
-TARGET_TABLES = ("images", "frames")
+TARGET_TABLES = tuple(TABLE_OF.values())
 #: Columns where NaN is data ("no box"), not corruption: only Inf is a problem there.
 NAN_MEANS_ABSENT = frozenset({"prompt_boxes"})
 _PROBLEM_LIMIT = 50
@@ -118,7 +118,7 @@ def _verify_table(
     report: VerifyReport,
     on_rows: Callable[[int], None] | None,
 ) -> None:
-    dataset_name = "sa-1b" if table == "images" else "sa-v"
+    dataset_name = next(dataset for dataset, name in TABLE_OF.items() if name == table)
     ds = store.dataset(table)
     keys = Counter(ds.to_table(columns=["key"]).column("key").to_pylist())
     for key, count in keys.items():

@@ -16,6 +16,13 @@ from esam3.schemas.shards import ShardSpec
 from esam3.schemas.teacher import TeacherConfig, VideoTargetConfig
 
 
+def check_s3_endpoint(value: str | None) -> str | None:
+    """An S3 endpoint is http(s)://HOST[:PORT]; the message never echoes it (it could carry a password)."""
+    if value is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", value):
+        raise ValueError("expected http(s)://HOST[:PORT] (no user or password in the URL)")
+    return value
+
+
 class RunError(Exception):
     """A cache run that cannot finish as asked (incomplete shards, inconsistent accounting): rerun to resume."""
 
@@ -105,9 +112,7 @@ class CacheConfig(BaseModel):
     @field_validator("s3_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[\w.-]+(:\d{1,5})?/?$", value):
-            raise ValueError("expected http(s)://HOST[:PORT] (no user or password in the URL)")
-        return value
+        return check_s3_endpoint(value)
 
     @model_validator(mode="after")
     def _targets(self) -> CacheConfig:

@@ -28,6 +28,8 @@ STORE_FORMAT = 1
 STORE_CARD = "store.json"
 HEADS_DIR = "heads"
 TABLES = ("images", "frames", "failures", "ledger")
+#: The table holding each dataset's target rows.
+TABLE_OF = {"sa-1b": "images", "sa-v": "frames"}
 
 TENSOR = pa.struct(
     [

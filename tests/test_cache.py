@@ -39,6 +39,24 @@ def keys(store: Path, table: str = "images") -> list[str]:
     return sorted(lance.dataset(str(store / f"{table}.lance")).to_table(columns=["key"]).column("key").to_pylist())
 
 
+def run_concurrently(configs: list[CacheConfig]) -> None:
+    """Run these cache jobs at the same time (in-process loop, one thread each); any error fails the test."""
+    errors: list[BaseException] = []
+
+    def run(run_config: CacheConfig) -> None:
+        try:
+            run_cache(run_config, executor="local")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in configs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
 def test_images_end_to_end_rows_decode_to_the_teachers_targets(tiny_teacher: Sam3Teacher, demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     report = run_cache(config(demo_root / "sa-1b", store), executor="local")
@@ -152,22 +170,8 @@ def test_runs_over_different_shards_give_the_union(demo_root: Path, tmp_path: Pa
     run_cache(config(demo_root / "sa-1b", one_after_other, shards="0"), executor="local")
     run_cache(config(demo_root / "sa-1b", one_after_other, shards="1"), executor="local")
     assert keys(one_after_other) == [f"sa1b/{i}" for i in range(1, 7)]
-    together = tmp_path / "concurrent"
-    Store(str(together))  # nothing created until a run opens it: both runs race to create it
-    errors: list[BaseException] = []
-
-    def run(shards: str) -> None:
-        try:
-            run_cache(config(demo_root / "sa-1b", together, shards=shards), executor="local")
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in ("0", "1")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    together = tmp_path / "concurrent"  # nothing created until a run opens it: both runs race to create it
+    run_concurrently([config(demo_root / "sa-1b", together, shards=shards) for shards in ("0", "1")])
     assert keys(together) == keys(one_after_other) and verify_store(Store(str(together))).ok
 
 
@@ -432,20 +436,7 @@ def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) 
 
 def test_two_datasets_create_one_store_at_the_same_time(demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    errors: list[BaseException] = []
-
-    def run(dataset: str) -> None:
-        try:
-            run_cache(config(demo_root / dataset, store, dataset=dataset), executor="local")
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(d,)) for d in ("sa-1b", "sa-v")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_concurrently([config(demo_root / dataset, store, dataset=dataset) for dataset in ("sa-1b", "sa-v")])
     card = Store(str(store)).read_card()
     assert set(card["targets"]) == {"sa-1b", "sa-v"} and verify_store(Store(str(store))).ok
 
