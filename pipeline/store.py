@@ -24,7 +24,7 @@ from lance.fragment import FragmentMetadata
 
 from esam3.pipeline.object_store import S3Settings
 from esam3.schemas.codecs import Basis
-from esam3.schemas.store import SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
+from esam3.schemas.store import LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,20 @@ class Store:
         card = self._read_json(STORE_CARD)
         if card is None:
             return None
-        if card.get("format") != STORE_FORMAT:
-            raise StoreError(f"store {self.uri}: format {card.get('format')!r}, this esam3 writes {STORE_FORMAT}")
+        self._check_format(card)
         card["targets"] = {}
         for dataset in ("sa-1b", "sa-v"):
             targets = self._read_json(f"targets-{dataset}.json")
             if targets is not None:
                 card["targets"][dataset] = targets
         return card
+
+    def _check_format(self, card: dict[str, Any]) -> None:
+        if card.get("format") != STORE_FORMAT:
+            raise StoreError(
+                f"store {self.uri} has format {card.get('format')!r}; this esam3 reads and writes format {STORE_FORMAT} "
+                "(big tensors as Lance blobs): cache into a new --store, or use the esam3 release that wrote it"
+            )
 
     def open_for(self, teacher: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
         """Create the store (card + empty tables) or check that it holds this teacher's targets of this kind.
@@ -97,8 +103,7 @@ class Store:
         its own file, written once, so runs of different datasets can create a store at the same time.
         """
         card = self._write_json_once(STORE_CARD, {"format": STORE_FORMAT, "teacher": teacher, "created": _now().isoformat()})
-        if card.get("format") != STORE_FORMAT:
-            raise StoreError(f"store {self.uri}: format {card.get('format')!r}, this esam3 writes {STORE_FORMAT}")
+        self._check_format(card)
         if card["teacher"]["checksum"] != teacher["checksum"]:
             raise StoreError(
                 f"store {self.uri} holds targets of teacher {card['teacher']['checksum']} ({card['teacher']['source']}); "
@@ -147,7 +152,7 @@ class Store:
         try:
             lance.write_dataset(
                 SCHEMAS[name].empty_table(), self.table_uri(name), mode="create",
-                storage_options=self.storage_options or None,
+                data_storage_version=LANCE_FILE_VERSION, storage_options=self.storage_options or None,
             )
         except OSError as exc:
             if "already exists" not in str(exc):

@@ -15,17 +15,14 @@ from typing import Any
 import numpy as np
 
 from esam3.pipeline.store import Store
+from esam3.pipeline.store_rows import StoreRows
 from esam3.schemas.codecs import CodecError
-from esam3.schemas.store import SCHEMAS, TABLE_OF, TENSOR, StoreError, decode_tensor
+from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, tensor_columns
 
 TARGET_TABLES = tuple(TABLE_OF.values())
 #: Columns where NaN is data ("no box"), not corruption: only Inf is a problem there.
 NAN_MEANS_ABSENT = frozenset({"prompt_boxes"})
 _PROBLEM_LIMIT = 50
-
-
-def tensor_columns(table: str) -> list[str]:
-    return [f.name for f in SCHEMAS[table] if f.type == TENSOR]
 
 
 def store_info(store: Store, sample_rows: int = 64) -> dict[str, Any]:
@@ -38,10 +35,11 @@ def store_info(store: Store, sample_rows: int = 64) -> dict[str, Any]:
         ds = store.dataset(name)
         entry: dict[str, Any] = {"rows": ds.count_rows(), "version": ds.version}
         if name in TARGET_TABLES and entry["rows"]:
-            sample = ds.to_table(limit=sample_rows).to_pylist()
+            sample = ds.to_table(columns=tensor_columns(name), limit=sample_rows).to_pylist()  # blobs: descriptors
             per_column = {}
             for column in tensor_columns(name):
-                sizes = [len(r[column]["data"]) + len(r[column]["scale"]) for r in sample if r[column] is not None]
+                data_size = (lambda d: d["size"]) if column in blob_columns(name) else len
+                sizes = [data_size(r[column]["data"]) + len(r[column]["scale"]) for r in sample if r[column] is not None]
                 if sizes:
                     per_column[column] = int(np.mean(sizes))
             entry["bytes_per_row"] = per_column
@@ -125,9 +123,9 @@ def _verify_table(
         if count > 1:
             report.problem(f"{table}: key {key} appears {count} times")
     per_shard: Counter[str] = Counter()
-    basis = store.read_basis(dataset_name)
-    for batch in ds.to_batches(batch_size=16):
-        for row in batch.to_pylist():
+    rows = StoreRows(store, table, ds.version)
+    for batch in rows.batches(batch_size=16):
+        for row in batch:
             report.rows_checked += 1
             per_shard[row["shard"]] += 1
             if row["teacher"] != teacher:
@@ -138,7 +136,7 @@ def _verify_table(
                     continue
                 report.tensors_checked += 1
                 try:
-                    array = decode_tensor(value, basis)
+                    array = rows.decode(row, column)
                 except (CodecError, ValueError) as exc:
                     report.problem(f"{table}: {row['key']} {column} does not decode ({exc})")
                     continue
@@ -147,7 +145,7 @@ def _verify_table(
                     if bad.any():
                         report.problem(f"{table}: {row['key']} {column} holds NaN or Inf")
         if on_rows:
-            on_rows(batch.num_rows)
+            on_rows(len(batch))
     for shard, count in per_shard.items():
         entry = ledger_by_shard.get(shard)
         if entry is None:

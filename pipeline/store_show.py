@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.pipeline.store import Store
+from esam3.pipeline.store_rows import StoreRows
 from esam3.schemas.samples import Failure
 from esam3.schemas.store import StoreError, decode_tensor
 
@@ -34,7 +35,7 @@ def find_row(store: Store, key: str) -> tuple[str, dict[str, Any]]:
     if table is None:
         raise StoreError(f"key {key!r}: expected sa1b/<image_id> or sav/<video_id>/<frame:05d>")
     quoted = key.replace("'", "''")
-    rows = store.dataset(table).to_table(filter=f"key = '{quoted}'").to_pylist()
+    rows = StoreRows(store, table).where(f"key = '{quoted}'")
     if not rows:
         raise StoreError(f"store {store.uri} has no row with key {key!r} (see 'esam3 store info')")
     return table, rows[0]

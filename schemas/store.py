@@ -11,8 +11,11 @@
 ```
 
 Every tensor is a ``tensor`` struct: codec, shape, data, scale, and the relative RMS error the codec measured on
-that row (see ``esam3.schemas.codecs``). Every target row records how it was made: teacher checksum, the
-preprocessing transform (JSON), prompt seed and codec.
+that row (see ``esam3.schemas.codecs``). Big tensors (trunk, mask logits, memory maps: hundreds of KB to MBs per
+row) keep their ``data`` in a Lance blob field (``BLOB_TENSOR``): a scan returns only a small descriptor for it and
+the bytes come from Lance's planned blob reader (``esam3.pipeline.store_rows``), which reads shuffled rows ~15x
+faster than the same bytes inline in a struct (``benchmarks/store_read.py``). Small tensors stay inline. Every
+target row records how it was made: teacher checksum, the preprocessing transform (JSON), prompt seed and codec.
 """
 
 from __future__ import annotations
@@ -24,22 +27,35 @@ import pyarrow as pa
 
 from esam3.schemas.codecs import Encoded
 
-STORE_FORMAT = 1
+#: 1: every tensor inline; 2: big tensors' bytes in Lance blob fields (blob v2, Lance file format 2.2).
+STORE_FORMAT = 2
+#: Lance file format of every table: 2.2 is the first with blob v2 (blobs as their own files, nested fields too).
+LANCE_FILE_VERSION = "2.2"
 STORE_CARD = "store.json"
 HEADS_DIR = "heads"
 TABLES = ("images", "frames", "failures", "ledger")
 #: The table holding each dataset's target rows.
 TABLE_OF = {"sa-1b": "images", "sa-v": "frames"}
 
-TENSOR = pa.struct(
-    [
-        ("codec", pa.string()),
-        ("shape", pa.list_(pa.int32())),
-        ("data", pa.large_binary()),
-        ("scale", pa.binary()),
-        ("error", pa.float32()),
-    ]
-)
+
+
+def _tensor(blob: bool) -> pa.StructType:
+    data = pa.field("data", pa.large_binary(), metadata={"lance-encoding:blob": "true"} if blob else None)
+    return pa.struct(
+        [
+            pa.field("codec", pa.string()),
+            pa.field("shape", pa.list_(pa.int32())),
+            data,
+            pa.field("scale", pa.binary()),
+            pa.field("error", pa.float32()),
+        ]
+    )
+
+
+#: A small tensor: every field inline.
+TENSOR = _tensor(blob=False)
+#: A big tensor: the same fields, ``data`` a Lance blob (read back with ``esam3.pipeline.store_rows``).
+BLOB_TENSOR = _tensor(blob=True)
 
 _PROVENANCE = [
     ("key", pa.string()),
@@ -59,15 +75,15 @@ IMAGES = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("prompt_seed", pa.int64()),
-        ("trunk", TENSOR),
+        ("trunk", BLOB_TENSOR),
         # K sampled prompts (see esam3.workers.prompts) and the tracker's outputs for them
         ("prompt_mask_index", TENSOR),
         ("prompt_kinds", TENSOR),
         ("prompt_points", TENSOR),  # (K, P, 2) in the teacher frame, continuous coordinates
         ("prompt_labels", TENSOR),  # (K, P) 1 / 0 / -1 padding
         ("prompt_boxes", TENSOR),  # (K, 4) XYXY in the teacher frame, NaN = none
-        ("multi_logits", TENSOR),  # (K, 3, m, m)
-        ("single_logits", TENSOR),  # (K, 1, m, m)
+        ("multi_logits", BLOB_TENSOR),  # (K, 3, m, m)
+        ("single_logits", BLOB_TENSOR),  # (K, 1, m, m)
         ("iou", TENSOR),  # (K, 4)
         ("object_score", TENSOR),  # (K,)
         ("object_pointer", TENSOR),  # (K, hidden)
@@ -84,15 +100,15 @@ FRAMES = pa.schema(
         ("width", pa.int32()),
         ("prompt_seed", pa.int64()),
         ("prompt_kind", pa.string()),
-        ("trunk", TENSOR),
+        ("trunk", BLOB_TENSOR),
         ("object_ids", pa.list_(pa.int32())),
         ("is_conditioning", pa.list_(pa.bool_())),
         ("has_memory_conditioned", pa.list_(pa.bool_())),
-        ("mask_logits", TENSOR),  # (N, m, m)
+        ("mask_logits", BLOB_TENSOR),  # (N, m, m)
         ("object_score", TENSOR),  # (N,)
         ("object_pointer", TENSOR),  # (N, hidden)
-        ("maskmem_features", TENSOR),  # (N, 64, g, g)
-        ("pix_feat_with_mem", TENSOR),  # (N, hidden, g, g)
+        ("maskmem_features", BLOB_TENSOR),  # (N, 64, g, g)
+        ("pix_feat_with_mem", BLOB_TENSOR),  # (N, hidden, g, g)
     ]
 )
 
@@ -128,6 +144,16 @@ class StoreError(Exception):
 SCHEMAS = {"images": IMAGES, "frames": FRAMES, "failures": FAILURES, "ledger": LEDGER}
 #: Raw (exact) codecs for small arrays, next to the feature / logit codecs (names must not collide with them).
 RAW_DTYPES = {"raw-float32": np.float32, "raw-int8": np.int8, "raw-int32": np.int32, "raw-bool": np.bool_}
+
+
+def tensor_columns(table: str) -> list[str]:
+    """The columns of ``table`` holding ``tensor`` structs (inline or blob)."""
+    return [f.name for f in SCHEMAS[table] if isinstance(f.type, pa.StructType) and f.type.names == TENSOR.names]
+
+
+def blob_columns(table: str) -> list[str]:
+    """The tensor columns of ``table`` whose bytes are a Lance blob (``BLOB_TENSOR``)."""
+    return [name for name in tensor_columns(table) if SCHEMAS[table].field(name).type.field("data").metadata]
 
 
 def tensor_value(encoded: Encoded, error: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lance
 import numpy as np
+import pyarrow as pa
 import pytest
 import simplejpeg
 from typer.testing import CliRunner
@@ -20,8 +21,9 @@ from esam3.pipeline.plan import run_cache
 from esam3.pipeline.sources import SA1BSource
 from esam3.pipeline.store import Store
 from esam3.pipeline.store_check import verify_store
+from esam3.pipeline.store_rows import StoreRows
 from esam3.schemas.cache import CacheConfig, MaxFailures
-from esam3.schemas.store import StoreError, decode_tensor
+from esam3.schemas.store import IMAGES, StoreError, decode_tensor
 from esam3.workers.teacher import Sam3Teacher
 from tests.test_sources import SA1B_BAD, _good_sa1b
 
@@ -37,6 +39,11 @@ def config(source: Path, store: Path, **overrides) -> CacheConfig:
 
 def keys(store: Path, table: str = "images") -> list[str]:
     return sorted(lance.dataset(str(store / f"{table}.lance")).to_table(columns=["key"]).column("key").to_pylist())
+
+
+def rows_of(store: Path, table: str, condition: str | None = None, limit: int | None = None) -> list[dict]:
+    """Rows of a local store's table, every tensor with its bytes."""
+    return StoreRows(Store(str(store)), table).where(condition, limit=limit)
 
 
 def run_concurrently(configs: list[CacheConfig]) -> None:
@@ -63,7 +70,7 @@ def test_images_end_to_end_rows_decode_to_the_teachers_targets(tiny_teacher: Sam
     assert (report.shards_committed, report.rows, report.failures, report.exit_code) == (2, 6, 0, 0)
     assert keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
     assert verify_store(Store(str(store))).ok
-    row = lance.dataset(str(store / "images.lance")).to_table(filter="key = 'sa1b/2'").to_pylist()[0]
+    row = rows_of(store, "images", "key = 'sa1b/2'")[0]
     assert row["teacher"] == tiny_teacher.card.checksum and row["codec"] == "int8" and row["prompt_seed"] == 0
     assert row["precision"] == "fp32"
     transform = json.loads(row["preprocess"])
@@ -182,7 +189,7 @@ def test_video_flags_reach_the_rows(demo_root: Path, tmp_path: Path) -> None:
         "--video-prompt", "box", "--max-objects", "2", "--max-frames", "4", "--codec", "int8",
     ], env=WIDE)
     assert result.exit_code == 0, result.output
-    frames = lance.dataset(str(store / "frames.lance")).to_table().to_pylist()
+    frames = rows_of(store, "frames")
     assert len(frames) == 8 and {f["prompt_kind"] for f in frames} == {"box"}
     assert max(len(f["object_ids"]) for f in frames) == 2 and max(f["frame"] for f in frames) == 3
 
@@ -190,7 +197,7 @@ def test_video_flags_reach_the_rows(demo_root: Path, tmp_path: Path) -> None:
 def test_videos_end_to_end(tiny_teacher: Sam3Teacher, demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     report = run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="bf16"), executor="local")
-    frames = lance.dataset(str(store / "frames.lance")).to_table().to_pylist()
+    frames = rows_of(store, "frames")
     assert report.rows == len(frames) == 18 and report.exit_code == 0  # 2 videos x 9 annotated frames
     first = next(f for f in frames if f["key"].endswith("/00003"))
     assert first["frame_index"] == 12 and first["prompt_kind"] == "mask"
@@ -203,12 +210,10 @@ def test_videos_end_to_end(tiny_teacher: Sam3Teacher, demo_root: Path, tmp_path:
 def test_verify_finds_duplicates_and_bad_tensors(demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     run_cache(config(demo_root / "sa-1b", store, shards="0"), executor="local")
-    images = lance.dataset(str(store / "images.lance"))
-    first = images.to_table(limit=1)
-    broken = first.to_pylist()
-    broken[0]["trunk"] = {**broken[0]["trunk"], "data": broken[0]["trunk"]["data"][:-1]}
-    lance.write_dataset(first, str(store / "images.lance"), mode="append")
-    lance.write_dataset(first.from_pylist(broken, schema=first.schema), str(store / "images.lance"), mode="append")
+    first = rows_of(store, "images", limit=1)
+    broken = [{**first[0], "trunk": {**first[0]["trunk"], "data": first[0]["trunk"]["data"][:-1]}}]
+    for rows in (first, broken):
+        lance.write_dataset(pa.Table.from_pylist(rows, schema=IMAGES), str(store / "images.lance"), mode="append")
     report = verify_store(Store(str(store)))
     assert not report.ok
     text = "\n".join(report.problems)
@@ -448,7 +453,7 @@ def test_lowrank_codec_fits_a_basis_once_and_stores_it(demo_root: Path, tmp_path
     assert result.exit_code == 0, result.output
     basis = Store(str(store)).read_basis("sa-1b")
     assert basis is not None and basis.components.shape == (64, 16)
-    rows = lance.dataset(str(store / "images.lance")).to_table().to_pylist()
+    rows = rows_of(store, "images")
     assert len(rows) == 6 and all(r["trunk"]["codec"] == "lowrank" and len(r["trunk"]["data"]) == 16 * 8 * 8 for r in rows)
     assert all(0 < r["trunk"]["error"] < 1 for r in rows)  # measured per row, whatever it is
     trunk = decode_tensor(rows[0]["trunk"], basis)
@@ -464,7 +469,7 @@ def test_lowrank_codec_on_videos(demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     report = run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="lowrank", rank=8), executor="local")
     assert report.rows == 18 and Store(str(store)).read_basis("sa-v").rank == 8
-    row = lance.dataset(str(store / "frames.lance")).to_table(limit=1).to_pylist()[0]
+    row = rows_of(store, "frames", limit=1)[0]
     assert row["trunk"]["codec"] == "lowrank" and row["maskmem_features"]["codec"] == "int8"
     assert verify_store(Store(str(store))).ok
 

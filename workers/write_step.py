@@ -18,7 +18,7 @@ import pyarrow as pa
 from lance.fragment import write_fragments
 
 from esam3.schemas.codecs import Basis, CodecError, FeatureCodec, encode_features, encode_logits
-from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
+from esam3.schemas.store import FRAMES, IMAGES, LANCE_FILE_VERSION, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
 
@@ -94,7 +94,10 @@ class _WriteTable:
             nbytes = 0
             if entry["rows"]:
                 table = pa.Table.from_pylist(entry["rows"], schema=self.schema)
-                written = write_fragments(table, self.table_uri, schema=self.schema, storage_options=self.storage_options or None)
+                written = write_fragments(
+                    table, self.table_uri, schema=self.schema, data_storage_version=LANCE_FILE_VERSION,
+                    storage_options=self.storage_options or None,
+                )
                 fragments = [f.to_json() for f in written]
                 nbytes = sum(_tensor_bytes(r) for r in entry["rows"])
             out.append({

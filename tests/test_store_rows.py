@@ -1,0 +1,104 @@
+"""Reading a store back: big tensors live in Lance blob fields, StoreRows returns them with their bytes, in the
+asked order, for any subset of columns, after deletions, and for rows without prompts (null tensors)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from esam3.pipeline.plan import run_cache
+from esam3.pipeline.store import Store
+from esam3.pipeline.store_rows import StoreRows
+from esam3.schemas.cache import CacheConfig
+from esam3.schemas.store import IMAGES, STORE_CARD, StoreError, blob_columns, tensor_columns
+
+
+@pytest.fixture(scope="module")
+def stores(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rows")
+    out = {}
+    for dataset, table in (("sa-1b", "images"), ("sa-v", "frames")):
+        out[table] = root / table
+        config = CacheConfig(dataset=dataset, source=str(demo_root / dataset), store=str(out[table]), codec="int8")
+        assert run_cache(config, executor="local").exit_code == 0
+    return out
+
+
+def test_big_tensors_are_blobs_on_disk_and_small_ones_inline(stores: dict[str, Path]) -> None:
+    for table, path in stores.items():
+        raw = lance.dataset(str(path / f"{table}.lance")).take([0]).to_pylist()[0]
+        for column in tensor_columns(table):
+            data = raw[column]["data"] if raw[column] is not None else None
+            if column in blob_columns(table):
+                assert isinstance(data, dict) and data["size"] > 0, (table, column)  # a descriptor, not the bytes
+            elif data is not None:
+                assert isinstance(data, bytes), (table, column)
+    assert set(blob_columns("images")) == {"trunk", "multi_logits", "single_logits"}
+    assert set(blob_columns("frames")) == {"trunk", "mask_logits", "maskmem_features", "pix_feat_with_mem"}
+
+
+@pytest.mark.parametrize("table", ["images", "frames"])
+def test_take_in_shuffled_order_equals_a_scan(stores: dict[str, Path], table: str) -> None:
+    rows = StoreRows(Store(str(stores[table])), table)
+    scanned = rows.where()
+    assert len(rows) == len(scanned) > 4
+    order = np.random.default_rng(0).permutation(len(scanned))[:5].tolist()
+    taken = rows.take(order)
+    assert [r["key"] for r in taken] == [scanned[i]["key"] for i in order]
+    for got, i in zip(taken, order):
+        for column in blob_columns(table):
+            assert got[column]["data"] == scanned[i][column]["data"] and len(got[column]["data"]) > 0
+            assert rows.decode(got, column).shape == tuple(got[column]["shape"])
+    streamed = [row["key"] for batch in rows.batches(batch_size=4) for row in batch]
+    assert streamed == [r["key"] for r in scanned]
+
+
+def test_take_a_subset_of_columns(stores: dict[str, Path]) -> None:
+    with StoreRows(Store(str(stores["images"])), "images", threads=1) as rows:
+        taken = rows.take([2, 0], columns=["key", "trunk"])
+        assert [set(r) for r in taken] == [{"key", "trunk"}] * 2
+        trunk = rows.decode(taken[0], "trunk")
+        assert trunk.shape == (64, 8, 8) and trunk.dtype == np.float32 and np.isfinite(trunk).all()
+        assert [set(r) for r in rows.take([1], columns=["key"])] == [{"key"}]  # no blob column asked: no blob read
+    assert rows.take([2], columns=["trunk"])[0]["trunk"]["data"] == taken[0]["trunk"]["data"]  # reopens after close
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        StoreRows(Store(str(stores["images"])), "images", threads=0)
+
+
+def test_rows_without_prompts_have_null_tensors_and_positions_survive_deletes(stores: dict[str, Path], tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    shutil.copytree(stores["images"], store_path)  # a copy we may delete rows from
+    store = Store(str(store_path))
+    before = StoreRows(store, "images").where()
+    victim = before[1]["key"]
+    store.dataset("images").delete(f"key = '{victim}'")
+    rows = StoreRows(store, "images")
+    after = rows.take(list(range(len(rows)))[::-1])
+    assert [r["key"] for r in after] == [r["key"] for r in before if r["key"] != victim][::-1]
+    by_key = {r["key"]: r for r in before}
+    assert all(r["trunk"]["data"] == by_key[r["key"]]["trunk"]["data"] for r in after)
+    no_prompts = {**before[0], "key": "sa1b/999", **{c: None for c in tensor_columns("images") if c != "trunk"}}
+    lance.write_dataset(pa.Table.from_pylist([no_prompts], schema=IMAGES), str(store_path / "images.lance"), mode="append")
+    rows = StoreRows(store, "images")
+    last = rows.take([len(rows) - 1, 0])
+    assert last[0]["key"] == "sa1b/999" and last[0]["multi_logits"] is None and last[1]["multi_logits"] is not None
+    assert last[0]["trunk"]["data"] == before[0]["trunk"]["data"]
+    with pytest.raises(ValueError, match="sa1b/999 has no multi_logits"):
+        rows.decode(last[0], "multi_logits")
+
+
+def test_only_target_tables_and_current_format(stores: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a target table"):
+        StoreRows(Store(str(stores["images"])), "ledger")
+    old = tmp_path / "old"
+    old.mkdir()
+    card = json.loads((stores["images"] / STORE_CARD).read_text())
+    (old / STORE_CARD).write_text(json.dumps({**card, "format": 1}))
+    with pytest.raises(StoreError, match="format 1.*cache into a new --store"):
+        Store(str(old)).read_card()
