@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: What to do when a server refuses our requests (HTTP 403: wrong secret, unknown key, no permission).
+ACCESS_HINT = (
+    "check the S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and that they may use this bucket"
+)
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 

@@ -10,6 +10,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from esam3.pipeline.object_store import ACCESS_HINT
 from esam3.schemas.shards import ShardSpec, ShardSpecError
 
 
@@ -55,6 +56,8 @@ def list_shards(source: str, dataset: DatasetName, storage_options: dict[str, An
         paths = fs.ls(root, detail=False) if exists else []
     except (ValueError, ImportError) as exc:
         raise SourceError(f"cannot use source {source!r}: {exc}") from None
+    except PermissionError as exc:
+        raise SourceError(f"access to source {source!r} refused ({exc}); {ACCESS_HINT}") from None
     except OSError as exc:
         raise SourceError(f"cannot list source {source!r}: {type(exc).__name__}: {exc}") from None
     if not exists:

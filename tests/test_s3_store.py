@@ -201,3 +201,34 @@ def test_credentials_are_redacted_from_errors(monkeypatch: pytest.MonkeyPatch, c
 
     result = CliRunner().invoke(app, ["store", "info", "s3://b/s", "--s3-endpoint", "http://user:pass@host:9000"])
     assert result.exit_code == 2 and "user:pass" not in result.output
+
+
+def test_wrong_secret_is_refused_cleanly_and_never_shown(tmp_path: Path, demo_root: Path) -> None:
+    """A server that checks signatures (SeaweedFS with one identity): the right keys work end to end; a wrong
+    secret gives a one-line error on every command, with neither secret nor the key id in it."""
+    from tests.s3_server import s3_server
+
+    key, secret, wrong = "AKIAESAM3TESTKEY", "right-secret-value", "wrong-secret-value"
+    with s3_server(tmp_path, credentials=(key, secret)) as server:
+        fs = fsspec.filesystem("s3", **server.storage_options)
+        fs.mkdir("auth")
+        for path in sorted((demo_root / "sa-1b").glob("*.tar")):
+            fs.put_file(str(path), f"auth/sa-1b/{path.name}")
+        good = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | server.env
+        bad = good | {"AWS_SECRET_ACCESS_KEY": wrong}
+        store = "s3://auth/store"
+        cache = ["cache", "--dataset", "sa-1b", "--source", "s3://auth/sa-1b", "--store", store, "--executor", "local", "--shards", "0"]
+        assert _esam3(cache, good).returncode == 0
+        results = [
+            _esam3(["scan", "--dataset", "sa-1b", "--source", "s3://auth/sa-1b"], bad),
+            _esam3([*cache[:-1], "1"], bad),
+            _esam3(["store", "info", store], bad),
+            _esam3(["store", "verify", store], bad),
+        ]
+        for result in results:
+            output = result.stdout + result.stderr
+            assert result.returncode in (1, 2), output
+            errors = [line for line in result.stderr.splitlines() if line.startswith("esam3: error")]
+            assert "Traceback" not in output and len(errors) == 1 and "check the S3 credentials" in errors[0], output
+            assert secret not in output and wrong not in output and key not in output, output
+        assert _esam3(["store", "verify", store], good).returncode == 0
