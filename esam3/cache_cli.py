@@ -1,4 +1,4 @@
-"""``esam3 cache`` (the main job) and ``esam3 store info|verify``."""
+"""``esam3 cache`` (the main job), ``esam3 plan`` and ``esam3 store info|verify|show|cleanup``."""
 
 from __future__ import annotations
 
@@ -171,6 +171,38 @@ def info_command(
             for column, size in entry["bytes_per_row"].items():
                 columns.add_row(column, human_bytes(size))
             console.print(columns)
+
+
+@store_app.command("cleanup")
+def cleanup_command(
+    uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    older_than: str = typer.Option("14d", "--older-than", help="Remove table versions older than this: 90s, 30m, 12h, 14d."),
+    keep_versions: int = typer.Option(None, "--keep-versions", help="Keep at least the newest N versions of every table."),
+    unverified: bool = typer.Option(
+        False, "--unverified",
+        help="Also delete files no version references that are younger than 7 days (a killed worker's). Only when no run writes to the store.",
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be removed; delete nothing."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with what was removed per table."),
+) -> None:
+    """Remove old table versions and the data files only they (or no version) reference; the latest rows stay."""
+    from esam3.pipeline.store_cleanup import cleanup_store
+    from esam3.schemas.cleanup import CleanupConfig
+
+    with user_errors():
+        config = build_config(CleanupConfig, older_than=older_than, keep_versions=keep_versions, unverified=unverified, dry_run=dry_run)
+        report = cleanup_store(open_store(uri, s3_endpoint), config)
+    if as_json:
+        print_json(report)
+        return
+    table = Table(show_header=True, title=Text("would be removed (dry run)" if dry_run else "removed"), title_justify="left")
+    for column in ("table", "old versions", "data files", "bytes", "versions left"):
+        table.add_column(column, justify="right" if column != "table" else "left")
+    for name, entry in report["tables"].items():
+        table.add_row(name, str(entry["old_versions"]), str(entry["data_files_removed"]), human_bytes(entry["bytes_removed"]),
+                      str(entry["versions_left"]))
+    console.print(table)
 
 
 @store_app.command("verify")

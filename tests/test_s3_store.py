@@ -47,9 +47,12 @@ def test_cache_into_an_s3_store_then_resume_info_verify(s3, shards_bucket: str) 
     info = _esam3(["store", "info", store, "--s3-endpoint", s3.endpoint, "--json"], flag_env)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["tables"]["images"]["rows"] == 6
+    cleanup = _esam3(["store", "cleanup", store, "--older-than", "0s", "--json"], env)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert json.loads(cleanup.stdout)["tables"]["ledger"]["versions_left"] == 1
     verify = _esam3(["store", "verify", store, "--s3-endpoint", s3.endpoint], flag_env)
     assert verify.returncode == 0 and "ok: 6 rows" in verify.stdout
-    for result in (first, again, info, verify):
+    for result in (first, again, info, cleanup, verify):
         assert SECRET not in result.stdout + result.stderr
     fs = fsspec.filesystem("s3", **s3.storage_options)
     files = [p for p in fs.find("cache-store/run1")]

@@ -1,0 +1,104 @@
+"""``esam3 store cleanup``: old versions and unreferenced files go, the latest rows stay and verify; files of a
+fragment nobody committed go only with --unverified; bad flags are usage errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import lance
+import pyarrow as pa
+import pytest
+from lance.fragment import write_fragments
+from typer.testing import CliRunner
+
+from esam3.cli import app
+from esam3.pipeline.plan import run_cache
+from esam3.pipeline.store import Store
+from esam3.pipeline.store_check import verify_store
+from esam3.pipeline.store_rows import StoreRows
+from esam3.schemas.cache import CacheConfig
+from esam3.schemas.cleanup import CleanupConfig, parse_duration
+from esam3.schemas.store import IMAGES, LANCE_FILE_VERSION
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "400"}
+
+
+@pytest.fixture(scope="module")
+def cached(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("cleanup") / "store"
+    config = CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(store), codec="int8")
+    assert run_cache(config, executor="local").exit_code == 0
+    return store
+
+
+def _files(table: Path) -> set[Path]:
+    return {p for p in (table / "data").rglob("*") if p.is_file()}
+
+
+def test_cleanup_removes_old_versions_and_orphans_and_keeps_the_rows(cached: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    shutil.copytree(cached, store_path)
+    store = Store(str(store_path))
+    images = store_path / "images.lance"
+    keys_before = sorted(r["key"] for r in StoreRows(store, "images").where(columns=["key"]))
+    victim = keys_before[0]
+    store.dataset("images").delete(f"key = '{victim}'")  # a new version; the old one still references the row
+    rows = StoreRows(store, "images").where(condition=f"key = '{keys_before[1]}'")
+    orphan = write_fragments(pa.Table.from_pylist(rows, schema=IMAGES), str(images), schema=IMAGES,
+                             data_storage_version=LANCE_FILE_VERSION)  # written, never committed
+    stem = orphan[0].files[0].path.removesuffix(".lance")  # its data file, and its blob files if any
+    orphan_files = {p for p in _files(images) if stem in str(p)}
+    assert orphan_files
+    versions_before = len(store.dataset("images").versions())
+    time.sleep(0.05)
+
+    dry = runner.invoke(app, ["store", "cleanup", str(store_path), "--older-than", "0s", "--dry-run", "--json"], env=WIDE)
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.output)["total"]["old_versions"] > 0
+    assert len(store.dataset("images").versions()) == versions_before  # nothing deleted
+
+    kept = runner.invoke(app, ["store", "cleanup", str(store_path), "--older-than", "0s", "--json"], env=WIDE)
+    assert kept.exit_code == 0, kept.output
+    report = json.loads(kept.output)
+    assert report["tables"]["images"]["old_versions"] == versions_before - 1 and report["tables"]["images"]["versions_left"] == 1
+    assert report["total"]["bytes_removed"] > 0
+    assert all(p.exists() for p in orphan_files)  # younger than 7 days: could be a commit in flight
+
+    gone = runner.invoke(app, ["store", "cleanup", str(store_path), "--older-than", "0s", "--unverified"], env=WIDE)
+    assert gone.exit_code == 0, gone.output
+    assert not any(p.exists() for p in orphan_files) and "removed" in gone.output
+    assert sorted(r["key"] for r in StoreRows(store, "images").where(columns=["key"])) == keys_before[1:]
+    assert all(r["trunk"]["data"] for r in StoreRows(store, "images").where())
+    report = verify_store(store)
+    assert report.rows_checked == len(keys_before) - 1
+    assert report.problems == [f"images: shard {_shard_of(cached, victim)} has 2 rows, its ledger entry says 3"]
+
+
+def _shard_of(store: Path, key: str) -> str:
+    return StoreRows(Store(str(store)), "images").where(f"key = '{key}'", columns=["shard"])[0]["shard"]
+
+
+def test_keep_versions_keeps_the_newest(cached: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    shutil.copytree(cached, store_path)
+    store = Store(str(store_path))
+    before = len(store.dataset("ledger").versions())
+    assert before >= 3
+    result = runner.invoke(app, ["store", "cleanup", str(store_path), "--older-than", "0s", "--keep-versions", "2", "--json"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tables"]["ledger"]["versions_left"] == 2
+    assert lance.dataset(str(store_path / "ledger.lance")).count_rows() == 2 and verify_store(store).ok
+
+
+def test_bad_flags_and_not_a_store(tmp_path: Path) -> None:
+    assert parse_duration("14d").days == 14 and parse_duration("90s").seconds == 90
+    assert CleanupConfig(older_than="12h").older_than.seconds == 12 * 3600
+    for flags, text in ((["--older-than", "2w"], "--older-than"), (["--keep-versions", "0"], "--keep-versions")):
+        result = runner.invoke(app, ["store", "cleanup", str(tmp_path), *flags], env=WIDE)
+        assert result.exit_code == 2 and text in result.output, result.output
+    result = runner.invoke(app, ["store", "cleanup", str(tmp_path)], env=WIDE)
+    assert result.exit_code == 2 and "not an esam3 store" in result.output
