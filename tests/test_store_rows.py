@@ -102,3 +102,23 @@ def test_only_target_tables_and_current_format(stores: dict[str, Path], tmp_path
     (old / STORE_CARD).write_text(json.dumps({**card, "format": 1}))
     with pytest.raises(StoreError, match="format 1.*cache into a new --store"):
         Store(str(old)).read_card()
+
+
+@pytest.mark.parametrize("table", ["images", "frames"])
+def test_reused_buffers_give_the_same_bytes_and_decoded_arrays_own_their_memory(stores: dict[str, Path], table: str) -> None:
+    store = Store(str(stores[table]))
+    plain = StoreRows(store, table)
+    reused = StoreRows(store, table, threads=2, reuse_buffers=True)
+    order = np.random.default_rng(1).permutation(len(plain)).tolist()
+    first = reused.take(order[:3])
+    decoded = {c: reused.decode(first[0], c) for c in blob_columns(table) if first[0][c] is not None}
+    kept = {c: a.copy() for c, a in decoded.items()}
+    expected = plain.take(order[:3])
+    for got, want in zip(first, expected):
+        for column in blob_columns(table):
+            if want[column] is not None:
+                assert isinstance(got[column]["data"], memoryview) and bytes(got[column]["data"]) == want[column]["data"]
+    view = first[0]["trunk"]["data"]
+    second = reused.take(order[3:6])  # same slots: the first batch's views now show the second batch's bytes
+    assert bytes(view) == bytes(second[0]["trunk"]["data"]) != expected[0]["trunk"]["data"]
+    assert all(np.array_equal(decoded[c], kept[c]) for c in decoded)  # decoded arrays were copies
