@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from contextlib import closing, contextmanager
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,6 +267,28 @@ def _run_local(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Ite
                 yield steps.write(batch)
 
 
+@dataclass(frozen=True)
+class TeacherPool:
+    """How many teacher actors the Ray plan runs and what each asks for."""
+
+    actors: int
+    per_actor: float  # GPUs (one each) or CPUs
+    threads: int | None  # torch threads of a CPU teacher; None on GPUs
+    side_cpus: float  # CPUs of each read / write task, which must fit beside the teacher
+
+
+def teacher_pool(gpus: int, node_cpus: Sequence[int]) -> TeacherPool:
+    """One actor per GPU; without GPUs one actor per node with CPUs, given all of the smallest such node's cores
+    but one (an actor cannot span nodes, and decode and encode need the last core)."""
+    cpu_nodes = [c for c in node_cpus if c >= 1]
+    cpus = min(cpu_nodes, default=1)
+    side_cpus = 0.5 if cpus >= 2 else 0.25
+    if gpus:
+        return TeacherPool(actors=gpus, per_actor=1, threads=None, side_cpus=side_cpus)
+    return TeacherPool(actors=max(1, len(cpu_nodes)), per_actor=cpus - 1 if cpus >= 2 else 0.5,
+                       threads=max(1, cpus - 1), side_cpus=side_cpus)
+
+
 def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -277,14 +299,13 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Itera
         context.print_on_execution_start = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its "progress bars disabled" notice, among others
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        if gpus:
-            teacher_resources: dict[str, Any] = {"num_gpus": 1, "compute": ActorPoolStrategy(size=gpus)}
-            threads = None
-        else:  # CPU teacher: one actor, all cores but one (decode and encode need the rest)
-            threads = max(1, cpus - 1)
-            teacher_resources = {"num_cpus": cpus - 1 if cpus >= 2 else 0.5, "compute": ActorPoolStrategy(size=1)}
-        side_cpus = 0.5 if cpus >= 2 else 0.25  # read and write tasks: they must fit beside the teacher
+        node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+        pool = teacher_pool(gpus, node_cpus)
+        threads = pool.threads
+        teacher_resources: dict[str, Any] = {
+            "num_gpus" if gpus else "num_cpus": pool.per_actor, "compute": ActorPoolStrategy(size=pool.actors),
+        }
+        side_cpus = pool.side_cpus
         items = [{"dataset": s.dataset.value, "shard_id": s.shard_id, "url": s.url} for s in shards]
 
         read = steps.read
