@@ -305,6 +305,8 @@ def _run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Itera
         teacher_resources: dict[str, Any] = {
             "num_gpus" if gpus else "num_cpus": pool.per_actor, "compute": ActorPoolStrategy(size=pool.actors),
         }
+        if not gpus and pool.actors > 1:
+            teacher_resources["scheduling_strategy"] = "SPREAD"  # one per node, not two on the biggest
         side_cpus = pool.side_cpus
         items = [{"dataset": s.dataset.value, "shard_id": s.shard_id, "url": s.url} for s in shards]
 

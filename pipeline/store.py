@@ -46,7 +46,12 @@ class Store:
         return f"{self.uri}/{name}.lance"
 
     def dataset(self, name: str, version: int | None = None) -> LanceDataset:
-        return lance.dataset(self.table_uri(name), version=version, storage_options=self.storage_options or None)
+        try:
+            return lance.dataset(self.table_uri(name), version=version, storage_options=self.storage_options or None)
+        except (OSError, ValueError) as exc:
+            if "403 Forbidden" in str(exc):  # other errors (server down, ...) keep their own type for the caller
+                raise StoreError(f"store {self.uri}: access to {name} refused (403 Forbidden); {ACCESS_HINT}") from None
+            raise
 
     def exists(self) -> bool:
         return self.fs.exists(f"{self.path}/{STORE_CARD}")

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from esam3.pipeline.store import Store
 from esam3.pipeline.store_rows import StoreRows
 from esam3.schemas.codecs import CodecError
+from esam3.schemas.errors import first_line
 from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, tensor_columns
 
 TARGET_TABLES = tuple(TABLE_OF.values())
@@ -103,7 +105,10 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
         elif ledger_by_shard[shard]["failures"] != count:
             report.problem(f"failures: shard {shard} has {count} rows, its ledger entry says {ledger_by_shard[shard]['failures']}")
     for table in TARGET_TABLES:
-        _verify_table(store, table, teacher, ledger_by_shard, card, report, on_rows)
+        try:
+            _verify_table(store, table, teacher, ledger_by_shard, card, report, on_rows)
+        except (OSError, pa.ArrowException) as exc:  # a data or blob file gone or unreadable: this scan cannot go on
+            report.problem(f"{table}: cannot be read after {report.rows_checked} rows checked ({first_line(exc)})")
     return report
 
 
@@ -122,8 +127,27 @@ def _verify_table(
     for key, count in keys.items():
         if count > 1:
             report.problem(f"{table}: key {key} appears {count} times")
+    per_shard = _check_rows(StoreRows(store, table, ds.version), table, teacher, report, on_rows)
+    for shard, count in per_shard.items():
+        entry = ledger_by_shard.get(shard)
+        if entry is None:
+            report.problem(f"{table}: {count} rows of shard {shard}, which has no ledger entry (an unfinished run?)")
+        elif entry["rows"] != count:
+            report.problem(f"{table}: shard {shard} has {count} rows, its ledger entry says {entry['rows']}")
+    for shard, entry in ledger_by_shard.items():
+        if entry["dataset"] == dataset_name and entry["rows"] and shard not in per_shard:
+            report.problem(f"ledger: shard {shard} should have {entry['rows']} rows in {table}, found none")
+    expected = card["targets"].get(dataset_name, {}).get("fingerprint")
+    for shard, entry in ledger_by_shard.items():
+        if entry["dataset"] == dataset_name and expected and entry["fingerprint"] != expected:
+            report.problem(f"ledger: shard {shard} has fingerprint {entry['fingerprint']}, the store's {dataset_name} targets {expected}")
+
+
+def _check_rows(
+    rows: StoreRows, table: str, teacher: str, report: VerifyReport, on_rows: Callable[[int], None] | None
+) -> Counter[str]:
+    """Every row: its teacher, and every tensor decodes and is finite; returns the rows per shard."""
     per_shard: Counter[str] = Counter()
-    rows = StoreRows(store, table, ds.version)
     for batch in rows.batches(batch_size=16):
         for row in batch:
             report.rows_checked += 1
@@ -146,16 +170,4 @@ def _verify_table(
                         report.problem(f"{table}: {row['key']} {column} holds NaN or Inf")
         if on_rows:
             on_rows(len(batch))
-    for shard, count in per_shard.items():
-        entry = ledger_by_shard.get(shard)
-        if entry is None:
-            report.problem(f"{table}: {count} rows of shard {shard}, which has no ledger entry (an unfinished run?)")
-        elif entry["rows"] != count:
-            report.problem(f"{table}: shard {shard} has {count} rows, its ledger entry says {entry['rows']}")
-    for shard, entry in ledger_by_shard.items():
-        if entry["dataset"] == dataset_name and entry["rows"] and shard not in per_shard:
-            report.problem(f"ledger: shard {shard} should have {entry['rows']} rows in {table}, found none")
-    expected = card["targets"].get(dataset_name, {}).get("fingerprint")
-    for shard, entry in ledger_by_shard.items():
-        if entry["dataset"] == dataset_name and expected and entry["fingerprint"] != expected:
-            report.problem(f"ledger: shard {shard} has fingerprint {entry['fingerprint']}, the store's {dataset_name} targets {expected}")
+    return per_shard

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from esam3.pipeline.object_store import ACCESS_HINT
 from esam3.pipeline.store import Store
 from esam3.schemas.cleanup import CleanupConfig
+from esam3.schemas.errors import first_line
 from esam3.schemas.store import TABLES, StoreError
 
 _STATS = ("old_versions", "data_files_removed", "deletion_files_removed", "transaction_files_removed", "bytes_removed")
@@ -33,8 +35,12 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
     tables: dict[str, dict[str, int]] = {}
     for name in TABLES:
         ds = store.dataset(name)
-        stats = ds.explain_cleanup_old_versions(**options).stats if config.dry_run else ds.cleanup_old_versions(**options)
+        try:
+            stats = ds.explain_cleanup_old_versions(**options).stats if config.dry_run else ds.cleanup_old_versions(**options)
+            versions = len(store.dataset(name).versions())
+        except OSError as exc:  # e.g. read-only credentials: a 403 on the first delete
+            raise StoreError(f"store {store.uri}: cannot clean up {name} ({first_line(exc)}); {ACCESS_HINT}") from None
         tables[name] = {field: int(getattr(stats, field)) for field in _STATS}
-        tables[name]["versions_left"] = len(store.dataset(name).versions())
+        tables[name]["versions_left"] = versions - tables[name]["old_versions"] if config.dry_run else versions
     total = {field: sum(t[field] for t in tables.values()) for field in _STATS}
     return {"store": store.uri, "dry_run": config.dry_run, "tables": tables, "total": total}

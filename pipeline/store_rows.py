@@ -3,13 +3,15 @@
 Big tensors keep their bytes in Lance blob fields (``esam3.schemas.store.BLOB_TENSOR``). A plain Lance ``take``
 returns a small descriptor there; :meth:`StoreRows.take` fills in the bytes, reading the batch's blobs on a
 small thread pool (Lance releases the GIL while it reads), which is how a trainer reads a shuffled batch: on
-this machine that beat both Lance's own batched ``read_blobs`` (3x) and a one-at-a-time read of each blob
+this machine that beat both Lance's own batched ``read_blobs`` (~4x) and a one-at-a-time read of each blob
 (``benchmarks/store_read.py``). Scans (:meth:`StoreRows.batches`, :meth:`StoreRows.where`) ask Lance for the
 bytes directly.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,15 +27,21 @@ _WITH_BYTES = "all_binary"  # Lance's blob_handling that returns blob fields as 
 
 
 class StoreRows:
-    """One target table (``images`` or ``frames``) of a store, at one version."""
+    """One target table (``images`` or ``frames``) of a store, at one version.
+
+    One instance serves one consumer: its takes run one at a time (with ``reuse_buffers`` a batch's views are
+    valid until the next take of the same instance); a forked process (a DataLoader worker) starts its own read
+    threads. Give each prefetching thread its own instance.
+    """
 
     def __init__(
         self, store: Store, table: str, version: int | None = None, threads: int = 8, reuse_buffers: bool = False
     ) -> None:
         """``reuse_buffers``: :meth:`take` reads big tensors into buffers this reader keeps and hands out
-        ``memoryview``s of them, valid until the next ``take`` (decoded arrays never share them). That is what a
-        loader that collates each batch before reading the next wants: no allocation and no page faults per
-        batch, which is what makes reads from the page cache as fast as a fixed-record file."""
+        ``memoryview``s of them, valid until the next ``take`` (every big-tensor codec decodes into a new array). That is what a
+        loader that collates each batch before reading the next wants: for fixed-size tensors (the trunk) no
+        allocation and no page faults per batch; a variable-size one (zstd logits, per-object maps) gets a new
+        buffer whenever its size differs from the slot's last."""
         if table not in TABLE_OF.values():
             raise ValueError(f"{table!r} is not a target table; use one of {', '.join(TABLE_OF.values())}")
         if threads < 1:
@@ -41,15 +49,19 @@ class StoreRows:
         self.store = store
         self.table = table
         self.dataset = store.dataset(table, version)
+        self.version = self.dataset.version
         self.blobs = blob_columns(table)
         self.threads = threads
         self.reuse_buffers = reuse_buffers
         self._buffers: dict[tuple[str, int], bytearray] = {}  # (column, slot in the batch) -> buffer
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._basis: Basis | None = None
         self._basis_read = False
 
     def __len__(self) -> int:
+        self._after_fork()
         return self.dataset.count_rows()
 
     def __enter__(self) -> StoreRows:
@@ -60,28 +72,37 @@ class StoreRows:
 
     def close(self) -> None:
         """Stop the read threads (a later ``take`` starts them again)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _after_fork(self) -> None:
+        """In a forked child the parent's threads are gone: its pool would wait for them forever, and so would
+        Lance on a dataset opened before the fork. Start over with fresh ones (the same version)."""
+        if self._pid != os.getpid():
+            self._pid, self._lock, self._pool = os.getpid(), threading.Lock(), None
+            self.dataset = self.store.dataset(self.table, self.version)
 
     def take(self, indices: Sequence[int], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Rows at these positions (0 .. len - 1, any order), in that order, tensors with their bytes."""
+        self._after_fork()
         positions = [int(i) for i in indices]
-        rows = self.dataset.take(positions, columns=list(columns) if columns is not None else None).to_pylist()
         wanted = [c for c in self.blobs if columns is None or c in columns]
-        if not wanted or not rows:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="esam3-blobs")
+            files = [
+                (c, i, f)
+                for c in (wanted if positions else ())
+                for i, f in enumerate(self.dataset.take_blobs(f"{c}.data", indices=positions, buffer_size=0))
+            ]
+            payloads = self._pool.map(self._read, files)  # the blob reads start now, the small fields meanwhile
+            rows = self.dataset.take(positions, columns=list(columns) if columns is not None else None).to_pylist()
+            for (column, i, _), data in zip(files, payloads, strict=True):
+                if rows[i][column] is not None:
+                    rows[i][column]["data"] = data
             return rows
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="esam3-blobs")
-        files = [
-            (c, i, f)
-            for c in wanted
-            for i, f in enumerate(self.dataset.take_blobs(f"{c}.data", indices=positions, buffer_size=0))
-        ]
-        for (column, i, _), data in zip(files, self._pool.map(self._read, files), strict=True):
-            if rows[i][column] is not None:
-                rows[i][column]["data"] = data
-        return rows
 
     def _read(self, job: tuple[str, int, BlobFile | None]) -> bytes | memoryview | None:
         """One blob's bytes: a new ``bytes``, or (``reuse_buffers``) a view of this slot's buffer."""
@@ -103,11 +124,13 @@ class StoreRows:
         self, condition: str | None = None, columns: Sequence[str] | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
         """Rows matching a Lance SQL filter (e.g. ``key = 'sa1b/7'``; None: every row), tensors with their bytes."""
+        self._after_fork()
         table = self.dataset.to_table(columns=columns, filter=condition, limit=limit, blob_handling=_WITH_BYTES)
         return table.to_pylist()
 
     def batches(self, batch_size: int = 16, columns: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
         """Every row in storage order, ``batch_size`` at a time, tensors with their bytes."""
+        self._after_fork()
         for batch in self.dataset.to_batches(columns=columns, batch_size=batch_size, blob_handling=_WITH_BYTES):
             yield batch.to_pylist()
 

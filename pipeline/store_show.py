@@ -34,6 +34,8 @@ def find_row(store: Store, key: str) -> tuple[str, dict[str, Any]]:
     table = "images" if key.startswith("sa1b/") else "frames" if key.startswith("sav/") else None
     if table is None:
         raise StoreError(f"key {key!r}: expected sa1b/<image_id> or sav/<video_id>/<frame:05d>")
+    if store.read_card() is None:
+        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
     quoted = key.replace("'", "''")
     rows = StoreRows(store, table).where(f"key = '{quoted}'")
     if not rows:

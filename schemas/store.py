@@ -38,7 +38,6 @@ TABLES = ("images", "frames", "failures", "ledger")
 TABLE_OF = {"sa-1b": "images", "sa-v": "frames"}
 
 
-
 def _tensor(blob: bool) -> pa.StructType:
     data = pa.field("data", pa.large_binary(), metadata={"lance-encoding:blob": "true"} if blob else None)
     return pa.struct(
@@ -153,7 +152,11 @@ def tensor_columns(table: str) -> list[str]:
 
 def blob_columns(table: str) -> list[str]:
     """The tensor columns of ``table`` whose bytes are a Lance blob (``BLOB_TENSOR``)."""
-    return [name for name in tensor_columns(table) if SCHEMAS[table].field(name).type.field("data").metadata]
+    return [name for name in tensor_columns(table) if _is_blob(SCHEMAS[table].field(name).type.field("data"))]
+
+
+def _is_blob(field: pa.Field) -> bool:
+    return (field.metadata or {}).get(b"lance-encoding:blob") == b"true"
 
 
 def tensor_value(encoded: Encoded, error: float) -> dict[str, Any]:

@@ -227,6 +227,8 @@ def test_wrong_secret_is_refused_cleanly_and_never_shown(tmp_path: Path, demo_ro
             _esam3([*cache[:-1], "1"], bad),
             _esam3(["store", "info", store], bad),
             _esam3(["store", "verify", store], bad),
+            _esam3(["store", "cleanup", store], bad),
+            _esam3(["store", "show", store, "sa1b/1", "--out", str(tmp_path / "row.png")], bad),
         ]
         for result in results:
             output = result.stdout + result.stderr
@@ -235,3 +237,11 @@ def test_wrong_secret_is_refused_cleanly_and_never_shown(tmp_path: Path, demo_ro
             assert "Traceback" not in output and len(errors) == 1 and "check the S3 credentials" in errors[0], output
             assert secret not in output and wrong not in output and key not in output, output
         assert _esam3(["store", "verify", store], good).returncode == 0
+        from esam3.pipeline.object_store import S3Settings
+        from esam3.pipeline.store import Store
+        from esam3.schemas.store import StoreError
+
+        wrong_settings = S3Settings(endpoint=server.endpoint, region="us-east-1", key=key, secret=wrong)
+        with pytest.raises(StoreError, match="access to images refused.*check the S3 credentials") as refused:
+            Store(store, wrong_settings).dataset("images")  # straight to Lance, not through store.json
+        assert wrong not in str(refused.value) and key not in str(refused.value)

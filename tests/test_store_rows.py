@@ -122,3 +122,36 @@ def test_reused_buffers_give_the_same_bytes_and_decoded_arrays_own_their_memory(
     second = reused.take(order[3:6])  # same slots: the first batch's views now show the second batch's bytes
     assert bytes(view) == bytes(second[0]["trunk"]["data"]) != expected[0]["trunk"]["data"]
     assert all(np.array_equal(decoded[c], kept[c]) for c in decoded)  # decoded arrays were copies
+
+
+def _take_in_child(rows: StoreRows, queue) -> None:
+    queue.put([(r["key"], bytes(r["trunk"]["data"])) for r in rows.take([2, 0], columns=["key", "trunk"])])
+
+
+def test_a_forked_loader_worker_reads_with_its_own_threads_and_dataset(stores: dict[str, Path]) -> None:
+    """DataLoader workers fork: the parent's read threads and its Lance dataset do not survive that."""
+    import multiprocessing
+
+    rows = StoreRows(Store(str(stores["images"])), "images", reuse_buffers=True)
+    expected = [(r["key"], bytes(r["trunk"]["data"])) for r in rows.take([2, 0], columns=["key", "trunk"])]  # threads started
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_take_in_child, args=(rows, queue))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == expected
+    finally:
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+
+
+def test_verify_reports_a_missing_data_file(stores: dict[str, Path], tmp_path: Path) -> None:
+    from esam3.pipeline.store_check import verify_store
+
+    store_path = tmp_path / "store"
+    shutil.copytree(stores["images"], store_path)
+    data_files = sorted((store_path / "images.lance" / "data").glob("*.lance"))
+    data_files[0].unlink()
+    report = verify_store(Store(str(store_path)))
+    assert not report.ok and any("images: cannot be read" in p and "Not found" in p for p in report.problems), report.problems
