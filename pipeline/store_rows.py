@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
@@ -38,10 +38,10 @@ class StoreRows:
         self, store: Store, table: str, version: int | None = None, threads: int = 8, reuse_buffers: bool = False
     ) -> None:
         """``reuse_buffers``: :meth:`take` reads big tensors into buffers this reader keeps and hands out
-        ``memoryview``s of them, valid until the next ``take`` (every big-tensor codec decodes into a new array). That is what a
-        loader that collates each batch before reading the next wants: for fixed-size tensors (the trunk) no
-        allocation and no page faults per batch; a variable-size one (zstd logits, per-object maps) gets a new
-        buffer whenever its size differs from the slot's last."""
+        ``memoryview``s of them, valid until the next ``take`` (every big-tensor codec decodes into a new array).
+        That is what a loader that collates each batch before reading the next wants: for fixed-size tensors (the
+        trunk) no allocation and no page faults per batch; a variable-size one (zstd logits, per-object maps) gets
+        a new buffer whenever its size differs from the slot's last."""
         if table not in TABLE_OF.values():
             raise ValueError(f"{table!r} is not a target table; use one of {', '.join(TABLE_OF.values())}")
         if threads < 1:
@@ -50,6 +50,7 @@ class StoreRows:
         self.table = table
         self.dataset = store.dataset(table, version)
         self.version = self.dataset.version
+        self.num_rows = self.dataset.count_rows()  # this version's: fixed
         self.blobs = blob_columns(table)
         self.threads = threads
         self.reuse_buffers = reuse_buffers
@@ -61,8 +62,7 @@ class StoreRows:
         self._basis_read = False
 
     def __len__(self) -> int:
-        self._after_fork()
-        return self.dataset.count_rows()
+        return self.num_rows
 
     def __enter__(self) -> StoreRows:
         return self
@@ -88,6 +88,9 @@ class StoreRows:
         """Rows at these positions (0 .. len - 1, any order), in that order, tensors with their bytes."""
         self._after_fork()
         positions = [int(i) for i in indices]
+        outside = [i for i in positions if not 0 <= i < self.num_rows]
+        if outside:
+            raise IndexError(f"rows {outside[:5]} are not in {self.table} of {self.store.uri} (version {self.version}: {self.num_rows} rows)")
         wanted = [c for c in self.blobs if columns is None or c in columns]
         with self._lock:
             if self._pool is None:
@@ -97,11 +100,15 @@ class StoreRows:
                 for c in (wanted if positions else ())
                 for i, f in enumerate(self.dataset.take_blobs(f"{c}.data", indices=positions, buffer_size=0))
             ]
-            payloads = self._pool.map(self._read, files)  # the blob reads start now, the small fields meanwhile
-            rows = self.dataset.take(positions, columns=list(columns) if columns is not None else None).to_pylist()
-            for (column, i, _), data in zip(files, payloads, strict=True):
-                if rows[i][column] is not None:
-                    rows[i][column]["data"] = data
+            reads = [self._pool.submit(self._read, job) for job in files]  # blob reads start; small fields meanwhile
+            try:
+                rows = self.dataset.take(positions, columns=list(columns) if columns is not None else None).to_pylist()
+                for (column, i, _), read in zip(files, reads, strict=True):
+                    data = read.result()
+                    if rows[i][column] is not None:
+                        rows[i][column]["data"] = data
+            finally:
+                wait(reads)  # never leave a read writing into a buffer the next take will use
             return rows
 
     def _read(self, job: tuple[str, int, BlobFile | None]) -> bytes | memoryview | None:

@@ -67,6 +67,8 @@ def test_take_a_subset_of_columns(stores: dict[str, Path]) -> None:
         assert trunk.shape == (64, 8, 8) and trunk.dtype == np.float32 and np.isfinite(trunk).all()
         assert [set(r) for r in rows.take([1], columns=["key"])] == [{"key"}]  # no blob column asked: no blob read
     assert rows.take([2], columns=["trunk"])[0]["trunk"]["data"] == taken[0]["trunk"]["data"]  # reopens after close
+    with pytest.raises(IndexError, match=r"rows \[-1, 99\] are not in images .*: 6 rows"):
+        rows.take([0, -1, 99])
     with pytest.raises(ValueError, match="threads must be at least 1"):
         StoreRows(Store(str(stores["images"])), "images", threads=0)
 
