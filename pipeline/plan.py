@@ -278,9 +278,11 @@ class TeacherPool:
 
 
 def teacher_pool(gpus: int, node_cpus: Sequence[int]) -> TeacherPool:
-    """One actor per GPU; without GPUs one actor per node with CPUs, given all of the smallest such node's cores
-    but one (an actor cannot span nodes, and decode and encode need the last core)."""
-    cpu_nodes = [c for c in node_cpus if c >= 1]
+    """One actor per GPU; without GPUs one actor per big node, given all of the smallest big node's cores but one
+    (an actor cannot span nodes, and decode and encode need the last core). A node with under half the CPUs of the
+    largest (a small head) gets no teacher, so that it does not shrink every actor; it still reads and writes."""
+    largest = max(node_cpus, default=0)
+    cpu_nodes = [c for c in node_cpus if c >= 1 and 2 * c >= largest]
     cpus = min(cpu_nodes, default=1)
     side_cpus = 0.5 if cpus >= 2 else 0.25
     if gpus:

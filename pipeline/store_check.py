@@ -105,10 +105,11 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
         elif ledger_by_shard[shard]["failures"] != count:
             report.problem(f"failures: shard {shard} has {count} rows, its ledger entry says {ledger_by_shard[shard]['failures']}")
     for table in TARGET_TABLES:
+        before = report.rows_checked
         try:
             _verify_table(store, table, teacher, ledger_by_shard, card, report, on_rows)
-        except (OSError, pa.ArrowException) as exc:  # a data or blob file gone or unreadable: this scan cannot go on
-            report.problem(f"{table}: cannot be read after {report.rows_checked} rows checked ({first_line(exc)})")
+        except (OSError, pa.ArrowException) as exc:  # a file gone or unreadable, or the storage down: the scan stops
+            report.problem(f"{table}: cannot be read after {report.rows_checked - before} of its rows ({first_line(exc)})")
     return report
 
 

@@ -34,12 +34,13 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
     }
     tables: dict[str, dict[str, int]] = {}
     for name in TABLES:
-        ds = store.dataset(name)
         try:
+            ds = store.dataset(name)
             stats = ds.explain_cleanup_old_versions(**options).stats if config.dry_run else ds.cleanup_old_versions(**options)
             versions = len(store.dataset(name).versions())
-        except OSError as exc:  # e.g. read-only credentials: a 403 on the first delete
-            raise StoreError(f"store {store.uri}: cannot clean up {name} ({first_line(exc)}); {ACCESS_HINT}") from None
+        except (OSError, ValueError) as exc:  # e.g. read-only credentials: a 403 on the first delete; server down
+            hint = f"; {ACCESS_HINT}" if "403" in str(exc) else ""
+            raise StoreError(f"store {store.uri}: cannot clean up {name} ({first_line(exc)}){hint}") from None
         tables[name] = {field: int(getattr(stats, field)) for field in _STATS}
         tables[name]["versions_left"] = versions - tables[name]["old_versions"] if config.dry_run else versions
     total = {field: sum(t[field] for t in tables.values()) for field in _STATS}

@@ -31,7 +31,8 @@ class StoreRows:
 
     One instance serves one consumer: its takes run one at a time (with ``reuse_buffers`` a batch's views are
     valid until the next take of the same instance); a forked process (a DataLoader worker) starts its own read
-    threads. Give each prefetching thread its own instance.
+    threads, and a pickled copy (a spawned worker) reopens the same version. Give each prefetching thread its own
+    instance.
     """
 
     def __init__(
@@ -64,6 +65,14 @@ class StoreRows:
     def __len__(self) -> int:
         return self.num_rows
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (spawned DataLoader workers): the settings only; the copy reopens the same version."""
+        return {"store": self.store, "table": self.table, "version": self.version, "threads": self.threads,
+                "reuse_buffers": self.reuse_buffers}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
     def __enter__(self) -> StoreRows:
         return self
 
@@ -72,6 +81,7 @@ class StoreRows:
 
     def close(self) -> None:
         """Stop the read threads (a later ``take`` starts them again)."""
+        self._after_fork()
         with self._lock:
             if self._pool is not None:
                 self._pool.shutdown()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import simplejpeg
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.pipeline.store import Store
 from esam3.pipeline.store_rows import StoreRows
+from esam3.schemas.errors import first_line
 from esam3.schemas.samples import Failure
 from esam3.schemas.store import StoreError, decode_tensor
 
@@ -37,7 +39,10 @@ def find_row(store: Store, key: str) -> tuple[str, dict[str, Any]]:
     if store.read_card() is None:
         raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
     quoted = key.replace("'", "''")
-    rows = StoreRows(store, table).where(f"key = '{quoted}'")
+    try:
+        rows = StoreRows(store, table).where(f"key = '{quoted}'")
+    except (OSError, pa.ArrowException) as exc:  # a data file gone, the server down: one line, not a traceback
+        raise StoreError(f"store {store.uri}: cannot read {table} ({first_line(exc)})") from None
     if not rows:
         raise StoreError(f"store {store.uri} has no row with key {key!r} (see 'esam3 store info')")
     return table, rows[0]

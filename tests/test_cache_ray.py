@@ -88,11 +88,14 @@ def test_sigkilled_teacher_actor_is_replaced_and_every_key_lands_once(local_ray,
 
 
 def test_teacher_pool_fits_on_nodes() -> None:
-    """A CPU teacher actor must fit on one node: one per node, sized by the smallest; a 0-CPU head is skipped."""
+    """A CPU teacher actor must fit on one node: one per big node, sized by the smallest of them; a 0-CPU or small
+    head gets none."""
     from esam3.pipeline.plan import TeacherPool, teacher_pool
 
     assert teacher_pool(0, [2]) == TeacherPool(actors=1, per_actor=1, threads=1, side_cpus=0.5)
     assert teacher_pool(0, [0, 16, 16]) == TeacherPool(actors=2, per_actor=15, threads=15, side_cpus=0.5)
     assert teacher_pool(0, [8, 16]) == TeacherPool(actors=2, per_actor=7, threads=7, side_cpus=0.5)
     assert teacher_pool(0, [1]) == TeacherPool(actors=1, per_actor=0.5, threads=1, side_cpus=0.25)
+    assert teacher_pool(0, [2, 64, 64]) == TeacherPool(actors=2, per_actor=63, threads=63, side_cpus=0.5)  # small head
+    assert teacher_pool(0, []) == TeacherPool(actors=1, per_actor=0.5, threads=1, side_cpus=0.25)
     assert teacher_pool(4, [0, 32]) == TeacherPool(actors=4, per_actor=1, threads=None, side_cpus=0.5)

@@ -102,3 +102,12 @@ def test_bad_flags_and_not_a_store(tmp_path: Path) -> None:
         assert result.exit_code == 2 and text in result.output, result.output
     result = runner.invoke(app, ["store", "cleanup", str(tmp_path)], env=WIDE)
     assert result.exit_code == 2 and "not an esam3 store" in result.output
+
+
+def test_a_table_that_cannot_be_opened_is_one_line(cached: Path, tmp_path: Path) -> None:
+    store_path = tmp_path / "store"
+    shutil.copytree(cached, store_path)
+    shutil.rmtree(store_path / "frames.lance")
+    result = runner.invoke(app, ["store", "cleanup", str(store_path)], env=WIDE)
+    assert result.exit_code == 2 and "cannot clean up frames" in result.output, result.output
+    assert "credentials" not in result.output  # the access hint is for 403s only

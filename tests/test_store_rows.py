@@ -148,7 +148,24 @@ def test_a_forked_loader_worker_reads_with_its_own_threads_and_dataset(stores: d
             child.kill()
 
 
-def test_verify_reports_a_missing_data_file(stores: dict[str, Path], tmp_path: Path) -> None:
+def test_a_pickled_reader_reopens_the_same_version(stores: dict[str, Path], tmp_path: Path) -> None:
+    """Spawned DataLoader workers get the reader pickled: it must travel without its lock, threads or dataset."""
+    import pickle
+
+    store_path = tmp_path / "store"
+    shutil.copytree(stores["images"], store_path)
+    rows = StoreRows(Store(str(store_path)), "images", threads=2, reuse_buffers=True)
+    expected = [(r["key"], bytes(r["trunk"]["data"])) for r in rows.take([1, 0], columns=["key", "trunk"])]
+    Store(str(store_path)).dataset("images").delete("key = 'sa1b/1'")  # a newer version; the copy keeps the old one
+    copy = pickle.loads(pickle.dumps(rows))
+    assert (copy.version, len(copy), copy.threads, copy.reuse_buffers) == (rows.version, len(rows), 2, True)
+    assert [(r["key"], bytes(r["trunk"]["data"])) for r in copy.take([1, 0], columns=["key", "trunk"])] == expected
+
+
+def test_verify_and_show_report_a_missing_data_file(stores: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from esam3.cli import app
     from esam3.pipeline.store_check import verify_store
 
     store_path = tmp_path / "store"
@@ -156,4 +173,8 @@ def test_verify_reports_a_missing_data_file(stores: dict[str, Path], tmp_path: P
     data_files = sorted((store_path / "images.lance" / "data").glob("*.lance"))
     data_files[0].unlink()
     report = verify_store(Store(str(store_path)))
-    assert not report.ok and any("images: cannot be read" in p and "Not found" in p for p in report.problems), report.problems
+    assert not report.ok and any("images: cannot be read after 0 of its rows" in p and "Not found" in p for p in report.problems), report.problems
+    shown = CliRunner().invoke(app, ["store", "show", str(store_path), "sa1b/1", "--out", str(tmp_path / "row.png")])
+    assert shown.exit_code == 2 and "cannot read images" in shown.output and shown.exception.__class__ is SystemExit
+    cleaned = CliRunner().invoke(app, ["store", "cleanup", str(store_path), "--older-than", "0s"])
+    assert cleaned.exit_code == 0, cleaned.output  # cleanup reads manifests only: a lost data file is verify's business
