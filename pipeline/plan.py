@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -349,6 +350,8 @@ def _init_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
+        if address != "auto":
+            _check_reachable(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         except ConnectionError as exc:
@@ -365,6 +368,18 @@ def _init_ray(address: str | None) -> bool:
         configure_logging=False,
     )
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at HOST:PORT (Ray itself retries for minutes before it gives up)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RunError(
+            f"--address {address}: no Ray cluster answers ({exc.strerror or type(exc).__name__}); "
+            "start one with 'ray start --head', or pass auto on a cluster node"
+        ) from None
 
 
 def _object_store_bytes() -> int:

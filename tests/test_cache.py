@@ -507,3 +507,16 @@ def test_every_kind_of_bad_sample_becomes_a_failure_row(tmp_path: Path) -> None:
     failure = lance.dataset(str(video_store / "failures.lance")).to_table().to_pylist()
     assert report.exit_code == 0 and len(failure) == 1 and "not a readable video" in failure[0]["reason"]
     assert {k.split("/")[1] for k in keys(video_store, "frames")} == {"sav_000001", "sav_000003"}
+
+
+def test_address_with_nothing_listening_fails_at_once(demo_root: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free once closed: nothing listens there
+    args = ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(tmp_path / "s"),
+            "--address", f"127.0.0.1:{port}"]
+    result = runner.invoke(app, args, env=WIDE)
+    assert result.exit_code == 1, result.output
+    assert f"--address 127.0.0.1:{port}: no Ray cluster answers (Connection refused)" in result.output
