@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from esam3.pipeline.claims import ShardClaims
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.shards import DatasetName, ShardRef, SourceError, select_shards
 from esam3.pipeline.tar_stream import ShardReadError
@@ -140,7 +141,35 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     if not todo:
         report.seconds = time.perf_counter() - start
         return report
-    store.forget_unfinished(table, [s.name for s in todo])
+    with ShardClaims(store, run_id, dataset.value, [s.name for s in todo]) as claims:
+        elsewhere = claims.held_elsewhere()
+        # Read the ledger again after claiming: a run that finished a shard meanwhile wrote its ledger row before
+        # it dropped its claim, so every shard is either claimed elsewhere, done, or safe to clean up and run here.
+        done = store.finished_shards(dataset.value, fingerprint)
+        report.shards_skipped += sum(1 for s in todo if s.name in done)
+        todo = [s for s in todo if s.name not in elsewhere and s.name not in done]
+        claims.narrow([s.name for s in todo])
+        for shard, other in sorted(elsewhere.items()):
+            log.warning("%s is being cached by run %s (%s, pid %d): left to it", shard, other.run_id, other.host, other.pid)
+        if todo:
+            store.forget_unfinished(table, [s.name for s in todo])
+            _run_shards(config, executor, store, table, todo, geometry, checksum, run_id, fingerprint, report, on_progress)
+    report.seconds = time.perf_counter() - start
+    if elsewhere:
+        runs = sorted({c.run_id for c in elsewhere.values()})
+        raise RunError(
+            f"{len(elsewhere)} shard(s) are being cached by another run ({', '.join(runs)}): {sorted(elsewhere)[:5]}; "
+            "this run left them to it: rerun when it has finished"
+        )
+    report.exit_code = 1 if _failures_exceeded(store, config, fingerprint, {s.name for s in shards}) else 0
+    return report
+
+
+def _run_shards(
+    config: CacheConfig, executor: str, store: Store, table: str, todo: list[ShardRef], geometry: Any, checksum: str,
+    run_id: str, fingerprint: str, report: CacheReport, on_progress: ProgressCallback | None,
+) -> None:
+    """Stream the shards through the steps; commit each shard as soon as all of its rows are written."""
     steps = build_steps(config, store, geometry, checksum, run_id)
     runner = _run_ray if executor == "ray" else _run_local
     progress = {s.name: ShardProgress(s.name, s.url) for s in todo}
@@ -150,18 +179,15 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
                 state = progress.get(entry["shard"])
                 if state is None:
                     raise RunError(f"rows of {entry['shard']} arrived after it was committed; rerun the command")
-                state.add(entry, run_id, dataset.value)
+                state.add(entry, run_id, config.dataset)
                 report.rows_written += entry["rows"]
                 if state.complete:
-                    _commit(store, table, dataset.value, state, run_id, fingerprint, report)
+                    _commit(store, table, config.dataset, state, run_id, fingerprint, report)
                     del progress[state.name]
                 if on_progress:
                     on_progress(report)
-    report.seconds = time.perf_counter() - start
     if progress:
         raise RunError(f"the plan ended with {len(progress)} shard(s) incomplete: {sorted(progress)[:5]}; rerun to finish them")
-    report.exit_code = 1 if _failures_exceeded(store, config, fingerprint, {s.name for s in shards}) else 0
-    return report
 
 
 def absolute(uri: str) -> str:

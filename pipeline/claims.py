@@ -1,0 +1,126 @@
+"""Shard claims: which live run is caching which shards of a store, so that two runs never work on one shard.
+
+Before a run deletes rows of unfinished shards or starts any, it writes ``claims/<run_id>.json`` (host, pid,
+dataset, shards, heartbeat), keeps the heartbeat fresh from a background thread, then reads every other claim and
+leaves out each shard another live run claims. Storage with read-after-write consistency (local disks, S3) makes
+at least one of two runs that start together see the other, so at most one keeps a shard; both may leave it, and
+a rerun does it. Without claims, a run starting while another commits shard X could delete X's fresh rows before
+that run's ledger row lands.
+
+A claim is dead when its heartbeat is older than ``STALE_AFTER`` seconds, or at once when its process is gone on
+this host (so a killed driver's rerun need not wait). The claim file is removed when the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from esam3.pipeline.store import Store
+from esam3.schemas.errors import first_line
+
+log = logging.getLogger(__name__)
+CLAIMS_DIR = "claims"
+HEARTBEAT_SECONDS = 10.0
+STALE_AFTER = 60.0
+
+
+@dataclass
+class Claim:
+    run_id: str
+    host: str
+    pid: int
+    dataset: str
+    shards: list[str]
+    heartbeat: float  # seconds since the epoch
+
+    def alive(self, now: float) -> bool:
+        if now - self.heartbeat > STALE_AFTER:
+            return False
+        if self.host == socket.gethostname():
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True  # someone else's process: it exists
+        return True
+
+
+class ShardClaims:
+    """This run's claim on its shards, alive (heartbeat thread) while the context is open."""
+
+    def __init__(self, store: Store, run_id: str, dataset: str, shards: Sequence[str]) -> None:
+        self.store = store
+        self.claim = Claim(run_id, socket.gethostname(), os.getpid(), dataset, list(shards), time.time())
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name="esam3-claim-heartbeat", daemon=True)
+
+    @property
+    def path(self) -> str:
+        return f"{self.store.path}/{CLAIMS_DIR}/{self.claim.run_id}.json"
+
+    def __enter__(self) -> ShardClaims:
+        self.store.fs.makedirs(f"{self.store.path}/{CLAIMS_DIR}", exist_ok=True)
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.store.fs.rm(self.path)
+        except Exception as exc:  # noqa: BLE001 - storage down (s3fs raises more than OSError); never mask the run's error
+            log.warning("could not remove the claim %s (%s); it expires in %.0f s", self.path, first_line(exc), STALE_AFTER)
+
+    def held_elsewhere(self) -> dict[str, Claim]:
+        """Shards of this run that another live run of the same dataset claims, with that run's claim."""
+        now, mine = time.time(), set(self.claim.shards)
+        held: dict[str, Claim] = {}
+        for other in self._others():
+            if other.dataset == self.claim.dataset and other.alive(now):
+                held.update({shard: other for shard in other.shards if shard in mine})
+        return held
+
+    def narrow(self, shards: Sequence[str]) -> None:
+        """Claim only these shards from now on (the ones this run keeps)."""
+        with self._lock:
+            self.claim.shards = list(shards)
+        self._write()
+
+    def _others(self) -> list[Claim]:
+        claims = []
+        for path in self.store.fs.glob(f"{self.store.path}/{CLAIMS_DIR}/*.json"):
+            if path.rsplit("/", 1)[-1] == f"{self.claim.run_id}.json":
+                continue
+            try:
+                with self.store.fs.open(path, "r") as handle:
+                    claims.append(Claim(**json.load(handle)))
+            except (OSError, ValueError, TypeError) as exc:  # gone meanwhile (its run ended) or unreadable: no claim
+                log.debug("claim %s skipped: %s", path, exc)
+        return claims
+
+    def _write(self) -> None:
+        with self._lock:
+            self.claim.heartbeat = time.time()
+            document: dict[str, Any] = asdict(self.claim)
+        staging = f"{self.store.path}/{CLAIMS_DIR}/.{self.claim.run_id}.json.tmp"
+        with self.store.fs.open(staging, "w") as handle:  # then a rename: readers never see half a claim
+            json.dump(document, handle)
+        self.store.fs.mv(staging, self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self._write()
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next beat retries; the run reports outages
+                log.debug("claim heartbeat failed: %s", exc)

@@ -1,0 +1,117 @@
+"""Shard claims: a shard another live run is caching is left to it; dead or stale claims are ignored; a run's
+claim lives exactly as long as the run; two runs on the same shards at once store every key once."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from esam3.pipeline.claims import CLAIMS_DIR, STALE_AFTER
+from esam3.pipeline.plan import run_cache
+from esam3.pipeline.store import Store
+from esam3.pipeline.store_check import verify_store
+from esam3.schemas.cache import RunError
+from tests.test_cache import config, keys
+
+
+def _claim(store: Path, run_id: str, shards: list[str], pid: int, host: str | None = None, age: float = 0.0) -> None:
+    folder = store / CLAIMS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{run_id}.json").write_text(json.dumps({
+        "run_id": run_id, "host": host or socket.gethostname(), "pid": pid, "dataset": "sa-1b", "shards": shards,
+        "heartbeat": time.time() - age,
+    }))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _open_store(demo_root: Path, store: Path) -> None:
+    """Create the store (card, tables) with an empty shard selection's worth of work: run shard 1 only."""
+    run_cache(config(demo_root / "sa-1b", store, shards="1"), executor="local")
+
+
+def test_a_shard_claimed_by_a_live_run_is_left_to_it(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    _claim(store, "other-run", ["sa_000000.tar"], pid=1)  # pid 1 is alive
+    with pytest.raises(RunError, match=r"being cached by another run \(other-run\).*sa_000000.tar.*rerun when it has finished"):
+        run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert keys(store) == ["sa1b/4", "sa1b/5", "sa1b/6"]  # shard 1 done, shard 0 left alone
+    (store / CLAIMS_DIR / "other-run.json").unlink()  # that run ended
+    report = run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert report.shards_committed == 1 and keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
+    assert verify_store(Store(str(store))).ok
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        {"pid": "dead"},  # its process is gone on this host: no waiting
+        {"pid": 1, "host": "another-machine", "age": STALE_AFTER + 5},  # no heartbeat for too long
+    ],
+)
+def test_dead_and_stale_claims_are_ignored(demo_root: Path, tmp_path: Path, claim: dict) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    pid = _dead_pid() if claim["pid"] == "dead" else claim["pid"]
+    _claim(store, "gone-run", ["sa_000000.tar", "sa_000001.tar"], pid=pid, host=claim.get("host"), age=claim.get("age", 0.0))
+    report = run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert report.shards_committed == 2 and keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
+
+
+def test_a_fresh_claim_from_another_machine_is_honoured(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    _claim(store, "remote-run", ["sa_000001.tar"], pid=999999, host="another-machine", age=STALE_AFTER / 2)
+    with pytest.raises(RunError, match="remote-run"):
+        run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert keys(store) == ["sa1b/1", "sa1b/2", "sa1b/3"]
+
+
+def test_the_run_claims_its_shards_while_it_runs(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    seen: list[dict] = []
+
+    def look(_report) -> None:
+        seen.extend(json.loads(p.read_text()) for p in (store / CLAIMS_DIR).glob("*.json"))
+
+    report = run_cache(config(demo_root / "sa-1b", store), executor="local", on_progress=look)
+    assert seen and {c["run_id"] for c in seen} == {report.run_id}
+    assert set(seen[0]["shards"]) == {"sa_000000.tar", "sa_000001.tar"} and seen[0]["dataset"] == "sa-1b"
+    assert not list((store / CLAIMS_DIR).glob("*.json"))  # removed at the end
+
+
+def test_two_runs_on_the_same_shards_at_once_store_every_key_once(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    _open_store(demo_root, store)  # both runs then find a store and one shard (0) to do, plus shard 1 done
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_cache(config(demo_root / "sa-1b", store), executor="local")  # each run gets its own run id
+        except BaseException as exc:  # noqa: BLE001 - every error is checked below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(e, RunError) and "being cached by another run" in str(e) for e in errors), errors
+    if len(errors) == 2:  # both started together and left the shard to each other: a rerun does it
+        run_cache(config(demo_root / "sa-1b", store), executor="local")
+    assert keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
+    ledger = Store(str(store)).ledger().to_pylist()
+    assert sorted(r["shard"] for r in ledger) == ["sa_000000.tar", "sa_000001.tar"]
+    assert verify_store(Store(str(store))).ok
