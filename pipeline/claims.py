@@ -7,8 +7,9 @@ at least one of two runs that start together see the other, so at most one keeps
 a rerun does it. Without claims, a run starting while another commits shard X could delete X's fresh rows before
 that run's ledger row lands.
 
-A claim is dead when its heartbeat is older than ``STALE_AFTER`` seconds, or at once when its process is gone on
-this host (so a killed driver's rerun need not wait). The claim file is removed when the run ends.
+A claim is dead when its heartbeat is older than ``STALE_AFTER`` seconds (machines' clocks must agree to well
+within that, as NTP keeps them), or at once when its process is gone on this host (so a killed driver's rerun
+need not wait). The claim file is removed when the run ends.
 """
 
 from __future__ import annotations
@@ -110,13 +111,13 @@ class ShardClaims:
         return claims
 
     def _write(self) -> None:
-        with self._lock:
+        with self._lock:  # the heartbeat thread and narrow() share the staging file
             self.claim.heartbeat = time.time()
             document: dict[str, Any] = asdict(self.claim)
-        staging = f"{self.store.path}/{CLAIMS_DIR}/.{self.claim.run_id}.json.tmp"
-        with self.store.fs.open(staging, "w") as handle:  # then a rename: readers never see half a claim
-            json.dump(document, handle)
-        self.store.fs.mv(staging, self.path)
+            staging = f"{self.store.path}/{CLAIMS_DIR}/.{self.claim.run_id}.json.tmp"
+            with self.store.fs.open(staging, "w") as handle:  # then a rename: readers never see half a claim
+                json.dump(document, handle)
+            self.store.fs.mv(staging, self.path)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
