@@ -21,6 +21,11 @@ ACCESS_HINT = (
 )
 
 
+def access_refused(exc: BaseException) -> bool:
+    """Whether a storage error is the server refusing our credentials (s3fs: PermissionError; Lance: a 403 text)."""
+    return isinstance(exc, PermissionError) or "403 Forbidden" in str(exc)
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 

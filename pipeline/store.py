@@ -22,7 +22,7 @@ import pyarrow as pa
 from lance import LanceDataset, LanceOperation
 from lance.fragment import FragmentMetadata
 
-from esam3.pipeline.object_store import ACCESS_HINT, S3Settings
+from esam3.pipeline.object_store import ACCESS_HINT, S3Settings, access_refused
 from esam3.schemas.codecs import Basis
 from esam3.schemas.store import LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
@@ -49,7 +49,7 @@ class Store:
         try:
             return lance.dataset(self.table_uri(name), version=version, storage_options=self.storage_options or None)
         except (OSError, ValueError) as exc:
-            if "403 Forbidden" in str(exc):  # other errors (server down, ...) keep their own type for the caller
+            if access_refused(exc):  # other errors (server down, ...) keep their own type for the caller
                 raise StoreError(f"store {self.uri}: access to {name} refused (403 Forbidden); {ACCESS_HINT}") from None
             raise
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from esam3.pipeline.object_store import ACCESS_HINT
+from esam3.pipeline.object_store import ACCESS_HINT, access_refused
 from esam3.pipeline.store import Store
 from esam3.schemas.cleanup import CleanupConfig
 from esam3.schemas.errors import first_line
@@ -39,7 +39,7 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
             stats = ds.explain_cleanup_old_versions(**options).stats if config.dry_run else ds.cleanup_old_versions(**options)
             versions = len(store.dataset(name).versions())
         except (OSError, ValueError) as exc:  # e.g. read-only credentials: a 403 on the first delete; server down
-            hint = f"; {ACCESS_HINT}" if "403" in str(exc) else ""
+            hint = f"; {ACCESS_HINT}" if access_refused(exc) else ""
             raise StoreError(f"store {store.uri}: cannot clean up {name} ({first_line(exc)}){hint}") from None
         tables[name] = {field: int(getattr(stats, field)) for field in _STATS}
         tables[name]["versions_left"] = versions - tables[name]["old_versions"] if config.dry_run else versions
