@@ -7,6 +7,9 @@
 * video targets: one synthetic 1008x1008 video, 8 objects over 16 annotated frames: frame-objects/s.
 
 Inputs are synthetic (random pixels, moving rectangles as masks), so the script needs no JPEG/MP4 codecs.
+``--device cpu`` (fp32) runs every step of the same script at full size on a machine without a GPU, to check
+it before a GPU is lent; there, keep the work small (``--batches 1 --repeats 1 --warmup 0 --prompt-images 1
+--prompts 4 --video-frames 2 --objects 2``: about 15 minutes on 2 cores).
 Writes ``$OUT/gpu_teacher.json`` (or ``--out``) and prints the same JSON line. Target: >= 60 trunk images/s
 on one H100 (the public recipe exports 8.68 images/s on an L40S at batch 1).
 
@@ -57,15 +60,21 @@ def peak_flops(name: str) -> float | None:
     return None
 
 
-def timed(fn: Any, repeats: int) -> float:
-    """Seconds per call, after two warm-up calls, with the GPU synchronised."""
-    for _ in range(2):
+def synchronize() -> None:
+    """Wait for queued GPU work, so wall-clock times cover it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any, repeats: int, warmup: int) -> float:
+    """Seconds per call, after ``warmup`` untimed calls, with the GPU synchronised."""
+    for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    synchronize()
     return (time.perf_counter() - start) / repeats
 
 
@@ -80,13 +89,13 @@ def trunk_flops(teacher: Any) -> int:
     return counter.get_total_flops()
 
 
-def bench_trunk(teacher: Any, batches: list[int], repeats: int, flops: int, peak: float | None) -> dict[str, Any]:
+def bench_trunk(teacher: Any, batches: list[int], timing: tuple[int, int], flops: int, peak: float | None) -> dict[str, Any]:
     size = teacher.geometry.image_size
     out: dict[str, Any] = {}
     dtype = next(teacher.trunk.parameters()).dtype
     for batch in batches:
         pixels = torch.randn(batch, 3, size, size, device=teacher.device, dtype=dtype)
-        seconds = timed(lambda: teacher.trunk_features(pixels), repeats)
+        seconds = timed(lambda: teacher.trunk_features(pixels), *timing)
         rate = batch / seconds
         out[f"batch{batch}"] = {
             "images_per_s": round(rate, 2),
@@ -96,7 +105,7 @@ def bench_trunk(teacher: Any, batches: list[int], repeats: int, flops: int, peak
         }
     best = max(batches, key=lambda b: out[f"batch{b}"]["images_per_s"])
     pixels = torch.randn(best, 3, size, size, device=teacher.device, dtype=dtype)
-    seconds = timed(lambda: teacher.trunk_features(pixels).to(torch.float16).cpu(), repeats)
+    seconds = timed(lambda: teacher.trunk_features(pixels).to(torch.float16).cpu(), *timing)
     out["to_host_fp16"] = {"batch": best, "images_per_s": round(best / seconds, 2)}
     return out
 
@@ -114,7 +123,7 @@ def synthetic_masks(rng: np.random.Generator, height: int, width: int, n: int) -
     return masks
 
 
-def bench_prompts(teacher: Any, k: int, images: int) -> dict[str, Any]:
+def bench_prompts(teacher: Any, k: int, images: int, warmup: int) -> dict[str, Any]:
     from esam3.schemas.prompts import PromptConfig
     from esam3.workers.prompts import sample_prompts
 
@@ -126,11 +135,11 @@ def bench_prompts(teacher: Any, k: int, images: int) -> dict[str, Any]:
         for i in range(images)
     ]
     trunks = teacher.trunk_features(torch.randn(images, 3, size, size, device=teacher.device))
-    seconds = timed(lambda: [teacher.prompt_targets(t, p) for t, p in zip(trunks, prompt_sets)], 2)
+    seconds = timed(lambda: [teacher.prompt_targets(t, p) for t, p in zip(trunks, prompt_sets)], 2, warmup)
     return {"k": k, "images_per_s": round(images / seconds, 2), "prompts_per_s": round(images * k / seconds, 1)}
 
 
-def bench_video(teacher: Any, frames: int, objects: int) -> dict[str, Any]:
+def bench_video(teacher: Any, frames: int, objects: int, warmup: int) -> dict[str, Any]:
     from esam3.schemas.rle import Runs
     from esam3.schemas.teacher import VideoPrompt, VideoTargetConfig
 
@@ -151,11 +160,12 @@ def bench_video(teacher: Any, frames: int, objects: int) -> dict[str, Any]:
         record=SimpleNamespace(masklet_id=list(range(objects))),
     )
     config = VideoTargetConfig(prompt=VideoPrompt.MASK, max_objects=objects, max_frames=frames)
-    list(teacher.video_targets(video, config))  # warm-up
-    torch.cuda.synchronize()
+    for _ in range(warmup):
+        list(teacher.video_targets(video, config))
+    synchronize()
     start = time.perf_counter()
     done = list(teacher.video_targets(video, config))
-    torch.cuda.synchronize()
+    synchronize()
     seconds = time.perf_counter() - start
     frame_objects = sum(len(f.object_ids) for f in done)
     return {
@@ -169,6 +179,9 @@ def main() -> None:
     parser.add_argument("--teacher", default="full-random", help="random teacher name or checkpoint directory")
     parser.add_argument("--batches", default="1,4,8,16", help="trunk batch sizes to time")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before each timing")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu (fp32) checks the script without a GPU")
+    parser.add_argument("--prompt-images", type=int, default=8, help="images whose prompts are decoded per timed call")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per image")
     parser.add_argument("--video-frames", type=int, default=16, help="annotated frames of the synthetic video")
     parser.add_argument("--objects", type=int, default=8, help="objects tracked in the synthetic video")
@@ -178,12 +191,24 @@ def main() -> None:
     from esam3.schemas.teacher import TeacherConfig
     from esam3.workers.teacher import Sam3Teacher
 
-    if not torch.cuda.is_available():
-        parser.error("no CUDA device: this benchmark is for the GPU machine (benchmarks/teacher.py runs on CPU)")
-    batches = [int(b) for b in args.batches.split(",")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: this benchmark is for the GPU machine (--device cpu checks it on a CPU)")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches takes comma-separated integers like 1,4,8, not {args.batches!r}")
+    counts = {"--repeats": args.repeats, "--prompt-images": args.prompt_images, "--prompts": args.prompts,
+              "--video-frames": args.video_frames, "--objects": args.objects, "batch sizes": min(batches)}
+    for flag, value in counts.items():
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    timing = (args.repeats, args.warmup)
     start = time.perf_counter()
-    teacher = Sam3Teacher.load(TeacherConfig(source=args.teacher, device="cuda", precision="bf16", batch_size=max(batches)))
-    name = torch.cuda.get_device_name()
+    precision = "bf16" if args.device == "cuda" else "fp32"
+    teacher = Sam3Teacher.load(TeacherConfig(source=args.teacher, device=args.device, precision=precision, batch_size=max(batches)))
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     peak = peak_flops(name)
     flops = trunk_flops(teacher)
     result: dict[str, Any] = {
@@ -191,13 +216,14 @@ def main() -> None:
         "load_s": round(time.perf_counter() - start, 1), "parameters": teacher.card.parameters,
         "trunk_gflops_per_image": round(flops / 1e9, 1), "peak_bf16_tflops": peak and peak / 1e12,
     }
-    result["trunk_autocast"] = bench_trunk(teacher, batches, args.repeats, flops, peak)
-    result["prompts"] = bench_prompts(teacher, args.prompts, images=8)
-    result["video"] = bench_video(teacher, args.video_frames, args.objects)
+    result["trunk_autocast" if args.device == "cuda" else "trunk_fp32"] = bench_trunk(teacher, batches, timing, flops, peak)
+    result["prompts"] = bench_prompts(teacher, args.prompts, args.prompt_images, args.warmup)
+    result["video"] = bench_video(teacher, args.video_frames, args.objects, args.warmup)
     teacher.trunk.to(torch.bfloat16)
     teacher.amp_dtype = None  # weights in bf16, no autocast: what a cast-once teacher would give
-    result["trunk_bf16_weights"] = bench_trunk(teacher, batches, args.repeats, flops, peak)
-    result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result["trunk_bf16_weights"] = bench_trunk(teacher, batches, timing, flops, peak)
+    if args.device == "cuda":
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     args.out.mkdir(parents=True, exist_ok=True)
     line = json.dumps(result)
     (args.out / "gpu_teacher.json").write_text(line + "\n")

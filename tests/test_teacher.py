@@ -228,6 +228,8 @@ def test_concept_targets_equal_sam3_model(tiny_teacher: Sam3Teacher) -> None:
         assert ref.close(out.logits[i], expected.pred_logits[0, index])
         assert ref.close(out.presence_logit[i : i + 1], expected.presence_logits[0])
         assert ref.close(out.text_features[i], text.pooler_output[0])
+        expected_scores = expected.pred_logits[0, index].sigmoid() * expected.presence_logits[0].sigmoid()
+        assert ref.close(out.scores[i], expected_scores) and ref.close(out.scores[i], expected_scores.topk(4).values)
     with pytest.raises(ValueError, match="noun phrase"):
         tiny_teacher.concept_targets(trunk, ["  "], ConceptTargetConfig())
 
@@ -322,3 +324,49 @@ def test_device_cuda_without_gpu_is_a_clear_error(tiny_teacher: Sam3Teacher, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(TeacherLoadError, match="no CUDA device"):
         Sam3Teacher(tiny_teacher.model, TeacherConfig(device="cuda"), None)
+
+
+def test_auto_picks_cuda_with_bf16_autocast_when_a_gpu_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    from esam3.schemas.teacher import Device, Precision
+    from esam3.workers.teacher import resolve_device, resolve_precision
+
+    assert resolve_device(Device.AUTO) == torch.device("cpu") or torch.cuda.is_available()
+    assert resolve_precision(Precision.AUTO, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(Device.AUTO) == torch.device("cuda")
+    assert resolve_precision(Precision.AUTO, torch.device("cuda")) == torch.bfloat16
+    assert resolve_precision(Precision.FP32, torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("breakage", ["no-files", "foreign-tokenizer"])
+def test_concept_targets_refuse_a_missing_or_foreign_tokenizer(tiny_teacher: Sam3Teacher, tmp_path: Path, breakage: str) -> None:
+    """Without its files transformers would build an empty tokenizer: every phrase the same ids, silently."""
+    import shutil
+
+    from esam3.workers.teacher_loading import character_tokenizer
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_teacher.card.checkpoint_dir, checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+        (checkpoint / name).unlink(missing_ok=True)
+    text = tiny_teacher.model.config.detector_config.text_config
+    message = "CLIP tokenizer files"
+    if breakage == "foreign-tokenizer":
+        tokenizer = character_tokenizer(text.max_position_embeddings)
+        tokenizer.add_tokens([f"word{i}" for i in range(text.vocab_size)])
+        tokenizer.save_pretrained(checkpoint)
+        message = "do not belong to this checkpoint"
+    teacher = Sam3Teacher(tiny_teacher.model, TeacherConfig(source=str(checkpoint)), str(checkpoint))
+    trunk = tiny_teacher.image_targets(IMAGES[:1]).trunk
+    with pytest.raises(TeacherLoadError, match=message):
+        teacher.concept_targets(trunk, ["a cat"], ConceptTargetConfig())
+
+
+def test_prompt_labels_must_list_valid_points_first(tiny_teacher: Sam3Teacher) -> None:
+    trunk = tiny_teacher.image_targets(IMAGES[:1]).trunk
+    with torch.no_grad():
+        embeddings = tiny_teacher.heads.image_embeddings(trunk)
+    points = torch.full((1, 3, 2), 10.0)
+    boxes = torch.full((1, 4), float("nan"))
+    with pytest.raises(ValueError, match="valid points first"):
+        tiny_teacher.heads.decode_prompts(embeddings, points, torch.tensor([[1, -1, 0]]), boxes)

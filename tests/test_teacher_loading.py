@@ -49,6 +49,8 @@ def test_random_teacher_is_saved_once_and_loaded_like_a_checkpoint(tiny_teacher:
         ("no-weights", "no model.safetensors"),
         ("truncated-weights", "cannot load weights"),
         ("other-architecture", "weights do not match config.json"),
+        ("bad-index", "cannot load weights"),
+        ("mixed-sizes", "tracker_config.image_size is 56, expected 112"),
     ],
 )
 def test_bad_checkpoints_give_clear_errors(checkpoint: Path, breakage: str, message: str) -> None:
@@ -74,6 +76,13 @@ def test_bad_checkpoints_give_clear_errors(checkpoint: Path, breakage: str, mess
     elif breakage == "other-architecture":
         config = json.loads(config_file.read_text())
         config["tracker_config"]["num_maskmem"] = 3
+        config_file.write_text(json.dumps(config))
+    elif breakage == "bad-index":  # a sharded checkpoint whose index lacks its weight map
+        (checkpoint / "model.safetensors").unlink()
+        (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    elif breakage == "mixed-sizes":  # same weight shapes, but the tracker would reshape to another grid
+        config = json.loads(config_file.read_text())
+        config["tracker_config"]["image_size"] = 56
         config_file.write_text(json.dumps(config))
     with pytest.raises(TeacherLoadError, match=message) as error:
         load_checkpoint(target)

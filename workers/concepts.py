@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from esam3.schemas.errors import first_line
 from esam3.schemas.teacher import ConceptTargetConfig
 from esam3.workers.teacher import one_trunk
 from esam3.workers.teacher_loading import TeacherLoadError, character_tokenizer
@@ -39,19 +40,33 @@ class ConceptTargets:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(checkpoint_dir: str | None, max_length: int) -> Any:
-    """The checkpoint's CLIP tokenizer; random teachers without a directory use the character tokenizer."""
+def load_tokenizer(checkpoint_dir: str | None, max_length: int, vocab_size: int) -> Any:
+    """The checkpoint's CLIP tokenizer (loaded once per checkpoint); random teachers in memory use the character one.
+
+    The files are checked first: given a directory without them, transformers builds an empty tokenizer that
+    maps every phrase to the same ids, and the concept targets would be silently meaningless.
+    """
     if checkpoint_dir is None:
         return character_tokenizer(max_length)
     from transformers import AutoTokenizer
 
+    directory = Path(checkpoint_dir)
+    expected = (
+        f"teacher {directory}: concept targets need the CLIP tokenizer files (tokenizer.json, or vocab.json + "
+        "merges.txt) next to the weights, as facebook/sam3 ships them"
+    )
+    if not (directory / "tokenizer.json").is_file() and not all((directory / f).is_file() for f in ("vocab.json", "merges.txt")):
+        raise TeacherLoadError(expected)
     try:
-        return AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
+        raise TeacherLoadError(f"{expected} ({type(exc).__name__}: {first_line(exc)})") from None
+    if not 2 < len(tokenizer) <= vocab_size:
         raise TeacherLoadError(
-            f"teacher {Path(checkpoint_dir)}: concept targets need the CLIP tokenizer files (tokenizer.json, or "
-            f"vocab.json + merges.txt) next to the weights, as facebook/sam3 ships them ({type(exc).__name__})"
-        ) from None
+            f"teacher {directory}: the tokenizer has {len(tokenizer)} tokens, the text encoder {vocab_size}; "
+            "the tokenizer files do not belong to this checkpoint"
+        )
+    return tokenizer
 
 
 def concept_targets(teacher: Any, trunk: torch.Tensor, phrases: Sequence[str], config: ConceptTargetConfig) -> ConceptTargets:
@@ -61,7 +76,7 @@ def concept_targets(teacher: Any, trunk: torch.Tensor, phrases: Sequence[str], c
         raise ValueError("concept targets need at least one non-empty noun phrase")
     detector = teacher.heads.require_detector()
     text_config = teacher.model.config.detector_config.text_config
-    tokenizer = load_tokenizer(teacher.card.checkpoint_dir, text_config.max_position_embeddings)
+    tokenizer = load_tokenizer(teacher.card.checkpoint_dir, text_config.max_position_embeddings, text_config.vocab_size)
     tokens = tokenizer(
         phrases, padding="max_length", truncation=True, max_length=text_config.max_position_embeddings, return_tensors="pt"
     )

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from esam3.schemas.errors import first_line
-from esam3.schemas.teacher import HeadsLoadError
+from esam3.schemas.teacher import HeadsLoadError, TeacherLoadError
 
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_CONFIG = "heads.json"
@@ -58,6 +58,8 @@ class Geometry:
 
     @classmethod
     def from_config(cls, config: Any) -> Geometry:
+        """Sizes of a ``Sam3VideoConfig``; sub-configs that disagree on them are refused, naming the fields."""
+        check_sizes(config, "teacher config")
         vit = config.detector_config.vision_config.backbone_config
         tracker = config.tracker_config
         neck_sizes = tuple(size[0] for size in tracker.vision_config.backbone_feature_sizes)
@@ -70,6 +72,36 @@ class Geometry:
             mask_size=neck_sizes[0],  # the mask decoder upsamples to its highest-resolution skip level
             memory_channels=tracker.memory_encoder_output_channels,
             neck_sizes=neck_sizes,
+        )
+
+
+def check_sizes(config: Any, where: str) -> None:
+    """Every size field of a ``Sam3VideoConfig`` must follow from the detector ViT's image and patch size.
+
+    transformers loads a config whose tracker says 224 px while the ViT says 1008 and fails only at the first
+    prompt, deep in a reshape; a hand-edited or mixed-up config.json is caught here with the fields to fix.
+    """
+    vit = config.detector_config.vision_config.backbone_config
+    size, patch = vit.image_size, vit.patch_size
+    if size % patch:
+        raise TeacherLoadError(f"{where}: detector ViT image_size {size} is not a multiple of its patch_size {patch}")
+    grid = size // patch
+    tracker = config.tracker_config
+    levels = [[round(f * grid)] * 2 for f in config.detector_config.vision_config.scale_factors[:3]]
+    expected = {
+        "tracker_config.image_size": (tracker.image_size, size),
+        "tracker_config.vision_config.backbone_config.image_size": (tracker.vision_config.backbone_config.image_size, size),
+        "tracker_config.vision_config.backbone_config.patch_size": (tracker.vision_config.backbone_config.patch_size, patch),
+        "tracker_config.prompt_encoder_config.image_size": (tracker.prompt_encoder_config.image_size, size),
+        "tracker_config.prompt_encoder_config.patch_size": (tracker.prompt_encoder_config.patch_size, patch),
+        "tracker_config.vision_config.backbone_feature_sizes": ([list(s) for s in tracker.vision_config.backbone_feature_sizes], levels),
+        "tracker_config.memory_attention_rope_feat_sizes": (list(tracker.memory_attention_rope_feat_sizes), [grid, grid]),
+    }
+    wrong = [f"{name} is {got}, expected {want}" for name, (got, want) in expected.items() if got != want]
+    if wrong:
+        raise TeacherLoadError(
+            f"{where}: sizes disagree with the detector ViT ({size} px, patch {patch}, {grid}x{grid} tokens): "
+            + "; ".join(wrong)
         )
 
 
@@ -212,7 +244,10 @@ class TeacherHeads(nn.Module):
         (K, hidden): the pointer the tracker would store if this prompt started a track (the best multimask
         token for a single click, the single-mask token otherwise).
         """
-        count = (labels >= 0).sum(dim=-1)
+        valid = labels >= 0
+        count = valid.sum(dim=-1)
+        if bool((valid & (torch.arange(valid.shape[-1], device=valid.device) >= count[:, None])).any()):
+            raise ValueError("prompt labels must list their valid points first and empty slots (< 0) after them")
         has_box = ~torch.isnan(boxes).any(dim=-1)
         if bool(((count == 0) & ~has_box).any()):
             raise ValueError("every prompt needs a point or a box")

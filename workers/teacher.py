@@ -136,7 +136,7 @@ class Sam3Teacher:
 
     @classmethod
     def load(cls, config: TeacherConfig) -> Sam3Teacher:
-        model, checkpoint_dir = load_model(config.source, seed=config.seed, device=resolve_device(config.device))
+        model, checkpoint_dir = load_model(config.source, seed=config.seed)
         return cls(model, config, checkpoint_dir)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -243,7 +243,7 @@ class HeadsExport:
     heads_parameters: int
     heads_bytes: int  # size of heads.safetensors
     teacher_parameters: int
-    teacher_bytes: int  # the full teacher's weights at their stored precision
+    teacher_bytes: int  # the full teacher's weights as loaded: fp32, the precision the heads file is saved in
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "teacher": self.teacher.to_dict()}

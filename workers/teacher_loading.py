@@ -30,6 +30,7 @@ import torch
 
 from esam3.schemas.errors import first_line
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherLoadError
+from esam3.workers.heads import check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +113,18 @@ def random_config(name: str) -> Any:
     return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict())
 
 
-def build_random_model(name: str, seed: int, device: str | torch.device = "cpu") -> Any:
-    """A ``Sam3VideoModel`` with seeded random weights (identical for the same name, seed and device type).
+def build_random_model(name: str, seed: int) -> Any:
+    """A ``Sam3VideoModel`` with seeded random weights, identical for the same name and seed on any machine.
 
-    Built directly on ``device`` (full-random: 860M parameters, ~17 s on a 2-core CPU, seconds on a GPU).
+    Always initialised on the CPU (full-random: 860M parameters, ~17 s on 2 cores), even for a GPU run: CUDA's
+    generator draws other numbers, and a cache run's driver (CPU) and its GPU actors must agree on the checksum.
     """
     from transformers import Sam3VideoModel
 
     if name not in RANDOM_TEACHERS:
         raise TeacherLoadError(f"unknown random teacher {name!r}; expected one of {', '.join(RANDOM_TEACHERS)}")
     config = random_config(name)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), torch.device(device):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         model = Sam3VideoModel(config).eval()
     # A random object-score head says "absent" about as often as not, and an absent object's masks are all
@@ -215,7 +216,6 @@ def load_checkpoint(path: Path) -> Any:
 
     Always in fp32, whatever dtype the file stores: precision is the runner's choice (bf16 autocast on CUDA).
     """
-    from safetensors import SafetensorError
     from transformers import Sam3VideoModel
 
     _quiet_transformers()
@@ -226,7 +226,7 @@ def load_checkpoint(path: Path) -> Any:
             path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
             dtype=torch.float32,
         )
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken file raises OSError, SafetensorError, KeyError (bad index) ...
         raise TeacherLoadError(
             f"teacher {path}: cannot load weights ({first_line(exc)}); do config.json and the weights belong together?"
         ) from None
@@ -254,14 +254,14 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def load_model(source: str, seed: int = 0, device: str | torch.device = "cpu") -> tuple[Any, str | None]:
+def load_model(source: str, seed: int = 0) -> tuple[Any, str | None]:
     """``(Sam3VideoModel, checkpoint_dir)`` for a directory or a random teacher name (dir is None in memory).
 
-    Checkpoints load on the CPU (the caller moves them); ``full-random`` is built on ``device``.
+    Everything loads on the CPU; the caller moves the model to its device.
     """
     if source in RANDOM_TEACHERS:
         if source == "full-random":
-            return build_random_model(source, seed, device), None
+            return build_random_model(source, seed), None
         path = materialize_random(source, seed)
         return load_checkpoint(path), str(path)
     path = Path(source).expanduser()
@@ -277,6 +277,8 @@ def teacher_config(source: str) -> Any:
     path = Path(source).expanduser()
     check_checkpoint_dir(path)
     try:
-        return Sam3VideoConfig.from_pretrained(path, local_files_only=True)
+        config = Sam3VideoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # config parsing raises many types
         raise TeacherLoadError(f"teacher {path / 'config.json'}: not a valid sam3_video config ({first_line(exc)})") from None
+    check_sizes(config, f"teacher {path / 'config.json'}")
+    return config
