@@ -60,16 +60,22 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> bo
 
 def track(checkpoint_dir: str, pixels: torch.Tensor, prompts: list[Any], size: int) -> list[dict[str, Any]]:
     """Run ``Sam3TrackerVideoModel`` (its own vision encoder) over ``pixels`` (T, 3, S, S) with the prompts added
-    through ``Sam3TrackerVideoProcessor`` on each object's first frame; per frame: outputs per object id, and the
-    memory-attention output captured with a forward hook."""
+    through ``Sam3TrackerVideoProcessor`` on each object's first frame; per frame: outputs per object id, and
+    every memory-conditioned map (what ``_prepare_memory_conditioned_features`` returned, in object order)."""
     from transformers import Sam3TrackerVideoModel
     from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import Sam3TrackerVideoInferenceSession
 
     model = Sam3TrackerVideoModel.from_pretrained(checkpoint_dir, local_files_only=True).eval()
     processor = video_processor(size)
     session = Sam3TrackerVideoInferenceSession(video=pixels, video_height=size, video_width=size, dtype=torch.float32)
-    attention: list[torch.Tensor] = []
-    model.memory_attention.register_forward_hook(lambda module, args, out: attention.append(out))
+    conditioned: list[torch.Tensor] = []
+    prepare = model._prepare_memory_conditioned_features
+
+    def capture(*args: Any, **kwargs: Any) -> torch.Tensor:
+        conditioned.append(prepare(*args, **kwargs))
+        return conditioned[-1]
+
+    model._prepare_memory_conditioned_features = capture
     frames = []
     with torch.inference_mode():
         for frame in range(len(pixels)):
@@ -84,7 +90,7 @@ def track(checkpoint_dir: str, pixels: torch.Tensor, prompts: list[Any], size: i
                     input_points=[[p.points.tolist() for p in starting]],
                     input_labels=[[p.labels.tolist() for p in starting]], original_size=(size, size),
                 )
-            attention.clear()
+            conditioned.clear()
             if session.get_obj_num() == 0:
                 frames.append({})
                 continue
@@ -95,5 +101,5 @@ def track(checkpoint_dir: str, pixels: torch.Tensor, prompts: list[Any], size: i
                 stored = outputs["cond_frame_outputs"].get(frame) or outputs["non_cond_frame_outputs"].get(frame)
                 if stored is not None:
                     per_object[session.obj_idx_to_id(obj_idx)] = stored
-            frames.append({"objects": per_object, "memory_attention": list(attention)})
+            frames.append({"objects": per_object, "memory_conditioned": list(conditioned)})
     return frames
