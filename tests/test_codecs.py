@@ -83,6 +83,20 @@ def test_lowrank_codec_with_a_fitted_basis() -> None:
         encode_features(held_out[:10], "lowrank", basis)
 
 
+def float64_rms(decoded: np.ndarray, original: np.ndarray) -> float:
+    original = original.astype(np.float64)
+    return float(np.linalg.norm(decoded.astype(np.float64) - original) / np.linalg.norm(original))
+
+
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8"])
+def test_stored_error_equals_a_float64_measure(codec: str) -> None:
+    """The per-row error is computed in float32 with float64 sums (speed); it must equal the float64 formula."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((64, 24, 24)) * rng.lognormal(0, 2, (64, 1, 1))).astype(np.float32)
+    encoded, error = encode_features(x, codec)
+    assert error == pytest.approx(float64_rms(decode_features(encoded), x), rel=1e-6)
+
+
 def test_logit_codec() -> None:
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[:96, :96]
@@ -92,6 +106,7 @@ def test_logit_codec() -> None:
     assert np.abs(decoded - np.clip(smooth, -LOGIT_LIMIT, LOGIT_LIMIT)).max() <= LOGIT_LIMIT / 127 / 2 + 1e-6
     assert error < 0.01 and encoded.nbytes < smooth.size / 4, "smooth masks compress well below int8"
     assert np.array_equal((decoded > 0), (smooth > 0))
+    assert error == pytest.approx(float64_rms(decoded, np.clip(smooth, -LOGIT_LIMIT, LOGIT_LIMIT)), rel=1e-6), "the stored error is the decoded one"
     small = 1e-3 * rng.normal(size=(3, 32, 32)).astype(np.float32)  # a random teacher's logits: tiny
     encoded, error = encode_logits(small)
     assert decode_logits(encoded).shape == small.shape and error < 0.01, "each map gets its own scale"

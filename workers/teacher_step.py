@@ -84,7 +84,7 @@ class TeacherImages:
             row = rows[index]
             row["pixels"] = None  # not needed downstream: keep the object store small
             row["precision"] = teacher.card.precision
-            row["trunk"] = _raw(trunk[position])
+            row["trunk"] = target_bytes(trunk[position])
             if self.with_prompts and row["k"]:
                 try:
                     out = teacher.prompt_targets(trunk[position], prompt_set(row, size))
@@ -92,9 +92,9 @@ class TeacherImages:
                     rows[index] = as_failure(row, f"prompt targets failed: {exc}")
                     continue
                 for name in ("multi", "single"):
-                    row[f"{name}_logits"] = _raw(getattr(out, name))
+                    row[f"{name}_logits"] = target_bytes(getattr(out, name))
                 for name in ("iou", "object_score", "object_pointer"):
-                    row[name] = _raw(getattr(out, name))
+                    row[name] = target_bytes(getattr(out, name))
 
 
 def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, Any]:
@@ -103,7 +103,8 @@ def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, An
             "reason": reason, "count": count}
 
 
-def _raw(tensor: torch.Tensor) -> bytes:
+def target_bytes(tensor: torch.Tensor) -> bytes:
+    """A target as float32 bytes on the host, the form the write step encodes from."""
     return tensor.detach().to(torch.float32).cpu().numpy().tobytes()
 
 
@@ -175,7 +176,7 @@ class TeacherVideos:
                 "object_ids": targets.object_ids,
                 "is_conditioning": targets.is_conditioning.tolist(),
                 "has_memory_conditioned": targets.has_memory_conditioned.tolist(),
-                **{name: _raw(getattr(targets, name)) for name in FRAME_TARGET_COLUMNS},
+                **{name: target_bytes(getattr(targets, name)) for name in FRAME_TARGET_COLUMNS},
             }
 
 

@@ -99,7 +99,7 @@ class _WriteTable:
                     storage_options=self.storage_options or None,
                 )
                 fragments = [f.to_json() for f in written]
-                nbytes = sum(_tensor_bytes(r) for r in entry["rows"])
+                nbytes = sum(stored_bytes(r) for r in entry["rows"])
             out.append({
                 "shard": shard, "fragments": json.dumps(fragments), "rows": len(entry["rows"]),
                 "keys": json.dumps([r["key"] for r in entry["rows"]]), "bytes": nbytes,
@@ -133,7 +133,8 @@ class WriteImages(_WriteTable):
         return out
 
 
-def _tensor_bytes(row: dict[str, Any]) -> int:
+def stored_bytes(row: dict[str, Any]) -> int:
+    """Bytes of a store row's tensors (data + scales): what the report and the plan count."""
     return sum(len(v["data"]) + len(v["scale"]) for v in row.values() if isinstance(v, dict) and "data" in v)
 
 
