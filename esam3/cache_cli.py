@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esam3.console import UsageError, build_config, console, err_console, human_bytes, print_json, progress, user_errors
+from esam3.console import UsageError, build_config, console, err_console, human_bytes, print_json, progress, redact, user_errors
 from esam3.pipeline.shards import DatasetName
 from esam3.schemas.cache import CacheConfig, MaxFailures, RunError, Target, check_s3_endpoint
 from esam3.schemas.errors import first_line
@@ -96,6 +96,12 @@ def cache_command(
         console.print(summary_table(report))
     if report.failures:
         err_console.print(Text(f"{report.failures} bad sample(s) (limit {limit}); see the store's failures table"))
+    if report.aborted:
+        first, reason = next(iter(sorted(report.aborted.items())))
+        err_console.print(Text(
+            f"{len(report.aborted)} shard(s) hit a storage or network error and stay uncommitted ({first}: "
+            f"{redact(reason)}); the others are committed: rerun the same command to finish them"
+        ))
     raise typer.Exit(report.exit_code)
 
 

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -98,6 +99,7 @@ class CacheReport:
     seconds: float = 0.0
     store_version: int = 0
     failure_samples: list[dict[str, Any]] = field(default_factory=list)
+    aborted: dict[str, str] = field(default_factory=dict)  # shard -> why it stays uncommitted (I/O; a rerun does it)
     exit_code: int = 0
 
     @property
@@ -140,6 +142,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     report.store_version = store.dataset(table).version
     if not todo:
         report.seconds = time.perf_counter() - start
+        report.exit_code = 1 if _failures_exceeded(store, config, fingerprint, {s.name for s in shards}) else 0
         return report
     with ShardClaims(store, run_id, dataset.value, [s.name for s in todo]) as claims:
         elsewhere = claims.held_elsewhere()
@@ -161,7 +164,8 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
             f"{len(elsewhere)} shard(s) are being cached by another run ({', '.join(runs)}): {sorted(elsewhere)[:5]}; "
             "this run left them to it: rerun when it has finished"
         )
-    report.exit_code = 1 if _failures_exceeded(store, config, fingerprint, {s.name for s in shards}) else 0
+    exceeded = _failures_exceeded(store, config, fingerprint, {s.name for s in shards})
+    report.exit_code = 1 if exceeded or report.aborted else 0
     return report
 
 
@@ -176,9 +180,16 @@ def _run_shards(
     with closing(runner(config, todo, steps)) as stream, ray_errors():
         for written in stream:
             for entry in written.to_pylist():
+                if entry["shard"] in report.aborted:
+                    continue  # blocks of an aborted shard still in flight: never committed
                 state = progress.get(entry["shard"])
                 if state is None:
                     raise RunError(f"rows of {entry['shard']} arrived after it was committed; rerun the command")
+                if entry["aborted"]:
+                    report.aborted[state.name] = entry["aborted"]
+                    del progress[state.name]
+                    log.warning("%s stays uncommitted in this run (%s); rerun to finish it", state.name, entry["aborted"])
+                    continue
                 state.add(entry, run_id, config.dataset)
                 report.rows_written += entry["rows"]
                 if state.complete:
@@ -220,18 +231,42 @@ def _failures_exceeded(store: Store, config: CacheConfig, fingerprint: str, shar
     return config.max_failures.exceeded(sum(r["failures"] for r in rows), sum(r["samples"] for r in rows))
 
 
+#: Errors of ours that a step may raise, by class name: Ray Data re-raises them as its own type, with the
+#: original only in the traceback text.
+_STEP_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls for cls in (StoreError, TeacherLoadError, SourceError, ShardReadError, RunError)
+}
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
 @contextmanager
 def ray_errors() -> Iterator[None]:
-    """Errors raised inside a Ray step reach the driver wrapped; unwrap the ones users should see as one line."""
+    """A step's error reaches the driver as a Ray error holding a traceback; raise it as one line instead.
+
+    Our own errors come back as their type (so the CLI's exit codes hold); anything else becomes a RunError
+    naming the original error (exit 1: rerun resumes). The full traceback goes to the log at debug level.
+    """
     try:
         yield
     except Exception as exc:
-        cause = exc
-        while type(cause).__name__ in ("UserCodeException", "RayTaskError") and cause.__cause__ is not None:
-            cause = cause.__cause__
-        if cause is not exc and isinstance(cause, (StoreError, TeacherLoadError, SourceError, ShardReadError)):
-            raise cause from None
-        raise
+        from ray.exceptions import RayError
+
+        if not isinstance(exc, RayError):
+            raise
+        log.debug("a pipeline step failed", exc_info=exc)
+        raise step_error(str(exc)) from None
+
+
+def step_error(text: str) -> Exception:
+    """The original error in a Ray error's text: its first ``Name: message`` line that Ray did not add."""
+    for match in _ERROR_LINE.finditer(text):
+        name, message = match.groups()
+        if name in ("RayTaskError", "UserCodeException", "RayError"):
+            continue
+        if name in _STEP_ERRORS:
+            return _STEP_ERRORS[name](message)
+        return RunError(f"a pipeline step failed: {name}: {message}; rerun the same command to resume")
+    return RunError(f"a pipeline step failed: {first_line(text)}; rerun the same command to resume")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 read -> teacher: ``WORK`` rows. ``kind`` is ``sample`` (an image's decoded, resized pixels + sampled prompts, or a
 video's resized annotated frames + object prompts), ``failure`` (a bad sample: member + reason) or ``end`` (the
 shard is fully read; ``count`` = the store rows + failure rows the shard will make: one per image, one per
-frame of each video).
+frame of each video) or ``abort`` (the shard could not be read to its end, e.g. a network error: ``reason``
+says why; the driver leaves the shard uncommitted and goes on with the others).
 Arrays travel as raw little-endian bytes; their shapes follow from the teacher's geometry and ``k``.
 
 teacher -> writer: the same rows, samples with the raw float32 targets added.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-KIND_SAMPLE, KIND_FAILURE, KIND_END = "sample", "failure", "end"
+KIND_SAMPLE, KIND_FAILURE, KIND_END, KIND_ABORT = "sample", "failure", "end", "abort"
 
 WORK = pa.schema(
     [
@@ -78,5 +79,6 @@ WRITTEN = pa.schema(
         ("failures", pa.string()),  # JSON list of {member, reason, weight}: weight = store rows the failure stands for
         ("end_count", pa.int64()),  # -1, or the shard's total row count when its end marker passed
         ("end_samples", pa.int64()),  # -1, or the images / videos the shard held
+        ("aborted", pa.string()),  # null, or why the shard cannot be committed in this run (read or write I/O error)
     ]
 )

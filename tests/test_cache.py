@@ -417,7 +417,42 @@ def test_exit_code_counts_failures_of_earlier_runs(tmp_path: Path) -> None:
     assert first.exit_code == 1  # 1 failure, --max-failures 0
     rest = run_cache(config(source, store, shards="0-1"), executor="local")
     assert rest.shards_skipped == 1 and rest.exit_code == 1  # the selected shards hold failures either way
-    assert run_cache(config(source, store, shards="0-1", max_failures=MaxFailures.parse("2")), executor="local").exit_code == 0
+    # shard 1 is a copy of shard 0: its corrupt JPEG and its 2 keys already stored from shard 0 make 3 failures
+    assert run_cache(config(source, store, shards="0-1", max_failures=MaxFailures.parse("3")), executor="local").exit_code == 1
+    assert run_cache(config(source, store, shards="0-1", max_failures=MaxFailures.parse("4")), executor="local").exit_code == 0
+    again = run_cache(config(source, store, shards="0"), executor="local")
+    assert again.nothing_to_do and again.exit_code == 1, "a no-op rerun exits like the run it repeats"
+
+
+def unreadable_shard(source: Path, shard: str) -> Path:
+    """Make ``shard`` of ``source`` fail with a real I/O error when read (listed, but opening it fails)."""
+    import os
+
+    path = source / shard
+    saved = path.with_suffix(".saved")
+    path.rename(saved)
+    os.symlink("/proc/self/mem", path)  # a file the kernel refuses to read from offset 0
+    return saved
+
+
+def test_a_shard_that_cannot_be_read_stays_uncommitted_and_the_others_go_on(demo_root: Path, tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(demo_root / "sa-1b", source)
+    saved = unreadable_shard(source, "sa_000001.tar")
+    store = tmp_path / "store"
+    report = run_cache(config(source, store), executor="local")
+    assert report.shards_committed == 1 and report.exit_code == 1 and report.failures == 0
+    assert list(report.aborted) == ["sa_000001.tar"] and "cannot open sa_000001.tar" in report.aborted["sa_000001.tar"]
+    assert {k.split("/")[0] for k in keys(store)} == {"sa1b"} and len(keys(store)) == 3
+    result = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(source), "--store", str(tmp_path / "cli"),
+                                 "--executor", "local"], env=WIDE)
+    assert result.exit_code == 1 and "1 shard(s) hit a storage or network error and stay uncommitted (sa_000001.tar" in result.output
+    assert "Traceback" not in result.output
+    (source / "sa_000001.tar").unlink()
+    saved.rename(source / "sa_000001.tar")
+    rerun = run_cache(config(source, store), executor="local")
+    assert (rerun.shards_skipped, rerun.shards_committed, rerun.exit_code, rerun.aborted) == (1, 1, 0, {})
+    assert len(keys(store)) == len(set(keys(store))) == 6 and verify_store(Store(str(store))).ok
 
 
 def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -12,10 +13,11 @@ import lance
 import pytest
 
 from esam3.pipeline.demo_data import write_demo_data
-from esam3.pipeline.plan import run_cache
+from esam3.pipeline.plan import ray_errors, run_cache
 from esam3.pipeline.store import Store
 from esam3.pipeline.store_check import verify_store
-from esam3.schemas.cache import CacheConfig
+from esam3.schemas.cache import CacheConfig, RunError
+from esam3.schemas.store import StoreError
 from tests.conftest import small_config
 
 
@@ -99,3 +101,35 @@ def test_teacher_pool_fits_on_nodes() -> None:
     assert teacher_pool(0, [2, 64, 64]) == TeacherPool(actors=2, per_actor=63, threads=63, side_cpus=0.5)  # small head
     assert teacher_pool(0, []) == TeacherPool(actors=1, per_actor=0.5, threads=1, side_cpus=0.25)
     assert teacher_pool(4, [0, 32]) == TeacherPool(actors=4, per_actor=1, threads=None, side_cpus=0.5)
+
+
+def test_a_shard_that_cannot_be_read_in_a_ray_worker_is_left_for_a_rerun(local_ray, demo_root: Path, tmp_path: Path) -> None:
+    from tests.test_cache import unreadable_shard
+
+    source = tmp_path / "source"
+    shutil.copytree(demo_root / "sa-1b", source)
+    unreadable_shard(source, "sa_000000.tar")
+    store = tmp_path / "store"
+    report = run_cache(CacheConfig(dataset="sa-1b", source=str(source), store=str(store)), executor="ray")
+    assert list(report.aborted) == ["sa_000000.tar"] and report.shards_committed == 1 and report.exit_code == 1
+    assert len(_keys(store, "images")) == 3 and verify_store(Store(str(store))).ok
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "message"),
+    [
+        (StoreError("store s3://b/x: access refused"), StoreError, "^store s3://b/x: access refused$"),
+        (ZeroDivisionError("division by zero"), RunError, "a pipeline step failed: ZeroDivisionError: division by zero; rerun"),
+    ],
+)
+def test_errors_in_ray_steps_reach_the_driver_as_one_line(local_ray, error: Exception, expected: type, message: str) -> None:
+    """Ray Data re-raises a step's error as its own type; the driver gives back ours (exit codes hold) or a RunError."""
+    import ray
+
+    def step(batch):
+        raise error
+
+    with pytest.raises(expected, match=message) as raised:
+        with ray_errors():
+            ray.data.from_items([{"a": 1}]).map_batches(step, batch_format="pyarrow").take_all()
+    assert "\n" not in str(raised.value)

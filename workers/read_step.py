@@ -18,11 +18,13 @@ import numpy as np
 import pyarrow as pa
 
 from esam3.pipeline.shards import ShardRef
+from esam3.pipeline.tar_stream import ShardReadError
 from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.samples import Failure, ImageSample, VideoSample
 from esam3.schemas.teacher import VideoTargetConfig
-from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WORK
+from esam3.schemas.errors import first_line
+from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WORK
 from esam3.workers.decode import decode_for_teacher
 from esam3.workers.preprocess import transform_record
 from esam3.workers.prompts import sample_prompts
@@ -37,6 +39,14 @@ class _ReadShard:
     batch_rows: int
 
     def __call__(self, shard: ShardRef) -> Iterator[pa.Table]:
+        try:
+            yield from self._batches(shard)
+        except ShardReadError as exc:  # I/O, not bad data: this shard is left for a rerun, the others go on
+            log.warning("%s: reading failed, the shard stays uncommitted in this run: %s", shard.name, exc)
+            abort = {"kind": KIND_ABORT, "dataset": shard.dataset.value, "shard": shard.name, "reason": first_line(exc)}
+            yield pa.Table.from_pylist([abort], schema=WORK)
+
+    def _batches(self, shard: ShardRef) -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
         store_rows = samples = 0
         seen: set[str] = set()

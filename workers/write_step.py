@@ -19,7 +19,8 @@ from lance.fragment import write_fragments
 
 from esam3.schemas.codecs import Basis, CodecError, FeatureCodec, encode_features, encode_logits
 from esam3.schemas.store import FRAMES, IMAGES, LANCE_FILE_VERSION, raw_tensor, tensor_value
-from esam3.schemas.work import KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
+from esam3.schemas.errors import first_line
+from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,9 @@ class _WriteTable:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        by_shard: dict[str, dict[str, Any]] = defaultdict(lambda: {"rows": [], "failures": [], "end": -1, "samples": -1})
+        by_shard: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"rows": [], "failures": [], "end": -1, "samples": -1, "aborted": None}
+        )
         for row in batch.to_pylist():
             entry = by_shard[row["shard"]]
             if row["kind"] == KIND_SAMPLE:
@@ -88,22 +91,30 @@ class _WriteTable:
                 entry["failures"].append({"member": row["member"], "reason": row["reason"], "weight": row.get("count") or 1})
             elif row["kind"] == KIND_END:
                 entry["end"], entry["samples"] = row["count"], row["samples"]
+            elif row["kind"] == KIND_ABORT:
+                entry["aborted"] = row["reason"]
         out = []
         for shard, entry in by_shard.items():
             fragments: list[dict[str, Any]] = []
             nbytes = 0
-            if entry["rows"]:
+            if entry["rows"] and not entry["aborted"]:
                 table = pa.Table.from_pylist(entry["rows"], schema=self.schema)
-                written = write_fragments(
-                    table, self.table_uri, schema=self.schema, data_storage_version=LANCE_FILE_VERSION,
-                    storage_options=self.storage_options or None,
-                )
+                try:
+                    written = write_fragments(
+                        table, self.table_uri, schema=self.schema, data_storage_version=LANCE_FILE_VERSION,
+                        storage_options=self.storage_options or None,
+                    )
+                except OSError as exc:  # storage trouble: this shard is left for a rerun, the others go on
+                    log.warning("%s: writing fragments failed, the shard stays uncommitted in this run: %s", shard, exc)
+                    entry["aborted"] = f"writing its rows failed: {first_line(exc)}"
+                    written = []
                 fragments = [f.to_json() for f in written]
                 nbytes = sum(stored_bytes(r) for r in entry["rows"])
             out.append({
                 "shard": shard, "fragments": json.dumps(fragments), "rows": len(entry["rows"]),
                 "keys": json.dumps([r["key"] for r in entry["rows"]]), "bytes": nbytes,
                 "failures": json.dumps(entry["failures"]), "end_count": entry["end"], "end_samples": entry["samples"],
+                "aborted": entry["aborted"],
             })
         return pa.Table.from_pylist(out, schema=WRITTEN)
 
