@@ -211,7 +211,7 @@ class Store:
     ) -> tuple[int, int, int]:
         """Make one shard visible: its fragments, then its failures, then its ledger row.
 
-        Returns (table version, rows stored, failures stored).
+        Returns (table version, rows stored, failed samples: failure records of distinct members).
 
         Keys the table already holds (the same image in two shards) are deleted again from this shard's rows
         and recorded as failures, before the ledger row: a key is never stored twice.
@@ -238,12 +238,13 @@ class Store:
                                       "reason": f"duplicate key {key}: already stored from {other}"} for key, other in taken.items())]
         if failures:
             self.append("failures", pa.Table.from_pylist([{k: f[k] for k in SCHEMAS["failures"].names} for f in failures], schema=SCHEMAS["failures"]))
+        failed = len({f["member"] for f in failures})  # samples: a video with several failed frames counts once
         ledger_row = {
-            "dataset": dataset, "shard": shard, "source": source, "samples": samples, "rows": rows, "failures": len(failures), "bytes": nbytes,
+            "dataset": dataset, "shard": shard, "source": source, "samples": samples, "rows": rows, "failures": failed, "bytes": nbytes,
             "run_id": run_id, "fingerprint": fingerprint, "committed_at": _now(),
         }
         self.append("ledger", pa.Table.from_pylist([ledger_row], schema=SCHEMAS["ledger"]))
-        return version, rows, len(failures)
+        return version, rows, failed
 
     def _existing(self, table: str, column: str, keys: Sequence[str]) -> dict[str, str]:
         """Which of ``keys`` the table already holds, and from which shard."""

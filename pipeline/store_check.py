@@ -94,16 +94,17 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
     for (dataset, shard), rows in entries.items():
         if len(rows) > 1:
             report.problem(f"ledger: {dataset} shard {shard} has {len(rows)} entries")
-    failures = Counter(store.dataset("failures").to_table(columns=["shard"]).column("shard").to_pylist())
+    failed = store.dataset("failures").to_table(columns=["shard", "member"]).to_pylist()
+    failures = Counter(shard for shard, _ in {(f["shard"], f["member"]) for f in failed})  # failed samples per shard
     ledger_by_shard = {shard: rows[0] for (_, shard), rows in entries.items()}
     for shard, entry in ledger_by_shard.items():
         if entry["failures"] and shard not in failures:
             report.problem(f"failures: shard {shard} has none, its ledger entry says {entry['failures']}")
     for shard, count in failures.items():
         if shard not in ledger_by_shard:
-            report.problem(f"failures: {count} rows of shard {shard}, which has no ledger entry")
+            report.problem(f"failures: {count} failed samples of shard {shard}, which has no ledger entry")
         elif ledger_by_shard[shard]["failures"] != count:
-            report.problem(f"failures: shard {shard} has {count} rows, its ledger entry says {ledger_by_shard[shard]['failures']}")
+            report.problem(f"failures: shard {shard} has {count} failed samples, its ledger entry says {ledger_by_shard[shard]['failures']}")
     for table in TARGET_TABLES:
         before = report.rows_checked
         try:

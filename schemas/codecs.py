@@ -147,7 +147,10 @@ def encode_features(x: np.ndarray, codec: FeatureCodec | str, basis: Basis | Non
         coefficients = basis.components.T @ (x.reshape(channels, -1) - basis.mean[:, None])
         q, scale = _per_row_int8(coefficients)
         encoded = Encoded(codec.value, x.shape, q.tobytes(), scale.tobytes())
-    return encoded, relative_rms(decode_features(encoded, basis), x)
+    error = relative_rms(decode_features(encoded, basis), x)
+    if not np.isfinite(error):  # fp16 overflows to Inf above 65504
+        raise CodecError(f"features (max |x| = {float(np.abs(x).max()):.4g}) do not fit codec {codec.value}; use bf16 or int8")
+    return encoded, error
 
 
 def decode_features(encoded: Encoded, basis: Basis | None = None) -> np.ndarray:

@@ -128,7 +128,7 @@ LEDGER = pa.schema(
         ("source", pa.string()),  # where the shard was read from (its URL or path)
         ("samples", pa.int64()),  # images / videos in the shard, good or failed
         ("rows", pa.int64()),
-        ("failures", pa.int64()),
+        ("failures", pa.int64()),  # failed samples (distinct members of the shard's failure rows)
         ("bytes", pa.int64()),
         ("run_id", pa.string()),
         ("fingerprint", pa.string()),  # hash of the target config: a shard is done only for the same config

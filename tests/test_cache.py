@@ -555,3 +555,80 @@ def test_address_with_nothing_listening_fails_at_once(demo_root: Path, tmp_path:
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 1, result.output
     assert f"--address 127.0.0.1:{port}: no Ray cluster answers (Connection refused)" in result.output
+
+
+@pytest.mark.parametrize("fault", ["nan-iou", "fp16-overflow"])
+def test_targets_that_cannot_be_stored_fail_their_row_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """Non-finite targets (or values the codec cannot hold) are a failure row, never a stored Inf/NaN."""
+    import dataclasses
+
+    from esam3.workers.teacher import Sam3Teacher as Teacher
+
+    calls = {"n": 0}
+    if fault == "nan-iou":
+        original = Teacher.prompt_targets
+
+        def faulty(self, trunk, prompts):
+            out = original(self, trunk, prompts)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                iou = out.iou.clone()
+                iou[0, 0] = float("nan")
+                out = dataclasses.replace(out, iou=iou)
+            return out
+
+        monkeypatch.setattr(Teacher, "prompt_targets", faulty)
+    else:
+        original = Teacher.trunk_features
+
+        def faulty(self, pixels):
+            out = original(self, pixels)
+            calls["n"] += 1
+            if calls["n"] == 1:
+                out = out.clone()
+                out[0] = 7e4  # finite in float32, Inf in fp16
+            return out
+
+        monkeypatch.setattr(Teacher, "trunk_features", faulty)
+    store = tmp_path / "store"
+    codec = "fp16" if fault == "fp16-overflow" else "int8"
+    report = run_cache(config(demo_root / "sa-1b", store, codec=codec, max_failures=MaxFailures.parse("1")), executor="local")
+    assert (report.rows, report.failures, report.exit_code) == (5, 1, 0)
+    reason = lance.dataset(str(store / "failures.lance")).to_table().column("reason").to_pylist()[0]
+    assert "not stored" in reason and ("NaN or Inf" in reason if fault == "nan-iou" else "do not fit codec fp16" in reason)
+    assert verify_store(Store(str(store))).ok
+
+
+@pytest.mark.parametrize("fault", ["fails-after-8-frames", "nan-in-2-frames"])
+def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Frames leave the teacher in blocks of 8 as they are made; the failure stands for the frames not stored."""
+    import dataclasses
+
+    import esam3.workers.teacher_step as teacher_step
+
+    original = teacher_step.run_video
+    videos: list[str] = []
+
+    def faulty(teacher, work):
+        videos.append(work.key)
+        for targets in original(teacher, work):
+            if work.key == videos[0] and fault == "fails-after-8-frames" and targets.frame == 8:
+                raise ValueError("the tracker lost its memory")
+            if work.key == videos[0] and fault == "nan-in-2-frames" and targets.frame in (2, 5):
+                targets = dataclasses.replace(targets, object_score=targets.object_score * float("nan"))
+            yield targets
+
+    monkeypatch.setattr(teacher_step, "run_video", faulty)
+    store = tmp_path / "store"
+    report = run_cache(config(demo_root / "sa-v", store, dataset="sa-v", max_failures=MaxFailures.parse("1")), executor="local")
+    frames = rows_of(store, "frames")
+    stored = sorted(f["frame"] for f in frames if f["video_id"] == videos[0].split("/")[1])
+    expected = list(range(8)) if fault == "fails-after-8-frames" else [f for f in range(9) if f not in (2, 5)]
+    assert stored == expected and report.rows == len(frames) == 9 + len(expected)
+    assert report.failures == 1 and report.exit_code == 0, "one video failed, however many of its frames"
+    failures = lance.dataset(str(store / "failures.lance")).to_table().to_pylist()
+    assert len(failures) == (1 if fault == "fails-after-8-frames" else 2)
+    assert "after frame 8" in failures[0]["reason"] if fault == "fails-after-8-frames" else "NaN" in failures[0]["reason"]
+    assert verify_store(Store(str(store))).ok

@@ -128,6 +128,9 @@ def test_bad_records_are_errors_not_garbage() -> None:
     logits, _ = encode_logits(x)
     with pytest.raises(CodecError, match="decompress"):
         decode_logits(Encoded("logit8", logits.shape, logits.data[:-3], logits.scale))
+    with pytest.raises(CodecError, match="do not fit codec fp16; use bf16 or int8"):
+        encode_features(np.array([[7e4, 1.0]], np.float32), "fp16")  # finite, but Inf in fp16
+    assert encode_features(np.array([[7e4, 1.0]], np.float32), "bf16")[1] < 0.01
     zero, error = encode_features(np.zeros((2, 5), np.float32), "int8")
     assert error == 0.0 and not decode_features(zero).any()
 

@@ -139,14 +139,23 @@ class TeacherVideos:
             if row["kind"] != KIND_SAMPLE:
                 yield pa.Table.from_pylist([{name: row.get(name) for name in FRAME_TARGETS.names}], schema=FRAME_TARGETS)
                 continue
+            # Frames leave in blocks of 8 as they are made (one frame is ~77 MB of float32 at full size with 8
+            # objects: a whole video would not fit); a video that fails midway keeps the frames already sent, and
+            # its failure stands for the rest.
+            block: list[dict[str, Any]] = []
+            sent = 0
             try:
-                frames = list(self._frames(row))
-            except ValueError as exc:  # a bad video fails as a whole, standing for all of its frames
-                failure = as_failure(row, f"video targets failed: {exc}", count=row["frames"])
+                for frame in self._frames(row):
+                    block.append(frame)
+                    if len(block) == 8:
+                        yield pa.Table.from_pylist(block, schema=FRAME_TARGETS)
+                        sent, block = sent + len(block), []
+            except ValueError as exc:
+                failure = as_failure(row, f"video targets failed after frame {sent}: {exc}", count=row["frames"] - sent)
                 yield pa.Table.from_pylist([{name: failure.get(name) for name in FRAME_TARGETS.names}], schema=FRAME_TARGETS)
                 continue
-            for start in range(0, len(frames), 8):  # small blocks: one frame is ~77 MB of float32 at full size
-                yield pa.Table.from_pylist(frames[start : start + 8], schema=FRAME_TARGETS)
+            if block:
+                yield pa.Table.from_pylist(block, schema=FRAME_TARGETS)
 
     def _frames(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         teacher = self.images.teacher

@@ -138,10 +138,17 @@ class WriteImages(_WriteTable):
             out["prompt_boxes"] = raw_tensor(np.frombuffer(row["prompt_boxes"], dtype=np.float32).reshape(k, 4))
             for name, shape in (("multi_logits", (k, 3, g.mask_size, g.mask_size)), ("single_logits", (k, 1, g.mask_size, g.mask_size))):
                 out[name] = tensor_value(*encode_logits(np.frombuffer(row[name], dtype=np.float32).reshape(shape)))
-            out["iou"] = raw_tensor(np.frombuffer(row["iou"], dtype=np.float32).reshape(k, 4))
-            out["object_score"] = raw_tensor(np.frombuffer(row["object_score"], dtype=np.float32))
-            out["object_pointer"] = raw_tensor(np.frombuffer(row["object_pointer"], dtype=np.float32).reshape(k, g.hidden))
+            out["iou"] = target_tensor("iou", np.frombuffer(row["iou"], dtype=np.float32).reshape(k, 4))
+            out["object_score"] = target_tensor("object_score", np.frombuffer(row["object_score"], dtype=np.float32))
+            out["object_pointer"] = target_tensor("object_pointer", np.frombuffer(row["object_pointer"], dtype=np.float32).reshape(k, g.hidden))
         return out
+
+
+def target_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
+    """A small teacher output stored exactly; NaN or Inf fails the row (inputs like prompt boxes may hold NaN)."""
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or Inf; refusing to store it")
+    return raw_tensor(array)
 
 
 def stored_bytes(row: dict[str, Any]) -> int:
@@ -162,8 +169,8 @@ class WriteFrames(_WriteTable):
         for name in ("video_id", "frame", "frame_index", "prompt_kind", "object_ids", "is_conditioning", "has_memory_conditioned"):
             out[name] = row[name]
         out["mask_logits"] = tensor_value(*encode_logits(_array(row["mask_logits"], (n, g.mask_size, g.mask_size))))
-        out["object_score"] = raw_tensor(_array(row["object_score"], (n,)))
-        out["object_pointer"] = raw_tensor(_array(row["object_pointer"], (n, g.hidden)))
+        out["object_score"] = target_tensor("object_score", _array(row["object_score"], (n,)))
+        out["object_pointer"] = target_tensor("object_pointer", _array(row["object_pointer"], (n, g.hidden)))
         for name, channels in (("maskmem_features", g.memory_channels), ("pix_feat_with_mem", g.hidden)):
             maps = _array(row[name], (n, channels, g.grid, g.grid))
             out[name] = tensor_value(*encode_features(maps, self.map_codec))
