@@ -182,11 +182,11 @@ def info_command(
 @store_app.command("cleanup")
 def cleanup_command(
     uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
-    older_than: str = typer.Option("14d", "--older-than", help="Remove table versions older than this: 90s, 30m, 12h, 14d."),
+    older_than: str = typer.Option("14d", "--older-than", help="Remove table versions replaced by a newer one more than this long ago: 90s, 30m, 12h, 14d."),
     keep_versions: int = typer.Option(None, "--keep-versions", help="Keep at least the newest N versions of every table."),
     unverified: bool = typer.Option(
         False, "--unverified",
-        help="Also delete files no version references that are younger than 7 days (a killed worker's). Only when no run writes to the store.",
+        help="Also delete files no version references that are younger than 7 days (a killed worker's); refused while a cache run writes to the store.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be removed; delete nothing."),
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),

@@ -55,6 +55,24 @@ class Claim:
         return True
 
 
+def read_claims(store: Store) -> list[Claim]:
+    """Every claim file in the store, live or not (claims that vanish or do not parse while read are skipped)."""
+    claims = []
+    for path in store.fs.glob(f"{store.path}/{CLAIMS_DIR}/*.json"):
+        try:
+            with store.fs.open(path, "r") as handle:
+                claims.append(Claim(**json.load(handle)))
+        except (OSError, ValueError, TypeError) as exc:  # gone meanwhile (its run ended) or unreadable: no claim
+            log.debug("claim %s skipped: %s", path, exc)
+    return claims
+
+
+def live_claims(store: Store) -> list[Claim]:
+    """Claims of runs that are writing to the store now."""
+    now = time.time()
+    return [c for c in read_claims(store) if c.alive(now)]
+
+
 class ShardClaims:
     """This run's claim on its shards, alive (heartbeat thread) while the context is open."""
 
@@ -99,16 +117,7 @@ class ShardClaims:
         self._write()
 
     def _others(self) -> list[Claim]:
-        claims = []
-        for path in self.store.fs.glob(f"{self.store.path}/{CLAIMS_DIR}/*.json"):
-            if path.rsplit("/", 1)[-1] == f"{self.claim.run_id}.json":
-                continue
-            try:
-                with self.store.fs.open(path, "r") as handle:
-                    claims.append(Claim(**json.load(handle)))
-            except (OSError, ValueError, TypeError) as exc:  # gone meanwhile (its run ended) or unreadable: no claim
-                log.debug("claim %s skipped: %s", path, exc)
-        return claims
+        return [c for c in read_claims(self.store) if c.run_id != self.claim.run_id]
 
     def _write(self) -> None:
         with self._lock:  # the heartbeat thread and narrow() share the staging file

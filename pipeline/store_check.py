@@ -32,6 +32,13 @@ def store_info(store: Store, sample_rows: int = 64) -> dict[str, Any]:
     card = store.read_card()
     if card is None:
         raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    try:
+        return _store_info(store, card, sample_rows)
+    except (OSError, pa.ArrowException) as exc:  # a data file gone, or the storage down
+        raise StoreError(f"store {store.uri}: cannot be read ({first_line(exc)}); `esam3 store verify` says which rows") from None
+
+
+def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[str, Any]:
     tables: dict[str, Any] = {}
     for name in ("images", "frames", "failures", "ledger"):
         ds = store.dataset(name)
@@ -129,7 +136,9 @@ def _verify_table(
     for key, count in keys.items():
         if count > 1:
             report.problem(f"{table}: key {key} appears {count} times")
-    per_shard = _check_rows(StoreRows(store, table, ds.version), table, teacher, report, on_rows)
+    spec = card["targets"].get(dataset_name, {})
+    required = frozenset({"trunk"} & set(spec.get("targets", [])))  # prompt and object columns may be empty
+    per_shard = _check_rows(StoreRows(store, table, ds.version), table, teacher, required, report, on_rows)
     for shard, count in per_shard.items():
         entry = ledger_by_shard.get(shard)
         if entry is None:
@@ -146,9 +155,10 @@ def _verify_table(
 
 
 def _check_rows(
-    rows: StoreRows, table: str, teacher: str, report: VerifyReport, on_rows: Callable[[int], None] | None
+    rows: StoreRows, table: str, teacher: str, required: frozenset[str], report: VerifyReport,
+    on_rows: Callable[[int], None] | None,
 ) -> Counter[str]:
-    """Every row: its teacher, and every tensor decodes and is finite; returns the rows per shard."""
+    """Every row: its teacher, its required tensors present, every tensor decodes and is finite; rows per shard."""
     per_shard: Counter[str] = Counter()
     for batch in rows.batches(batch_size=16):
         for row in batch:
@@ -159,12 +169,14 @@ def _check_rows(
             for column in tensor_columns(table):
                 value = row[column]
                 if value is None:
+                    if column in required:
+                        report.problem(f"{table}: {row['key']} has no {column}, which the store's targets include")
                     continue
                 report.tensors_checked += 1
                 try:
                     array = rows.decode(row, column)
-                except (CodecError, ValueError) as exc:
-                    report.problem(f"{table}: {row['key']} {column} does not decode ({exc})")
+                except (CodecError, ValueError, TypeError) as exc:  # TypeError: a struct with null fields
+                    report.problem(f"{table}: {row['key']} {column} does not decode ({first_line(exc)})")
                     continue
                 if array.dtype.kind == "f":
                     bad = np.isinf(array) if column in NAN_MEANS_ABSENT else ~np.isfinite(array)

@@ -5,14 +5,21 @@ of rows deleted since (unfinished shards that were run again, duplicate keys). F
 wrote but nobody committed are referenced by no version at all. Lance's cleanup removes versions older than a
 cut-off (keeping the newest N if asked, never the latest) and every file that no remaining version references;
 files no version references *yet* are only removed once they are 7 days old, since they may belong to a commit in
-flight, unless ``unverified`` says that no run is writing to the store. A trainer reading a pinned version must
-not have it cleaned away: pick ``older_than`` longer than a training run.
+flight, unless ``unverified`` says that no run is writing to the store (refused while a run's claim is live).
+
+A version's age is counted from when a newer one replaced it, not from when it was made: Lance's own
+``older_than`` counts from creation, which would delete the version a trainer opened an hour ago if the store was
+last written weeks before and a rerun committed since. So a reader that opened the latest version within
+``older_than`` keeps it: pick ``older_than`` longer than a training run.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
+from esam3.pipeline.claims import live_claims
 from esam3.pipeline.object_store import ACCESS_HINT, access_refused
 from esam3.pipeline.store import Store
 from esam3.schemas.cleanup import CleanupConfig
@@ -26,16 +33,26 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
     """Clean every table of the store (or only report, with ``dry_run``); returns the counts per table and in all."""
     if store.read_card() is None:
         raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    if config.unverified and (running := live_claims(store)):
+        run = running[0]
+        raise StoreError(
+            f"store {store.uri}: run {run.run_id} ({run.host}, pid {run.pid}) is writing to it; --unverified would delete "
+            "fragments it has written but not yet committed: run the cleanup when it has finished"
+        )
     options = {
-        "older_than": config.older_than,
-        "retain_versions": config.keep_versions,
         "delete_unverified": config.unverified,
         "error_if_tagged_old_versions": False,  # a version someone tagged stays, without failing the rest
     }
+    now = dt.datetime.now()  # Lance's version timestamps are naive local time
     tables: dict[str, dict[str, int]] = {}
     for name in TABLES:
         try:
             ds = store.dataset(name)
+            history = ds.versions()
+            # The latest version is never removed; listing it keeps the list non-empty (Lance refuses an empty one)
+            # and still lets the unreferenced-file pass run.
+            chosen = [*removable_versions(history, now - config.older_than, config.keep_versions), ds.version]
+            options["versions"] = chosen
             stats = ds.explain_cleanup_old_versions(**options).stats if config.dry_run else ds.cleanup_old_versions(**options)
             versions = len(store.dataset(name).versions())
         except (OSError, ValueError) as exc:  # e.g. read-only credentials: a 403 on the first delete; server down
@@ -45,3 +62,14 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
         tables[name]["versions_left"] = versions - tables[name]["old_versions"] if config.dry_run else versions
     total = {field: sum(t[field] for t in tables.values()) for field in _STATS}
     return {"store": store.uri, "dry_run": config.dry_run, "tables": tables, "total": total}
+
+
+def removable_versions(history: Sequence[dict[str, Any]], cutoff: dt.datetime, keep: int | None) -> list[int]:
+    """Versions replaced by a newer one before ``cutoff``, except the newest ``keep`` (and never the latest)."""
+    ordered = sorted(history, key=lambda v: v["version"])
+    protected = len(ordered) - (keep or 1)
+    return [
+        version["version"]
+        for index, (version, successor) in enumerate(zip(ordered, ordered[1:]))
+        if index < protected and successor["timestamp"] < cutoff
+    ]

@@ -24,7 +24,7 @@ class CleanupConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    older_than: dt.timedelta = Field(dt.timedelta(days=14), description="Versions older than this are removed.")
+    older_than: dt.timedelta = Field(dt.timedelta(days=14), description="Versions replaced longer ago than this are removed.")
     keep_versions: int | None = Field(None, ge=1, description="Keep at least the newest N versions of each table.")
     unverified: bool = Field(False, description="Also delete unreferenced files younger than 7 days (no run may be writing).")
     dry_run: bool = Field(False, description="Report what would be removed; delete nothing.")

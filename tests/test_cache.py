@@ -212,12 +212,16 @@ def test_verify_finds_duplicates_and_bad_tensors(demo_root: Path, tmp_path: Path
     run_cache(config(demo_root / "sa-1b", store, shards="0"), executor="local")
     first = rows_of(store, "images", limit=1)
     broken = [{**first[0], "trunk": {**first[0]["trunk"], "data": first[0]["trunk"]["data"][:-1]}}]
-    for rows in (first, broken):
+    missing = [{**first[0], "key": "sa1b/missing-trunk", "trunk": None}]
+    null_fields = [{**first[0], "key": "sa1b/null-fields", "trunk": {**first[0]["trunk"], "shape": None}}]
+    for rows in (first, broken, missing, null_fields):
         lance.write_dataset(pa.Table.from_pylist(rows, schema=IMAGES), str(store / "images.lance"), mode="append")
     report = verify_store(Store(str(store)))
     assert not report.ok
     text = "\n".join(report.problems)
     assert "appears 3 times" in text and "does not decode" in text and "its ledger entry says 3" in text
+    assert "sa1b/missing-trunk has no trunk, which the store's targets include" in text
+    assert "sa1b/null-fields trunk does not decode" in text
     result = runner.invoke(app, ["store", "verify", str(store)], env=WIDE)
     assert result.exit_code == 1 and "appears 3 times" in result.output
 

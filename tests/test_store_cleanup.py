@@ -111,3 +111,47 @@ def test_a_table_that_cannot_be_opened_is_one_line(cached: Path, tmp_path: Path)
     result = runner.invoke(app, ["store", "cleanup", str(store_path)], env=WIDE)
     assert result.exit_code == 2 and "cannot clean up frames" in result.output, result.output
     assert "credentials" not in result.output  # the access hint is for 403s only
+
+
+def test_removable_versions_count_age_from_the_successor() -> None:
+    from datetime import datetime, timedelta
+
+    from esam3.pipeline.store_cleanup import removable_versions
+
+    t0 = datetime(2026, 1, 1)
+    history = [{"version": v, "timestamp": t} for v, t in [(1, t0), (2, t0 + timedelta(days=1)), (3, t0 + timedelta(days=30))]]
+    cutoff = t0 + timedelta(days=20)
+    # 1 was replaced on day 1 (old); 2 was made on day 1 but stayed the latest until day 30: a reader may hold it
+    assert removable_versions(history, cutoff, None) == [1]
+    assert removable_versions(history, t0 + timedelta(days=40), None) == [1, 2]
+    assert removable_versions(history, t0 + timedelta(days=40), 2) == [1]
+    assert removable_versions(history[:1], t0 + timedelta(days=40), None) == []
+
+
+def test_cleanup_keeps_the_version_a_reader_opened_even_if_it_was_made_long_ago(cached: Path, tmp_path: Path) -> None:
+    """Lance's own older_than counts from creation: a store idle for weeks, then one commit, lost the reader's version."""
+    store_path = tmp_path / "store"
+    shutil.copytree(cached, store_path)
+    store = Store(str(store_path))
+    time.sleep(1.2)
+    reader = StoreRows(store, "images")  # a trainer pins the latest version, made more than 1 s ago
+    pinned = reader.version
+    first_key = reader.take([0], ["key"])[0]["key"]
+    store.dataset("images").delete(f"key = '{first_key}'")  # a rerun's commit replaces it now
+    assert store.dataset("images").version == pinned + 1
+    result = runner.invoke(app, ["store", "cleanup", str(store_path), "--older-than", "1s"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert pinned in [v["version"] for v in store.dataset("images").versions()]
+    assert [r["key"] for r in reader.take([0], ["key", "trunk"])] == [first_key]  # its files are still there
+
+
+def test_unverified_cleanup_is_refused_while_a_run_writes(cached: Path, tmp_path: Path) -> None:
+    from esam3.pipeline.claims import ShardClaims
+
+    store_path = tmp_path / "store"
+    shutil.copytree(cached, store_path)
+    with ShardClaims(Store(str(store_path)), "run-in-progress", "sa-1b", ["sa_000007.tar"]):
+        result = runner.invoke(app, ["store", "cleanup", str(store_path), "--unverified"], env=WIDE)
+    assert result.exit_code == 2 and "run run-in-progress" in result.output and "is writing to it" in result.output
+    after = runner.invoke(app, ["store", "cleanup", str(store_path), "--unverified"], env=WIDE)
+    assert after.exit_code == 0, after.output

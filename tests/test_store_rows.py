@@ -176,5 +176,8 @@ def test_verify_and_show_report_a_missing_data_file(stores: dict[str, Path], tmp
     assert not report.ok and any("images: cannot be read after 0 of its rows" in p and "Not found" in p for p in report.problems), report.problems
     shown = CliRunner().invoke(app, ["store", "show", str(store_path), "sa1b/1", "--out", str(tmp_path / "row.png")])
     assert shown.exit_code == 2 and "cannot read images" in shown.output and shown.exception.__class__ is SystemExit
+    info = CliRunner().invoke(app, ["store", "info", str(store_path)])
+    assert info.exit_code == 2 and "cannot be read" in info.output and "store verify" in info.output
+    assert "Traceback" not in info.output and info.exception.__class__ is SystemExit
     cleaned = CliRunner().invoke(app, ["store", "cleanup", str(store_path), "--older-than", "0s"])
     assert cleaned.exit_code == 0, cleaned.output  # cleanup reads manifests only: a lost data file is verify's business
