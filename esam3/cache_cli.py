@@ -211,6 +211,35 @@ def cleanup_command(
     console.print(table)
 
 
+@store_app.command("compact")
+def compact_command(
+    uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    rows_per_fragment: int = typer.Option(1024, "--rows-per-fragment", help="Rows per fragment after compaction (at least 1)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count the rewrite tasks per table; change nothing."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=_S3_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the fragments per table."),
+) -> None:
+    """Merge the small fragments of cache runs into large ones (run it between runs; rows and keys are unchanged)."""
+    from esam3.pipeline.store_compact import compact_store
+
+    with user_errors():
+        if rows_per_fragment < 1:
+            raise UsageError(f"--rows-per-fragment must be at least 1, got {rows_per_fragment}")
+        store = open_store(uri, s3_endpoint)
+        with progress() as bar:
+            bar.add_task("compact", total=None, status="rewriting small fragments" if not dry_run else "planning")
+            report = compact_store(store, rows_per_fragment, dry_run)
+    if as_json:
+        print_json(report)
+        return
+    table = Table(show_header=True, title=Text("compaction plan (dry run)" if dry_run else "compacted"), title_justify="left")
+    for column in ("table", "fragments before", "rewrite tasks" if dry_run else "fragments after"):
+        table.add_column(column, justify="right" if column != "table" else "left")
+    for name, entry in report["tables"].items():
+        table.add_row(name, str(entry["fragments_before"]), str(entry["tasks"] if dry_run else entry["fragments_after"]))
+    console.print(table)
+
+
 @store_app.command("verify")
 def verify_command(
     uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),

@@ -249,9 +249,10 @@ class Store:
     def _existing(self, table: str, column: str, keys: Sequence[str]) -> dict[str, str]:
         """Which of ``keys`` the table already holds, and from which shard."""
         found: dict[str, str] = {}
+        ds = self.dataset(table)  # one open (a manifest read) for every chunk
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
-            rows = self.dataset(table).to_table(columns=[column, "shard"], filter=f"{column} IN ({_quote(chunk)})")
+            rows = ds.to_table(columns=[column, "shard"], filter=f"{column} IN ({_quote(chunk)})")
             found.update(zip(rows.column(column).to_pylist(), rows.column("shard").to_pylist()))
         return found
 

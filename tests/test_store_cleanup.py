@@ -1,5 +1,6 @@
-"""``esam3 store cleanup``: old versions and unreferenced files go, the latest rows stay and verify; files of a
-fragment nobody committed go only with --unverified; bad flags are usage errors."""
+"""Store upkeep. ``esam3 store cleanup``: old versions and unreferenced files go, the latest rows stay and verify;
+files of a fragment nobody committed go only with --unverified; bad flags are usage errors. ``esam3 store
+compact``: small fragments merge, rows and bytes unchanged."""
 
 from __future__ import annotations
 
@@ -155,3 +156,33 @@ def test_unverified_cleanup_is_refused_while_a_run_writes(cached: Path, tmp_path
     assert result.exit_code == 2 and "run run-in-progress" in result.output and "is writing to it" in result.output
     after = runner.invoke(app, ["store", "cleanup", str(store_path), "--unverified"], env=WIDE)
     assert after.exit_code == 0, after.output
+
+
+def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path) -> None:
+    from esam3.pipeline.claims import ShardClaims
+    from esam3.pipeline.demo_data import write_demo_data
+    from tests.conftest import small_config
+
+    write_demo_data(small_config(tmp_path / "data", sa1b_shards=6, images_per_shard=2, sav_shards=0))
+    store_path = tmp_path / "store"
+    config = CacheConfig(dataset="sa-1b", source=str(tmp_path / "data" / "sa-1b"), store=str(store_path), codec="int8")
+    assert run_cache(config, executor="local").exit_code == 0
+    store = Store(str(store_path))
+    before = {r["key"]: bytes(r["trunk"]["data"]) for r in StoreRows(store, "images").where(columns=["key", "trunk"])}
+    assert len(store.dataset("images").get_fragments()) == 6  # one per shard here (per teacher block on Ray)
+
+    dry = runner.invoke(app, ["store", "compact", str(store_path), "--dry-run", "--json"], env=WIDE)
+    assert dry.exit_code == 0, dry.output
+    planned = json.loads(dry.output.strip().splitlines()[-1])["tables"]["images"]
+    assert planned["tasks"] >= 1 and len(store.dataset("images").get_fragments()) == 6
+    with ShardClaims(store, "run-in-progress", "sa-1b", ["sa_000009.tar"]):
+        busy = runner.invoke(app, ["store", "compact", str(store_path)], env=WIDE)
+    assert busy.exit_code == 2 and "run run-in-progress" in busy.output
+    done = runner.invoke(app, ["store", "compact", str(store_path), "--json"], env=WIDE)
+    assert done.exit_code == 0, done.output
+    images = json.loads(done.output.strip().splitlines()[-1])["tables"]["images"]
+    assert (images["fragments_before"], images["fragments_after"]) == (6, 1)
+    assert {r["key"]: bytes(r["trunk"]["data"]) for r in StoreRows(store, "images").where(columns=["key", "trunk"])} == before
+    assert verify_store(store).ok and run_cache(config, executor="local").nothing_to_do
+    bad = runner.invoke(app, ["store", "compact", str(store_path), "--rows-per-fragment", "0"], env=WIDE)
+    assert bad.exit_code == 2 and "--rows-per-fragment must be at least 1" in bad.output

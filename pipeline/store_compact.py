@@ -1,0 +1,55 @@
+"""``esam3 store compact``: merge the small fragments cache runs leave into large ones.
+
+Each teacher block (8 images, or 8 video frames) becomes its own Lance fragment, so a full SA-1B store would
+hold ~1.4M fragments: every commit rewrites a manifest listing all of them (~165 B each, ~230 MB) and every
+reader opens it. Compaction rewrites small fragments into fragments of ``rows_per_fragment`` rows (one new
+version; rows, keys and bytes unchanged; blobs copied) and materialises deleted rows. Readers pinned to an
+older version keep reading it until ``esam3 store cleanup`` removes it.
+
+It rewrites the data it merges (at full size ~6.5 MB per image), from this one process with Lance's threads:
+run it between cache runs, not while one writes (refused while a run's claim is live: a compaction and a
+rerun's deletes of the same fragments conflict).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lance.optimize import Compaction
+
+from esam3.pipeline.claims import live_claims
+from esam3.pipeline.object_store import ACCESS_HINT, access_refused
+from esam3.pipeline.store import Store
+from esam3.schemas.errors import first_line
+from esam3.schemas.store import LANCE_FILE_VERSION, TABLES, StoreError
+
+
+def compact_store(store: Store, rows_per_fragment: int = 1024, dry_run: bool = False) -> dict[str, Any]:
+    """Compact every table (or, with ``dry_run``, count the rewrite tasks Lance would run); fragments before/after."""
+    if store.read_card() is None:
+        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    if rows_per_fragment < 1:
+        raise ValueError(f"rows_per_fragment must be at least 1, got {rows_per_fragment}")
+    if running := live_claims(store):
+        run = running[0]
+        raise StoreError(
+            f"store {store.uri}: run {run.run_id} ({run.host}, pid {run.pid}) is writing to it; compact it when that run has finished"
+        )
+    options = {"target_rows_per_fragment": rows_per_fragment, "materialize_deletions": True,
+               "data_storage_version": LANCE_FILE_VERSION}
+    tables: dict[str, dict[str, Any]] = {}
+    for name in TABLES:
+        try:
+            ds = store.dataset(name)
+            before = len(ds.get_fragments())
+            if dry_run:
+                entry = {"tasks": Compaction.plan(ds, options).num_tasks()}
+            else:
+                metrics = ds.optimize.compact_files(**options)
+                entry = {"fragments_removed": metrics.fragments_removed, "fragments_added": metrics.fragments_added}
+            after = before if dry_run else len(store.dataset(name).get_fragments())
+        except (OSError, ValueError) as exc:
+            hint = f"; {ACCESS_HINT}" if access_refused(exc) else ""
+            raise StoreError(f"store {store.uri}: cannot compact {name} ({first_line(exc)}){hint}") from None
+        tables[name] = {"fragments_before": before, "fragments_after": after, **entry}
+    return {"store": store.uri, "dry_run": dry_run, "rows_per_fragment": rows_per_fragment, "tables": tables}
