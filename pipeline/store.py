@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -133,9 +134,20 @@ class Store:
     def basis_path(self, dataset: str) -> str:
         return f"{self.path}/basis-{dataset}.bin"
 
-    def read_basis(self, dataset: str) -> Basis | None:
+    def read_basis(self, dataset: str, settle: float = 0.0) -> Basis | None:
+        """The stored basis, once it has been in place for ``settle`` seconds (waiting if it is newer).
+
+        Two teacher actors that fit a basis at the same moment may both find none and both rename theirs into
+        place (no store here has an atomic create-if-absent); the last rename wins within a moment. A writer
+        that caches the basis for its lifetime passes ``settle`` so that it never keeps the loser's.
+        """
+        path = self.basis_path(dataset)
         try:
-            with self.fs.open(self.basis_path(dataset), "rb") as handle:
+            if settle > 0:
+                age = time.time() - _modified(self.fs.info(path))
+                if age < settle:
+                    time.sleep(min(settle - age, 2 * settle))  # capped: a storage clock ahead of ours
+            with self.fs.open(path, "rb") as handle:
                 return Basis.from_bytes(handle.read())
         except FileNotFoundError:
             return None
@@ -262,3 +274,13 @@ class Store:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """Last-modified time (epoch seconds) of an fsspec ``info`` entry: local ``mtime`` or S3 ``LastModified``."""
+    if "mtime" in info:
+        return float(info["mtime"])
+    stamp = info.get("LastModified") or info.get("last_modified")
+    if isinstance(stamp, dt.datetime):
+        return stamp.timestamp()
+    return time.time() - 3600.0  # no time known: treat it as settled

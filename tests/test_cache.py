@@ -636,3 +636,32 @@ def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
     assert len(failures) == (1 if fault == "fails-after-8-frames" else 2)
     assert "after frame 8" in failures[0]["reason"] if fault == "fails-after-8-frames" else "NaN" in failures[0]["reason"]
     assert verify_store(Store(str(store))).ok
+
+
+def test_a_writer_waits_for_the_basis_to_settle(tmp_path: Path) -> None:
+    """Two actors may both rename a basis into place; a writer that caches one must not keep the loser's."""
+    import time
+
+    from esam3.schemas.codecs import fit_basis
+
+    rng = np.random.default_rng(3)
+    first, second = (fit_basis(rng.normal(size=(4, 8, 3, 3)).astype(np.float32), 4) for _ in range(2))
+    store = Store(str(tmp_path / "store"))
+    store.fs.makedirs(store.path, exist_ok=True)
+    store.write_basis_once("sa-1b", first)
+
+    def late_rename() -> None:  # the other actor's rename lands while the writer waits
+        time.sleep(0.3)
+        staging = f"{store.path}/.basis-late"
+        with store.fs.open(staging, "wb") as handle:
+            handle.write(second.to_bytes())
+        store.fs.mv(staging, store.basis_path("sa-1b"))
+
+    racer = threading.Thread(target=late_rename)
+    start = time.monotonic()
+    racer.start()
+    read = store.read_basis("sa-1b", settle=1.0)
+    racer.join()
+    assert time.monotonic() - start >= 0.9 and np.array_equal(read.components, second.components)
+    start = time.monotonic()
+    assert store.read_basis("sa-1b", settle=0.5) is not None and time.monotonic() - start < 0.4  # settled: no wait

@@ -26,6 +26,8 @@ from esam3.workers.heads import Geometry
 log = logging.getLogger(__name__)
 #: Low-rank bases read from stores, per worker process.
 _BASES: dict[tuple[str, str, Any], Basis] = {}
+#: A basis file is final once it has been in place this long (see ``Store.read_basis``).
+BASIS_SETTLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class _WriteTable:
             from esam3.pipeline.store import Store
 
             uri, dataset, s3 = self.basis_source
-            found = Store(uri, s3).read_basis(dataset)
+            found = Store(uri, s3).read_basis(dataset, settle=BASIS_SETTLE_SECONDS)
             if found is None:
                 raise CodecError("the low-rank basis is not in the store yet (the teacher step writes it first)")
             _BASES[self.basis_source] = found
