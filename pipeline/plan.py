@@ -444,9 +444,17 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def _object_store_bytes() -> int:
-    """A modest object store: 1 GiB, or 20% of RAM if that is less (the pipeline streams, it holds little)."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         total = 8 * 2**30
-    return int(min(2**30, 0.2 * total))
+    return object_store_bytes(total)
+
+
+def object_store_bytes(ram: int) -> int:
+    """Object store of a local Ray: 10% of RAM, at least 1 GiB (but never over Ray's own default of 30%).
+
+    The pipeline streams, but blocks in flight are big at full size (8 images of float32 targets ~340 MB per
+    teacher actor), so a big GPU machine gets a store that grows with it instead of spilling to disk.
+    """
+    return int(min(0.3 * ram, max(2**30, 0.1 * ram)))

@@ -89,6 +89,15 @@ def test_sigkilled_teacher_actor_is_replaced_and_every_key_lands_once(local_ray,
     assert verify_store(Store(str(store))).ok
 
 
+def test_local_object_store_grows_with_the_machine() -> None:
+    from esam3.pipeline.plan import object_store_bytes
+
+    gib = 2**30
+    assert object_store_bytes(2 * gib) == int(0.6 * gib)  # a small machine: Ray's own 30% cap
+    assert object_store_bytes(24 * gib) == int(2.4 * gib)
+    assert object_store_bytes(1024 * gib) == int(102.4 * gib)  # a big GPU box: no constant spilling
+
+
 def test_teacher_pool_fits_on_nodes() -> None:
     """A CPU teacher actor must fit on one node: one per big node, sized by the smallest of them; a 0-CPU or small
     head gets none."""
