@@ -61,6 +61,7 @@ def cache_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end."),
 ) -> None:
     """The main job: stream shards through the SAM3 teacher into a resumable Lance store (rerun = resume)."""
+    from esam3.pipeline.object_store import storage_failed
     from esam3.pipeline.plan import run_cache
 
     with user_errors():
@@ -85,7 +86,9 @@ def cache_command(
             update = cache_progress(bar, bar.add_task(f"cache {dataset.value}", total=None, status="starting"))
             try:
                 report = run_cache(config, executor=executor, on_progress=update)
-            except OSError as exc:  # storage or network trouble (S3 down, disk full): nothing half-done is visible
+            except (OSError, ValueError) as exc:  # storage or network trouble (S3 down, disk full): nothing half-done is visible
+                if not storage_failed(exc):
+                    raise
                 raise RunError(f"storage error: {first_line(exc)}; rerun the same command to resume") from None
             update(report)
     if as_json:

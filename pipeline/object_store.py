@@ -26,6 +26,12 @@ def access_refused(exc: BaseException) -> bool:
     return isinstance(exc, PermissionError) or "403 Forbidden" in str(exc)
 
 
+def storage_failed(exc: BaseException) -> bool:
+    """Whether an error is the storage failing (worth a rerun), not bad input: an OSError, or the ValueError
+    Lance raises for its I/O errors (``LanceError(IO): ...``: server down, connection reset)."""
+    return isinstance(exc, OSError) or (isinstance(exc, ValueError) and str(exc).startswith("LanceError(IO)"))
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 

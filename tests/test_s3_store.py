@@ -245,3 +245,12 @@ def test_wrong_secret_is_refused_cleanly_and_never_shown(tmp_path: Path, demo_ro
         with pytest.raises(StoreError, match="access to images refused.*check the S3 credentials") as refused:
             Store(store, wrong_settings).dataset("images")  # straight to Lance, not through store.json
         assert wrong not in str(refused.value) and key not in str(refused.value)
+
+
+def test_lance_io_errors_count_as_storage_failures() -> None:
+    """Lance raises ValueError('LanceError(IO): ...') when S3 is down; the cache must treat it like an OSError."""
+    from esam3.pipeline.object_store import storage_failed
+
+    assert storage_failed(ValueError("LanceError(IO): Generic S3 error: Error performing list request"))
+    assert storage_failed(ConnectionResetError("connection reset by peer"))
+    assert not storage_failed(ValueError("rank must be in 1..8, got 9"))

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 from lance.fragment import write_fragments
 
+from esam3.pipeline.object_store import storage_failed
 from esam3.schemas.codecs import Basis, CodecError, FeatureCodec, encode_features, encode_logits
 from esam3.schemas.store import FRAMES, IMAGES, LANCE_FILE_VERSION, raw_tensor, tensor_value
 from esam3.schemas.errors import first_line
@@ -106,7 +107,9 @@ class _WriteTable:
                         table, self.table_uri, schema=self.schema, data_storage_version=LANCE_FILE_VERSION,
                         storage_options=self.storage_options or None,
                     )
-                except OSError as exc:  # storage trouble: this shard is left for a rerun, the others go on
+                except (OSError, ValueError) as exc:  # storage trouble: this shard is left for a rerun, the others go on
+                    if not storage_failed(exc):
+                        raise
                     log.warning("%s: writing fragments failed, the shard stays uncommitted in this run: %s", shard, exc)
                     entry["aborted"] = f"writing its rows failed: {first_line(exc)}"
                     written = []
