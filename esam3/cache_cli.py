@@ -92,13 +92,15 @@ def cache_command(
                 raise RunError(f"storage error: {first_line(exc)}; rerun the same command to resume") from None
             update(report)
     if as_json:
-        print_json(report.to_json())
+        print_json({**report.to_json(), "aborted": {shard: redact(reason) for shard, reason in report.aborted.items()}})
     elif report.nothing_to_do:
         console.print(Text(f"nothing to do: all {report.shards_selected} selected shard(s) are already in {store} (same teacher and settings)"))
     else:
         console.print(summary_table(report))
     if report.failures:
         err_console.print(Text(f"{report.failures} bad sample(s) (limit {limit}); see the store's failures table"))
+    elif report.exit_code and not report.aborted:  # a rerun: the failures are from earlier runs
+        err_console.print(Text(f"the selected shards' failed samples in the store exceed --max-failures {limit}; see the store's failures table"))
     if report.aborted:
         first, reason = next(iter(sorted(report.aborted.items())))
         err_console.print(Text(

@@ -236,6 +236,7 @@ def _failures_exceeded(store: Store, config: CacheConfig, fingerprint: str, shar
 _STEP_ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls for cls in (StoreError, TeacherLoadError, SourceError, ShardReadError, RunError)
 }
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
 
 
@@ -259,6 +260,7 @@ def ray_errors() -> Iterator[None]:
 
 def step_error(text: str) -> Exception:
     """The original error in a Ray error's text: its first ``Name: message`` line that Ray did not add."""
+    text = _ANSI.sub("", text)
     for match in _ERROR_LINE.finditer(text):
         name, message = match.groups()
         if name in ("RayTaskError", "UserCodeException", "RayError"):
@@ -420,14 +422,21 @@ def _init_ray(address: str | None) -> bool:
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=False,
-        object_store_memory=_object_store_bytes(),
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    object_store = _object_store_bytes()
+    try:
+        ray.init(
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            object_store_memory=object_store,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except ValueError as exc:  # Ray refuses a store larger than the memory it sees
+        raise RunError(
+            f"a local Ray could not start with a {object_store / 2**30:.1f} GiB object store ({first_line(exc)}); "
+            "start Ray yourself ('ray start --head --object-store-memory BYTES') and pass --address auto"
+        ) from None
     return True
 
 
@@ -448,7 +457,19 @@ def _object_store_bytes() -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         total = 8 * 2**30
-    return object_store_bytes(total)
+    return object_store_bytes(min(total, _container_limit() or total))
+
+
+def _container_limit() -> int | None:
+    """The cgroup memory limit of this container (v2, else v1), if one is set: pods see the host's RAM otherwise."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 2**60:  # v1 says "no limit" with a huge number, v2 with "max"
+            return int(value)
+    return None
 
 
 def object_store_bytes(ram: int) -> int:

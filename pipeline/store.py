@@ -143,10 +143,11 @@ class Store:
         """
         path = self.basis_path(dataset)
         try:
-            if settle > 0:
+            for _ in range(3 if settle > 0 else 0):  # again after a wait: a late rename restarts the clock
                 age = time.time() - _modified(self.fs.info(path))
-                if age < settle:
-                    time.sleep(min(settle - age, 2 * settle))  # capped: a storage clock ahead of ours
+                if age >= settle:
+                    break
+                time.sleep(min(settle - age, 2 * settle))  # capped: a storage clock ahead of ours
             with self.fs.open(path, "rb") as handle:
                 return Basis.from_bytes(handle.read())
         except FileNotFoundError:

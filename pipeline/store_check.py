@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
 from esam3.pipeline.store_rows import StoreRows
 from esam3.schemas.codecs import CodecError
@@ -27,6 +28,11 @@ NAN_MEANS_ABSENT = frozenset({"prompt_boxes"})
 _PROBLEM_LIMIT = 50
 
 
+def _unreadable(exc: Exception) -> bool:
+    """A store file missing or unreadable (Arrow's errors), or the storage failing (OSError, Lance's IO errors)."""
+    return isinstance(exc, pa.ArrowException) or storage_failed(exc)
+
+
 def store_info(store: Store, sample_rows: int = 64) -> dict[str, Any]:
     """Rows, versions, bytes per row per column (from up to ``sample_rows`` rows), teacher, failures, ledger."""
     card = store.read_card()
@@ -34,7 +40,9 @@ def store_info(store: Store, sample_rows: int = 64) -> dict[str, Any]:
         raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
     try:
         return _store_info(store, card, sample_rows)
-    except (OSError, pa.ArrowException) as exc:  # a data file gone, or the storage down
+    except (OSError, ValueError) as exc:  # a data file gone (ArrowInvalid), or the storage down
+        if not _unreadable(exc):
+            raise
         raise StoreError(f"store {store.uri}: cannot be read ({first_line(exc)}); `esam3 store verify` says which rows") from None
 
 
@@ -116,7 +124,9 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
         before = report.rows_checked
         try:
             _verify_table(store, table, teacher, ledger_by_shard, card, report, on_rows)
-        except (OSError, pa.ArrowException) as exc:  # a file gone or unreadable, or the storage down: the scan stops
+        except (OSError, ValueError) as exc:  # a file gone or unreadable, or the storage down: the scan stops
+            if not _unreadable(exc):
+                raise
             report.problem(f"{table}: cannot be read after {report.rows_checked - before} of its rows ({first_line(exc)})")
     return report
 

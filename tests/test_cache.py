@@ -426,6 +426,9 @@ def test_exit_code_counts_failures_of_earlier_runs(tmp_path: Path) -> None:
     assert run_cache(config(source, store, shards="0-1", max_failures=MaxFailures.parse("4")), executor="local").exit_code == 0
     again = run_cache(config(source, store, shards="0"), executor="local")
     assert again.nothing_to_do and again.exit_code == 1, "a no-op rerun exits like the run it repeats"
+    cli = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(source), "--store", str(store), "--shards", "0",
+                              "--codec", "int8", "--executor", "local"], env=WIDE)
+    assert cli.exit_code == 1 and "nothing to do" in cli.output and "exceed --max-failures 0" in cli.output
 
 
 def unreadable_shard(source: Path, shard: str) -> Path:
@@ -651,7 +654,7 @@ def test_a_writer_waits_for_the_basis_to_settle(tmp_path: Path) -> None:
     store.write_basis_once("sa-1b", first)
 
     def late_rename() -> None:  # the other actor's rename lands while the writer waits
-        time.sleep(0.3)
+        time.sleep(0.2)
         staging = f"{store.path}/.basis-late"
         with store.fs.open(staging, "wb") as handle:
             handle.write(second.to_bytes())
@@ -660,8 +663,57 @@ def test_a_writer_waits_for_the_basis_to_settle(tmp_path: Path) -> None:
     racer = threading.Thread(target=late_rename)
     start = time.monotonic()
     racer.start()
-    read = store.read_basis("sa-1b", settle=1.0)
+    read = store.read_basis("sa-1b", settle=2.0)
     racer.join()
-    assert time.monotonic() - start >= 0.9 and np.array_equal(read.components, second.components)
+    assert time.monotonic() - start >= 1.9 and np.array_equal(read.components, second.components)
     start = time.monotonic()
     assert store.read_basis("sa-1b", settle=0.5) is not None and time.monotonic() - start < 0.4  # settled: no wait
+
+
+def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error after some of a shard's rows were written (read side), or while writing them (write side):
+    the shard is left uncommitted (its fragments stay invisible), the other shards commit; a 403 stops the run."""
+    import fsspec.implementations.local as local
+
+    import esam3.workers.write_step as write_step
+    from esam3.pipeline.demo_data import write_demo_data
+    from tests.conftest import small_config
+
+    write_demo_data(small_config(tmp_path / "data", sa1b_shards=3, images_per_shard=10, sav_shards=0))
+    source = tmp_path / "data" / "sa-1b"
+    broken = source / "sa_000001.tar"
+    reads = {"bytes": 0, "limit": int(0.9 * broken.stat().st_size)}
+    original_read = local.LocalFileOpener.read
+
+    def read_then_reset(self, *args, **kwargs):  # shard 1 breaks after its first 8-image batch went downstream
+        data = original_read(self, *args, **kwargs)
+        if self.path.endswith(broken.name):
+            reads["bytes"] += len(data)
+            if reads["bytes"] > reads["limit"]:
+                raise ConnectionResetError("connection reset by peer")
+        return data
+
+    original_write = write_step.write_fragments
+
+    def write_refused_for_shard_2(table, *args, **kwargs):
+        if "sa_000002.tar" in table.column("shard").to_pylist():
+            raise OSError("LanceError-like: disk full")
+        return original_write(table, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileOpener, "read", read_then_reset)
+    monkeypatch.setattr(write_step, "write_fragments", write_refused_for_shard_2)
+    store = tmp_path / "store"
+    report = run_cache(config(source, store), executor="local")
+    assert sorted(report.aborted) == ["sa_000001.tar", "sa_000002.tar"] and report.exit_code == 1
+    assert "connection reset" in report.aborted["sa_000001.tar"] and "writing its rows failed" in report.aborted["sa_000002.tar"]
+    assert report.rows_written >= 18 and report.rows == 10  # shard 1's first batch was written, never committed
+    assert {r["shard"] for r in rows_of(store, "images")} == {"sa_000000.tar"} and verify_store(Store(str(store))).ok
+
+    def refused(table, *args, **kwargs):
+        raise PermissionError("403 Forbidden")
+
+    monkeypatch.setattr(write_step, "write_fragments", refused)
+    with pytest.raises(StoreError, match="writing refused"):
+        run_cache(config(source, tmp_path / "refused"), executor="local")

@@ -346,6 +346,7 @@ class TeacherHeads(nn.Module):
             if document.get("format") != HEADS_FORMAT:
                 raise HeadsLoadError(f"heads {config_path}: format {document.get('format')!r}, this esam3 reads {HEADS_FORMAT}")
             config = Sam3VideoConfig.from_dict(document["teacher_config"])
+            check_sizes(config, "teacher_config")
         except HeadsLoadError:
             raise
         except Exception as exc:  # JSON and strict-config errors come in many types

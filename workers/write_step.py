@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 from lance.fragment import write_fragments
 
-from esam3.pipeline.object_store import storage_failed
+from esam3.pipeline.object_store import ACCESS_HINT, access_refused, storage_failed
 from esam3.schemas.codecs import Basis, CodecError, FeatureCodec, encode_features, encode_logits
-from esam3.schemas.store import FRAMES, IMAGES, LANCE_FILE_VERSION, raw_tensor, tensor_value
+from esam3.schemas.store import FRAMES, IMAGES, LANCE_FILE_VERSION, StoreError, raw_tensor, tensor_value
 from esam3.schemas.errors import first_line
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
@@ -91,7 +91,7 @@ class _WriteTable:
                     log.warning("%s: cannot store %s: %s", row["shard"], row["key"], exc)
                     entry["failures"].append({"member": row["member"], "reason": f"targets of {row['key']} not stored: {exc}", "weight": 1})
             elif row["kind"] == KIND_FAILURE:
-                entry["failures"].append({"member": row["member"], "reason": row["reason"], "weight": row.get("count") or 1})
+                entry["failures"].append({"member": row["member"], "reason": row["reason"], "weight": 1 if row.get("count") is None else row["count"]})
             elif row["kind"] == KIND_END:
                 entry["end"], entry["samples"] = row["count"], row["samples"]
             elif row["kind"] == KIND_ABORT:
@@ -108,6 +108,8 @@ class _WriteTable:
                         storage_options=self.storage_options or None,
                     )
                 except (OSError, ValueError) as exc:  # storage trouble: this shard is left for a rerun, the others go on
+                    if access_refused(exc):  # no shard will fare better: stop the run with the credentials hint
+                        raise StoreError(f"store table {self.table_uri}: writing refused (403); {ACCESS_HINT}") from None
                     if not storage_failed(exc):
                         raise
                     log.warning("%s: writing fragments failed, the shard stays uncommitted in this run: %s", shard, exc)
