@@ -1,22 +1,26 @@
-"""CPU cost of the cache per SA-1B image outside the teacher, at SAM3's full size: how many cores feed one GPU?
+"""CPU cost of the cache per row outside the teacher, at SAM3's full size: how many cores feed one GPU?
 
-On a GPU node the teacher actor owns a GPU, and the read step (JPEG decode, squash resize to 1008, prompt
-sampling) and the write step (codecs, Lance fragment writes) run on CPU cores beside it. Here each step runs
-in this process on real data and full-size targets, timed in CPU seconds (``time.process_time``, every thread
-of the process, Lance's writer threads included), so the result does not depend on how busy the machine is:
+On a GPU node the teacher actor owns a GPU, and the read step and the write step (codecs, Lance fragment writes)
+run on CPU cores beside it. Here each step runs in this process on real data and full-size targets, timed in
+CPU seconds (``time.process_time``, every thread of the process, Lance's writer threads included), so the
+result does not depend on how busy the machine is:
 
-* read: ``ReadImages`` on full-size demo SA-1B images (short side 1500, ~2250x1500 JPEG), K prompts sampled;
+* read: ``ReadImages`` on full-size demo SA-1B images (short side 1500, ~2250x1500 JPEG: JPEG decode, squash
+  resize to 1008, K prompts sampled), or ``ReadVideos`` on demo SA-V videos at 1344x1008 H.264 (decode, the
+  annotated frames resized to 1008, ground-truth prompts);
 * teacher host side: turning the targets into row bytes (``target_bytes``: the float32 copies the actor makes);
-* write: ``WriteImages`` on TARGETS rows holding full-size targets (trunk 1024x72x72, K x 4 mask logits at
-  288x288), split into encoding (``store_row``) and the rest (Arrow table + Lance fragment write).
+* write: ``WriteImages`` / ``WriteFrames`` on rows holding full-size targets, split into encoding
+  (``store_row``) and the rest (Arrow table + Lance fragment write). SA-1B rows: trunk 1024x72x72, K x 4 mask
+  logits at 288x288; SA-V rows (one per annotated frame): trunk, and per object 288x288 mask logits,
+  ``maskmem_features`` 64x72x72 and ``pix_feat_with_mem`` 256x72x72.
 
-The targets are synthetic (no full-size teacher runs on this CPU): the trunk is Gaussian with per-channel
-scales, the mask logits smooth fields (an 18x18 random grid upsampled, ~+-10) like a real decoder's. zstd's
-cost on the logits depends on their content; real logits (large flat background) compress better.
+The targets are synthetic (no full-size teacher runs on this CPU): feature maps Gaussian with per-channel
+scales, mask logits smooth fields (an 18x18 random grid upsampled, ~+-10) like a real decoder's. zstd's cost
+on the logits depends on their content; real logits (large flat background) compress better.
 
 Prints one JSON line, with ``cores_per_gpu_at`` = CPU seconds per row x the GPU rate (rows/s) for a few rates.
 
-    python benchmarks/cpu_per_row.py [--images 16] [--prompts 16] [--codec int8]
+    python benchmarks/cpu_per_row.py [--dataset sa-1b|sa-v] [--images 16] [--prompts 16] [--objects 8] [--codec int8]
 """
 
 from __future__ import annotations
@@ -38,12 +42,13 @@ from esam3.pipeline.store import Store
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.demo import DemoDataConfig
 from esam3.schemas.prompts import PromptConfig
-from esam3.schemas.work import KIND_SAMPLE, TARGETS
+from esam3.schemas.teacher import VideoTargetConfig
+from esam3.schemas.work import FRAME_TARGETS, KIND_SAMPLE, TARGETS
 from esam3.workers.heads import Geometry
-from esam3.workers.read_step import ReadImages
+from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_loading import random_config
 from esam3.workers.teacher_step import target_bytes
-from esam3.workers.write_step import WriteImages, stored_bytes
+from esam3.workers.write_step import WriteFrames, WriteImages, stored_bytes
 
 GPU_RATES = (10, 30, 60)
 
@@ -78,54 +83,111 @@ def to_row_bytes(rows: list[dict[str, Any]], targets: list[dict[str, torch.Tenso
         row.update(precision="bf16-autocast", pixels=None, **{name: target_bytes(t) for name, t in tensors.items()})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=16, help="full-size demo images to push through (>= 4)")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per image (K)")
-    parser.add_argument("--codec", choices=[c.value for c in FeatureCodec if c != FeatureCodec.LOWRANK], default="int8",
-                        help="feature codec of the trunk")
-    parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temp dir)")
-    args = parser.parse_args()
-    if args.images < 4:
-        parser.error(f"--images must be at least 4, got {args.images}")
-    if args.prompts < 1:
-        parser.error(f"--prompts must be at least 1, got {args.prompts}")
-    torch.set_num_threads(1)  # the steps run one row after the other on one core each in the pipeline
-    out = args.out or Path(tempfile.mkdtemp(prefix="esam3-bench-cpu-"))
+def write_cost(write: Any, rows: list[dict[str, Any]], schema: pa.Schema, units: int) -> dict[str, Any]:
+    """CPU seconds per unit of the write step: encoding alone, then the whole step (encode + Arrow + Lance)."""
+    samples = [row for row in rows if row["kind"] == KIND_SAMPLE]
+    encoded, encode_s = cpu_seconds(lambda: [write.store_row(row) for row in samples])
+    batches = [pa.Table.from_pylist(rows[i : i + 4], schema=schema) for i in range(0, len(rows), 4)]
+    written, write_s = cpu_seconds(lambda: [write(batch) for batch in batches])
+    return {"encode": encode_s / units, "write_total": write_s / units, "rows_stored": sum(sum(b.column("rows").to_pylist()) for b in written),
+            "stored_mb": sum(stored_bytes(r) for r in encoded) / units / 1e6}
+
+
+def image_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) -> dict[str, Any]:
     write_demo_data(DemoDataConfig(out=out / "data", sa1b_shards=1, images_per_shard=args.images, sav_shards=0))
     source = out / "data" / "sa-1b"
-    g = Geometry.from_config(random_config("full-random"))
     shard = select_shards(str(source), DatasetName.SA1B, "all")[0]
-
     read = ReadImages(str(source), g.image_size, PromptConfig(num_prompts=args.prompts), with_prompts=True, batch_rows=4)
     batches, read_s = cpu_seconds(lambda: list(read(shard)))
     rows = [row for batch in batches for row in batch.to_pylist()]
-    samples = sum(row["kind"] == KIND_SAMPLE for row in rows)
-    prompts = sum(row["k"] for row in rows if row["kind"] == KIND_SAMPLE)
-
+    samples = [row for row in rows if row["kind"] == KIND_SAMPLE]
     rng = np.random.default_rng(0)
     channel_scale = torch.from_numpy(rng.lognormal(0, 1, (g.trunk_width, 1, 1)).astype(np.float32))
-    sample_rows = [row for row in rows if row["kind"] == KIND_SAMPLE]
-    tensors = [synthetic_targets(row["k"], g, rng, channel_scale) for row in sample_rows]
-    _, teacher_host_s = cpu_seconds(lambda: to_row_bytes(sample_rows, tensors))
-    targets = [pa.Table.from_pylist(rows[i : i + 4], schema=TARGETS) for i in range(0, len(rows), 4)]
-
-    store = Store(str(out / "store"))
+    tensors = [synthetic_targets(row["k"], g, rng, channel_scale) for row in samples]
+    _, teacher_host_s = cpu_seconds(lambda: to_row_bytes(samples, tensors))
     store.create_table("images")
     write = WriteImages(store.table_uri("images"), g, FeatureCodec(args.codec), "synthetic", "bench", 0)
-    encoded, encode_s = cpu_seconds(lambda: [write.store_row(row) for row in sample_rows])
-    written, write_s = cpu_seconds(lambda: [write(batch) for batch in targets])
-    stored = sum(b.column("rows").to_pylist()[0] for b in written)
-    per_row = {"read": read_s / samples, "teacher_host": teacher_host_s / samples, "encode": encode_s / samples,
-               "write_total": write_s / samples}
-    total = per_row["read"] + per_row["teacher_host"] + per_row["write_total"]
+    cost = write_cost(write, rows, TARGETS, len(samples))
+    return {"unit": "image", "units": len(samples), "prompts_per_image": round(sum(r["k"] for r in samples) / len(samples), 1),
+            "read": read_s / len(samples), "teacher_host": teacher_host_s / len(samples), **cost}
+
+
+def frame_rows(video: dict[str, Any], objects: int, g: Geometry, rng: np.random.Generator) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
+    """FRAME_TARGETS rows of one read video, and full-size synthetic targets for each of its frames."""
+    rows, tensors = [], []
+    for t in range(video["frames"]):
+        rows.append({
+            **{name: video[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
+            "key": f"{video['key']}/{t:05d}", "video_id": video["key"].split("/", 1)[1], "frame": t, "frame_index": 4 * t,
+            "prompt_kind": "mask", "object_ids": list(range(objects)), "is_conditioning": [t == 0] * objects,
+            "has_memory_conditioned": [t > 0] * objects,
+        })
+        tensors.append({
+            "trunk": torch.randn(g.trunk_width, g.grid, g.grid),
+            "mask_logits": smooth_logits(rng, objects, g.mask_size),
+            "object_score": torch.randn(objects), "object_pointer": torch.randn(objects, g.hidden),
+            "maskmem_features": torch.randn(objects, g.memory_channels, g.grid, g.grid),
+            "pix_feat_with_mem": torch.randn(objects, g.hidden, g.grid, g.grid),
+        })
+    return rows, tensors
+
+
+def frame_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) -> dict[str, Any]:
+    write_demo_data(DemoDataConfig(out=out / "data", sa1b_shards=0, sav_shards=1, videos_per_shard=args.videos,
+                                   video_width=1344, video_height=1008, video_seconds=args.seconds))
+    source = out / "data" / "sa-v"
+    shard = select_shards(str(source), DatasetName.SAV, "all")[0]
+    read = ReadVideos(str(source), g.image_size, VideoTargetConfig(max_objects=args.objects))
+    batches, read_s = cpu_seconds(lambda: list(read(shard)))
+    work = [row for batch in batches for row in batch.to_pylist()]
+    rng = np.random.default_rng(0)
+    rows: list[dict[str, Any]] = []
+    tensors: list[dict[str, torch.Tensor]] = []
+    for video in (row for row in work if row["kind"] == KIND_SAMPLE):
+        video_rows, video_tensors = frame_rows(video, args.objects, g, rng)
+        rows += video_rows
+        tensors += video_tensors
+    _, teacher_host_s = cpu_seconds(lambda: to_row_bytes(rows, tensors))
+    tensors.clear()  # the row bytes hold the targets now
+    store.create_table("frames")
+    write = WriteFrames(store.table_uri("frames"), g, FeatureCodec(args.codec), "synthetic", "bench", 0)
+    cost = write_cost(write, rows + [row for row in work if row["kind"] != KIND_SAMPLE], FRAME_TARGETS, len(rows))
+    return {"unit": "frame", "units": len(rows), "objects": args.objects, "read": read_s / len(rows),
+            "teacher_host": teacher_host_s / len(rows), **cost}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["sa-1b", "sa-v"], default="sa-1b", help="images (SA-1B) or video frames (SA-V)")
+    parser.add_argument("--images", type=int, default=16, help="sa-1b: full-size demo images to push through (>= 4)")
+    parser.add_argument("--prompts", type=int, default=16, help="sa-1b: prompts per image (K)")
+    parser.add_argument("--videos", type=int, default=2, help="sa-v: demo videos at 1344x1008 (>= 1)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="sa-v: video length (every 4th of 24 fps is annotated)")
+    parser.add_argument("--objects", type=int, default=8, help="sa-v: objects tracked per frame")
+    parser.add_argument("--codec", choices=[c.value for c in FeatureCodec if c != FeatureCodec.LOWRANK], default="int8",
+                        help="feature codec of the trunk and the per-object maps")
+    parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temp dir)")
+    args = parser.parse_args()
+    for flag, value, least in (("--images", args.images, 4), ("--prompts", args.prompts, 1), ("--videos", args.videos, 1),
+                               ("--objects", args.objects, 1)):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    if not 0.5 <= args.seconds <= 60:
+        parser.error(f"--seconds must be within 0.5-60, got {args.seconds}")
+    torch.set_num_threads(1)  # the steps run one row after the other on one core each in the pipeline
+    out = args.out or Path(tempfile.mkdtemp(prefix="esam3-bench-cpu-"))
+    g = Geometry.from_config(random_config("full-random"))
+    store = Store(str(out / "store"))
+    cost = (image_costs if args.dataset == "sa-1b" else frame_costs)(args, out, g, store)
+    total = cost["read"] + cost["teacher_host"] + cost["write_total"]
+    unit = cost.pop("unit")
+    ms = {name: round(1000 * cost.pop(name), 1) for name in ("read", "teacher_host", "encode", "write_total")}
     result: dict[str, Any] = {
-        "benchmark": "cpu_per_row", "images": samples, "rows_stored": stored, "prompts_per_image": round(prompts / samples, 1),
-        "codec": args.codec, "geometry": {"image": g.image_size, "trunk": [g.trunk_width, g.grid, g.grid], "mask": g.mask_size},
-        "cpu_ms_per_image": {name: round(1000 * value, 1) for name, value in per_row.items()},
-        "cpu_ms_per_image_total": round(1000 * total, 1),
-        "stored_mb_per_image": round(sum(stored_bytes(r) for r in encoded) / samples / 1e6, 2),
-        "cores_per_gpu_at": {f"{rate}_images_per_s": round(total * rate, 1) for rate in GPU_RATES},
+        "benchmark": "cpu_per_row", "dataset": args.dataset, "codec": args.codec,
+        "geometry": {"image": g.image_size, "trunk": [g.trunk_width, g.grid, g.grid], "mask": g.mask_size},
+        **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in cost.items()},
+        f"cpu_ms_per_{unit}": ms, f"cpu_ms_per_{unit}_total": round(1000 * total, 1),
+        "cores_per_gpu_at": {f"{rate}_{unit}s_per_s": round(total * rate, 1) for rate in GPU_RATES},
     }
     print(json.dumps(result))
 
