@@ -10,6 +10,7 @@ worker that died before reporting are never committed (``lance`` cleanup can rem
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import time
@@ -60,15 +61,23 @@ class Store:
     # ---- card -----------------------------------------------------------------------------------------
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
-        try:
-            with self.fs.open(f"{self.path}/{name}", "r") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
-        except PermissionError as exc:
-            raise StoreError(f"store {self.uri}: access to {name} refused ({exc}); {ACCESS_HINT}") from None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"store {self.uri}: {name} is unreadable ({exc})") from None
+        for attempt in range(4):
+            try:
+                with self.fs.open(f"{self.path}/{name}", "r") as handle:
+                    return json.load(handle)
+            except FileNotFoundError:
+                return None
+            except PermissionError as exc:
+                raise StoreError(f"store {self.uri}: access to {name} refused ({exc}); {ACCESS_HINT}") from None
+            except (OSError, ValueError) as exc:
+                if attempt < 3 and getattr(exc, "errno", None) == errno.EBUSY:
+                    # s3fs FileExpired: the object was replaced while we read it (two runs creating one store), or
+                    # its cached listing is stale; read it again
+                    self.fs.invalidate_cache(f"{self.path}/{name}")
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                raise StoreError(f"store {self.uri}: {name} is unreadable ({exc})") from None
+        raise AssertionError("unreachable")
 
     def _write_json_once(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
         """Write ``name`` unless it exists (temp file + rename: readers never see half a file); returns what is

@@ -254,3 +254,24 @@ def test_lance_io_errors_count_as_storage_failures() -> None:
     assert storage_failed(ValueError("LanceError(IO): Generic S3 error: Error performing list request"))
     assert storage_failed(ConnectionResetError("connection reset by peer"))
     assert not storage_failed(ValueError("rank must be in 1..8, got 9"))
+
+
+def test_a_card_replaced_while_read_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs creating one S3 store can replace store.json under a reader (s3fs FileExpired, EBUSY): read again."""
+    import errno
+
+    from esam3.pipeline.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    store.fs.makedirs(store.path, exist_ok=True)
+    (tmp_path / "store" / "store.json").write_text('{"format": 2}')
+    real_open, calls = store.fs.open, {"n": 0}
+
+    def expiring_open(path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EBUSY, "The remote file corresponding to filename store.json and Etag x no longer exists.")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs, "open", expiring_open)
+    assert store._read_json("store.json") == {"format": 2} and calls["n"] >= 2  # failed once, then read
