@@ -163,7 +163,8 @@ def demo(
     OUT/store on a local Ray and verifies the store. A rerun resumes: finished shards are skipped.
     """
     from esam3.cache_cli import cache_progress, summary_table
-    from esam3.pipeline.plan import ray_session, run_cache
+    from esam3.pipeline.plan import run_cache
+    from esam3.pipeline.ray_plan import ray_session
     from esam3.pipeline.store import Store
     from esam3.pipeline.store_check import verify_store
     from esam3.schemas.cache import CacheConfig

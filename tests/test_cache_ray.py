@@ -13,7 +13,8 @@ import lance
 import pytest
 
 from esam3.pipeline.demo_data import write_demo_data
-from esam3.pipeline.plan import ray_errors, run_cache
+from esam3.pipeline.plan import run_cache
+from esam3.pipeline.ray_plan import ray_errors
 from esam3.pipeline.store import Store
 from esam3.pipeline.store_check import verify_store
 from esam3.schemas.cache import CacheConfig, RunError
@@ -90,7 +91,7 @@ def test_sigkilled_teacher_actor_is_replaced_and_every_key_lands_once(local_ray,
 
 
 def test_local_object_store_grows_with_the_machine() -> None:
-    from esam3.pipeline.plan import object_store_bytes
+    from esam3.pipeline.ray_plan import object_store_bytes
 
     gib = 2**30
     assert object_store_bytes(2 * gib) == int(0.6 * gib)  # a small machine: Ray's own 30% cap
@@ -101,7 +102,7 @@ def test_local_object_store_grows_with_the_machine() -> None:
 def test_teacher_pool_fits_on_nodes() -> None:
     """A CPU teacher actor must fit on one node: one per big node, sized by the smallest of them; a 0-CPU or small
     head gets none."""
-    from esam3.pipeline.plan import TeacherPool, teacher_pool
+    from esam3.pipeline.ray_plan import TeacherPool, teacher_pool
 
     assert teacher_pool(0, [2]) == TeacherPool(actors=1, per_actor=1, threads=1, side_cpus=0.5)
     assert teacher_pool(0, [0, 16, 16]) == TeacherPool(actors=2, per_actor=15, threads=15, side_cpus=0.5)
