@@ -151,6 +151,10 @@ def open_store(uri: str, s3_endpoint: str | None) -> Any:
     return Store(uri, s3_settings(s3_endpoint))
 
 
+#: ``store info`` suggests ``store compact`` for a table of at least this many fragments averaging fewer rows.
+COMPACT_HINT_FRAGMENTS, COMPACT_HINT_ROWS = 64, 256
+
+
 @store_app.command("info")
 def info_command(
     uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
@@ -168,12 +172,16 @@ def info_command(
     teacher = info["teacher"]
     console.print(Text(f"store {uri}: teacher {teacher['source']} ({teacher['checksum']}), shards {info['shards']}"))
     table = Table(show_header=True)
-    for column in ("table", "rows", "version", "bytes/row"):
+    for column in ("table", "rows", "fragments", "version", "bytes/row"):
         table.add_column(column, justify="right" if column != "table" else "left")
     for name, entry in info["tables"].items():
         per_row = entry.get("bytes_per_row_total")
-        table.add_row(name, str(entry["rows"]), str(entry["version"]), human_bytes(per_row) if per_row else "-")
+        table.add_row(name, str(entry["rows"]), str(entry["fragments"]), str(entry["version"]), human_bytes(per_row) if per_row else "-")
     console.print(table)
+    small = [name for name, entry in info["tables"].items() if entry["fragments"] >= COMPACT_HINT_FRAGMENTS
+             and entry["rows"] < COMPACT_HINT_ROWS * entry["fragments"]]
+    if small:
+        console.print(Text(f"{', '.join(small)}: many small fragments; `esam3 store compact {uri}` between runs merges them"))
     for name, entry in info["tables"].items():
         if entry.get("bytes_per_row"):
             columns = Table(title=Text(f"{name}: bytes per row per column"), title_justify="left")

@@ -50,7 +50,7 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
     tables: dict[str, Any] = {}
     for name in ("images", "frames", "failures", "ledger"):
         ds = store.dataset(name)
-        entry: dict[str, Any] = {"rows": ds.count_rows(), "version": ds.version}
+        entry: dict[str, Any] = {"rows": ds.count_rows(), "version": ds.version, "fragments": len(ds.get_fragments())}
         if name in TARGET_TABLES and entry["rows"]:
             sample = ds.to_table(columns=tensor_columns(name), limit=sample_rows).to_pylist()  # blobs: descriptors
             per_column = {}

@@ -238,6 +238,7 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["store", "info", str(store), "--json"], env=WIDE)
     info = json.loads(result.output)
     assert info["tables"]["images"]["rows"] == 6 and info["shards"] == {"sa-1b": 2}
+    assert info["tables"]["images"]["fragments"] == 2  # one per shard in the in-process loop
     assert info["tables"]["images"]["bytes_per_row"]["trunk"] == 64 * 8 * 8 + 4 * 64
     result = runner.invoke(app, ["store", "info", str(store)], env=WIDE)
     assert result.exit_code == 0 and "bytes per row per column" in result.output

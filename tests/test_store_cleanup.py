@@ -158,7 +158,7 @@ def test_unverified_cleanup_is_refused_while_a_run_writes(cached: Path, tmp_path
     assert after.exit_code == 0, after.output
 
 
-def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path) -> None:
+def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from esam3.pipeline.claims import ShardClaims
     from esam3.pipeline.demo_data import write_demo_data
     from tests.conftest import small_config
@@ -171,6 +171,9 @@ def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path) -> None:
     before = {r["key"]: bytes(r["trunk"]["data"]) for r in StoreRows(store, "images").where(columns=["key", "trunk"])}
     assert len(store.dataset("images").get_fragments()) == 6  # one per shard here (per teacher block on Ray)
 
+    monkeypatch.setattr("esam3.cache_cli.COMPACT_HINT_FRAGMENTS", 4)  # the real threshold is 64 fragments
+    hint = "many small fragments; `esam3 store compact"
+    assert f"images, ledger: {hint}" in runner.invoke(app, ["store", "info", str(store_path)], env=WIDE).output
     dry = runner.invoke(app, ["store", "compact", str(store_path), "--dry-run", "--json"], env=WIDE)
     assert dry.exit_code == 0, dry.output
     planned = json.loads(dry.output.strip().splitlines()[-1])["tables"]["images"]
@@ -184,5 +187,6 @@ def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path) -> None:
     assert (images["fragments_before"], images["fragments_after"]) == (6, 1)
     assert {r["key"]: bytes(r["trunk"]["data"]) for r in StoreRows(store, "images").where(columns=["key", "trunk"])} == before
     assert verify_store(store).ok and run_cache(config, executor="local").nothing_to_do
+    assert hint not in runner.invoke(app, ["store", "info", str(store_path)], env=WIDE).output
     bad = runner.invoke(app, ["store", "compact", str(store_path), "--rows-per-fragment", "0"], env=WIDE)
     assert bad.exit_code == 2 and "--rows-per-fragment must be at least 1" in bad.output
