@@ -23,7 +23,8 @@ from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.schemas.demo import DemoDataConfig
 from esam3.schemas.samples import Failure
 from esam3.schemas.shards import ShardSpec
-from esam3.cache_cli import cache_command, plan_command, store_app
+from esam3.cache_cli import cache_command, plan_command
+from esam3.store_cli import store_app
 from esam3.teacher_cli import teacher_app
 
 log = logging.getLogger("esam3")

@@ -171,7 +171,7 @@ def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path, monkeypatch
     before = {r["key"]: bytes(r["trunk"]["data"]) for r in StoreRows(store, "images").where(columns=["key", "trunk"])}
     assert len(store.dataset("images").get_fragments()) == 6  # one per shard here (per teacher block on Ray)
 
-    monkeypatch.setattr("esam3.cache_cli.COMPACT_HINT_FRAGMENTS", 4)  # the real threshold is 64 fragments
+    monkeypatch.setattr("esam3.store_cli.COMPACT_HINT_FRAGMENTS", 4)  # the real threshold is 64 fragments
     hint = "many small fragments; `esam3 store compact"
     assert f"images, ledger: {hint}" in runner.invoke(app, ["store", "info", str(store_path)], env=WIDE).output
     dry = runner.invoke(app, ["store", "compact", str(store_path), "--dry-run", "--json"], env=WIDE)
