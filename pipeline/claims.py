@@ -26,6 +26,7 @@ from typing import Any
 
 from esam3.pipeline.store import Store
 from esam3.schemas.errors import first_line
+from esam3.schemas.store import StoreError
 
 log = logging.getLogger(__name__)
 CLAIMS_DIR = "claims"
@@ -71,6 +72,13 @@ def live_claims(store: Store) -> list[Claim]:
     """Claims of runs that are writing to the store now."""
     now = time.time()
     return [c for c in read_claims(store) if c.alive(now)]
+
+
+def refuse_while_writing(store: Store, why: str) -> None:
+    """A StoreError naming the run, if a live run writes to the store; ``why`` says what would go wrong."""
+    if running := live_claims(store):
+        run = running[0]
+        raise StoreError(f"store {store.uri}: run {run.run_id} ({run.host}, pid {run.pid}) is writing to it; {why}")
 
 
 class ShardClaims:

@@ -26,6 +26,7 @@ from lance.fragment import FragmentMetadata
 
 from esam3.pipeline.object_store import ACCESS_HINT, S3Settings, access_refused
 from esam3.schemas.codecs import Basis
+from esam3.schemas.errors import first_line
 from esam3.schemas.store import LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
 log = logging.getLogger(__name__)
@@ -60,24 +61,22 @@ class Store:
 
     # ---- card -----------------------------------------------------------------------------------------
 
-    def _read_json(self, name: str) -> dict[str, Any] | None:
-        for attempt in range(4):
-            try:
-                with self.fs.open(f"{self.path}/{name}", "r") as handle:
-                    return json.load(handle)
-            except FileNotFoundError:
-                return None
-            except PermissionError as exc:
-                raise StoreError(f"store {self.uri}: access to {name} refused ({exc}); {ACCESS_HINT}") from None
-            except (OSError, ValueError) as exc:
-                if attempt < 3 and getattr(exc, "errno", None) == errno.EBUSY:
-                    # s3fs FileExpired: the object was replaced while we read it (two runs creating one store), or
-                    # its cached listing is stale; read it again
-                    self.fs.invalidate_cache(f"{self.path}/{name}")
-                    time.sleep(0.2 * (attempt + 1))
-                    continue
-                raise StoreError(f"store {self.uri}: {name} is unreadable ({exc})") from None
-        raise AssertionError("unreachable")
+    def _read_json(self, name: str, attempt: int = 0) -> dict[str, Any] | None:
+        try:
+            with self.fs.open(f"{self.path}/{name}", "r") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except PermissionError as exc:
+            raise StoreError(f"store {self.uri}: access to {name} refused ({exc}); {ACCESS_HINT}") from None
+        except (OSError, ValueError) as exc:
+            if attempt < 3 and getattr(exc, "errno", None) == errno.EBUSY:
+                # s3fs FileExpired: the object was replaced while we read it (two runs creating one store), or its
+                # cached listing is stale; read it again
+                self.fs.invalidate_cache(f"{self.path}/{name}")
+                time.sleep(0.2 * (attempt + 1))
+                return self._read_json(name, attempt + 1)
+            raise StoreError(f"store {self.uri}: {name} is unreadable ({exc})") from None
 
     def _write_json_once(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
         """Write ``name`` unless it exists (temp file + rename: readers never see half a file); returns what is
@@ -104,6 +103,18 @@ class Store:
             if targets is not None:
                 card["targets"][dataset] = targets
         return card
+
+    def require_card(self) -> dict[str, Any]:
+        """The store card, or a StoreError saying the URI is not a store (for commands that read one)."""
+        card = self.read_card()
+        if card is None:
+            raise StoreError(f"{self.uri} is not an esam3 store (no store.json)")
+        return card
+
+    def failure(self, doing: str, exc: BaseException) -> StoreError:
+        """A storage error while ``doing`` something to the store, as one line (with the credentials hint on a 403)."""
+        hint = f"; {ACCESS_HINT}" if access_refused(exc) else ""
+        return StoreError(f"store {self.uri}: cannot {doing} ({first_line(exc)}){hint}")
 
     def _check_format(self, card: dict[str, Any]) -> None:
         if card.get("format") != STORE_FORMAT:

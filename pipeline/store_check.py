@@ -35,9 +35,7 @@ def _unreadable(exc: Exception) -> bool:
 
 def store_info(store: Store, sample_rows: int = 64) -> dict[str, Any]:
     """Rows, versions, bytes per row per column (from up to ``sample_rows`` rows), teacher, failures, ledger."""
-    card = store.read_card()
-    if card is None:
-        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    card = store.require_card()
     try:
         return _store_info(store, card, sample_rows)
     except (OSError, ValueError) as exc:  # a data file gone (ArrowInvalid), or the storage down
@@ -98,9 +96,7 @@ class VerifyReport:
 def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> VerifyReport:
     """Check the store's invariants (see the module docstring); problems are listed, not raised."""
     report = VerifyReport(store.uri)
-    card = store.read_card()
-    if card is None:
-        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    card = store.require_card()
     teacher = card["teacher"]["checksum"]
     ledger = store.dataset("ledger").to_table().to_pylist()
     entries: dict[tuple[str, str], list[dict[str, Any]]] = {}

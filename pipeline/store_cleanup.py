@@ -19,26 +19,20 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from esam3.pipeline.claims import live_claims
-from esam3.pipeline.object_store import ACCESS_HINT, access_refused
+from esam3.pipeline.claims import refuse_while_writing
 from esam3.pipeline.store import Store
 from esam3.schemas.cleanup import CleanupConfig
-from esam3.schemas.errors import first_line
-from esam3.schemas.store import TABLES, StoreError
+from esam3.schemas.store import TABLES
 
 _STATS = ("old_versions", "data_files_removed", "deletion_files_removed", "transaction_files_removed", "bytes_removed")
 
 
 def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
     """Clean every table of the store (or only report, with ``dry_run``); returns the counts per table and in all."""
-    if store.read_card() is None:
-        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
-    if config.unverified and (running := live_claims(store)):
-        run = running[0]
-        raise StoreError(
-            f"store {store.uri}: run {run.run_id} ({run.host}, pid {run.pid}) is writing to it; --unverified would delete "
-            "fragments it has written but not yet committed: run the cleanup when it has finished"
-        )
+    store.require_card()
+    if config.unverified:
+        refuse_while_writing(store, "--unverified would delete fragments it has written but not yet committed: "
+                                    "run the cleanup when it has finished")
     options = {
         "delete_unverified": config.unverified,
         "error_if_tagged_old_versions": False,  # a version someone tagged stays, without failing the rest
@@ -56,8 +50,7 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
             stats = ds.explain_cleanup_old_versions(**options).stats if config.dry_run else ds.cleanup_old_versions(**options)
             versions = len(store.dataset(name).versions())
         except (OSError, ValueError) as exc:  # e.g. read-only credentials: a 403 on the first delete; server down
-            hint = f"; {ACCESS_HINT}" if access_refused(exc) else ""
-            raise StoreError(f"store {store.uri}: cannot clean up {name} ({first_line(exc)}){hint}") from None
+            raise store.failure(f"clean up {name}", exc) from None
         tables[name] = {field: int(getattr(stats, field)) for field in _STATS}
         tables[name]["versions_left"] = versions - tables[name]["old_versions"] if config.dry_run else versions
     total = {field: sum(t[field] for t in tables.values()) for field in _STATS}

@@ -17,24 +17,17 @@ from typing import Any
 
 from lance.optimize import Compaction
 
-from esam3.pipeline.claims import live_claims
-from esam3.pipeline.object_store import ACCESS_HINT, access_refused
+from esam3.pipeline.claims import refuse_while_writing
 from esam3.pipeline.store import Store
-from esam3.schemas.errors import first_line
-from esam3.schemas.store import LANCE_FILE_VERSION, TABLES, StoreError
+from esam3.schemas.store import LANCE_FILE_VERSION, TABLES
 
 
 def compact_store(store: Store, rows_per_fragment: int = 1024, dry_run: bool = False) -> dict[str, Any]:
     """Compact every table (or, with ``dry_run``, count the rewrite tasks Lance would run); fragments before/after."""
-    if store.read_card() is None:
-        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    store.require_card()
     if rows_per_fragment < 1:
         raise ValueError(f"rows_per_fragment must be at least 1, got {rows_per_fragment}")
-    if running := live_claims(store):
-        run = running[0]
-        raise StoreError(
-            f"store {store.uri}: run {run.run_id} ({run.host}, pid {run.pid}) is writing to it; compact it when that run has finished"
-        )
+    refuse_while_writing(store, "compact it when that run has finished")
     options = {"target_rows_per_fragment": rows_per_fragment, "materialize_deletions": True,
                "data_storage_version": LANCE_FILE_VERSION}
     tables: dict[str, dict[str, Any]] = {}
@@ -49,7 +42,6 @@ def compact_store(store: Store, rows_per_fragment: int = 1024, dry_run: bool = F
                 entry = {"fragments_removed": metrics.fragments_removed, "fragments_added": metrics.fragments_added}
             after = before if dry_run else len(store.dataset(name).get_fragments())
         except (OSError, ValueError) as exc:
-            hint = f"; {ACCESS_HINT}" if access_refused(exc) else ""
-            raise StoreError(f"store {store.uri}: cannot compact {name} ({first_line(exc)}){hint}") from None
+            raise store.failure(f"compact {name}", exc) from None
         tables[name] = {"fragments_before": before, "fragments_after": after, **entry}
     return {"store": store.uri, "dry_run": dry_run, "rows_per_fragment": rows_per_fragment, "tables": tables}

@@ -36,8 +36,7 @@ def find_row(store: Store, key: str) -> tuple[str, dict[str, Any]]:
     table = "images" if key.startswith("sa1b/") else "frames" if key.startswith("sav/") else None
     if table is None:
         raise StoreError(f"key {key!r}: expected sa1b/<image_id> or sav/<video_id>/<frame:05d>")
-    if store.read_card() is None:
-        raise StoreError(f"{store.uri} is not an esam3 store (no store.json)")
+    store.require_card()
     quoted = key.replace("'", "''")
     try:
         rows = StoreRows(store, table).where(f"key = '{quoted}'")
