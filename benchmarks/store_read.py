@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from esam3.pipeline.object_store import S3Settings  # noqa: E402
 from esam3.pipeline.store import Store  # noqa: E402
-from esam3.pipeline.store_rows import StoreRows  # noqa: E402
+from esam3.pipeline.store.rows import StoreRows  # noqa: E402
 from esam3.schemas.codecs import encode_features  # noqa: E402
 from esam3.schemas.store import IMAGES, tensor_value  # noqa: E402
 

@@ -167,7 +167,7 @@ def demo(
     from esam3.pipeline.plan import run_cache
     from esam3.pipeline.ray_plan import ray_session
     from esam3.pipeline.store import Store
-    from esam3.pipeline.store_check import verify_store
+    from esam3.pipeline.store.check import verify_store
     from esam3.schemas.cache import CacheConfig
 
     with user_errors():

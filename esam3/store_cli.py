@@ -32,7 +32,7 @@ def info_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
     """Rows per table, bytes per row per column, teacher, versions, shards and failures of a store."""
-    from esam3.pipeline.store_check import store_info
+    from esam3.pipeline.store.check import store_info
 
     with user_errors():
         info = store_info(open_store(uri, s3_endpoint))
@@ -76,7 +76,7 @@ def cleanup_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with what was removed per table."),
 ) -> None:
     """Remove old table versions and the data files only they (or no version) reference; the latest rows stay."""
-    from esam3.pipeline.store_cleanup import cleanup_store
+    from esam3.pipeline.store.cleanup import cleanup_store
     from esam3.schemas.cleanup import CleanupConfig
 
     with user_errors():
@@ -103,7 +103,7 @@ def compact_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the fragments per table."),
 ) -> None:
     """Merge the small fragments of cache runs into large ones (run it between runs; rows and keys are unchanged)."""
-    from esam3.pipeline.store_compact import compact_store
+    from esam3.pipeline.store.compact import compact_store
 
     with user_errors():
         if rows_per_fragment < 1:
@@ -130,7 +130,7 @@ def verify_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the problems found."),
 ) -> None:
     """Check a store: no duplicate keys, ledger agrees with rows, every tensor decodes and is finite. Exit 1 if not."""
-    from esam3.pipeline.store_check import verify_store
+    from esam3.pipeline.store.check import verify_store
 
     with user_errors():
         store = open_store(uri, s3_endpoint)
@@ -158,7 +158,7 @@ def show_command(
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=S3_HELP),
 ) -> None:
     """Draw a row: the image (or frame) with the prompts and the teacher's masks."""
-    from esam3.pipeline.store_show import show
+    from esam3.pipeline.store.show import show
 
     with user_errors():
         if out.suffix.lower() != ".png":

@@ -1,1 +1,1 @@
-"""Data in: shard selection, streaming sources (local or fsspec), demo data; later the Ray plan, ledger and commits."""
+"""Data in and the plan: shard selection, streaming sources (local or fsspec), demo data, the Ray plan; the store in ``store/``."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from esam3.pipeline.claims import ShardClaims
+from esam3.pipeline.store.claims import ShardClaims
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.pipeline.store import Store

@@ -13,7 +13,7 @@
 Every tensor is a ``tensor`` struct: codec, shape, data, scale, and the relative RMS error the codec measured on
 that row (see ``esam3.schemas.codecs``). Big tensors (trunk, mask logits, memory maps: hundreds of KB to MBs per
 row) keep their ``data`` in a Lance blob field (``BLOB_TENSOR``): a scan returns only a small descriptor for it and
-the bytes come from Lance's planned blob reader (``esam3.pipeline.store_rows``), which reads shuffled rows ~15x
+the bytes come from Lance's planned blob reader (``esam3.pipeline.store.rows``), which reads shuffled rows ~15x
 faster than the same bytes inline in a struct (``benchmarks/store_read.py``). Small tensors stay inline. Every
 target row records how it was made: teacher checksum, the preprocessing transform (JSON), prompt seed and codec.
 """
@@ -53,7 +53,7 @@ def _tensor(blob: bool) -> pa.StructType:
 
 #: A small tensor: every field inline.
 TENSOR = _tensor(blob=False)
-#: A big tensor: the same fields, ``data`` a Lance blob (read back with ``esam3.pipeline.store_rows``).
+#: A big tensor: the same fields, ``data`` a Lance blob (read back with ``esam3.pipeline.store.rows``).
 BLOB_TENSOR = _tensor(blob=True)
 
 _PROVENANCE = [

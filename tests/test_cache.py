@@ -20,8 +20,8 @@ from esam3.pipeline.demo_data import write_tar
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.sources import SA1BSource
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_check import verify_store
-from esam3.pipeline.store_rows import StoreRows
+from esam3.pipeline.store.check import verify_store
+from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig, MaxFailures
 from esam3.schemas.store import IMAGES, StoreError, decode_tensor
 from esam3.workers.teacher import Sam3Teacher

@@ -16,7 +16,7 @@ from esam3.pipeline.demo_data import write_demo_data
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.ray_plan import ray_errors
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_check import verify_store
+from esam3.pipeline.store.check import verify_store
 from esam3.schemas.cache import CacheConfig, RunError
 from esam3.schemas.store import StoreError
 from tests.conftest import small_config

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from esam3.pipeline.claims import CLAIMS_DIR, STALE_AFTER
+from esam3.pipeline.store.claims import CLAIMS_DIR, STALE_AFTER
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_check import verify_store
+from esam3.pipeline.store.check import verify_store
 from esam3.schemas.cache import RunError
 from tests.test_cache import config, keys
 

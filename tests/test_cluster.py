@@ -15,7 +15,7 @@ import lance
 import pytest
 
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_check import verify_store
+from esam3.pipeline.store.check import verify_store
 
 
 def _free_port() -> int:

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from esam3.cli import app
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_check import verify_store
-from esam3.pipeline.store_rows import StoreRows
+from esam3.pipeline.store.check import verify_store
+from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig
 from esam3.schemas.cleanup import CleanupConfig, parse_duration
 from esam3.schemas.store import IMAGES, LANCE_FILE_VERSION
@@ -117,7 +117,7 @@ def test_a_table_that_cannot_be_opened_is_one_line(cached: Path, tmp_path: Path)
 def test_removable_versions_count_age_from_the_successor() -> None:
     from datetime import datetime, timedelta
 
-    from esam3.pipeline.store_cleanup import removable_versions
+    from esam3.pipeline.store.cleanup import removable_versions
 
     t0 = datetime(2026, 1, 1)
     history = [{"version": v, "timestamp": t} for v, t in [(1, t0), (2, t0 + timedelta(days=1)), (3, t0 + timedelta(days=30))]]
@@ -147,7 +147,7 @@ def test_cleanup_keeps_the_version_a_reader_opened_even_if_it_was_made_long_ago(
 
 
 def test_unverified_cleanup_is_refused_while_a_run_writes(cached: Path, tmp_path: Path) -> None:
-    from esam3.pipeline.claims import ShardClaims
+    from esam3.pipeline.store.claims import ShardClaims
 
     store_path = tmp_path / "store"
     shutil.copytree(cached, store_path)
@@ -159,7 +159,7 @@ def test_unverified_cleanup_is_refused_while_a_run_writes(cached: Path, tmp_path
 
 
 def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from esam3.pipeline.claims import ShardClaims
+    from esam3.pipeline.store.claims import ShardClaims
     from esam3.pipeline.demo_data import write_demo_data
     from tests.conftest import small_config
 

@@ -14,7 +14,7 @@ import pytest
 
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_rows import StoreRows
+from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig
 from esam3.schemas.store import IMAGES, STORE_CARD, StoreError, blob_columns, tensor_columns
 
@@ -166,7 +166,7 @@ def test_verify_and_show_report_a_missing_data_file(stores: dict[str, Path], tmp
     from typer.testing import CliRunner
 
     from esam3.cli import app
-    from esam3.pipeline.store_check import verify_store
+    from esam3.pipeline.store.check import verify_store
 
     store_path = tmp_path / "store"
     shutil.copytree(stores["images"], store_path)

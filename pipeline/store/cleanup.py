@@ -19,7 +19,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-from esam3.pipeline.claims import refuse_while_writing
+from esam3.pipeline.store.claims import refuse_while_writing
 from esam3.pipeline.store import Store
 from esam3.schemas.cleanup import CleanupConfig
 from esam3.schemas.store import TABLES

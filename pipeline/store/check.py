@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_rows import StoreRows
+from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.codecs import CodecError
 from esam3.schemas.errors import first_line
 from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, tensor_columns

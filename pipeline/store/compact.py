@@ -17,7 +17,7 @@ from typing import Any
 
 from lance.optimize import Compaction
 
-from esam3.pipeline.claims import refuse_while_writing
+from esam3.pipeline.store.claims import refuse_while_writing
 from esam3.pipeline.store import Store
 from esam3.schemas.store import LANCE_FILE_VERSION, TABLES
 

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.pipeline.store import Store
-from esam3.pipeline.store_rows import StoreRows
+from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.errors import first_line
 from esam3.schemas.samples import Failure
 from esam3.schemas.store import StoreError, decode_tensor
