@@ -117,12 +117,16 @@ def image_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
 def frame_rows(video: dict[str, Any], objects: int, g: Geometry, rng: np.random.Generator) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
     """FRAME_TARGETS rows of one read video, and full-size synthetic targets for each of its frames."""
     rows, tensors = [], []
+    masks = json.loads(video["frame_masks"])
     for t in range(video["frames"]):
+        real = list(masks[t].values())  # the video's tracked objects' RLEs, repeated up to ``objects``
         rows.append({
             **{name: video[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
             "key": f"{video['key']}/{t:05d}", "video_id": video["key"].split("/", 1)[1], "frame": t, "frame_index": 4 * t,
             "prompt_kind": "mask", "object_ids": list(range(objects)), "is_conditioning": [t == 0] * objects,
             "has_memory_conditioned": [t > 0] * objects,
+            "input": video["frame_inputs"][t] if video["frame_inputs"] else None,
+            "gt_masks": json.dumps([real[i % len(real)] for i in range(objects)] if real else []),
         })
         tensors.append({
             "trunk": torch.randn(g.trunk_width, g.grid, g.grid),

@@ -10,13 +10,15 @@ from rich.text import Text
 
 from esam3.console import UsageError, build_config, console, err_console, human_bytes, print_json, progress, redact, user_errors
 from esam3.pipeline.shards import DatasetName
-from esam3.schemas.cache import CacheConfig, MaxFailures, RunError, Target, check_s3_endpoint
+from esam3.schemas.cache import CacheConfig, Inputs, MaxFailures, RunError, Target, check_s3_endpoint
 from esam3.schemas.errors import first_line
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, VideoTargetConfig
 
 S3_HELP = "S3-compatible endpoint (http(s)://HOST:PORT) for s3:// paths; credentials come from the usual AWS variables."
+INPUTS_HELP = "What of the student's input each row keeps: store (SA-1B: the original JPEG; SA-V: each used frame, lossless PNG) or none (targets only; trainers refuse such a store)."
+FAST_DECODE_HELP = "sa-1b: decode JPEGs at a DCT scale (about half size; less CPU) instead of SAM3's own preprocessing of the full image; recorded in every row."
 _FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec", "rank": "--rank",
           "s3_endpoint": "--s3-endpoint"}
 
@@ -46,6 +48,8 @@ def cache_command(
         help="Codec of feature maps: fp16, bf16, int8 (per-channel scales) or lowrank (trunk on a basis fitted on the run's first rows; other maps int8).",
     ),
     rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size (capped at the trunk width)."),
+    inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
+    fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per teacher forward."),
     video_prompt: VideoPrompt = typer.Option(VideoPrompt.MASK, "--video-prompt", help="sa-v: how each object is prompted on its first frame."),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: masklets tracked per video."),
@@ -77,7 +81,7 @@ def cache_command(
         config = build_config(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
             targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, rank=rank,
-            address=address, s3_endpoint=s3_endpoint, max_failures=limit,
+            inputs=inputs, dct_scaling=_fast_decode(fast_decode, dataset), address=address, s3_endpoint=s3_endpoint, max_failures=limit,
         )
         with progress() as bar:
             update = cache_progress(bar, bar.add_task(f"cache {dataset.value}", total=None, status="starting"))
@@ -105,6 +109,12 @@ def cache_command(
             f"{redact(reason)}); the others are committed: rerun the same command to finish them"
         ))
     raise typer.Exit(report.exit_code)
+
+
+def _fast_decode(value: bool, dataset: DatasetName) -> bool:
+    if value and dataset != DatasetName.SA1B:
+        raise UsageError("--fast-decode: applies to sa-1b only (SA-V frames come from video, not JPEG)")
+    return value
 
 
 def cache_progress(bar: Any, task: Any) -> Any:
@@ -151,6 +161,8 @@ def plan_command(
     prompts: int = typer.Option(16, "--prompts", help="Prompts per image (K)."),
     codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Feature codec: fp16, bf16, int8 or lowrank."),
     rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size."),
+    inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
+    fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: objects per video."),
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames per video."),
     rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Override the rows per shard estimate (images, or video frames)."),
@@ -181,7 +193,7 @@ def plan_command(
         config = build_config(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source or "-", shards=shards, store="-",
             targets=parse_targets(targets), prompts=build_config(PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts),
-            video=video, codec=codec, rank=rank,
+            video=video, codec=codec, rank=rank, inputs=inputs, dct_scaling=_fast_decode(fast_decode, dataset),
         )
         geometry = Geometry.from_config(teacher_config(teacher))
         plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec)

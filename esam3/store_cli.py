@@ -48,6 +48,13 @@ def info_command(
         per_row = entry.get("bytes_per_row_total")
         table.add_row(name, str(entry["rows"]), str(entry["fragments"]), str(entry["version"]), human_bytes(per_row) if per_row else "-")
     console.print(table)
+    for name, entry in info["tables"].items():
+        if entry.get("snapshots"):
+            newest = entry["snapshots"][0]
+            older = ", ".join(s["tag"] for s in entry["snapshots"][1:])
+            console.print(Text(f"{name}: trainers read snapshot {newest['tag']} ({newest['rows']} rows)" + (f"; older: {older}" if older else "")))
+        elif entry.get("rows"):
+            console.print(Text(f"{name}: no complete snapshot yet (a shard is being committed, or a run stopped mid-shard: rerun it)"))
     small = [name for name, entry in info["tables"].items() if entry["fragments"] >= COMPACT_HINT_FRAGMENTS
              and entry["rows"] < COMPACT_HINT_ROWS * entry["fragments"]]
     if small:

@@ -14,13 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from esam3.schemas.cache import CacheConfig, Target
+from esam3.schemas.cache import CacheConfig, Inputs, Target
 from esam3.schemas.codecs import FeatureCodec
 from esam3.workers.heads import Geometry
 
 SA1B_IMAGES_PER_SHARD = 11_186
 SAV_VIDEOS_PER_SHARD = 903
 PUBLIC_BYTES_PER_IMAGE = 10.6e6  # the public recipe's stage-1 file per image (trunk fp16 + header)
+#: Estimates of the inputs kept per row (``--inputs store``): an SA-1B JPEG (~1500 x 2250), and PNG bytes per pixel
+#: value of an S x S frame (0.46 measured on demo frames with sensor-like grain at 1008; natural video compresses
+#: better); a COCO RLE string of one object's mask.
+SA1B_JPEG_BYTES = 700_000
+PNG_BYTES_PER_VALUE = 0.46
+RLE_BYTES = 2_000
 
 
 def feature_bytes(maps: int, pixels: int, codec: FeatureCodec) -> int:
@@ -35,6 +41,9 @@ def bytes_per_row(config: CacheConfig, geometry: Geometry) -> dict[str, int]:
     g, m, hidden = geometry.grid, geometry.mask_size, geometry.hidden
     codec = FeatureCodec.INT8 if config.codec == FeatureCodec.LOWRANK else config.codec  # low-rank: trunk only
     out: dict[str, int] = {}
+    if config.inputs == Inputs.STORE:
+        s = geometry.image_size
+        out["input"] = SA1B_JPEG_BYTES if config.dataset == "sa-1b" else int(PNG_BYTES_PER_VALUE * 3 * s * s)
     if Target.TRUNK in config.targets:
         if config.codec == FeatureCodec.LOWRANK:
             rank = min(config.rank, geometry.trunk_width)
@@ -47,12 +56,14 @@ def bytes_per_row(config: CacheConfig, geometry: Geometry) -> dict[str, int]:
         out["single_logits"] = k * m * m + 4 * k
         out["prompts"] = k * (4 + 1 + 8 * p + p + 16)
         out["iou_score_pointer"] = k * (16 + 4 + 4 * hidden)
+        out["gt_masks"] = k * RLE_BYTES
     if config.dataset == "sa-v" and Target.MEMORY in config.targets:
         n = config.video.max_objects
         out["mask_logits"] = n * (m * m + 4)
         out["maskmem_features"] = feature_bytes(n * geometry.memory_channels, g * g, codec)
         out["pix_feat_with_mem"] = feature_bytes(n * hidden, g * g, codec)
         out["score_pointer"] = n * (4 + 4 * hidden)
+        out["gt_masks"] = n * RLE_BYTES
     return out
 
 

@@ -33,7 +33,8 @@ from esam3.pipeline.store.claims import ShardClaims
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.pipeline.store import Store
-from esam3.schemas.cache import CacheConfig, RunError, Target
+from esam3.pipeline.store.snapshots import tag_if_complete
+from esam3.schemas.cache import CacheConfig, Inputs, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.store import HEADS_DIR, TABLE_OF
 from esam3.schemas.teacher import Device
@@ -217,6 +218,8 @@ def _commit(store: Store, table: str, dataset: str, state: ShardProgress, run_id
         table, dataset, state.name, state.url, state.fragments, state.failures, state.rows, state.bytes,
         run_id, fingerprint, samples=state.samples, keys=state.keys,
     )
+    store.index_keys(table)
+    tag_if_complete(store, table)  # the version a trainer may read, unless another run is mid-commit
     report.shards_committed += 1
     report.rows += rows
     report.bytes += state.bytes
@@ -254,7 +257,7 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
         with_prompts = Target.PROMPTS in config.targets
         return Steps(
             read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling,
-                            storage_options=source_options),
+                            store_inputs=config.inputs == Inputs.STORE, storage_options=source_options),
             teacher=TeacherImages,
             teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts, "basis": basis},
             teacher_batch=config.teacher.batch_size,
@@ -262,7 +265,8 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
                               store_trunk=store_trunk, basis_source=basis_source, storage_options=store.storage_options),
         )
     return Steps(
-        read=ReadVideos(config.source, geometry.image_size, config.video, storage_options=source_options),
+        read=ReadVideos(config.source, geometry.image_size, config.video, store_inputs=config.inputs == Inputs.STORE,
+                        storage_options=source_options),
         teacher=TeacherVideos,
         teacher_args={"config": config.teacher, "checksum": checksum, "basis": basis},
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside

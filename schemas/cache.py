@@ -33,6 +33,13 @@ class Target(str, Enum):
     MEMORY = "memory"  # SA-V: memory targets per (frame, object)
 
 
+class Inputs(str, Enum):
+    """What of the student's input each row keeps (``--inputs``)."""
+
+    STORE = "store"  # SA-1B: the original JPEG; SA-V: each used frame as the teacher saw it (PNG)
+    NONE = "none"  # targets only, for users with their own input pipeline (trainers refuse such a store)
+
+
 DEFAULT_TARGETS = {"sa-1b": ("trunk", "prompts"), "sa-v": ("trunk", "memory")}
 _VALID_TARGETS = {"sa-1b": {"trunk", "prompts"}, "sa-v": {"trunk", "memory"}}
 _MAX_FAILURES = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)(%?)$")
@@ -87,7 +94,8 @@ class CacheConfig(BaseModel):
     address: str | None = None
     s3_endpoint: str | None = None  # S3-compatible server for s3:// sources and stores (else AWS_ENDPOINT_URL / AWS)
     max_failures: MaxFailures = MaxFailures(count=0)
-    dct_scaling: bool = True
+    inputs: Inputs = Inputs.STORE
+    dct_scaling: bool = False  # --fast-decode: JPEGs decoded at a DCT scale (cheaper; not the teacher's own preprocessing)
     run_id: str = ""
 
     @field_validator("shards")
@@ -116,6 +124,8 @@ class CacheConfig(BaseModel):
 
     @model_validator(mode="after")
     def _targets(self) -> CacheConfig:
+        if self.dct_scaling and self.dataset != "sa-1b":
+            raise ValueError("fast decode (DCT-scaled JPEG decoding) applies to sa-1b only: SA-V frames come from video")
         if not self.targets:
             object.__setattr__(self, "targets", tuple(Target(t) for t in DEFAULT_TARGETS[self.dataset]))
         names = {t.value for t in self.targets}
@@ -132,6 +142,7 @@ class CacheConfig(BaseModel):
             "targets": sorted(t.value for t in self.targets),
             "codec": self.codec.value,
             "dct_scaling": self.dct_scaling,
+            "inputs": self.inputs.value,
         }
         if self.codec == FeatureCodec.LOWRANK:
             spec["rank"] = self.rank

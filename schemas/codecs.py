@@ -228,3 +228,38 @@ def decode_logits(encoded: Encoded) -> np.ndarray:
     scale = np.frombuffer(encoded.scale, dtype=np.float32)
     q = np.frombuffer(raw, dtype=np.int8).reshape(maps, plane)
     return (q.astype(np.float32) * scale[:, None]).reshape(shape)
+
+
+def encode_png(image: np.ndarray) -> Encoded:
+    """A uint8 (H, W, 3) RGB image -> lossless PNG (zlib level 1: ~80 ms and 1.4 MB for a 1008 x 1008 frame here,
+    against ~350 ms and 1.2 MB at the default level 6)."""
+    import io
+
+    from PIL import Image
+
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise CodecError(f"png input must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="PNG", compress_level=1)
+    return Encoded("png", image.shape, buffer.getvalue())
+
+
+def decode_image(codec: str, data: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    """An ``input`` record (``jpeg`` file bytes or ``png``) -> uint8 (H, W, 3), decoded in full, checked against its shape."""
+    import io
+
+    import simplejpeg
+    from PIL import Image
+
+    try:
+        if codec == "jpeg":
+            image = simplejpeg.decode_jpeg(bytes(data), colorspace="RGB")
+        elif codec == "png":
+            image = np.array(Image.open(io.BytesIO(bytes(data))).convert("RGB"))
+        else:
+            raise CodecError(f"unknown image codec {codec!r}")
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise CodecError(f"{codec} input does not decode ({exc})") from None
+    if tuple(image.shape) != tuple(shape):
+        raise CodecError(f"{codec} input decodes to {tuple(image.shape)}, the row says {tuple(shape)}")
+    return image

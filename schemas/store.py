@@ -16,6 +16,13 @@ row) keep their ``data`` in a Lance blob field (``BLOB_TENSOR``): a scan returns
 the bytes come from Lance's planned blob reader (``esam3.pipeline.store.rows``), which reads shuffled rows ~15x
 faster than the same bytes inline in a struct (``benchmarks/store_read.py``). Small tensors stay inline. Every
 target row records how it was made: teacher checksum, the preprocessing transform (JSON), prompt seed and codec.
+
+Every row also holds what a trainer needs besides the targets (format 3), so nothing after caching reads the
+source: ``input``, the student's input as a ``tensor`` whose codec is an image format (``jpeg``: SA-1B's original
+file, bit for bit, shape (H, W, 3); ``png``: an SA-V frame exactly as the teacher saw it, (S, S, 3), lossless), and
+``gt_masks``, the ground-truth COCO RLE of each prompted object (images, in prompt order, at the image's size) or of
+each tracked object on that frame (frames, in ``object_ids`` order, at the video's size). ``input`` is null in
+stores cached with ``--inputs none``.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ import pyarrow as pa
 
 from esam3.schemas.codecs import Encoded
 
-#: 1: every tensor inline; 2: big tensors' bytes in Lance blob fields (blob v2, Lance file format 2.2).
-STORE_FORMAT = 2
+#: 1: every tensor inline; 2: big tensors' bytes in Lance blob fields (blob v2, Lance file format 2.2);
+#: 3: the student's input and the ground-truth masks in every row, exact (non-DCT) decode by default.
+STORE_FORMAT = 3
 #: Lance file format of every table: 2.2 is the first with blob v2 (blobs as their own files, nested fields too).
 LANCE_FILE_VERSION = "2.2"
 STORE_CARD = "store.json"
@@ -36,6 +44,8 @@ HEADS_DIR = "heads"
 TABLES = ("images", "frames", "failures", "ledger")
 #: The table holding each dataset's target rows.
 TABLE_OF = {"sa-1b": "images", "sa-v": "frames"}
+#: Columns of each target table with a scalar (BTREE) index, kept up by the commits.
+KEY_COLUMNS = {"images": ("key",), "frames": ("key", "video_id", "frame")}
 
 
 def _tensor(blob: bool) -> pa.StructType:
@@ -50,6 +60,11 @@ def _tensor(blob: bool) -> pa.StructType:
         ]
     )
 
+
+#: A COCO RLE (``counts`` compressed string, column-major, as SA-1B / SA-V ship it) of a (height, width) mask.
+RLE = pa.struct([pa.field("height", pa.int32()), pa.field("width", pa.int32()), pa.field("counts", pa.string())])
+#: Codecs of ``input`` (the student's input image); the bytes are the file, decoded by ``decode_tensor``.
+IMAGE_CODECS = ("jpeg", "png")
 
 #: A small tensor: every field inline.
 TENSOR = _tensor(blob=False)
@@ -74,6 +89,7 @@ IMAGES = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("prompt_seed", pa.int64()),
+        ("input", BLOB_TENSOR),  # jpeg: the original file; null with --inputs none
         ("trunk", BLOB_TENSOR),
         # K sampled prompts (see esam3.workers.prompts) and the tracker's outputs for them
         ("prompt_mask_index", TENSOR),
@@ -86,6 +102,7 @@ IMAGES = pa.schema(
         ("iou", TENSOR),  # (K, 4)
         ("object_score", TENSOR),  # (K,)
         ("object_pointer", TENSOR),  # (K, hidden)
+        ("gt_masks", pa.list_(RLE)),  # (K,) the prompted objects' masks at the image's size
     ]
 )
 
@@ -99,6 +116,7 @@ FRAMES = pa.schema(
         ("width", pa.int32()),
         ("prompt_seed", pa.int64()),
         ("prompt_kind", pa.string()),
+        ("input", BLOB_TENSOR),  # png: the S x S frame the teacher saw; null with --inputs none
         ("trunk", BLOB_TENSOR),
         ("object_ids", pa.list_(pa.int32())),
         ("is_conditioning", pa.list_(pa.bool_())),
@@ -108,6 +126,7 @@ FRAMES = pa.schema(
         ("object_pointer", TENSOR),  # (N, hidden)
         ("maskmem_features", BLOB_TENSOR),  # (N, 64, g, g)
         ("pix_feat_with_mem", BLOB_TENSOR),  # (N, hidden, g, g)
+        ("gt_masks", pa.list_(RLE)),  # (N,) each tracked object's mask on this frame, at the video's size
     ]
 )
 
@@ -180,9 +199,12 @@ def raw_tensor(array: np.ndarray) -> dict[str, Any]:
 
 
 def decode_tensor(value: dict[str, Any], basis: Any = None) -> np.ndarray:
-    """Any stored ``tensor`` struct back to a numpy array (raw dtypes exactly, others up to their codec)."""
-    from esam3.schemas.codecs import CodecError, decode_features, decode_logits
+    """Any stored ``tensor`` struct back to a numpy array (raw dtypes exactly, others up to their codec; images as
+    uint8 (H, W, 3), decoded in full: ``esam3.workers.decode.teacher_input`` redoes the teacher's preprocessing)."""
+    from esam3.schemas.codecs import CodecError, decode_features, decode_image, decode_logits
 
+    if value["codec"] in IMAGE_CODECS:
+        return decode_image(value["codec"], value["data"], tuple(value["shape"]))
     encoded = Encoded(value["codec"], tuple(value["shape"]), value["data"], value.get("scale") or b"")
     if encoded.codec in RAW_DTYPES:
         dtype = np.dtype(RAW_DTYPES[encoded.codec])

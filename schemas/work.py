@@ -40,11 +40,15 @@ WORK = pa.schema(
         ("prompt_points", pa.binary()),  # float32 (K, P, 2)
         ("prompt_labels", pa.binary()),  # int8 (K, P)
         ("prompt_boxes", pa.binary()),  # float32 (K, 4)
+        ("jpeg", pa.large_binary()),  # SA-1B: the original file (null with --inputs none)
+        ("gt_masks", pa.string()),  # SA-1B: JSON [{height, width, counts}] of the prompted masks, in prompt order
         # SA-V only: one row per video
         ("frames", pa.int32()),  # T annotated frames used (= store rows this video will make)
         ("frame_indices", pa.binary()),  # int64 (T,)
         ("video_prompts", pa.string()),  # JSON: [{object_id, frame, kind, points, labels, mask_index}]
         ("prompt_masks", pa.large_binary()),  # float32 (M, S, S): the mask prompts, in video_prompts' mask_index order
+        ("frame_inputs", pa.list_(pa.large_binary())),  # PNG of each used frame at S x S (null with --inputs none)
+        ("frame_masks", pa.string()),  # JSON per used frame: {object_id: {height, width, counts}} of the prompted objects
     ]
 )
 
@@ -65,6 +69,8 @@ FRAME_TARGETS = pa.schema(
         ("object_ids", pa.list_(pa.int32())),
         ("is_conditioning", pa.list_(pa.bool_())),
         ("has_memory_conditioned", pa.list_(pa.bool_())),
+        ("input", pa.large_binary()),  # PNG of the frame (null with --inputs none)
+        ("gt_masks", pa.string()),  # JSON [{height, width, counts}] in object_ids order
         *[(name, pa.large_binary()) for name in FRAME_TARGET_COLUMNS],
     ]
 )

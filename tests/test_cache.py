@@ -76,7 +76,7 @@ def test_images_end_to_end_rows_decode_to_the_teachers_targets(tiny_teacher: Sam
     transform = json.loads(row["preprocess"])
     assert (transform["original_height"], transform["original_width"]) == (row["height"], row["width"])
     sample = next(s for s in SA1BSource(str(demo_root / "sa-1b")).iter_samples("all") if s.key == "sa1b/2")
-    image = simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB", min_height=112, min_width=112)
+    image = simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB")  # SAM3's own preprocessing of the full image
     expected = tiny_teacher.image_targets([np.asarray(image)]).trunk[0].numpy()
     trunk = decode_tensor(row["trunk"])
     error = np.linalg.norm(trunk - expected) / np.linalg.norm(expected)
@@ -295,12 +295,13 @@ def test_plan_command(demo_root: Path) -> None:
     assert plan["gpu_hours"] == pytest.approx(111_860 / 60 / 3600)
     assert plan["total_bytes"] == plan["rows"] * plan["row_bytes"]
     result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "all", "--source", str(demo_root / "sa-1b"),
-                                 "--teacher", "tiny-random", "--targets", "trunk", "--rows-per-shard", "3", "--json"], env=WIDE)
+                                 "--teacher", "tiny-random", "--targets", "trunk", "--rows-per-shard", "3", "--inputs", "none", "--json"], env=WIDE)
     plan = json.loads(result.output)
     assert plan["shards"] == 2 and plan["rows"] == 6 and plan["bytes_per_row"] == {"trunk": 2 * 64 * 8 * 8}
     result = runner.invoke(app, ["plan", "--dataset", "sa-v", "--shards", "0", "--max-frames", "10", "--max-objects", "2", "--json"], env=WIDE)
     plan = json.loads(result.output)
     assert plan["rows"] == 9030 and plan["bytes_per_row"]["maskmem_features"] == 2 * 2 * 64 * 72 * 72
+    assert plan["bytes_per_row"]["input"] == int(0.46 * 3 * 1008 * 1008) and plan["bytes_per_row"]["gt_masks"] == 2 * 2000
     result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0"], env=WIDE)
     assert result.exit_code == 0 and "pass --rows-per-sec" in result.output and "public recipe" in result.output
 
@@ -314,6 +315,7 @@ def test_plan_command(demo_root: Path) -> None:
         (["--shards", "0", "--teacher", "/nope"], "no such directory"),
         (["--shards", "0", "--max-frames", "0"], "--max-frames"),
         (["--shards", "0", "--targets", "memory"], "do not apply"),
+        (["--shards", "0", "--inputs", "jpeg"], "--inputs"),
     ],
 )
 def test_plan_usage_errors(args: list[str], message: str) -> None:
@@ -321,12 +323,29 @@ def test_plan_usage_errors(args: list[str], message: str) -> None:
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-def test_store_show_draws_rows(demo_root: Path, tmp_path: Path) -> None:
+def test_store_show_draws_rows_from_the_stored_inputs_without_the_source(demo_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    source = tmp_path / "source"
+    shutil.copytree(demo_root, source)
+    store = tmp_path / "store"
+    run_cache(config(source / "sa-1b", store, shards="0"), executor="local")
+    run_cache(config(source / "sa-v", store, dataset="sa-v"), executor="local")
+    shutil.rmtree(source)  # nothing after caching needs the source
+    sample = next(s for s in SA1BSource(str(demo_root / "sa-1b")).iter_samples("0") if s.key == "sa1b/2")
+    for key, size in (("sa1b/2", simplejpeg.decode_jpeg(sample.jpeg).shape[1::-1]), (None, (160, 128))):
+        key = key or lance.dataset(str(store / "frames.lance")).to_table(columns=["key"], limit=1).column("key")[0].as_py()
+        result = runner.invoke(app, ["store", "show", str(store), key, "--out", str(tmp_path / "x.png")], env=WIDE)
+        assert result.exit_code == 0, result.output
+        assert Image.open(tmp_path / "x.png").size == tuple(size)
+
+
+def test_store_show_of_a_targets_only_store_reads_the_source(demo_root: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     store = tmp_path / "store"
-    run_cache(config(demo_root / "sa-1b", store, shards="0"), executor="local")
-    run_cache(config(demo_root / "sa-v", store, dataset="sa-v"), executor="local")
+    run_cache(config(demo_root / "sa-1b", store, shards="0", inputs="none"), executor="local")
+    run_cache(config(demo_root / "sa-v", store, dataset="sa-v", inputs="none"), executor="local")
     png = tmp_path / "image.png"
     result = runner.invoke(app, ["store", "show", str(store), "sa1b/2", "--out", str(png)], env=WIDE)
     assert result.exit_code == 0, result.output
@@ -473,13 +492,14 @@ def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) 
     row = {
         "key": "sav/x/00000", "shard": "sav_000.tar", "member": "sav_000/x.mp4", "height": 10, "width": 12,
         "transform": "{}", "precision": "fp32", "video_id": "x", "frame": 0, "frame_index": 0, "prompt_kind": "mask", "object_ids": [],
-        "is_conditioning": [], "has_memory_conditioned": [],
+        "is_conditioning": [], "has_memory_conditioned": [], "input": None, "gt_masks": "[]",
         "trunk": np.zeros((g.trunk_width, g.grid, g.grid), np.float32).tobytes(),
         **{name: b"" for name in ("mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")},
     }
     stored = write.store_row(row)
     assert decode_tensor(stored["maskmem_features"]).shape == (0, g.memory_channels, g.grid, g.grid)
     assert decode_tensor(stored["mask_logits"]).shape == (0, g.mask_size, g.mask_size)
+    assert stored["gt_masks"] == [] and "input" not in stored
 
 
 def test_two_datasets_create_one_store_at_the_same_time(demo_root: Path, tmp_path: Path) -> None:

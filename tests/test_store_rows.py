@@ -39,8 +39,8 @@ def test_big_tensors_are_blobs_on_disk_and_small_ones_inline(stores: dict[str, P
                 assert isinstance(data, dict) and data["size"] > 0, (table, column)  # a descriptor, not the bytes
             elif data is not None:
                 assert isinstance(data, bytes), (table, column)
-    assert set(blob_columns("images")) == {"trunk", "multi_logits", "single_logits"}
-    assert set(blob_columns("frames")) == {"trunk", "mask_logits", "maskmem_features", "pix_feat_with_mem"}
+    assert set(blob_columns("images")) == {"input", "trunk", "multi_logits", "single_logits"}
+    assert set(blob_columns("frames")) == {"input", "trunk", "mask_logits", "maskmem_features", "pix_feat_with_mem"}
 
 
 @pytest.mark.parametrize("table", ["images", "frames"])

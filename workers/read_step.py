@@ -20,7 +20,9 @@ import pyarrow as pa
 from esam3.pipeline.shards import ShardRef
 from esam3.pipeline.tar_stream import ShardReadError
 from esam3.pipeline.sources import SA1BSource, SAVSource
+from esam3.schemas.codecs import encode_png
 from esam3.schemas.prompts import PromptConfig
+from esam3.schemas.sav import SAV_ANNOTATION_STRIDE
 from esam3.schemas.samples import Failure, ImageSample, VideoSample
 from esam3.schemas.teacher import VideoTargetConfig
 from esam3.schemas.errors import first_line
@@ -90,7 +92,8 @@ class ReadImages(_ReadShard):
     image_size: int
     prompts: PromptConfig
     with_prompts: bool = True
-    dct_scaling: bool = True
+    dct_scaling: bool = False
+    store_inputs: bool = True
     batch_rows: int = 8
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
@@ -115,7 +118,9 @@ class ReadImages(_ReadShard):
             "width": original[1],
             "transform": json.dumps(transform_record(original, self.image_size, decoded), sort_keys=True),
             "pixels": pixels.numpy().tobytes(),
+            "jpeg": item.jpeg if self.store_inputs else None,
             "k": 0,
+            "gt_masks": "[]",
         }
         if self.with_prompts:
             prompts = sample_prompts(item.key, item.masks, original, self.image_size, self.prompts)
@@ -126,8 +131,14 @@ class ReadImages(_ReadShard):
                 prompt_points=prompts.points_model.astype(np.float32).tobytes(),
                 prompt_labels=prompts.labels.astype(np.int8).tobytes(),
                 prompt_boxes=prompts.boxes_model.astype(np.float32).tobytes(),
+                gt_masks=json.dumps([rle_value(item.record.annotations[i].segmentation) for i in prompts.mask_index.tolist()]),
             )
         return row
+
+
+def rle_value(rle: Any) -> dict[str, Any]:
+    """A source's COCO RLE (``size`` = [h, w], ``counts``) as the store's ``RLE`` struct value."""
+    return {"height": int(rle.size[0]), "width": int(rle.size[1]), "counts": rle.counts}
 
 
 def failure_row(failure: Failure) -> dict[str, Any]:
@@ -144,6 +155,7 @@ class ReadVideos(_ReadShard):
     source: str
     image_size: int
     video: VideoTargetConfig
+    store_inputs: bool = True
     batch_rows: int = 1
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
@@ -166,6 +178,11 @@ class ReadVideos(_ReadShard):
             })
             mask_index += p.mask is not None
         height, width = item.frames.shape[1:3]
+        column = {object_id: j for j, object_id in enumerate(item.record.masklet_id)}
+        frame_masks = [
+            {str(p.object_id): rle_value(item.record.masklet[int(index) // SAV_ANNOTATION_STRIDE][column[p.object_id]]) for p in work.prompts}
+            for index in work.frame_indices.tolist()
+        ]
         return {
             "kind": KIND_SAMPLE, "dataset": shard.dataset.value, "shard": shard.name, "key": item.key,
             "member": item.member, "height": int(height), "width": int(width),
@@ -174,4 +191,6 @@ class ReadVideos(_ReadShard):
             "frame_indices": work.frame_indices.astype(np.int64).tobytes(),
             "video_prompts": json.dumps(prompts),
             "prompt_masks": np.stack(masks).astype(np.float32).tobytes() if masks else b"",
+            "frame_inputs": [encode_png(frame.transpose(1, 2, 0)).data for frame in work.pixels] if self.store_inputs else None,
+            "frame_masks": json.dumps(frame_masks),
         }

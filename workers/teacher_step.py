@@ -176,6 +176,7 @@ class TeacherVideos:
             prompts=object_prompts_from_json(row["video_prompts"], row["prompt_masks"], size),
         )
         kind = work.prompts[0].kind.value if work.prompts else ""
+        inputs, masks = row["frame_inputs"], json.loads(row["frame_masks"])
         first: list[torch.Tensor] = []
         for targets in run_video(teacher, work):
             if not self.images.basis_ready:  # the low-rank basis is fitted on the first 8 frames, before any is sent
@@ -193,6 +194,8 @@ class TeacherVideos:
                 "object_ids": targets.object_ids,
                 "is_conditioning": targets.is_conditioning.tolist(),
                 "has_memory_conditioned": targets.has_memory_conditioned.tolist(),
+                "input": inputs[targets.frame] if inputs is not None else None,
+                "gt_masks": json.dumps([masks[targets.frame][str(o)] for o in targets.object_ids]),
                 **{name: target_bytes(getattr(targets, name)) for name in FRAME_TARGET_COLUMNS},
             }
 

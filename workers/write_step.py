@@ -18,7 +18,7 @@ import pyarrow as pa
 from lance.fragment import write_fragments
 
 from esam3.pipeline.object_store import ACCESS_HINT, access_refused, storage_failed
-from esam3.schemas.codecs import Basis, CodecError, FeatureCodec, encode_features, encode_logits
+from esam3.schemas.codecs import Basis, CodecError, Encoded, FeatureCodec, encode_features, encode_logits
 from esam3.schemas.store import FRAMES, IMAGES, LANCE_FILE_VERSION, StoreError, raw_tensor, tensor_value
 from esam3.schemas.errors import first_line
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
@@ -71,7 +71,7 @@ class _WriteTable:
     def provenance(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {name: row[name] for name in ("key", "shard", "member", "height", "width", "precision")}
         out.update(run_id=self.run_id, teacher=self.teacher, codec=self.codec.value, preprocess=row["transform"],
-                   prompt_seed=self.prompt_seed)
+                   prompt_seed=self.prompt_seed, gt_masks=json.loads(row["gt_masks"]))
         if self.store_trunk:
             g = self.geometry
             trunk = np.frombuffer(row["trunk"], dtype=np.float32).reshape(g.trunk_width, g.grid, g.grid)
@@ -137,6 +137,8 @@ class WriteImages(_WriteTable):
         k = row["k"]
         out = self.provenance(row)
         out["image_id"] = row["image_id"]
+        if row["jpeg"] is not None:  # the original file: decoded through the transform record it is the teacher's input
+            out["input"] = tensor_value(Encoded("jpeg", (row["height"], row["width"], 3), row["jpeg"]), 0.0)
         if k:
             out["prompt_mask_index"] = raw_tensor(np.frombuffer(row["prompt_mask_index"], dtype=np.int32))
             out["prompt_kinds"] = raw_tensor(np.frombuffer(row["prompt_kinds"], dtype=np.int8))
@@ -175,6 +177,8 @@ class WriteFrames(_WriteTable):
         out = self.provenance(row)
         for name in ("video_id", "frame", "frame_index", "prompt_kind", "object_ids", "is_conditioning", "has_memory_conditioned"):
             out[name] = row[name]
+        if row["input"] is not None:  # lossless: the S x S frame the teacher saw
+            out["input"] = tensor_value(Encoded("png", (g.image_size, g.image_size, 3), row["input"]), 0.0)
         out["mask_logits"] = tensor_value(*encode_logits(_array(row["mask_logits"], (n, g.mask_size, g.mask_size))))
         out["object_score"] = target_tensor("object_score", _array(row["object_score"], (n,)))
         out["object_pointer"] = target_tensor("object_pointer", _array(row["object_pointer"], (n, g.hidden)))

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.snapshots import snapshots
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.codecs import CodecError
 from esam3.schemas.errors import first_line
@@ -59,6 +60,9 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
                     per_column[column] = int(np.mean(sizes))
             entry["bytes_per_row"] = per_column
             entry["bytes_per_row_total"] = int(sum(per_column.values()))
+        if name in TARGET_TABLES:
+            entry["snapshots"] = [s.to_json() for s in snapshots(store, name)]  # newest first: what trainers read
+            entry["indexes"] = [index.field_names[0] for index in ds.describe_indices()]
         tables[name] = entry
     ledger = store.dataset("ledger").to_table(columns=["dataset", "shard", "rows", "failures", "bytes"]).to_pylist()
     return {

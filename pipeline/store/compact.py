@@ -19,7 +19,8 @@ from lance.optimize import Compaction
 
 from esam3.pipeline.store.claims import refuse_while_writing
 from esam3.pipeline.store import Store
-from esam3.schemas.store import LANCE_FILE_VERSION, TABLES
+from esam3.pipeline.store.snapshots import tag_if_complete
+from esam3.schemas.store import KEY_COLUMNS, LANCE_FILE_VERSION, TABLES
 
 
 def compact_store(store: Store, rows_per_fragment: int = 1024, dry_run: bool = False) -> dict[str, Any]:
@@ -41,6 +42,9 @@ def compact_store(store: Store, rows_per_fragment: int = 1024, dry_run: bool = F
                 metrics = ds.optimize.compact_files(**options)
                 entry = {"fragments_removed": metrics.fragments_removed, "fragments_added": metrics.fragments_added}
             after = before if dry_run else len(store.dataset(name).get_fragments())
+            if not dry_run and name in KEY_COLUMNS and entry["fragments_added"]:
+                store.index_keys(name)  # the rewritten fragments get new ids: index them, then pin the result
+                tag_if_complete(store, name)
         except (OSError, ValueError) as exc:
             raise store.failure(f"compact {name}", exc) from None
         tables[name] = {"fragments_before": before, "fragments_after": after, **entry}

@@ -27,7 +27,7 @@ from lance.fragment import FragmentMetadata
 from esam3.pipeline.object_store import ACCESS_HINT, S3Settings, access_refused
 from esam3.schemas.codecs import Basis
 from esam3.schemas.errors import first_line
-from esam3.schemas.store import LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
+from esam3.schemas.store import KEY_COLUMNS, LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ class Store:
         if card.get("format") != STORE_FORMAT:
             raise StoreError(
                 f"store {self.uri} has format {card.get('format')!r}; this esam3 reads and writes format {STORE_FORMAT} "
-                "(big tensors as Lance blobs): cache into a new --store, or use the esam3 release that wrote it"
+                "(student inputs and ground-truth masks in every row, which an older store lacks and cannot get without "
+                "its source): cache into a new --store, or use the esam3 release that wrote it"
             )
 
     def open_for(self, teacher: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +289,20 @@ class Store:
             rows = ds.to_table(columns=[column, "shard"], filter=f"{column} IN ({_quote(chunk)})")
             found.update(zip(rows.column(column).to_pylist(), rows.column("shard").to_pylist()))
         return found
+
+    def index_keys(self, table: str) -> None:
+        """Keep the table's scalar (BTREE) indexes on its key columns up to date after a commit: created on first use,
+        then the new fragments merged in, so the cross-shard duplicate check and key lookups do not scan the table."""
+        ds = self.dataset(table)
+        if ds.count_rows() == 0:
+            return
+        present = {index.field_names[0] for index in ds.describe_indices()}
+        for column in KEY_COLUMNS[table]:
+            if column not in present:
+                ds.create_scalar_index(column, "BTREE")
+                ds = self.dataset(table)
+        if present:
+            ds.optimize.optimize_indices(index_names=[f"{c}_idx" for c in KEY_COLUMNS[table] if c in present])
 
     def append(self, name: str, table: pa.Table) -> None:
         lance.write_dataset(table, self.table_uri(name), mode="append", storage_options=self.storage_options or None)

@@ -1,7 +1,8 @@
 """``esam3 store show``: one stored row drawn on its image (or video frame), to see what the teacher said.
 
-The pixels are not in the store: the row's shard is read again from where the ledger says it came from (or
-from ``--source``). SA-1B rows show the K prompts (positive clicks green, negative red, boxes yellow) and the
+The pixels come from the row's ``input`` (the original JPEG, or the teacher's S x S frame scaled back to the
+video's size); a store cached with ``--inputs none`` has none, and then the row's shard is read again from where
+the ledger says it came from (or from ``--source``). SA-1B rows show the K prompts (positive clicks green, negative red, boxes yellow) and the
 teacher's single-mask output for each (logit > 0) in its own colour; SA-V frame rows show each object's mask.
 Teacher-frame coordinates are mapped back with the squash transform stored in the row.
 """
@@ -91,10 +92,13 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
     transform = json.loads(row["preprocess"])
     height, width = transform["original_height"], transform["original_width"]
     size = transform["size"]
-    where = shard_source(store, row, source)
+    stored = row.get("input")
     if table == "images":
-        sample = _sample(store, DatasetName.SA1B, where, row["shard"], key, check_pixels=False)
-        image = np.asarray(simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB"))
+        if stored is not None:
+            image = decode_tensor(stored)
+        else:
+            sample = _sample(store, DatasetName.SA1B, shard_source(store, row, source), row["shard"], key, check_pixels=False)
+            image = np.asarray(simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB"))
         single = decode_tensor(row["single_logits"])[:, 0] if row["single_logits"] else np.zeros((0, 1, 1))
         picture = _overlay(image, [_mask_to_image(m, height, width) for m in single])
         draw = ImageDraw.Draw(picture)
@@ -114,10 +118,14 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
                 draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=(255, 255, 0), width=max(1, radius // 2))
         drawn = {"prompts": int(len(points)), "masks": int(len(single))}
     else:
-        sample = _sample(store, DatasetName.SAV, where, row["shard"], key.rsplit("/", 1)[0], max_frames=row["frame"] + 1)
-        position = int(np.flatnonzero(sample.frame_indices == row["frame_index"])[0])
+        if stored is not None:
+            frame = np.asarray(Image.fromarray(decode_tensor(stored)).resize((width, height), Image.BILINEAR))
+        else:
+            sample = _sample(store, DatasetName.SAV, shard_source(store, row, source), row["shard"], key.rsplit("/", 1)[0],
+                             max_frames=row["frame"] + 1)
+            frame = sample.frames[int(np.flatnonzero(sample.frame_indices == row["frame_index"])[0])]
         logits = decode_tensor(row["mask_logits"])
-        picture = _overlay(sample.frames[position], [_mask_to_image(m, height, width) for m in logits])
+        picture = _overlay(frame, [_mask_to_image(m, height, width) for m in logits])
         drawn = {"objects": len(row["object_ids"]), "frame_index": row["frame_index"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out, format="PNG")
