@@ -54,7 +54,11 @@ def info_command(
             older = ", ".join(s["tag"] for s in entry["snapshots"][1:])
             console.print(Text(f"{name}: trainers read snapshot {newest['tag']} ({newest['rows']} rows)" + (f"; older: {older}" if older else "")))
         elif entry.get("rows"):
-            console.print(Text(f"{name}: no complete snapshot yet (a shard is being committed, or a run stopped mid-shard: rerun it)"))
+            console.print(Text(f"{name}: no complete snapshot yet"))
+        if entry.get("unfinished_shards"):
+            shards = entry["unfinished_shards"]
+            console.print(Text(f"{name}: {len(shards)} shard(s) have rows but no ledger row ({', '.join(shards[:5])}): trainers do not "
+                               "see them; if no run is caching them now, rerun the same esam3 cache command to finish them"))
     small = [name for name, entry in info["tables"].items() if entry["fragments"] >= COMPACT_HINT_FRAGMENTS
              and entry["rows"] < COMPACT_HINT_ROWS * entry["fragments"]]
     if small:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import queue
 import tempfile
+import threading
 import time
 import uuid
 import contextlib
@@ -36,11 +38,11 @@ from esam3.pipeline.store import Store
 from esam3.pipeline.store.snapshots import tag_if_complete
 from esam3.schemas.cache import CacheConfig, Inputs, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
-from esam3.schemas.store import HEADS_DIR, TABLE_OF
+from esam3.schemas.store import HEADS_DIR, SCHEMAS, TABLE_OF
 from esam3.schemas.teacher import Device
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_step import TeacherImages, TeacherVideos
-from esam3.workers.write_step import WriteFrames, WriteImages
+from esam3.workers.write_step import EncodeFrames, EncodeImages, WriteFragments
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +182,10 @@ def _run_shards(
     else:
         runner, errors = _run_local, contextlib.nullcontext
     progress = {s.name: ShardProgress(s.name, s.url) for s in todo}
-    with closing(runner(config, todo, steps)) as stream, errors():
+    committer = Committer(functools.partial(_commit, store, table, config.dataset, run_id=run_id, fingerprint=fingerprint, report=report))
+    with committer, closing(runner(config, todo, steps)) as stream, errors():
         for written in stream:
+            committer.check()
             for entry in written.to_pylist():
                 if entry["shard"] in report.aborted:
                     continue  # blocks of an aborted shard still in flight: never committed
@@ -196,7 +200,7 @@ def _run_shards(
                 state.add(entry, run_id, config.dataset)
                 report.rows_written += entry["rows"]
                 if state.complete:
-                    _commit(store, table, config.dataset, state, run_id, fingerprint, report)
+                    committer.submit(state)
                     del progress[state.name]
                 if on_progress:
                     on_progress(report)
@@ -204,12 +208,51 @@ def _run_shards(
         raise RunError(f"the plan ended with {len(progress)} shard(s) incomplete: {sorted(progress)[:5]}; rerun to finish them")
 
 
+class Committer:
+    """Commits complete shards on a thread of its own, one after the other, so the driver keeps draining the plan's
+    output while a commit (append, duplicate check, ledger, indexes, snapshot tag) takes its seconds: a stalled
+    driver would back-pressure the plan up to the teacher. The first error stops it and is raised on the driver
+    (``check``, and on leaving the ``with`` block, which waits for the commits in hand)."""
+
+    def __init__(self, commit: Callable[[ShardProgress], None]) -> None:
+        self._commit = commit
+        self._queue: queue.Queue[ShardProgress | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="esam3-commits", daemon=True)
+
+    def __enter__(self) -> Committer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if kind is None:
+            self.check()
+
+    def _work(self) -> None:
+        while (state := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._commit(state)
+                except BaseException as exc:  # noqa: BLE001 - raised again on the driver thread
+                    self._error = exc
+
+    def submit(self, state: ShardProgress) -> None:
+        self.check()
+        self._queue.put(state)
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 def absolute(uri: str) -> str:
     """Local paths made absolute (Ray workers do not share the driver's working directory); URLs unchanged."""
     return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
-def _commit(store: Store, table: str, dataset: str, state: ShardProgress, run_id: str, fingerprint: str, report: CacheReport) -> None:
+def _commit(store: Store, table: str, dataset: str, state: ShardProgress, *, run_id: str, fingerprint: str, report: CacheReport) -> None:
     """Commit one complete shard, unless another run already did; keys already stored elsewhere become failures."""
     if state.name in store.finished_shards(dataset, fingerprint):
         log.warning("%s was committed by another run meanwhile; this run's copy is dropped", state.name)
@@ -238,13 +281,16 @@ def _failures_exceeded(store: Store, config: CacheConfig, fingerprint: str, shar
 
 @dataclass(frozen=True)
 class Steps:
-    """The three steps of a run: read (a callable per shard), the teacher actor class and its arguments, write."""
+    """The steps of a run: read (a callable per shard), the teacher actor class and its arguments, encode (per teacher
+    block), write (per bundle of ``fragment_rows`` encoded rows)."""
 
     read: Callable[[ShardRef], Iterator[pa.Table]]
     teacher: type
     teacher_args: dict[str, Any]
     teacher_batch: int
+    encode: Callable[[pa.Table], pa.Table]
     write: Callable[[pa.Table], pa.Table]
+    fragment_rows: int
 
 
 def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str, run_id: str) -> Steps:
@@ -253,25 +299,29 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
     basis = (store.uri, config.dataset, config.rank, store.s3) if lowrank else None
     basis_source = (store.uri, config.dataset, store.s3) if lowrank else None
     source_options = store.s3.fsspec_options(config.source)
+    table = TABLE_OF[config.dataset]
+    write = WriteFragments(store.table_uri(table), SCHEMAS[table], storage_options=store.storage_options)
+    store_inputs = config.inputs == Inputs.STORE
     if config.dataset == DatasetName.SA1B.value:
         with_prompts = Target.PROMPTS in config.targets
         return Steps(
             read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling,
-                            store_inputs=config.inputs == Inputs.STORE, storage_options=source_options),
+                            store_inputs=store_inputs, storage_options=source_options),
             teacher=TeacherImages,
             teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts, "basis": basis},
             teacher_batch=config.teacher.batch_size,
-            write=WriteImages(store.table_uri("images"), geometry, config.codec, checksum, run_id, config.prompts.seed,
-                              store_trunk=store_trunk, basis_source=basis_source, storage_options=store.storage_options),
+            encode=EncodeImages(geometry, config.codec, checksum, run_id, config.prompts.seed, store_trunk=store_trunk,
+                                basis_source=basis_source),
+            write=write, fragment_rows=config.fragment_rows,
         )
     return Steps(
-        read=ReadVideos(config.source, geometry.image_size, config.video, store_inputs=config.inputs == Inputs.STORE,
-                        storage_options=source_options),
+        read=ReadVideos(config.source, geometry.image_size, config.video, store_inputs=store_inputs, storage_options=source_options),
         teacher=TeacherVideos,
         teacher_args={"config": config.teacher, "checksum": checksum, "basis": basis},
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
-        write=WriteFrames(store.table_uri("frames"), geometry, config.codec, checksum, run_id, config.video.seed,
-                          store_trunk=store_trunk, basis_source=basis_source, storage_options=store.storage_options),
+        encode=EncodeFrames(geometry, config.codec, checksum, run_id, config.video.seed, store_trunk=store_trunk,
+                            basis_source=basis_source),
+        write=write, fragment_rows=config.fragment_rows,
     )
 
 
@@ -288,10 +338,18 @@ def _save_heads_once(store: Store, save: Callable[[Path], Any]) -> None:
 
 
 def _run_local(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
+    """Every step in this process, in order; encoded blocks are bundled into ``fragment_rows`` rows, as on Ray."""
     del config  # same signature as run_ray; the local loop needs no cluster settings
     teacher = steps.teacher(**steps.teacher_args)
+    pending: pa.Table | None = None
     for shard in shards:
         for work in steps.read(shard):
             out = teacher(work)
             for batch in [out] if isinstance(out, pa.Table) else out:  # teacher steps may yield several batches
-                yield steps.write(batch)
+                encoded = steps.encode(batch)
+                pending = encoded if pending is None else pa.concat_tables([pending, encoded])
+                while pending.num_rows >= steps.fragment_rows:  # Ray Data's map_batches(batch_size=N) slices alike
+                    yield steps.write(pending.slice(0, steps.fragment_rows))
+                    pending = pending.slice(steps.fragment_rows)
+    if pending is not None and pending.num_rows:
+        yield steps.write(pending)

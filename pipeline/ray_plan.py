@@ -128,7 +128,10 @@ def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterat
             steps.teacher, fn_constructor_kwargs={**steps.teacher_args, "threads": threads},
             batch_size=steps.teacher_batch, batch_format="pyarrow", **teacher_resources,
         )
-        ds = ds.map_batches(steps.write, batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)
+        ds = ds.map_batches(steps.encode, batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)
+        # Bundles of encoded rows, so each fragment holds many teacher blocks (a shard's last bundle may wait
+        # for later shards' rows or the end of the stream: streaming, never a stall)
+        ds = ds.map_batches(steps.write, batch_size=steps.fragment_rows, batch_format="pyarrow", num_cpus=side_cpus)
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 

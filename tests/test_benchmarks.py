@@ -74,3 +74,33 @@ def test_cpu_per_row_measures_each_step_at_full_size(tmp_path: Path, args: list[
 def test_cpu_per_row_rejects_bad_flags(args: list[str], message: str) -> None:
     done = run_script(*args, script=BENCHMARKS / "cpu_per_row.py")
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_store_scale_grows_a_store_and_reports_each_checkpoint(tmp_path: Path) -> None:
+    done = run_script("--shards", "12", "--rows", "50", "--fragment-rows", "16", "--out", str(tmp_path), script=BENCHMARKS / "store_scale.py")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    points = result["checkpoints"]
+    assert [p["shards"] for p in points] == [1, 10, 12] and [p["snapshot_rows"] for p in points] == [50, 500, 600]
+    assert points[-1]["fragments"] == 12 * 4 and all(p["manifest_bytes"] > 0 and p["commit_s"] > 0 for p in points)
+    assert points[-1]["manifest_bytes"] > points[0]["manifest_bytes"]
+
+
+def test_fast_decode_measures_cpu_and_feature_error() -> None:
+    done = run_script("--images", "1", "--teacher", "tiny-random", "--short-side", "300", script=BENCHMARKS / "fast_decode.py")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    tiny = result["S=112"]
+    assert tiny["decoded_at"][0] < 300 and tiny["mean_abs_grey_levels"] > 0 and tiny["trunk_rel_rms_mean"] > 0
+    assert result["S=1008"]["cpu_ms_exact"] > 0 and "trunk_rel_rms_mean" not in result["S=1008"]
+
+
+@pytest.mark.parametrize(("script", "args", "message"), [
+    ("store_scale.py", ["--shards", "1"], "--shards must be at least 2"),
+    ("store_scale.py", ["--fragment-rows", "0"], "--fragment-rows must be at least 1"),
+    ("fast_decode.py", ["--images", "0"], "--images must be at least 1"),
+    ("fast_decode.py", ["--teacher", "full-random"], "invalid choice"),
+])
+def test_new_benchmarks_reject_bad_flags(script: str, args: list[str], message: str) -> None:
+    done = run_script(*args, script=BENCHMARKS / script)
+    assert done.returncode == 2 and message in done.stderr

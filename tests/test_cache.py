@@ -214,7 +214,8 @@ def test_verify_finds_duplicates_and_bad_tensors(demo_root: Path, tmp_path: Path
     broken = [{**first[0], "trunk": {**first[0]["trunk"], "data": first[0]["trunk"]["data"][:-1]}}]
     missing = [{**first[0], "key": "sa1b/missing-trunk", "trunk": None}]
     null_fields = [{**first[0], "key": "sa1b/null-fields", "trunk": {**first[0]["trunk"], "shape": None}}]
-    for rows in (first, broken, missing, null_fields):
+    no_input = [{**first[0], "key": "sa1b/no-input", "input": None, "gt_masks": first[0]["gt_masks"][:-1]}]
+    for rows in (first, broken, missing, null_fields, no_input):
         lance.write_dataset(pa.Table.from_pylist(rows, schema=IMAGES), str(store / "images.lance"), mode="append")
     report = verify_store(Store(str(store)))
     assert not report.ok
@@ -222,6 +223,9 @@ def test_verify_finds_duplicates_and_bad_tensors(demo_root: Path, tmp_path: Path
     assert "appears 3 times" in text and "does not decode" in text and "its ledger entry says 3" in text
     assert "sa1b/missing-trunk has no trunk, which the store's targets include" in text
     assert "sa1b/null-fields trunk does not decode" in text
+    assert "sa1b/no-input has no input, which the store's targets include" in text
+    k = first[0]["prompt_kinds"]["shape"][0]
+    assert f"sa1b/no-input has {k - 1} ground-truth masks for {k} prompts" in text
     result = runner.invoke(app, ["store", "verify", str(store)], env=WIDE)
     assert result.exit_code == 1 and "appears 3 times" in result.output
 
@@ -263,6 +267,7 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
         (["--max-objects", "0"], "--max-objects"),
         (["--max-frames", "0"], "--max-frames"),
         (["--video-prompt", "scribble"], "--video-prompt"),
+        (["--fragment-rows", "0"], "--fragment-rows"),
     ],
 )
 def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -270,6 +275,24 @@ def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], me
     result = runner.invoke(app, [*base, *args], env=WIDE)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("fragment_rows", [64, 4])
+def test_writers_bundle_teacher_blocks_into_fragments_of_fragment_rows(tmp_path: Path, fragment_rows: int) -> None:
+    """Read blocks are 8 rows; a fragment holds up to --fragment-rows rows of one shard (a bundle's control rows,
+    such as a shard's end marker, count towards it)."""
+    from esam3.pipeline.demo_data import write_demo_data
+    from tests.conftest import small_config
+
+    write_demo_data(small_config(tmp_path / "data", sa1b_shards=3, images_per_shard=10, sav_shards=0, image_short_side=120))
+    store = tmp_path / "store"
+    assert run_cache(config(tmp_path / "data" / "sa-1b", store, targets=("trunk",), fragment_rows=fragment_rows), executor="local").rows == 30
+    sizes = [f.count_rows() for f in lance.dataset(str(store / "images.lance")).get_fragments()]
+    if fragment_rows == 64:
+        assert sorted(sizes) == [10, 10, 10]  # the whole run is one bundle: one fragment per shard
+    else:
+        assert sum(sizes) == 30 and max(sizes) == 4 and len(sizes) >= 8
+    assert len(set(keys(store))) == 30 and verify_store(Store(str(store))).ok
 
 
 def test_store_commands_on_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
@@ -485,10 +508,10 @@ def test_a_shard_that_cannot_be_read_stays_uncommitted_and_the_others_go_on(demo
 def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) -> None:
     """SA-V frames before the first prompted object have no objects: empty tensors, not a crash."""
     from esam3.schemas.codecs import FeatureCodec
-    from esam3.workers.write_step import WriteFrames
+    from esam3.workers.write_step import EncodeFrames
 
     g = tiny_teacher.geometry
-    write = WriteFrames("unused", g, FeatureCodec.INT8, "checksum", "run", 0)
+    write = EncodeFrames(g, FeatureCodec.INT8, "checksum", "run", 0)
     row = {
         "key": "sav/x/00000", "shard": "sav_000.tar", "member": "sav_000/x.mp4", "height": 10, "width": 12,
         "transform": "{}", "precision": "fp32", "video_id": "x", "frame": 0, "frame_index": 0, "prompt_kind": "mask", "object_ids": [],
@@ -726,7 +749,7 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
     monkeypatch.setattr(local.LocalFileOpener, "read", read_then_reset)
     monkeypatch.setattr(write_step, "write_fragments", write_refused_for_shard_2)
     store = tmp_path / "store"
-    report = run_cache(config(source, store), executor="local")
+    report = run_cache(config(source, store, fragment_rows=1), executor="local")  # a fragment per row: written at once
     assert sorted(report.aborted) == ["sa_000001.tar", "sa_000002.tar"] and report.exit_code == 1
     assert "connection reset" in report.aborted["sa_000001.tar"] and "writing its rows failed" in report.aborted["sa_000002.tar"]
     assert report.rows_written >= 18 and report.rows == 10  # shard 1's first batch was written, never committed

@@ -45,6 +45,9 @@ def test_ray_plan_caches_images_and_videos(local_ray, demo_root: Path, tmp_path:
     run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(local)), executor="local")
     assert _keys(store, "images") == _keys(local, "images")
     assert len(set(_keys(store, "frames"))) == 18 and verify_store(Store(str(store))).ok
+    # writers bundle teacher blocks (8 images, or 8 frames) into fragments of up to 64 rows of a shard
+    assert len(lance.dataset(str(store / "images.lance")).get_fragments()) == 2
+    assert len(lance.dataset(str(store / "frames.lance")).get_fragments()) == 1
 
 
 def _teacher_actor_pids() -> list[int]:

@@ -167,6 +167,18 @@ def test_input_flag_errors(args: list[str], message: str, tmp_path: Path) -> Non
     assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_fast_decode_flag_reaches_the_rows(sized_source: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    args = ["cache", "--dataset", "sa-1b", "--source", str(sized_source), "--store", str(store), "--executor", "local",
+            "--targets", "trunk", "--fast-decode", "--fragment-rows", "2"]
+    result = runner.invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert json.loads((store / "targets-sa-1b.json").read_text())["dct_scaling"] is True
+    rows = StoreRows(Store(str(store)), "images").where(columns=["key", "preprocess"])
+    assert {r["key"]: json.loads(r["preprocess"])["decoded_width"] < json.loads(r["preprocess"])["original_width"] for r in rows} == {
+        "sa1b/1": False, "sa1b/2": True, "sa1b/3": True}
+
+
 def test_a_store_of_the_earlier_format_is_refused_with_the_fix(demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "old"
     run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(store), codec="int8", shards="0"), executor="local")

@@ -19,9 +19,10 @@ from esam3.pipeline.store.check import store_info
 from esam3.pipeline.shards import DatasetName, ShardRef
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.rows import StoreRows
-from esam3.pipeline.store.snapshots import resolve, snapshots
+from esam3.pipeline.store.snapshots import resolve, snapshot_rows, snapshots
 from esam3.schemas.cache import CacheConfig
-from esam3.schemas.store import StoreError, decode_tensor
+from esam3.schemas.codecs import encode_logits
+from esam3.schemas.store import StoreError, decode_tensor, tensor_value
 from esam3.train.reader import StoreDataset, make_loader
 from esam3.train.sampler import ClipSampler, EpochSampler, clips, shard_order
 from esam3.train.split import is_val, sample_key
@@ -128,13 +129,17 @@ def test_each_commit_is_a_snapshot_and_a_run_killed_mid_shard_is_never_read(demo
     assert sorted(dataset.keys) == ["sa1b/1", "sa1b/2", "sa1b/3"]  # ...but not in the pinned snapshot
     with pytest.raises(StoreError, match="not a complete snapshot"):
         StoreDataset(store, version=store.dataset("images").version, fields=("trunk",))
+    assert store_info(store)["tables"]["images"]["unfinished_shards"] == ["sa_000001.tar"]
+    said = CliRunner().invoke(app, ["store", "info", str(path)], env={"COLUMNS": "400"}).output
+    assert "1 shard(s) have rows but no ledger row (sa_000001.tar)" in said and "rerun the same esam3 cache command" in said
     run_cache(config, executor="local")  # the rerun removes the unfinished shard's rows and commits it
     assert len(StoreDataset(store, split="all", fields=("trunk",))) == 6
     found = snapshots(store, "images")
-    assert found[0].rows == 6 and found[-1].rows == 3 and resolve(store, "images", found[-1].tag) == found[-1].version
+    assert [snapshot_rows(store, "images", s) for s in (found[0], found[-1])] == [6, 3] and resolve(store, "images", found[-1].tag) == found[-1].version
     assert [i.field_names for i in store.dataset("images").describe_indices()] == [["key"]]
     info = store_info(store)["tables"]["images"]
-    assert [s["rows"] for s in info["snapshots"]] == [6, 3] and info["indexes"] == ["key"]
+    assert info["snapshots"][0]["rows"] == 6 and len(info["snapshots"]) == 2 and info["indexes"] == ["key"]
+    assert info["unfinished_shards"] == []
     result = CliRunner().invoke(app, ["store", "info", str(path)], env={"COLUMNS": "400"})
     assert result.exit_code == 0 and f"images: trainers read snapshot {found[0].tag} (6 rows)" in result.output, result.output
     with pytest.raises(StoreError, match="no snapshot 'nope'"):
@@ -178,7 +183,7 @@ def test_image_batches_hold_the_teachers_input_and_the_stored_targets(store: Pat
 def test_frame_batches_pad_objects_and_decode_codes_on_the_device(store: Path) -> None:
     cpu = StoreDataset(str(store), table="frames", fields=("input", "trunk", "memory", "gt"), split="all")
     device = StoreDataset(str(store), table="frames", fields=("input", "trunk", "memory", "gt"), split="all", decode_on="device")
-    picks = list(range(0, len(cpu), 3))
+    picks = list(range(len(cpu)))
     a, b = cpu[picks], device[picks]
     assert "trunk" not in b and b["trunk_codes"].dtype == torch.int8 and b["maskmem_features_codes"].shape[1] == 8
     moved = device.to_device(b, "cpu")
@@ -188,11 +193,12 @@ def test_frame_batches_pad_objects_and_decode_codes_on_the_device(store: Path) -
     for i in range(len(picks)):
         n = int(a["object_valid"][i].sum())
         assert not a["maskmem_features"][i, n:].any() and (a["object_ids"][i, n:] == -1).all()
+        assert torch.equal(a["gt_valid"][i], a["object_valid"][i])
     assert a["input"].shape == (len(picks), 3, 112, 112)
 
 
-def test_device_decode_of_a_lowrank_and_a_bf16_trunk(demo_root: Path, tmp_path: Path) -> None:
-    for codec in ("lowrank", "bf16"):
+def test_device_decode_of_lowrank_bf16_and_fp16_trunks(demo_root: Path, tmp_path: Path) -> None:
+    for codec in ("lowrank", "bf16", "fp16"):
         path = tmp_path / codec
         run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(path), codec=codec, rank=8,
                               targets=("trunk",), shards="0"), executor="local")
@@ -241,3 +247,36 @@ def test_spawned_workers_and_two_ranks_read_every_train_row_once_per_epoch(store
                     assert batch["input"][b].numpy().tobytes() == pixels[key]
                     assert np.array_equal(batch["trunk"][b].numpy(), stored[key])
         assert set(seen) == set(train.keys) and sum(seen.values()) == len(train) + len(train) % 2  # padding only
+
+
+def test_a_frame_without_objects_decodes_on_the_device(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames before the first prompted object hold no objects: empty per-object maps on both decode paths."""
+    dataset = StoreDataset(str(store), table="frames", fields=("memory",), split="all", decode_on="device")
+    row = dataset.rows.take([0], columns=dataset._columns())[0]
+    empty = {**row, "object_ids": [], "is_conditioning": [], "has_memory_conditioned": []}
+    for name in ("object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem"):
+        empty[name] = {**row[name], "shape": [0, *row[name]["shape"][1:]], "data": b"", "scale": b""}
+    empty["mask_logits"] = tensor_value(*encode_logits(np.zeros((0, 32, 32), np.float32)))
+    batch = dataset.to_device(dataset._collate([empty, row], np.array([0, 0])), "cpu")
+    assert not batch["object_valid"][0].any() and not batch["maskmem_features"][0].any()
+    assert batch["maskmem_features"].shape[:2] == (2, 8)
+
+
+def test_index_conflicts_are_retried_then_left_for_the_next_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    store = Store(str(tmp_path / "s"))
+    calls = {"n": 0}
+
+    def conflicting(self: Store, table: str) -> None:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise OSError("Retryable commit conflict for version 7: CreateIndex preempted by Append")
+
+    monkeypatch.setattr(Store, "_update_indexes", conflicting)
+    store.index_keys("images")
+    assert calls["n"] == 3
+    monkeypatch.setattr(Store, "_update_indexes", lambda self, table: (_ for _ in ()).throw(OSError("commit conflict")))
+    store.index_keys("images")
+    assert "indexes not updated after 4 tries" in caplog.text
+    monkeypatch.setattr(Store, "_update_indexes", lambda self, table: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        store.index_keys("images")

@@ -20,6 +20,8 @@ from esam3.pipeline.plan import run_cache
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.check import verify_store
 from esam3.pipeline.store.rows import StoreRows
+from esam3.pipeline.store.snapshots import snapshot_rows, snapshots
+from esam3.train.reader import StoreDataset
 from esam3.schemas.cache import CacheConfig
 from esam3.schemas.cleanup import CleanupConfig, parse_duration
 from esam3.schemas.store import IMAGES, LANCE_FILE_VERSION
@@ -65,7 +67,10 @@ def test_cleanup_removes_old_versions_and_orphans_and_keeps_the_rows(cached: Pat
     kept = runner.invoke(app, ["store", "cleanup", str(store_path), "--older-than", "0s", "--json"], env=WIDE)
     assert kept.exit_code == 0, kept.output
     report = json.loads(kept.output)
-    assert report["tables"]["images"]["old_versions"] == versions_before - 1 and report["tables"]["images"]["versions_left"] == 1
+    # every version but the latest (the delete) and the newest snapshot, which trainers read; older snapshots dropped
+    newest = snapshots(store, "images")
+    assert [snapshot_rows(store, "images", s) for s in newest] == [len(keys_before)] and report["tables"]["images"]["snapshots_removed"] == 1
+    assert report["tables"]["images"]["old_versions"] == versions_before - 2 and report["tables"]["images"]["versions_left"] == 2
     assert report["total"]["bytes_removed"] > 0
     assert all(p.exists() for p in orphan_files)  # younger than 7 days: could be a commit in flight
 
@@ -169,7 +174,7 @@ def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path, monkeypatch
     assert run_cache(config, executor="local").exit_code == 0
     store = Store(str(store_path))
     before = {r["key"]: bytes(r["trunk"]["data"]) for r in StoreRows(store, "images").where(columns=["key", "trunk"])}
-    assert len(store.dataset("images").get_fragments()) == 6  # one per shard here (per teacher block on Ray)
+    assert len(store.dataset("images").get_fragments()) == 6  # a fragment never spans shards
 
     monkeypatch.setattr("esam3.store_cli.COMPACT_HINT_FRAGMENTS", 4)  # the real threshold is 64 fragments
     hint = "many small fragments; `esam3 store compact"
@@ -185,6 +190,10 @@ def test_compact_merges_fragments_and_changes_no_row(tmp_path: Path, monkeypatch
     assert done.exit_code == 0, done.output
     images = json.loads(done.output.strip().splitlines()[-1])["tables"]["images"]
     assert (images["fragments_before"], images["fragments_after"]) == (6, 1)
+    # the compacted version is indexed and becomes the snapshot trainers read
+    assert snapshots(store, "images")[0].version == store.dataset("images").version
+    assert [i.field_names for i in store.dataset("images").describe_indices()] == [["key"]]
+    assert len(StoreDataset(store, fields=("trunk",), split="all")) == len(before)
     assert {r["key"]: bytes(r["trunk"]["data"]) for r in StoreRows(store, "images").where(columns=["key", "trunk"])} == before
     assert verify_store(store).ok and run_cache(config, executor="local").nothing_to_do
     assert hint not in runner.invoke(app, ["store", "info", str(store_path)], env=WIDE).output

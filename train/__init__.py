@@ -1,1 +1,2 @@
-"""Student training from the store (stage 1/2/3 loops, readers, losses, eval, export). Not built yet: see docs/ARCHITECTURE.md."""
+"""Student training from the store: the PyTorch reader (``reader``, ``sampler``, ``split``); students, losses and the
+stage 1/2/3 loops follow (see docs/ARCHITECTURE.md)."""

@@ -9,7 +9,8 @@ all padded with a ``*_valid`` mask so every batch of a store has the same shapes
 
 * ``key`` (list of B strings), ``position`` (B,) row positions at the pinned version;
 * ``input``: uint8 (B, 3, S, S), the student's input decoded and preprocessed exactly as the row's transform record
-  says: the teacher's own input, bit for bit (``input_size`` gives the same squash at another size);
+  says: the teacher's own input, bit for bit (``input_size`` squashes to another size: from the decoded JPEG for
+  images, from the stored S x S frame for video frames);
 * ``trunk``: float32 (B, C, g, g); with ``decode_on="device"`` it travels as the stored codes instead
   (``trunk_codes`` int8 + ``trunk_scales``, or fp16 / bf16) and :meth:`StoreDataset.to_device` decodes on the GPU;
 * images, ``prompts``: ``prompt_valid`` (B, K), ``prompt_kinds``, ``prompt_points`` (B, K, P, 2) and
@@ -19,7 +20,8 @@ all padded with a ``*_valid`` mask so every batch of a store has the same shapes
 * frames, ``memory``: ``object_valid`` (B, N), ``object_ids``, ``is_conditioning``, ``has_memory_conditioned``,
   ``mask_logits`` (B, N, m, m), ``object_score``, ``object_pointer``, ``maskmem_features`` (B, N, 64, g, g) and
   ``pix_feat_with_mem`` (B, N, hidden, g, g) (both codes on the device path, like the trunk);
-* ``gt``: ``gt_masks`` bool (B, K or N, m, m), the ground truth squashed to the mask logits' frame.
+* ``gt``: ``gt_masks`` bool (B, K or N, m, m), the ground truth squashed to the mask logits' frame, and ``gt_valid``
+  (B, K or N): which slots hold an object (the rest are padding).
 """
 
 from __future__ import annotations
@@ -98,8 +100,10 @@ class StoreDataset(Dataset):
     # ---- plumbing ---------------------------------------------------------------------------------------
 
     def __getstate__(self) -> dict[str, Any]:
+        """What a spawned worker needs: settings and positions; it opens its own reader of the same version. The
+        key lists (samplers' business, ~1 GB for SA-1B as Python strings) stay in the main process."""
         state = dict(self.__dict__)
-        state["_rows"] = None  # each (spawned) worker opens its own reader of the same version
+        state.update(_rows=None, keys=None, video_ids=None, frames=None)
         return state
 
     @property
@@ -136,9 +140,7 @@ class StoreDataset(Dataset):
             columns += ["object_ids", "is_conditioning", "has_memory_conditioned", "mask_logits", "object_score",
                         "object_pointer", "maskmem_features", "pix_feat_with_mem"]
         if "gt" in self.fields:
-            columns += ["gt_masks"] + (["object_ids"] if self.table == "frames" and "memory" not in self.fields else [])
-        if "gt" in self.fields and self.table == "images" and "prompts" not in self.fields:
-            columns.append("prompt_kinds")
+            columns.append("gt_masks")
         return list(dict.fromkeys(columns))
 
     # ---- collate ----------------------------------------------------------------------------------------
@@ -159,6 +161,7 @@ class StoreDataset(Dataset):
         if "gt" in self.fields:
             slots = self.spec["prompts"]["num_prompts"] if self.table == "images" else self.spec["video"]["max_objects"]
             out["gt_masks"] = torch.from_numpy(np.stack([self._gt(r["gt_masks"], slots) for r in rows]))
+            out["gt_valid"] = torch.from_numpy(np.stack([np.arange(slots) < len(r["gt_masks"]) for r in rows]))
         return out
 
     def _features(self, name: str, values: list[dict[str, Any]], slots: int | None = None) -> dict[str, torch.Tensor]:
@@ -185,7 +188,7 @@ class StoreDataset(Dataset):
         for b, v in enumerate(values):
             n = shapes[b][0] if slots is not None else None
             q = np.frombuffer(v["data"], dtype=np.int8).reshape(code_shape[1:] if n is None else (n, *code_shape[2:]))
-            s = np.frombuffer(v["scale"], dtype=np.float32).reshape(scales.shape[1:] if n is None else (n, -1))
+            s = np.frombuffer(v["scale"], dtype=np.float32).reshape(scales.shape[1:] if n is None else (n, *scales.shape[2:]))
             codes[b, :n] = q
             scales[b, :n] = s
         return {f"{name}_codes": torch.from_numpy(codes), f"{name}_scales": torch.from_numpy(scales)}
@@ -287,6 +290,9 @@ def _check_store(uri: str, spec: dict[str, Any], fields: Sequence[str]) -> None:
     for field, target in _NEEDS_TARGET.items():
         if field in fields and target not in spec["targets"]:
             raise StoreError(f"store {uri} was cached without the {target} targets (--targets {','.join(spec['targets'])}); re-cache with them")
+    if "gt" in fields and spec["dataset"] == "sa-1b" and "prompts" not in spec["targets"]:
+        raise StoreError(f"store {uri}: image rows hold the ground truth of their prompted objects, and it was cached without "
+                         "prompts; re-cache with --targets trunk,prompts")
 
 
 def make_loader(

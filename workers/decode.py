@@ -4,7 +4,7 @@ By default an image is decoded in full and squashed to S x S with SAM3's antiali
 ``Sam3ImageProcessor`` computes on the same file, so the cached trunk is the teacher's trunk of that file.
 ``--fast-decode`` (``dct_scaling``) instead asks libjpeg for the smallest DCT scale that still covers the teacher
 frame (a 2250x1500 SA-1B image at half size); that saves CPU but is its own low-pass filter, so the teacher sees
-a slightly different image (README: CPU saving and feature error). ``transform_record`` stores the decoded size,
+a slightly different image (``benchmarks/fast_decode.py``: its CPU saving and feature error). ``transform_record`` stores the decoded size,
 and :func:`teacher_input` redoes either decode from the row alone, bit for bit.
 """
 
@@ -30,8 +30,8 @@ def decode_for_teacher(jpeg: bytes, size: int, dct_scaling: bool = False) -> tup
 
 
 def teacher_input(codec: str, data: bytes | memoryview, transform: dict[str, Any], size: int | None = None) -> torch.Tensor:
-    """A row's stored ``input`` -> the uint8 (3, S, S) image the teacher saw (``size``: another square size, the
-    same squash from the same decode, for a student that trains smaller).
+    """A row's stored ``input`` -> the uint8 (3, S, S) image the teacher saw (``size``: another square size for a
+    student that trains smaller: the same squash from the same JPEG decode; a video frame is resized from its S x S).
 
     ``jpeg`` rows are decoded at the size the transform record says (full, or the DCT scale of ``--fast-decode``);
     ``png`` rows (SA-V frames) hold the S x S frame itself.

@@ -1,8 +1,10 @@
-"""Cache step 3 (CPU): encode the targets with the run's codecs and write Lance fragments (not committed).
+"""Cache steps 3 and 4 (CPU): encode the targets with the run's codecs, then write Lance fragments (not committed).
 
-Returns one WRITTEN row per shard in the batch: the fragments' metadata, the failures seen, and the shard's end
-marker if it passed. Only the driver commits, so a writer that dies or is retried leaves at most an orphan
-data file, never a visible row.
+Encoding runs per teacher block (``EncodeImages`` / ``EncodeFrames``: TARGETS -> ENCODED rows, 4-5x smaller);
+writing (``WriteFragments``) runs on bundles of ``--fragment-rows`` encoded rows, so fragments hold many teacher
+blocks. The writer returns one WRITTEN row per shard in its bundle: the fragments' metadata, the failures seen, and
+the shard's end marker if it passed. Only the driver commits, so a writer that dies or is retried leaves at most
+an orphan data file, never a visible row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from lance.fragment import write_fragments
 
 from esam3.pipeline.object_store import ACCESS_HINT, access_refused, storage_failed
@@ -32,17 +35,15 @@ BASIS_SETTLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
-class _WriteTable:
-    """Shared: group a batch by shard, turn samples into store rows, write one fragment set per shard."""
+class _EncodeTable:
+    """Shared: turn a batch's samples into store rows with the run's codecs; control rows pass through."""
 
-    table_uri: str
     geometry: Geometry
     codec: FeatureCodec
     teacher: str  # checksum
     run_id: str
     prompt_seed: int
     store_trunk: bool = True
-    storage_options: dict[str, str] | None = field(default=None, repr=False)  # may hold credentials
     basis_source: tuple[str, str, Any] | None = None  # (store URI, dataset, S3 settings) of the low-rank basis
 
     schema: Any = None  # the store table's schema, set by each subclass
@@ -79,33 +80,66 @@ class _WriteTable:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        by_shard: dict[str, dict[str, Any]] = defaultdict(
-            lambda: {"rows": [], "failures": [], "end": -1, "samples": -1, "aborted": None}
-        )
+        """TARGETS rows -> ENCODED rows: store rows (``kind`` sample) and the control rows passed on."""
+        out = []
         for row in batch.to_pylist():
-            entry = by_shard[row["shard"]]
-            if row["kind"] == KIND_SAMPLE:
+            kind = row["kind"]
+            control = {"kind": kind, "shard": row["shard"], "member": row.get("member"), "reason": row.get("reason")}
+            if kind == KIND_SAMPLE:
                 try:
-                    entry["rows"].append(self.store_row(row))
+                    stored = self.store_row(row)
                 except (CodecError, ValueError) as exc:  # e.g. NaN targets: this row fails, the shard goes on
                     log.warning("%s: cannot store %s: %s", row["shard"], row["key"], exc)
-                    entry["failures"].append({"member": row["member"], "reason": f"targets of {row['key']} not stored: {exc}", "weight": 1})
-            elif row["kind"] == KIND_FAILURE:
-                entry["failures"].append({"member": row["member"], "reason": row["reason"], "weight": 1 if row.get("count") is None else row["count"]})
-            elif row["kind"] == KIND_END:
-                entry["end"], entry["samples"] = row["count"], row["samples"]
-            elif row["kind"] == KIND_ABORT:
-                entry["aborted"] = row["reason"]
+                    out.append({**control, "kind": KIND_FAILURE, "reason": f"targets of {row['key']} not stored: {exc}", "weight": 1})
+                    continue
+                out.append({**stored, "kind": kind, "stored_bytes": stored_bytes(stored)})
+            elif kind == KIND_FAILURE:
+                out.append({**control, "weight": 1 if row.get("count") is None else row["count"]})
+            elif kind == KIND_END:
+                out.append({**control, "end_count": row["count"], "end_samples": row["samples"]})
+            elif kind == KIND_ABORT:
+                out.append(control)
+        return pa.Table.from_pylist(out, schema=encoded_schema(self.schema))
+
+
+#: What the encode step adds to a store row, or holds alone in a control row (failure / end / abort of a shard).
+CONTROL = [("kind", pa.string()), ("reason", pa.string()), ("weight", pa.int64()), ("end_count", pa.int64()),
+           ("end_samples", pa.int64()), ("stored_bytes", pa.int64())]
+
+
+def encoded_schema(table_schema: pa.Schema) -> pa.Schema:
+    """ENCODED blocks: the store table's columns (null in control rows) + the control columns."""
+    return pa.schema([*table_schema, *CONTROL])
+
+
+@dataclass(frozen=True)
+class WriteFragments:
+    """Cache step 4 (CPU): ENCODED rows, many teacher blocks bundled -> Lance fragments per shard -> WRITTEN rows.
+
+    Bundling is what keeps fragments big: one fragment per teacher block of 8 rows would make ~1.4M fragments for
+    SA-1B (every commit rereads a manifest listing them all); the plan hands this step ``fragment_rows`` rows at a
+    time. Nothing is committed here: the driver commits each shard once all of its rows are written.
+    """
+
+    table_uri: str
+    schema: Any  # the store table's schema
+    storage_options: dict[str, str] | None = field(default=None, repr=False)  # may hold credentials
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
-        for shard, entry in by_shard.items():
+        for shard in dict.fromkeys(batch.column("shard").to_pylist()):
+            mine = batch.filter(pc.equal(batch.column("shard"), shard))
+            samples = mine.filter(pc.equal(mine.column("kind"), KIND_SAMPLE))
+            control = mine.filter(pc.not_equal(mine.column("kind"), KIND_SAMPLE)).select(["kind", "member", "reason", *_ENDS, "weight"]).to_pylist()
+            aborted = next((c["reason"] for c in control if c["kind"] == KIND_ABORT), None)
+            end = next((c for c in control if c["kind"] == KIND_END), {"end_count": -1, "end_samples": -1})
+            failures = [{"member": c["member"], "reason": c["reason"], "weight": c["weight"]} for c in control if c["kind"] == KIND_FAILURE]
             fragments: list[dict[str, Any]] = []
-            nbytes = 0
-            if entry["rows"] and not entry["aborted"]:
-                table = pa.Table.from_pylist(entry["rows"], schema=self.schema)
+            if samples.num_rows and not aborted:
                 try:
                     written = write_fragments(
-                        table, self.table_uri, schema=self.schema, data_storage_version=LANCE_FILE_VERSION,
-                        storage_options=self.storage_options or None,
+                        samples.select(self.schema.names), self.table_uri, schema=self.schema,
+                        data_storage_version=LANCE_FILE_VERSION, storage_options=self.storage_options or None,
                     )
                 except (OSError, ValueError) as exc:  # storage trouble: this shard is left for a rerun, the others go on
                     if access_refused(exc):  # no shard will fare better: stop the run with the credentials hint
@@ -113,22 +147,24 @@ class _WriteTable:
                     if not storage_failed(exc):
                         raise
                     log.warning("%s: writing fragments failed, the shard stays uncommitted in this run: %s", shard, exc)
-                    entry["aborted"] = f"writing its rows failed: {first_line(exc)}"
-                    written = []
+                    aborted, written = f"writing its rows failed: {first_line(exc)}", []
                 fragments = [f.to_json() for f in written]
-                nbytes = sum(stored_bytes(r) for r in entry["rows"])
             out.append({
-                "shard": shard, "fragments": json.dumps(fragments), "rows": len(entry["rows"]),
-                "keys": json.dumps([r["key"] for r in entry["rows"]]), "bytes": nbytes,
-                "failures": json.dumps(entry["failures"]), "end_count": entry["end"], "end_samples": entry["samples"],
-                "aborted": entry["aborted"],
+                "shard": shard, "fragments": json.dumps(fragments), "rows": samples.num_rows,
+                "keys": json.dumps(samples.column("key").to_pylist()),
+                "bytes": int(pc.sum(samples.column("stored_bytes")).as_py() or 0) if fragments else 0,
+                "failures": json.dumps(failures), "end_count": end["end_count"], "end_samples": end["end_samples"],
+                "aborted": aborted,
             })
         return pa.Table.from_pylist(out, schema=WRITTEN)
 
 
+_ENDS = ("end_count", "end_samples")
+
+
 @dataclass(frozen=True)
-class WriteImages(_WriteTable):
-    """SA-1B: TARGETS batch -> ``images`` fragments -> WRITTEN rows."""
+class EncodeImages(_EncodeTable):
+    """SA-1B: TARGETS batch -> ENCODED ``images`` rows."""
 
     schema: Any = IMAGES
 
@@ -166,8 +202,8 @@ def stored_bytes(row: dict[str, Any]) -> int:
 
 
 @dataclass(frozen=True)
-class WriteFrames(_WriteTable):
-    """SA-V: FRAME_TARGETS batch -> ``frames`` fragments -> WRITTEN rows."""
+class EncodeFrames(_EncodeTable):
+    """SA-V: FRAME_TARGETS batch -> ENCODED ``frames`` rows."""
 
     schema: Any = FRAMES
 

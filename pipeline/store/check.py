@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
-from esam3.pipeline.store.snapshots import snapshots
+from esam3.pipeline.store.snapshots import dataset_of, ledger_rows, snapshot_rows, snapshots
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.codecs import CodecError
 from esam3.schemas.errors import first_line
@@ -61,8 +61,12 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
             entry["bytes_per_row"] = per_column
             entry["bytes_per_row_total"] = int(sum(per_column.values()))
         if name in TARGET_TABLES:
-            entry["snapshots"] = [s.to_json() for s in snapshots(store, name)]  # newest first: what trainers read
+            found = snapshots(store, name)  # newest first: trainers read the newest
+            entry["snapshots"] = [s.to_json() for s in found]
+            if found:
+                entry["snapshots"][0]["rows"] = snapshot_rows(store, name, found[0])
             entry["indexes"] = [index.field_names[0] for index in ds.describe_indices()]
+            entry["unfinished_shards"] = unfinished_shards(store, name, entry["rows"])
         tables[name] = entry
     ledger = store.dataset("ledger").to_table(columns=["dataset", "shard", "rows", "failures", "bytes"]).to_pylist()
     return {
@@ -73,6 +77,16 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
         "shards": dict(Counter(row["dataset"] for row in ledger)),
         "failures": tables["failures"]["rows"],
     }
+
+
+def unfinished_shards(store: Store, table: str, head_rows: int) -> list[str]:
+    """Shards with rows at the table's head but no ledger row (a run stopped mid-shard, or one committing now).
+    Scans the shard column only when the head's row count differs from the ledger's."""
+    if head_rows == ledger_rows(store, table)[1]:
+        return []
+    done = set(store.dataset("ledger").to_table(columns=["shard"], filter=f"dataset = '{dataset_of(table)}'").column("shard").to_pylist())
+    present = set(store.dataset(table).to_table(columns=["shard"]).column("shard").to_pylist())
+    return sorted(present - done)
 
 
 @dataclass
@@ -148,6 +162,8 @@ def _verify_table(
             report.problem(f"{table}: key {key} appears {count} times")
     spec = card["targets"].get(dataset_name, {})
     required = frozenset({"trunk"} & set(spec.get("targets", [])))  # prompt and object columns may be empty
+    if spec.get("inputs", "store") == "store":
+        required |= {"input"}
     per_shard = _check_rows(StoreRows(store, table, ds.version), table, teacher, required, report, on_rows)
     for shard, count in per_shard.items():
         entry = ledger_by_shard.get(shard)
@@ -176,6 +192,10 @@ def _check_rows(
             per_shard[row["shard"]] += 1
             if row["teacher"] != teacher:
                 report.problem(f"{table}: {row['key']} was made by teacher {row['teacher']}, the store's is {teacher}")
+            objects = len(row["object_ids"]) if table == "frames" else (row["prompt_kinds"] or {"shape": [0]})["shape"][0]
+            if len(row["gt_masks"] or []) != objects and (table == "frames" or row["prompt_kinds"] is not None):
+                report.problem(f"{table}: {row['key']} has {len(row['gt_masks'] or [])} ground-truth masks for {objects} "
+                               f"{'objects' if table == 'frames' else 'prompts'}")
             for column in tensor_columns(table):
                 value = row[column]
                 if value is None:

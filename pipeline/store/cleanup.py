@@ -11,6 +11,10 @@ A version's age is counted from when a newer one replaced it, not from when it w
 ``older_than`` counts from creation, which would delete the version a trainer opened an hour ago if the store was
 last written weeks before and a rerun committed since. So a reader that opened the latest version within
 ``older_than`` keeps it: pick ``older_than`` longer than a training run.
+
+Snapshot tags (``snapshots.py``) would keep their versions forever: the cleanup first drops every snapshot but the
+newest whose version it may remove by the same age rule (a dry run counts them without dropping; Lance's own
+dry-run figures then leave those versions out).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 
 from esam3.pipeline.store.claims import refuse_while_writing
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.snapshots import drop_old_snapshots
 from esam3.schemas.cleanup import CleanupConfig
-from esam3.schemas.store import TABLES
+from esam3.schemas.store import TABLE_OF, TABLES
 
 _STATS = ("old_versions", "data_files_removed", "deletion_files_removed", "transaction_files_removed", "bytes_removed")
 
@@ -45,13 +50,16 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
             history = ds.versions()
             # The latest version is never removed; listing it keeps the list non-empty (Lance refuses an empty one)
             # and still lets the unreferenced-file pass run.
-            chosen = [*removable_versions(history, now - config.older_than, config.keep_versions), ds.version]
+            removable = removable_versions(history, now - config.older_than, config.keep_versions)
+            dropped = drop_old_snapshots(store, name, set(removable), config.dry_run) if name in TABLE_OF.values() else 0
+            chosen = [*removable, ds.version]
             options["versions"] = chosen
             stats = ds.explain_cleanup_old_versions(**options).stats if config.dry_run else ds.cleanup_old_versions(**options)
             versions = len(store.dataset(name).versions())
         except (OSError, ValueError) as exc:  # e.g. read-only credentials: a 403 on the first delete; server down
             raise store.failure(f"clean up {name}", exc) from None
         tables[name] = {field: int(getattr(stats, field)) for field in _STATS}
+        tables[name]["snapshots_removed"] = dropped
         tables[name]["versions_left"] = versions - tables[name]["old_versions"] if config.dry_run else versions
     total = {field: sum(t[field] for t in tables.values()) for field in _STATS}
     return {"store": store.uri, "dry_run": config.dry_run, "tables": tables, "total": total}

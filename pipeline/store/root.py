@@ -290,9 +290,24 @@ class Store:
             found.update(zip(rows.column(column).to_pylist(), rows.column("shard").to_pylist()))
         return found
 
-    def index_keys(self, table: str) -> None:
+    def index_keys(self, table: str, attempts: int = 4) -> None:
         """Keep the table's scalar (BTREE) indexes on its key columns up to date after a commit: created on first use,
-        then the new fragments merged in, so the cross-shard duplicate check and key lookups do not scan the table."""
+        then the new fragments merged in, so the cross-shard duplicate check and key lookups do not scan the table.
+
+        Another run committing at the same moment makes Lance refuse an index commit (a retryable conflict): tried
+        again, then left for the next commit with a warning, since an index only speeds reads up.
+        """
+        for attempt in range(attempts):
+            try:
+                self._update_indexes(table)
+                return
+            except OSError as exc:
+                if "conflict" not in str(exc).lower() and "preempted" not in str(exc).lower():
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        log.warning("%s: indexes not updated after %d tries (other runs committing); the next commit updates them", table, attempts)
+
+    def _update_indexes(self, table: str) -> None:
         ds = self.dataset(table)
         if ds.count_rows() == 0:
             return

@@ -4,13 +4,14 @@ A version is *complete* when every visible row belongs to a shard in the ledger 
 cache reaches such a version after each shard's commit (its Append, the removal of keys stored by an earlier
 shard, then its ledger row, in that order); between the Append and the ledger row, and after a run is killed
 mid-shard, the latest version is not complete. So the driver tags a version only after the ledger row, and only
-if the table's row count at that version equals the rows the ledger holds for the dataset: the ledger is read
-after the version is opened, so a shard another run appended but has not yet entered in the ledger makes the
-count larger, and one it entered after that version makes the ledger larger — either way no tag, and that run
-tags its own commit. Readers open the newest tag (``latest``), never the moving head.
+if the table's row count at that version equals the rows the ledger holds for the dataset, read both before and
+after the version is opened and unchanged in between: every shard in the ledger then had its rows appended before
+the version was opened, so the ledgered rows are all in it, and equal counts leave room for no other row. (With one
+ledger read only, a run's appended-but-unledgered rows could offset another's ledgered-but-later rows.) A commit
+that finds another run mid-commit makes no tag; that run tags its own. Readers open the newest tag, never the head.
 
-Each tag keeps its version (and the files only it references) from ``store cleanup``, so only the newest
-``KEEP_SNAPSHOTS`` tags are kept; a trainer resolves a tag to its version number once, when it starts.
+Tags keep their versions from ``store cleanup``; the cleanup drops the snapshots (but the newest) whose versions its
+age rule would remove, so a trainer's pinned version stays as long as ``--older-than`` promises.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from esam3.schemas.store import TABLE_OF, StoreError
 log = logging.getLogger(__name__)
 
 PREFIX = "complete-v"
-KEEP_SNAPSHOTS = 4
 _TAG = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -34,7 +34,6 @@ _TAG = re.compile(rf"^{PREFIX}(\d+)$")
 class Snapshot:
     tag: str
     version: int
-    rows: int
     created_at: str
 
     def to_json(self) -> dict[str, Any]:
@@ -45,42 +44,49 @@ def dataset_of(table: str) -> str:
     return next(name for name, t in TABLE_OF.items() if t == table)
 
 
+def ledger_rows(store: Store, table: str) -> tuple[int, int]:
+    """(ledger entries, rows they hold) of the table's dataset."""
+    ledger = store.dataset("ledger").to_table(columns=["rows"], filter=f"dataset = '{dataset_of(table)}'")
+    return ledger.num_rows, sum(ledger.column("rows").to_pylist())
+
+
 def tag_if_complete(store: Store, table: str) -> Snapshot | None:
     """Tag the table's latest version if it is complete (see the module docstring); returns the snapshot."""
+    before = ledger_rows(store, table)
     ds = store.dataset(table)
-    rows = ds.count_rows()
-    ledger = store.dataset("ledger").to_table(columns=["rows"], filter=f"dataset = '{dataset_of(table)}'")
-    if rows != sum(ledger.column("rows").to_pylist()):
-        log.info("%s version %d is not complete (another run's shard is being committed): not tagged", table, ds.version)
+    after = ledger_rows(store, table)
+    if before != after or ds.count_rows() != after[1]:
+        log.info("%s version %d is not complete (a shard's rows without its ledger row): not tagged", table, ds.version)
         return None
     name = f"{PREFIX}{ds.version}"
     try:
         ds.tags.create(name, ds.version)
-    except (OSError, ValueError) as exc:  # a tag of the same version made by another run at the same moment
-        if "exist" not in str(exc).lower():
+    except (OSError, ValueError) as exc:  # the same version tagged by another run at the same moment
+        if "already exists" not in str(exc).lower():
             raise
-    _prune(store, table)
     return next((s for s in snapshots(store, table) if s.tag == name), None)
 
 
-def _prune(store: Store, table: str) -> None:
-    for old in snapshots(store, table)[KEEP_SNAPSHOTS:]:
-        try:
+def drop_old_snapshots(store: Store, table: str, removable: set[int], dry_run: bool = False) -> int:
+    """Drop (or count) the snapshots whose version ``store cleanup`` may remove; the newest always stays."""
+    doomed = [s for s in snapshots(store, table)[1:] if s.version in removable]
+    if not dry_run:
+        for old in doomed:
             store.dataset(table).tags.delete(old.tag)
-        except (OSError, ValueError) as exc:  # another run pruned it first
-            log.debug("tag %s already gone: %s", old.tag, exc)
+    return len(doomed)
 
 
 def snapshots(store: Store, table: str) -> list[Snapshot]:
-    """The table's snapshots, newest first."""
-    ds = store.dataset(table)
+    """The table's snapshots, newest first (one manifest read; see :func:`snapshot_rows` for their sizes)."""
     found = []
-    for name, tag in ds.tags.list().items():
+    for name, tag in store.dataset(table).tags.list().items():
         if _TAG.match(name):
-            created = tag.get("created_at") if isinstance(tag, dict) else getattr(tag, "created_at", None)
-            version = tag["version"] if isinstance(tag, dict) else tag.version
-            found.append(Snapshot(name, int(version), store.dataset(table, int(version)).count_rows(), str(created)))
+            found.append(Snapshot(name, int(tag["version"]), str(tag.get("created_at"))))
     return sorted(found, key=lambda s: s.version, reverse=True)
+
+
+def snapshot_rows(store: Store, table: str, snapshot: Snapshot) -> int:
+    return store.dataset(table, snapshot.version).count_rows()
 
 
 def resolve(store: Store, table: str, version: int | str | None = None) -> int:
