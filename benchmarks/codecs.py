@@ -2,12 +2,18 @@
 
 The public recipe stores the trunk output as fp16: 10.6 MB per image. Real SAM3 weights cannot be downloaded
 here, so the features are synthetic but shaped like a ViT trunk's: a power-law channel spectrum
-(singular values ~ k^-alpha), spatially smooth maps, a little white noise, and a few channels ~100x larger
-than the rest (real ViTs have such outlier channels; they defeat a single int8 scale). The low-rank basis is
-fitted on the first ``--fit-rows`` rows and measured on the others, as the cache does. Also times encode and
+(singular values ~ k^-alpha), spatially smooth maps, a little white noise, a few channels ~100x larger than the
+rest (outlier channels defeat a single int8 scale), and — measured separately in the same run — a few *tokens*
+per image with massive activations (~100x the typical magnitude in a few channels, as real ViTs have at a few
+positions), which inflate exactly the per-channel int8 scales of the channels they sit in.
+
+Rows come from ``--shards`` synthetic shards, each with its own shift (a mean offset and extra energy in a
+random subspace, as different image collections give). The low-rank basis is fitted on ``--fit-rows`` rows drawn
+round-robin from every shard and measured on held-out rows of all shards; for comparison also fitted on the first
+``--fit-rows`` rows of one shard (what a run that fits on its first teacher batch does). Also times encode and
 decode on one core. Prints one JSON line.
 
-    python benchmarks/codecs.py [--rows 12] [--fit-rows 8] [--rank 256] [--alpha 1.0]
+    python benchmarks/codecs.py [--rows 16] [--shards 4] [--fit-rows 8] [--rank 256] [--alpha 1.0] [--massive-tokens 4]
 """
 
 from __future__ import annotations
@@ -24,60 +30,120 @@ from esam3.schemas.codecs import FeatureCodec, decode_features, encode_features,
 PUBLIC_BYTES_PER_IMAGE = 10.6e6
 
 
-def synthetic_trunk(rng: np.random.Generator, rows: int, channels: int, side: int, alpha: float) -> np.ndarray:
-    """(rows, C, side, side) float32 with a power-law spectrum, smooth maps, noise and 4 outlier channels."""
+def synthetic_trunk(rng: np.random.Generator, rows: int, channels: int, side: int, alpha: float, shards: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, C, side, side) float32 with a power-law spectrum, smooth maps, noise and 4 outlier channels; row i is
+    from shard ``i % shards`` (each shard shifted its own way). Returns the features and each row's shard."""
     latent = channels  # full rank: a rank-r basis must drop real energy
     mixing = np.linalg.qr(rng.normal(size=(channels, latent)))[0] * (np.arange(1, latent + 1) ** -alpha)
     maps = rng.normal(size=(rows, latent, side, side)).astype(np.float32)
     smooth = torch.nn.functional.avg_pool2d(torch.from_numpy(maps), 5, stride=1, padding=2).numpy()
     x = np.einsum("cl,nlp->ncp", mixing, smooth.reshape(rows, latent, -1)) * np.sqrt(channels)
     x += 0.02 * x.std() * rng.normal(size=x.shape)
+    shard_of = np.arange(rows) % shards
+    std = x.std()
+    for shard in range(shards):  # each shard: its own mean offset and extra energy in a random 32-dim subspace
+        subspace = np.linalg.qr(rng.normal(size=(channels, 32)))[0]
+        offset = 0.3 * std * rng.normal(size=(channels, 1))
+        mine = shard_of == shard
+        x[mine] += offset + 0.5 * np.einsum("cl,nlp->ncp", subspace, smooth[mine, :32].reshape(int(mine.sum()), 32, -1)) * np.sqrt(channels) * std
     outliers = rng.choice(channels, 4, replace=False)
-    x[:, outliers] = x[:, outliers] * 100 + 50 * x.std()
-    return x.reshape(rows, channels, side, side).astype(np.float32)
+    x[:, outliers] = x[:, outliers] * 100 + 50 * std
+    return x.reshape(rows, channels, side, side).astype(np.float32), shard_of
+
+
+def with_massive_tokens(rng: np.random.Generator, x: np.ndarray, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """A copy with ``tokens`` positions per row carrying ~100x activations in 3 channels (the same channels for
+    every row, as in real ViTs), signs random; and the (rows, positions) mask of those tokens."""
+    out = x.copy()
+    mask = np.zeros((x.shape[0], x.shape[2] * x.shape[3]), dtype=bool)
+    channels = rng.choice(x.shape[1], 3, replace=False)
+    scale = 100 * float(np.median(np.abs(x)))
+    for row, flags in zip(out, mask):
+        flat = row.reshape(row.shape[0], -1)
+        for position in rng.choice(flat.shape[1], tokens, replace=False):
+            flat[channels, position] = scale * rng.choice([-1.0, 1.0], size=3) * rng.uniform(0.7, 1.3, size=3)
+            flags[position] = True
+    return out, mask
+
+
+def other_token_error(codec: FeatureCodec, x: np.ndarray, mask: np.ndarray, basis: object) -> float:
+    """Relative RMS error over the tokens that are *not* massive: what the massive ones cost everything else (a
+    whole-map error hides it, the massive tokens' own energy dominating its denominator)."""
+    errors = []
+    for row, flags in zip(x, mask):
+        decoded = decode_features(encode_features(row, codec, basis)[0], basis)
+        keep = ~flags
+        a = decoded.reshape(row.shape[0], -1)[:, keep]
+        b = row.reshape(row.shape[0], -1)[:, keep]
+        errors.append(float(np.linalg.norm(a - b) / np.linalg.norm(b)))
+    return float(np.mean(errors))
+
+
+def measure(codec: FeatureCodec, held_out: np.ndarray, basis: object) -> dict[str, object]:
+    start = time.perf_counter()
+    encoded = [encode_features(x, codec, basis) for x in held_out]
+    encode_s = (time.perf_counter() - start) / len(held_out)
+    start = time.perf_counter()
+    for record, _ in encoded:
+        decode_features(record, basis)
+    decode_s = (time.perf_counter() - start) / len(held_out)
+    errors = [error for _, error in encoded]
+    return {
+        "mb_per_image": round(encoded[0][0].nbytes / 1e6, 3),
+        "vs_public": round(encoded[0][0].nbytes / PUBLIC_BYTES_PER_IMAGE, 3),
+        "rel_rms_error_mean": float(f"{np.mean(errors):.3g}"),
+        "rel_rms_error_max": float(f"{np.max(errors):.3g}"),
+        "encode_ms": round(1000 * encode_s, 1),  # includes measuring the error (a decode)
+        "decode_ms": round(1000 * decode_s, 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=12, help="feature maps to generate")
-    parser.add_argument("--fit-rows", type=int, default=8, help="rows the low-rank basis is fitted on")
+    parser.add_argument("--rows", type=int, default=16, help="feature maps to generate")
+    parser.add_argument("--shards", type=int, default=4, help="synthetic shards the rows come from (each shifted its own way)")
+    parser.add_argument("--fit-rows", type=int, default=8, help="rows the low-rank basis is fitted on (drawn from every shard)")
     parser.add_argument("--rank", type=int, default=256, help="low-rank basis size")
     parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of the channel spectrum")
+    parser.add_argument("--massive-tokens", type=int, default=4, help="tokens per image with massive activations (second measurement)")
     parser.add_argument("--channels", type=int, default=1024, help="trunk width (SAM3: 1024)")
     parser.add_argument("--side", type=int, default=72, help="token grid side (SAM3: 72)")
     args = parser.parse_args()
     if not 0 < args.fit_rows < args.rows:
         parser.error("--fit-rows must be between 1 and --rows - 1")
+    if not 1 <= args.shards <= args.fit_rows:
+        parser.error("--shards must be between 1 and --fit-rows (the basis sees every shard)")
+    if not 0 <= args.massive_tokens <= args.side * args.side:
+        parser.error("--massive-tokens must be between 0 and the tokens per image")
+    if not 0 < args.rank <= args.channels:
+        parser.error("--rank must be between 1 and --channels")
     torch.set_num_threads(1)
-    features = synthetic_trunk(np.random.default_rng(0), args.rows, args.channels, args.side, args.alpha)
+    rng = np.random.default_rng(0)
+    features, shard_of = synthetic_trunk(rng, args.rows, args.channels, args.side, args.alpha, args.shards)
+    # fit rows round-robin over the shards (row i is from shard i % shards): the first fit-rows rows see every shard
+    fit, held_out = features[: args.fit_rows], features[args.fit_rows :]
     start = time.perf_counter()
-    basis = fit_basis(features[: args.fit_rows], args.rank)
+    basis = fit_basis(fit, args.rank)
     fit_s = time.perf_counter() - start
-    held_out = features[args.fit_rows :]
+    one_shard = features[shard_of == 0]
+    one_shard_basis = fit_basis(one_shard[: min(args.fit_rows, len(one_shard) - 1)], min(args.rank, args.channels))
+    massive, massive_mask = with_massive_tokens(rng, held_out, args.massive_tokens)
     result: dict[str, object] = {
-        "benchmark": "codecs", "shape": list(features.shape[1:]), "rows_measured": len(held_out),
-        "public_fp16_mb_per_image": PUBLIC_BYTES_PER_IMAGE / 1e6, "alpha": args.alpha,
+        "benchmark": "codecs", "shape": list(features.shape[1:]), "rows_measured": len(held_out), "shards": args.shards,
+        "fit_rows": args.fit_rows, "public_fp16_mb_per_image": PUBLIC_BYTES_PER_IMAGE / 1e6, "alpha": args.alpha,
+        "massive_tokens": args.massive_tokens,
     }
     for codec in FeatureCodec:
         extra = basis if codec == FeatureCodec.LOWRANK else None
-        start = time.perf_counter()
-        encoded = [encode_features(x, codec, extra) for x in held_out]
-        encode_s = (time.perf_counter() - start) / len(held_out)
-        start = time.perf_counter()
-        for record, _ in encoded:
-            decode_features(record, extra)
-        decode_s = (time.perf_counter() - start) / len(held_out)
-        errors = [error for _, error in encoded]
-        entry = {
-            "mb_per_image": round(encoded[0][0].nbytes / 1e6, 3),
-            "vs_public": round(encoded[0][0].nbytes / PUBLIC_BYTES_PER_IMAGE, 3),
-            "rel_rms_error_mean": float(f"{np.mean(errors):.3g}"),
-            "rel_rms_error_max": float(f"{np.max(errors):.3g}"),
-            "encode_ms": round(1000 * encode_s, 1),  # includes measuring the error (a decode)
-            "decode_ms": round(1000 * decode_s, 1),
-        }
+        entry = measure(codec, held_out, extra)
+        with_tokens = measure(codec, massive, extra)
+        entry["with_massive_tokens"] = {k: with_tokens[k] for k in ("rel_rms_error_mean", "rel_rms_error_max")}
+        entry["with_massive_tokens"]["rel_rms_error_other_tokens"] = float(f"{other_token_error(codec, massive, massive_mask, extra):.3g}")
         if codec == FeatureCodec.LOWRANK:
-            entry.update(rank=args.rank, basis_mb=round(len(basis.to_bytes()) / 1e6, 2), fit_s=round(fit_s, 2))
+            lone = measure(codec, held_out[shard_of[args.fit_rows :] != 0], one_shard_basis)
+            entry.update(rank=args.rank, basis_mb=round(len(basis.to_bytes()) / 1e6, 2), fit_s=round(fit_s, 2),
+                         fitted_on_one_shard={"rel_rms_error_mean_other_shards": lone["rel_rms_error_mean"],
+                                              "rel_rms_error_max_other_shards": lone["rel_rms_error_max"]})
         result[codec.value] = entry
     print(json.dumps(result))
 

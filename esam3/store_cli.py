@@ -59,6 +59,13 @@ def info_command(
             shards = entry["unfinished_shards"]
             console.print(Text(f"{name}: {len(shards)} shard(s) have rows but no ledger row ({', '.join(shards[:5])}): trainers do not "
                                "see them; if no run is caching them now, rerun the same esam3 cache command to finish them"))
+    cost = info["tables"]["images"].get("codec_task_error", {})
+    if cost.get("rows"):
+        console.print(Text(
+            f"images: the trunk codec costs the heads' masks a mean IoU of {cost['mask_iou_mean']:.4f} (1st percentile "
+            f"{cost['mask_iou_p1']:.4f}, worst {cost['mask_iou_min']:.4f}) and {cost['iou_error_mean']:.4f} of predicted IoU, "
+            f"over {cost['rows']} rows"
+        ))
     small = [name for name, entry in info["tables"].items() if entry["fragments"] >= COMPACT_HINT_FRAGMENTS
              and entry["rows"] < COMPACT_HINT_ROWS * entry["fragments"]]
     if small:

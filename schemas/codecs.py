@@ -213,6 +213,15 @@ def encode_logits(x: np.ndarray) -> tuple[Encoded, float]:
 
 
 def decode_logits(encoded: Encoded) -> np.ndarray:
+    q, scale = logit_codes(encoded)
+    if q.ndim < 2:  # fewer than two dimensions: one map, one scale (none if empty)
+        return q.astype(np.float32) * (scale[0] if scale.size else np.float32(1.0))
+    return q.astype(np.float32) * scale[..., None, None]
+
+
+def logit_codes(encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
+    """A ``logit8`` record decompressed but not dequantised: int8 codes of its shape (..., H, W) and one float32
+    scale per map (...,); ``codes * scale[..., None, None]`` is the decoded logits (on any device)."""
     if encoded.codec != "logit8":
         raise CodecError(f"unknown logit codec {encoded.codec!r}")
     shape = tuple(encoded.shape)
@@ -226,8 +235,8 @@ def decode_logits(encoded: Encoded) -> np.ndarray:
         raise CodecError(f"logit8 payload does not decompress to {count} bytes ({exc})") from None
     _expect(raw, count, "logit8")
     scale = np.frombuffer(encoded.scale, dtype=np.float32)
-    q = np.frombuffer(raw, dtype=np.int8).reshape(maps, plane)
-    return (q.astype(np.float32) * scale[:, None]).reshape(shape)
+    q = np.frombuffer(raw, dtype=np.int8).reshape(shape)
+    return q, scale.reshape(shape[:-2]) if len(shape) >= 2 else scale
 
 
 def encode_png(image: np.ndarray) -> Encoded:

@@ -103,6 +103,10 @@ IMAGES = pa.schema(
         ("object_score", TENSOR),  # (K,)
         ("object_pointer", TENSOR),  # (K, hidden)
         ("gt_masks", pa.list_(RLE)),  # (K,) the prompted objects' masks at the image's size
+        # what the trunk codec costs the heads: mean IoU of their masks for these prompts from the decoded vs the
+        # exact trunk, and the mean error of their predicted IoU (esam3.workers.task_error); null: not measured
+        ("codec_mask_iou", pa.float32()),
+        ("codec_iou_error", pa.float32()),
     ]
 )
 

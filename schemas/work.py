@@ -54,7 +54,9 @@ WORK = pa.schema(
 
 #: Raw float32 targets the teacher step adds for samples.
 TARGET_COLUMNS = ("trunk", "multi_logits", "single_logits", "iou", "object_score", "object_pointer")
-TARGETS = pa.schema([*WORK, ("precision", pa.string()), *[(name, pa.large_binary()) for name in TARGET_COLUMNS]])
+#: What the trunk codec costs the heads' masks on this row (``esam3.workers.task_error``); null when not measured.
+TASK_ERROR = [("codec_mask_iou", pa.float32()), ("codec_iou_error", pa.float32())]
+TARGETS = pa.schema([*WORK, ("precision", pa.string()), *[(name, pa.large_binary()) for name in TARGET_COLUMNS], *TASK_ERROR])
 
 #: teacher -> writer for SA-V: one row per frame (or a failure / end row passed through).
 FRAME_TARGET_COLUMNS = ("trunk", "mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")

@@ -104,3 +104,44 @@ def test_fast_decode_measures_cpu_and_feature_error() -> None:
 def test_new_benchmarks_reject_bad_flags(script: str, args: list[str], message: str) -> None:
     done = run_script(*args, script=BENCHMARKS / script)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_train_reader_runs_every_loader_at_full_size() -> None:
+    done = run_script("--rows", "4", "--batch", "2", "--workers", "1", "--passes", "1", "--prompts", "2", "--no-s3",
+                      script=BENCHMARKS / "train_reader.py")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 4 and result["mb_per_row_store"] > 5  # int8 trunk 5.3 MB + JPEG + prompt targets
+    for name in ("esam3_input_trunk_codes", "esam3_input_trunk_float", "esam3_input_trunk_prompts", "public_recipe", "fixed_record_threads"):
+        for temperature in ("cold", "warm"):
+            entry = result[f"local_{temperature}_{name}"]
+            assert entry["rows_per_s"] > 0 and len(entry["worker_rss_mb_end"]) == 1, (name, entry)
+    assert result["warm_esam3_vs_public"] > 0
+
+
+def test_train_reader_rejects_bad_flags() -> None:
+    done = run_script("--workers", "0", script=BENCHMARKS / "train_reader.py")
+    assert done.returncode == 2 and "--workers must be at least 1" in done.stderr
+    done = run_script("--rss-epochs", "-1", script=BENCHMARKS / "train_reader.py")
+    assert done.returncode == 2 and "--rss-epochs must be at least 0" in done.stderr
+
+
+def test_train_reader_tracks_worker_memory_per_epoch() -> None:
+    done = run_script("--rows", "4", "--batch", "2", "--workers", "1", "--prompts", "2", "--rss-epochs", "2", script=BENCHMARKS / "train_reader.py")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows_read"] == 8 and len(result["worker_rss_mb_per_epoch"]) == 2 and result["worker_rss_mb_per_epoch"][0][0] > 100
+
+
+def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> None:
+    done = run_script("--rows", "8", "--shards", "2", "--fit-rows", "4", "--rank", "8", "--channels", "32", "--side", "8",
+                      "--massive-tokens", "2", script=BENCHMARKS / "codecs.py")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [32, 8, 8] and result["rows_measured"] == 4
+    int8 = result["int8"]
+    # the massive tokens inflate the int8 scales of their channels: the other tokens' error grows
+    assert int8["with_massive_tokens"]["rel_rms_error_other_tokens"] > int8["rel_rms_error_mean"] > 0
+    assert result["lowrank"]["fitted_on_one_shard"]["rel_rms_error_mean_other_shards"] > 0
+    bad = run_script("--rows", "8", "--fit-rows", "4", "--shards", "5", script=BENCHMARKS / "codecs.py")
+    assert bad.returncode == 2 and "--shards must be between 1 and --fit-rows" in bad.stderr

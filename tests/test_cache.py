@@ -622,8 +622,8 @@ def test_targets_that_cannot_be_stored_fail_their_row_only(demo_root: Path, tmp_
         def faulty(self, trunk, prompts):
             out = original(self, trunk, prompts)
             calls["n"] += 1
-            if calls["n"] == 2:
-                iou = out.iou.clone()
+            if calls["n"] == 3:  # the second image's targets (each image's prompts are decoded twice: exact trunk,
+                iou = out.iou.clone()  # then the codec's decoded trunk for the task-level error)
                 iou[0, 0] = float("nan")
                 out = dataclasses.replace(out, iou=iou)
             return out

@@ -186,3 +186,21 @@ def test_a_store_of_the_earlier_format_is_refused_with_the_fix(demo_root: Path, 
     (store / "store.json").write_text(json.dumps({**card, "format": 2}))
     result = runner.invoke(app, ["store", "info", str(store)], env={"COLUMNS": "400"})
     assert result.exit_code == 2 and "format 2" in result.output and "cache into a new --store" in result.output
+
+
+def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path, tmp_path: Path) -> None:
+    means = {}
+    for codec, rank in (("fp16", 256), ("int8", 256), ("lowrank", 2)):
+        store = tmp_path / codec
+        run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(store), codec=codec, rank=rank, shards="0"),
+                  executor="local")
+        rows = StoreRows(Store(str(store)), "images").where(columns=["key", "codec_mask_iou", "codec_iou_error"])
+        assert all(0 < r["codec_mask_iou"] <= 1 and r["codec_iou_error"] >= 0 for r in rows)
+        means[codec] = float(np.mean([r["codec_mask_iou"] for r in rows]))
+        info = runner.invoke(app, ["store", "info", str(store)], env={"COLUMNS": "400"}).output
+        assert "the trunk codec costs the heads' masks a mean IoU of" in info and f"over {len(rows)} rows" in info
+    assert means["fp16"] > 0.99 and means["fp16"] >= means["int8"] > means["lowrank"]  # a rank-2 basis moves the masks
+    untouched = tmp_path / "trunk-only"
+    run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(untouched), codec="int8", targets=("trunk",),
+                          shards="0"), executor="local")
+    assert all(r["codec_mask_iou"] is None for r in StoreRows(Store(str(untouched)), "images").where(columns=["codec_mask_iou"]))

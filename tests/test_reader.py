@@ -175,6 +175,12 @@ def test_image_batches_hold_the_teachers_input_and_the_stored_targets(store: Pat
         assert np.array_equal(batch["object_pointer"][b, :n].numpy(), decode_tensor(row["object_pointer"]))
         assert (batch["prompt_labels"][b, n:] == -1).all() and not batch["gt_masks"][b, n:].any()
         assert batch["gt_masks"][b, :n].flatten(1).any(1).all()  # every prompted object has a ground-truth mask
+    device = StoreDataset(str(store), fields=("trunk", "prompts"), split="all", decode_on="device")
+    coded = device[[4, 0, 2]]
+    assert coded["multi_logits_codes"].dtype == torch.int8 and coded["single_logits_scales"].shape == (3, k, 1)
+    moved = device.to_device(coded, "cpu")
+    for name in ("trunk", "multi_logits", "single_logits"):
+        assert torch.allclose(moved[name], batch[name], rtol=0, atol=1e-6), name
     single = dataset[1]
     assert single["input"].shape == (3, 112, 112) and isinstance(single["key"], str)
     assert StoreDataset(str(store), fields=("input",), input_size=64, split="all")[[0]]["input"].shape == (1, 3, 64, 64)

@@ -12,7 +12,8 @@ all padded with a ``*_valid`` mask so every batch of a store has the same shapes
   says: the teacher's own input, bit for bit (``input_size`` squashes to another size: from the decoded JPEG for
   images, from the stored S x S frame for video frames);
 * ``trunk``: float32 (B, C, g, g); with ``decode_on="device"`` it travels as the stored codes instead
-  (``trunk_codes`` int8 + ``trunk_scales``, or fp16 / bf16) and :meth:`StoreDataset.to_device` decodes on the GPU;
+  (``trunk_codes`` int8 + ``trunk_scales``, or fp16 / bf16) and :meth:`StoreDataset.to_device` decodes on the GPU
+  (the mask logits too: ``multi_logits_codes`` + ``multi_logits_scales``, zstd undone on the CPU);
 * images, ``prompts``: ``prompt_valid`` (B, K), ``prompt_kinds``, ``prompt_points`` (B, K, P, 2) and
   ``prompt_labels`` (B, K, P; -1 = padding) in the teacher frame, ``prompt_boxes`` (B, K, 4; NaN = none), and the
   teacher's ``multi_logits`` (B, K, 3, m, m), ``single_logits`` (B, K, 1, m, m), ``iou`` (B, K, 4),
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.rows import StoreRows
 from esam3.pipeline.store.snapshots import dataset_of, resolve
-from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.codecs import Encoded, FeatureCodec, logit_codes
 from esam3.schemas.rle import parse_counts
 from esam3.schemas.store import StoreError, decode_tensor
 from esam3.train.split import is_val
@@ -234,6 +235,12 @@ class StoreDataset(Dataset):
             "single_logits": np.zeros((b, k, 1, m, m), np.float32), "iou": np.zeros((b, k, 4), np.float32),
             "object_score": np.zeros((b, k), np.float32), "object_pointer": np.zeros((b, k, hidden), np.float32),
         }
+        logits = ("multi_logits", "single_logits")
+        if self.decode_on == "device":  # int8 codes + a scale per map, dequantised by to_device
+            for name, maps in zip(logits, (3, 1)):
+                del out[name]
+                out[f"{name}_codes"] = np.zeros((b, k, maps, m, m), np.int8)
+                out[f"{name}_scales"] = np.zeros((b, k, maps), np.float32)
         for i, row in enumerate(rows):
             if row["prompt_kinds"] is None:
                 continue
@@ -243,8 +250,11 @@ class StoreDataset(Dataset):
             given = decode_tensor(row["prompt_points"])
             out["prompt_points"][i, :n, : given.shape[1]] = given
             out["prompt_labels"][i, :n, : given.shape[1]] = decode_tensor(row["prompt_labels"])
-            for name in ("prompt_boxes", "multi_logits", "single_logits", "iou", "object_score", "object_pointer"):
+            for name in ("prompt_boxes", "iou", "object_score", "object_pointer", *(() if self.decode_on == "device" else logits)):
                 out[name][i, :n] = decode_tensor(row[name])
+            if self.decode_on == "device":
+                for name in logits:
+                    out[f"{name}_codes"][i, :n], out[f"{name}_scales"][i, :n] = logit_codes(_encoded(row[name]))
         return {name: torch.from_numpy(value) for name, value in out.items()}
 
     def _memory(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -278,6 +288,10 @@ class StoreDataset(Dataset):
             tensor = torch.from_numpy(dense.astype(np.float32))[None, None]
             out[j] = (F.interpolate(tensor, size=(m, m), mode="bilinear", align_corners=False, antialias=True)[0, 0] >= 0.5).numpy()
         return out
+
+
+def _encoded(value: dict[str, Any]) -> Encoded:
+    return Encoded(value["codec"], tuple(value["shape"]), value["data"], value["scale"] or b"")
 
 
 def _check_store(uri: str, spec: dict[str, Any], fields: Sequence[str]) -> None:

@@ -17,10 +17,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from esam3.schemas.codecs import Basis, FeatureCodec
 from esam3.schemas.teacher import TeacherConfig, TeacherLoadError, VideoPrompt
 from esam3.schemas.work import FRAME_TARGET_COLUMNS, FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, TARGETS
 from esam3.workers.preprocess import normalize
 from esam3.workers.prompts import PromptSet
+from esam3.workers.task_error import roundtrip, task_error
 from esam3.workers.teacher import Sam3Teacher
 from esam3.workers.video_targets import ObjectPrompt, VideoWork, run_video
 
@@ -36,7 +38,7 @@ class TeacherImages:
 
     def __init__(
         self, config: TeacherConfig, checksum: str, with_prompts: bool, threads: int | None = None,
-        basis: tuple[str, str, int, Any] | None = None,
+        basis: tuple[str, str, int, Any] | None = None, codec: FeatureCodec | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)  # Ray reuses workers: set it explicitly, every time
@@ -49,6 +51,8 @@ class TeacherImages:
         self.with_prompts = with_prompts
         self.basis = basis
         self.basis_ready = basis is None
+        self.codec = codec  # the run's trunk codec: its task-level error is measured per row (None: not measured)
+        self._stored_basis: Basis | None = None
 
     def ensure_basis(self, trunks: torch.Tensor) -> None:
         """Fit and store the run's low-rank basis on these trunk outputs (N, C, g, g) unless the store has one."""
@@ -95,6 +99,20 @@ class TeacherImages:
                     row[f"{name}_logits"] = target_bytes(getattr(out, name))
                 for name in ("iou", "object_score", "object_pointer"):
                     row[name] = target_bytes(getattr(out, name))
+                if self.codec is not None:
+                    decoded = roundtrip(trunk[position], self.codec, self.trunk_basis())
+                    cost = task_error(out, teacher.prompt_targets(decoded, prompt_set(row, size)))
+                    row["codec_mask_iou"], row["codec_iou_error"] = cost.mask_iou, cost.iou_error
+
+    def trunk_basis(self) -> Basis | None:
+        """The store's low-rank basis (after ``ensure_basis``), for the task-level error of the lowrank codec."""
+        if self.codec != FeatureCodec.LOWRANK or self._stored_basis is not None:
+            return self._stored_basis
+        from esam3.pipeline.store import Store
+
+        uri, dataset, _, s3 = self.basis
+        self._stored_basis = Store(uri, s3).read_basis(dataset)
+        return self._stored_basis
 
 
 def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, Any]:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from lance.fragment import write_fragments
 
 from esam3.pipeline.object_store import ACCESS_HINT, access_refused, storage_failed
@@ -127,10 +126,11 @@ class WriteFragments:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
-        for shard in dict.fromkeys(batch.column("shard").to_pylist()):
-            mine = batch.filter(pc.equal(batch.column("shard"), shard))
-            samples = mine.filter(pc.equal(mine.column("kind"), KIND_SAMPLE))
-            control = mine.filter(pc.not_equal(mine.column("kind"), KIND_SAMPLE)).select(["kind", "member", "reason", *_ENDS, "weight"]).to_pylist()
+        small = batch.select(["shard", "kind", "member", "reason", *_ENDS, "weight"]).to_pylist()
+        for shard in dict.fromkeys(r["shard"] for r in small):
+            positions = [i for i, r in enumerate(small) if r["shard"] == shard and r["kind"] == KIND_SAMPLE]
+            samples = _rows_at(batch, positions)
+            control = [r for r in small if r["shard"] == shard and r["kind"] != KIND_SAMPLE]
             aborted = next((c["reason"] for c in control if c["kind"] == KIND_ABORT), None)
             end = next((c for c in control if c["kind"] == KIND_END), {"end_count": -1, "end_samples": -1})
             failures = [{"member": c["member"], "reason": c["reason"], "weight": c["weight"]} for c in control if c["kind"] == KIND_FAILURE]
@@ -152,7 +152,7 @@ class WriteFragments:
             out.append({
                 "shard": shard, "fragments": json.dumps(fragments), "rows": samples.num_rows,
                 "keys": json.dumps(samples.column("key").to_pylist()),
-                "bytes": int(pc.sum(samples.column("stored_bytes")).as_py() or 0) if fragments else 0,
+                "bytes": sum(samples.column("stored_bytes").to_pylist()) if fragments else 0,
                 "failures": json.dumps(failures), "end_count": end["end_count"], "end_samples": end["end_samples"],
                 "aborted": aborted,
             })
@@ -160,6 +160,16 @@ class WriteFragments:
 
 
 _ENDS = ("end_count", "end_samples")
+
+
+def _rows_at(table: pa.Table, positions: list[int]) -> pa.Table:
+    """The rows at ``positions``: a zero-copy slice when they are contiguous (the usual case: a bundle holds runs of
+    one shard's rows), else a take (copies the multi-MB blobs once)."""
+    if not positions:
+        return table.slice(0, 0)
+    if positions[-1] - positions[0] == len(positions) - 1:
+        return table.slice(positions[0], len(positions))
+    return table.take(pa.array(positions, type=pa.int64()))
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,7 @@ class EncodeImages(_EncodeTable):
         k = row["k"]
         out = self.provenance(row)
         out["image_id"] = row["image_id"]
+        out["codec_mask_iou"], out["codec_iou_error"] = row.get("codec_mask_iou"), row.get("codec_iou_error")
         if row["jpeg"] is not None:  # the original file: decoded through the transform record it is the teacher's input
             out["input"] = tensor_value(Encoded("jpeg", (row["height"], row["width"], 3), row["jpeg"]), 0.0)
         if k:

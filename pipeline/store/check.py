@@ -67,6 +67,8 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
                 entry["snapshots"][0]["rows"] = snapshot_rows(store, name, found[0])
             entry["indexes"] = [index.field_names[0] for index in ds.describe_indices()]
             entry["unfinished_shards"] = unfinished_shards(store, name, entry["rows"])
+        if name == "images" and entry["rows"]:
+            entry["codec_task_error"] = codec_task_error(ds)
         tables[name] = entry
     ledger = store.dataset("ledger").to_table(columns=["dataset", "shard", "rows", "failures", "bytes"]).to_pylist()
     return {
@@ -77,6 +79,17 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
         "shards": dict(Counter(row["dataset"] for row in ledger)),
         "failures": tables["failures"]["rows"],
     }
+
+
+def codec_task_error(ds: Any) -> dict[str, Any]:
+    """What the trunk codec cost the heads' masks, over every image row that measured it (two float columns)."""
+    table = ds.to_table(columns=["codec_mask_iou", "codec_iou_error"], filter="codec_mask_iou IS NOT NULL")
+    ious = np.asarray(table.column("codec_mask_iou").to_numpy(zero_copy_only=False), dtype=np.float64)
+    errors = np.asarray(table.column("codec_iou_error").to_numpy(zero_copy_only=False), dtype=np.float64)
+    if not len(ious):
+        return {"rows": 0}
+    return {"rows": int(len(ious)), "mask_iou_mean": round(float(ious.mean()), 5), "mask_iou_p1": round(float(np.percentile(ious, 1)), 5),
+            "mask_iou_min": round(float(ious.min()), 5), "iou_error_mean": round(float(errors.mean()), 5)}
 
 
 def unfinished_shards(store: Store, table: str, head_rows: int) -> list[str]:
