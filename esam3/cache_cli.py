@@ -168,6 +168,9 @@ def plan_command(
     fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: objects per video."),
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames per video."),
+    measured_in: str = typer.Option(
+        None, "--measured-in", help="sa-1b: a store cached with the same codec (a pilot run on a few shards): show what the codec cost its heads' masks there.",
+    ),
     rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Override the rows per shard estimate (images, or video frames)."),
     rows_per_sec: float = typer.Option(None, "--rows-per-sec", help="Measured teacher rows/s per GPU (benchmarks/gpu_teacher.py), for GPU-hours."),
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=S3_HELP),
@@ -200,8 +203,9 @@ def plan_command(
         )
         geometry = Geometry.from_config(teacher_config(teacher))
         plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec)
+        measured = measured_task_error(measured_in, dataset, codec, s3_endpoint) if measured_in else None
     if as_json:
-        print_json(plan.to_json())
+        print_json({**plan.to_json(), "codec_task_error": measured})
         return
     table = Table(title=Text(f"plan: {dataset.value}, {count} shard(s), teacher {teacher}, codec {codec.value}"), title_justify="left")
     table.add_column("")
@@ -214,4 +218,25 @@ def plan_command(
     if dataset == DatasetName.SA1B:
         table.add_row("public recipe (trunk fp16 files)", human_bytes(plan.to_json()["public_recipe_bytes"]))
     table.add_row("GPU-hours", f"{plan.gpu_hours:,.1f}" if plan.gpu_hours is not None else "pass --rows-per-sec")
+    if measured and measured.get("rows"):
+        table.add_row(f"codec {codec.value}: heads' mask IoU, decoded vs exact trunk", f"{measured['mask_iou_mean']:.4f} (worst {measured['mask_iou_min']:.4f})")
+        table.add_row(f"codec {codec.value}: predicted-IoU error", f"{measured['iou_error_mean']:.4f} (over {measured['rows']} rows)")
+    elif dataset == DatasetName.SA1B:
+        table.add_row("codec cost on the heads' masks", "measured per row while caching: --measured-in a pilot store")
     console.print(table)
+
+
+def measured_task_error(uri: str, dataset: DatasetName, codec: FeatureCodec, s3_endpoint: str | None) -> dict[str, Any]:
+    """The task-level codec error measured in a pilot store's image rows, which must use the planned codec."""
+    from esam3.pipeline.store import Store
+    from esam3.pipeline.store.check import codec_task_error
+
+    if dataset != DatasetName.SA1B:
+        raise UsageError("--measured-in: the task-level codec error is measured on sa-1b rows (their prompts) only")
+    store = Store(uri, s3_settings(s3_endpoint))
+    spec = store.require_card()["targets"].get("sa-1b")
+    if spec is None:
+        raise UsageError(f"--measured-in: {uri} holds no sa-1b rows")
+    if spec["codec"] != codec.value:
+        raise UsageError(f"--measured-in: {uri} was cached with --codec {spec['codec']}, this plan is for {codec.value}")
+    return codec_task_error(store.dataset("images"))

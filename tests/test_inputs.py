@@ -200,6 +200,15 @@ def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path,
         info = runner.invoke(app, ["store", "info", str(store)], env={"COLUMNS": "400"}).output
         assert "the trunk codec costs the heads' masks a mean IoU of" in info and f"over {len(rows)} rows" in info
     assert means["fp16"] > 0.99 and means["fp16"] >= means["int8"] > means["lowrank"]  # a rank-2 basis moves the masks
+    plan = ["plan", "--dataset", "sa-1b", "--shards", "0-9", "--codec", "int8", "--measured-in", str(tmp_path / "int8")]
+    said = runner.invoke(app, [*plan, "--json"], env={"COLUMNS": "400"})
+    assert said.exit_code == 0, said.output
+    assert json.loads(said.output)["codec_task_error"]["mask_iou_mean"] == pytest.approx(means["int8"], abs=1e-4)
+    assert "heads' mask IoU, decoded vs exact trunk" in runner.invoke(app, plan, env={"COLUMNS": "400"}).output
+    for args, message in ((["--codec", "fp16", "--measured-in", str(tmp_path / "int8")], "was cached with --codec int8, this plan is for fp16"),
+                          (["--measured-in", str(tmp_path / "nowhere")], "is not an esam3 store")):
+        bad = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0", *args], env={"COLUMNS": "400"})
+        assert bad.exit_code == 2 and message in bad.output, bad.output
     untouched = tmp_path / "trunk-only"
     run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(untouched), codec="int8", targets=("trunk",),
                           shards="0"), executor="local")
