@@ -9,8 +9,8 @@ result does not depend on how busy the machine is:
   resize to 1008, K prompts sampled), or ``ReadVideos`` on demo SA-V videos at 1344x1008 H.264 (decode, the
   annotated frames resized to 1008, ground-truth prompts);
 * teacher host side: turning the targets into row bytes (``target_bytes``) and the Arrow blocks the actor sends;
-* write: ``EncodeImages`` / ``EncodeFrames`` on rows holding full-size targets, then ``WriteFragments`` on bundles
-  of 64 rows, split into encoding (``store_row``) and the rest (Arrow tables + Lance fragment writes). SA-1B rows: trunk 1024x72x72, K x 4 mask
+* write: ``EncodeImages`` / ``EncodeFrames`` on rows holding full-size targets, then ``WriteFragments`` streaming the
+  shard into its fragment, split into encoding (``store_row``) and the rest (Arrow tables + Lance fragment writes). SA-1B rows: trunk 1024x72x72, K x 4 mask
   logits at 288x288; SA-V rows (one per annotated frame): trunk, and per object 288x288 mask logits,
   ``maskmem_features`` 64x72x72 and ``pix_feat_with_mem`` 256x72x72.
 
@@ -49,6 +49,7 @@ from esam3.workers.heads import Geometry
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_loading import random_config
 from esam3.workers.teacher_step import target_bytes
+from esam3.workers.shard_writer import ShardWriter
 from esam3.workers.write_step import EncodeFrames, EncodeImages, WriteFragments, stored_bytes
 
 GPU_RATES = (10, 30, 60)
@@ -86,17 +87,14 @@ def to_row_bytes(rows: list[dict[str, Any]], targets: list[dict[str, torch.Tenso
 
 
 def write_cost(encode: Any, write: Any, rows: list[dict[str, Any]], schema: pa.Schema, units: int) -> dict[str, Any]:
-    """CPU seconds per unit of the encode step alone, and of encode + write (Arrow + Lance fragments of 64-row bundles)."""
+    """CPU seconds per unit of the encode step alone, and of encode + write (Arrow blocks streamed by the shard's
+    ``ShardWriter`` into its Lance fragment, as the plan does)."""
     samples = [row for row in rows if row["kind"] == KIND_SAMPLE]
     encoded, encode_s = cpu_seconds(lambda: [encode.store_row(row) for row in samples])
     batches = [pa.Table.from_pylist(rows[i : i + 4], schema=schema) for i in range(0, len(rows), 4)]
-
-    def encode_and_write() -> list[pa.Table]:
-        blocks = [encode(batch) for batch in batches]
-        return [write(pa.concat_tables(blocks[i : i + 16])) for i in range(0, len(blocks), 16)]
-
-    written, write_s = cpu_seconds(encode_and_write)
-    return {"encode": encode_s / units, "write_total": write_s / units, "rows_stored": sum(sum(b.column("rows").to_pylist()) for b in written),
+    written, write_s = cpu_seconds(lambda: [write(encode(batch)) for batch in batches])
+    finals = [e for table in written for e in table.to_pylist() if e["final"]]
+    return {"encode": encode_s / units, "write_total": write_s / units, "rows_stored": sum(e["rows"] for e in finals),
             "stored_mb": sum(stored_bytes(r) for r in encoded) / units / 1e6}
 
 
@@ -115,7 +113,7 @@ def image_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
     _, teacher_host_s = cpu_seconds(lambda: to_row_bytes(samples, tensors, TARGETS))
     store.create_table("images")
     encode = EncodeImages(g, FeatureCodec(args.codec), "synthetic", "bench", 0)
-    cost = write_cost(encode, WriteFragments(store.table_uri("images"), IMAGES), rows, TARGETS, len(samples))
+    cost = write_cost(encode, WriteFragments((ShardWriter(store.table_uri("images"), IMAGES),)), rows, TARGETS, len(samples))
     return {"unit": "image", "units": len(samples), "prompts_per_image": round(sum(r["k"] for r in samples) / len(samples), 1),
             "read": read_s / len(samples), "teacher_host": teacher_host_s / len(samples), **cost}
 
@@ -164,7 +162,7 @@ def frame_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
     tensors.clear()  # the row bytes hold the targets now
     store.create_table("frames")
     encode = EncodeFrames(g, FeatureCodec(args.codec), "synthetic", "bench", 0)
-    cost = write_cost(encode, WriteFragments(store.table_uri("frames"), FRAMES), rows + [row for row in work if row["kind"] != KIND_SAMPLE],
+    cost = write_cost(encode, WriteFragments((ShardWriter(store.table_uri("frames"), FRAMES),)), rows + [row for row in work if row["kind"] != KIND_SAMPLE],
                       FRAME_TARGETS, len(rows))
     return {"unit": "frame", "units": len(rows), "objects": args.objects, "read": read_s / len(rows),
             "teacher_host": teacher_host_s / len(rows), **cost}

@@ -3,13 +3,13 @@
 A full SA-1B store is 1,000 shards x ~11,186 images. This grows a real store (``Store``, the ``images`` schema,
 the driver's own commit path: ``commit_shard`` = duplicate-key check + Append + ledger row, then ``index_keys`` and
 ``tag_if_complete``) to ``--shards`` shards of ``--rows`` small synthetic rows each (keys and provenance filled,
-tensors null, so it runs on a laptop), written as the cache's writers write them: fragments of
-``--fragment-rows`` rows. At each checkpoint it records, per shard: the commit's parts in seconds, the size of the
+tensors null, so it runs on a laptop), written as the cache's writers write them: one fragment per shard (or, with
+``--fragment-rows N``, fragments of N rows, to see what smaller fragments would cost). At each checkpoint it records, per shard: the commit's parts in seconds, the size of the
 latest manifest, and the latency of a random 32-row ``take`` of keys at the newest snapshot.
 
 Goal (issue 11): per-shard commit cost flat, at most logarithmic, in the number of shards.
 
-    python benchmarks/store_scale.py [--shards 1000] [--rows 11186] [--fragment-rows 64] [--out DIR]
+    python benchmarks/store_scale.py [--shards 1000] [--rows 11186] [--fragment-rows 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=1000, help="shards to grow the store to (>= 2)")
     parser.add_argument("--rows", type=int, default=11_186, help="rows per shard (SA-1B: 11,186)")
-    parser.add_argument("--fragment-rows", type=int, default=64, help="rows per fragment, as the cache's writers make them")
+    parser.add_argument("--fragment-rows", type=int, default=0, help="rows per fragment; 0: one per shard, as the cache writes them")
     parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temp dir)")
     args = parser.parse_args()
-    for flag, value, least in (("--shards", args.shards, 2), ("--rows", args.rows, 1), ("--fragment-rows", args.fragment_rows, 1)):
+    for flag, value, least in (("--shards", args.shards, 2), ("--rows", args.rows, 1), ("--fragment-rows", args.fragment_rows, 0)):
         if value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
     logging.basicConfig(level=logging.WARNING)
@@ -72,7 +72,7 @@ def main() -> None:
     for shard in range(args.shards):
         table = synthetic_shard(shard, args.rows)
         t0 = time.perf_counter()
-        fragments = write_fragments(table, uri, schema=IMAGES, max_rows_per_file=args.fragment_rows,
+        fragments = write_fragments(table, uri, schema=IMAGES, max_rows_per_file=args.fragment_rows or args.rows,
                                     data_storage_version=LANCE_FILE_VERSION)
         t1 = time.perf_counter()
         keys = table.column("key").to_pylist()

@@ -61,6 +61,7 @@ from esam3.workers.heads import Geometry  # noqa: E402
 from esam3.workers.preprocess import resize_uint8  # noqa: E402
 from esam3.workers.read_step import ReadImages  # noqa: E402
 from esam3.workers.teacher_loading import random_config  # noqa: E402
+from esam3.workers.shard_writer import ShardWriter  # noqa: E402
 from esam3.workers.write_step import EncodeImages, WriteFragments  # noqa: E402
 
 GPU_RATE = 60  # rows/s one GPU trains on (the project's throughput aim)
@@ -88,10 +89,8 @@ def build(out: Path, rows: int, prompts: int, store_uri: str | None = None, s3: 
                    {"dataset": "sa-1b", "targets": ["prompts", "trunk"], "codec": "int8", "inputs": "store",
                     "prompts": PromptConfig(num_prompts=prompts).model_dump(mode="json"), "fingerprint": "bench"})
     encode = EncodeImages(g, FeatureCodec.INT8, "synthetic", "bench", 0)
-    write = WriteFragments(store.table_uri("images"), IMAGES, storage_options=store.storage_options)
-    import pyarrow as pa
-
-    written = write(pa.concat_tables([encode(b) for b in blocks])).to_pylist()[0]
+    write = WriteFragments((ShardWriter(store.table_uri("images"), IMAGES, storage_options=store.storage_options),))
+    written = next(e for b in blocks for e in write(encode(b)).to_pylist() if e["final"])
     store.commit_shard("images", "sa-1b", shard.name, str(source), json.loads(written["fragments"]), [], written["rows"],
                        written["bytes"], "bench", "bench", samples=len(samples), keys=json.loads(written["keys"]))
     store.index_keys("images")

@@ -51,9 +51,6 @@ def cache_command(
     inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
     fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per teacher forward."),
-    fragment_rows: int = typer.Option(
-        64, "--fragment-rows", help="Rows per Lance fragment: writers bundle this many encoded rows (memory: rows x row size per writer).",
-    ),
     video_prompt: VideoPrompt = typer.Option(VideoPrompt.MASK, "--video-prompt", help="sa-v: how each object is prompted on its first frame."),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: masklets tracked per video."),
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames (6 fps) used per video."),
@@ -84,7 +81,7 @@ def cache_command(
         config = build_config(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
             targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, rank=rank,
-            inputs=inputs, dct_scaling=_fast_decode(fast_decode, dataset), fragment_rows=fragment_rows, address=address, s3_endpoint=s3_endpoint, max_failures=limit,
+            inputs=inputs, dct_scaling=_fast_decode(fast_decode, dataset), address=address, s3_endpoint=s3_endpoint, max_failures=limit,
         )
         with progress() as bar:
             update = cache_progress(bar, bar.add_task(f"cache {dataset.value}", total=None, status="starting"))

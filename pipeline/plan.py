@@ -42,6 +42,7 @@ from esam3.schemas.store import HEADS_DIR, SCHEMAS, TABLE_OF
 from esam3.schemas.teacher import Device
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_step import TeacherImages, TeacherVideos
+from esam3.workers.shard_writer import ShardWriter
 from esam3.workers.write_step import EncodeFrames, EncodeImages, WriteFragments
 
 log = logging.getLogger(__name__)
@@ -182,26 +183,35 @@ def _run_shards(
     else:
         runner, errors = _run_local, contextlib.nullcontext
     progress = {s.name: ShardProgress(s.name, s.url) for s in todo}
+    written_so_far: dict[str, int] = {}  # rows of each shard its writer has reported as progress
+    done: set[str] = set()
     committer = Committer(functools.partial(_commit, store, table, config.dataset, run_id=run_id, fingerprint=fingerprint, report=report))
     with committer, closing(runner(config, todo, steps)) as stream, errors():
         for written in stream:
             committer.check()
             for entry in written.to_pylist():
-                if entry["shard"] in report.aborted:
-                    continue  # blocks of an aborted shard still in flight: never committed
-                state = progress.get(entry["shard"])
+                name = entry["shard"]
+                if name in report.aborted or name in done:
+                    continue  # pieces of an aborted shard still in flight, or a retried task re-reporting a shard
+                state = progress.get(name)
                 if state is None:
-                    raise RunError(f"rows of {entry['shard']} arrived after it was committed; rerun the command")
-                if entry["aborted"]:
-                    report.aborted[state.name] = entry["aborted"]
-                    del progress[state.name]
-                    log.warning("%s stays uncommitted in this run (%s); rerun to finish it", state.name, entry["aborted"])
-                    continue
-                state.add(entry, run_id, config.dataset)
-                report.rows_written += entry["rows"]
-                if state.complete:
+                    raise RunError(f"rows of {name}, which this run does not cache, reached the driver; rerun the command")
+                if not entry["final"]:
+                    written_so_far[name] = written_so_far.get(name, 0) + entry["rows"]
+                    report.rows_written += entry["rows"]
+                elif entry["aborted"]:
+                    report.aborted[name] = entry["aborted"]
+                    del progress[name]
+                    log.warning("%s stays uncommitted in this run (%s); rerun to finish it", name, entry["aborted"])
+                else:
+                    state.add(entry, run_id, config.dataset)
+                    report.rows_written += entry["rows"] - written_so_far.pop(name, 0)
+                    if not state.complete:
+                        raise RunError(f"{name}: its writer finished it with {state.accounted} rows and failures of "
+                                       f"{state.expected}; rerun the command")
                     committer.submit(state)
-                    del progress[state.name]
+                    del progress[name]
+                    done.add(name)
                 if on_progress:
                     on_progress(report)
     if progress:
@@ -282,15 +292,14 @@ def _failures_exceeded(store: Store, config: CacheConfig, fingerprint: str, shar
 @dataclass(frozen=True)
 class Steps:
     """The steps of a run: read (a callable per shard), the teacher actor class and its arguments, encode (per teacher
-    block), write (per bundle of ``fragment_rows`` encoded rows)."""
+    block), and the arguments of the ``ShardWriter``s the executor starts for the write step."""
 
     read: Callable[[ShardRef], Iterator[pa.Table]]
     teacher: type
     teacher_args: dict[str, Any]
     teacher_batch: int
     encode: Callable[[pa.Table], pa.Table]
-    write: Callable[[pa.Table], pa.Table]
-    fragment_rows: int
+    writer_args: dict[str, Any]
 
 
 def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str, run_id: str) -> Steps:
@@ -300,7 +309,7 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
     basis_source = (store.uri, config.dataset, store.s3) if lowrank else None
     source_options = store.s3.fsspec_options(config.source)
     table = TABLE_OF[config.dataset]
-    write = WriteFragments(store.table_uri(table), SCHEMAS[table], storage_options=store.storage_options)
+    writer_args = {"table_uri": store.table_uri(table), "schema": SCHEMAS[table], "storage_options": store.storage_options}
     store_inputs = config.inputs == Inputs.STORE
     if config.dataset == DatasetName.SA1B.value:
         with_prompts = Target.PROMPTS in config.targets
@@ -313,7 +322,7 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
             teacher_batch=config.teacher.batch_size,
             encode=EncodeImages(geometry, config.codec, checksum, run_id, config.prompts.seed, store_trunk=store_trunk,
                                 basis_source=basis_source),
-            write=write, fragment_rows=config.fragment_rows,
+            writer_args=writer_args,
         )
     return Steps(
         read=ReadVideos(config.source, geometry.image_size, config.video, store_inputs=store_inputs, storage_options=source_options),
@@ -322,7 +331,7 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
         encode=EncodeFrames(geometry, config.codec, checksum, run_id, config.video.seed, store_trunk=store_trunk,
                             basis_source=basis_source),
-        write=write, fragment_rows=config.fragment_rows,
+        writer_args=writer_args,
     )
 
 
@@ -339,18 +348,16 @@ def _save_heads_once(store: Store, save: Callable[[Path], Any]) -> None:
 
 
 def _run_local(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
-    """Every step in this process, in order; encoded blocks are bundled into ``fragment_rows`` rows, as on Ray."""
+    """Every step in this process, in order, with one ``ShardWriter``: the same step code as the Ray plan."""
     del config  # same signature as run_ray; the local loop needs no cluster settings
     teacher = steps.teacher(**steps.teacher_args)
-    pending: pa.Table | None = None
-    for shard in shards:
-        for work in steps.read(shard):
-            out = teacher(work)
-            for batch in [out] if isinstance(out, pa.Table) else out:  # teacher steps may yield several batches
-                encoded = steps.encode(batch)
-                pending = encoded if pending is None else pa.concat_tables([pending, encoded])
-                while pending.num_rows >= steps.fragment_rows:  # Ray Data's map_batches(batch_size=N) slices alike
-                    yield steps.write(pending.slice(0, steps.fragment_rows))
-                    pending = pending.slice(steps.fragment_rows)
-    if pending is not None and pending.num_rows:
-        yield steps.write(pending)
+    writer = ShardWriter(**steps.writer_args)
+    write = WriteFragments((writer,))
+    try:
+        for shard in shards:
+            for work in steps.read(shard):
+                out = teacher(work)
+                for batch in [out] if isinstance(out, pa.Table) else out:  # teacher steps may yield several batches
+                    yield write(steps.encode(batch))
+    finally:
+        writer.close()

@@ -25,6 +25,8 @@ from esam3.schemas.cache import CacheConfig, RunError
 from esam3.schemas.errors import first_line
 from esam3.schemas.store import StoreError
 from esam3.schemas.teacher import TeacherLoadError
+from esam3.workers.shard_writer import ShardWriter
+from esam3.workers.write_step import WriteFragments
 
 if TYPE_CHECKING:
     from esam3.pipeline.plan import Steps
@@ -129,10 +131,18 @@ def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterat
             batch_size=steps.teacher_batch, batch_format="pyarrow", **teacher_resources,
         )
         ds = ds.map_batches(steps.encode, batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)
-        # Bundles of encoded rows, so each fragment holds many teacher blocks (a shard's last bundle may wait
-        # for later shards' rows or the end of the stream: streaming, never a stall)
-        ds = ds.map_batches(steps.write, batch_size=steps.fragment_rows, batch_format="pyarrow", num_cpus=side_cpus)
-        yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        # One ShardWriter actor per teacher actor (each streams the shards hashed to it into one fragment each);
+        # owned by this driver, so they go when it goes
+        writers = tuple(
+            ray.remote(ShardWriter).options(num_cpus=side_cpus / 2, max_concurrency=1).remote(**steps.writer_args)
+            for _ in range(pool.actors)
+        )
+        try:
+            ds = ds.map_batches(WriteFragments(writers), batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)
+            yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+        finally:
+            for writer in writers:
+                ray.kill(writer)  # open streams of unfinished shards: their files are never committed
 
 
 @contextmanager

@@ -95,7 +95,6 @@ class CacheConfig(BaseModel):
     s3_endpoint: str | None = None  # S3-compatible server for s3:// sources and stores (else AWS_ENDPOINT_URL / AWS)
     max_failures: MaxFailures = MaxFailures(count=0)
     inputs: Inputs = Inputs.STORE
-    fragment_rows: int = Field(64, ge=1, le=1_000_000, description="rows per Lance fragment the writers aim for")
     dct_scaling: bool = False  # --fast-decode: JPEGs decoded at a DCT scale (cheaper; not the teacher's own preprocessing)
     run_id: str = ""
 

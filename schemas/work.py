@@ -9,8 +9,9 @@ Arrays travel as raw little-endian bytes; their shapes follow from the teacher's
 
 teacher -> writer: the same rows, samples with the raw float32 targets added.
 
-writer -> driver: ``WRITTEN`` rows, one per shard per batch: fragment metadata (JSON) of the rows written,
-failures seen, the end marker's count. The driver commits a shard once it has all of its rows.
+writer -> driver: ``WRITTEN`` rows, one per shard per batch: progress (rows written), and once per shard its totals
+(``final``): the fragment metadata (JSON) of all its rows, its failures, its end marker's count. The driver commits
+a shard from its final entry.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ FRAME_TARGETS = pa.schema(
 WRITTEN = pa.schema(
     [
         ("shard", pa.string()),
+        ("final", pa.bool_()),  # true: the shard's totals (it is written, or aborted); false: a piece's progress only
         ("fragments", pa.string()),  # JSON list of Lance FragmentMetadata
         ("rows", pa.int64()),  # sample rows in those fragments
         ("keys", pa.string()),  # JSON list of their keys

@@ -97,7 +97,7 @@ def test_fast_decode_measures_cpu_and_feature_error() -> None:
 
 @pytest.mark.parametrize(("script", "args", "message"), [
     ("store_scale.py", ["--shards", "1"], "--shards must be at least 2"),
-    ("store_scale.py", ["--fragment-rows", "0"], "--fragment-rows must be at least 1"),
+    ("store_scale.py", ["--fragment-rows", "-1"], "--fragment-rows must be at least 0"),
     ("fast_decode.py", ["--images", "0"], "--images must be at least 1"),
     ("fast_decode.py", ["--teacher", "full-random"], "invalid choice"),
 ])

@@ -267,7 +267,6 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
         (["--max-objects", "0"], "--max-objects"),
         (["--max-frames", "0"], "--max-frames"),
         (["--video-prompt", "scribble"], "--video-prompt"),
-        (["--fragment-rows", "0"], "--fragment-rows"),
     ],
 )
 def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -277,21 +276,18 @@ def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], me
     assert message in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("fragment_rows", [64, 4])
-def test_writers_bundle_teacher_blocks_into_fragments_of_fragment_rows(tmp_path: Path, fragment_rows: int) -> None:
-    """Read blocks are 8 rows; a fragment holds up to --fragment-rows rows of one shard (a bundle's control rows,
-    such as a shard's end marker, count towards it)."""
+def test_each_shard_is_streamed_into_one_fragment(tmp_path: Path) -> None:
+    """Read blocks are 8 rows and the teacher's 4; each shard's writer streams all of them into one fragment."""
     from esam3.pipeline.demo_data import write_demo_data
     from tests.conftest import small_config
 
     write_demo_data(small_config(tmp_path / "data", sa1b_shards=3, images_per_shard=10, sav_shards=0, image_short_side=120))
     store = tmp_path / "store"
-    assert run_cache(config(tmp_path / "data" / "sa-1b", store, targets=("trunk",), fragment_rows=fragment_rows), executor="local").rows == 30
-    sizes = [f.count_rows() for f in lance.dataset(str(store / "images.lance")).get_fragments()]
-    if fragment_rows == 64:
-        assert sorted(sizes) == [10, 10, 10]  # the whole run is one bundle: one fragment per shard
-    else:
-        assert sum(sizes) == 30 and max(sizes) == 4 and len(sizes) >= 8
+    cached = config(tmp_path / "data" / "sa-1b", store, targets=("trunk",), teacher={"source": "tiny-random", "batch_size": 4})
+    assert run_cache(cached, executor="local").rows == 30
+    fragments = lance.dataset(str(store / "images.lance")).get_fragments()
+    assert sorted(f.count_rows() for f in fragments) == [10, 10, 10]
+    assert {len(set(f.to_table(columns=["shard"]).column("shard").to_pylist())) for f in fragments} == {1}
     assert len(set(keys(store))) == 30 and verify_store(Store(str(store))).ok
 
 
@@ -721,7 +717,7 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
     the shard is left uncommitted (its fragments stay invisible), the other shards commit; a 403 stops the run."""
     import fsspec.implementations.local as local
 
-    import esam3.workers.write_step as write_step
+    import esam3.workers.shard_writer as shard_writer
     from esam3.pipeline.demo_data import write_demo_data
     from tests.conftest import small_config
 
@@ -739,17 +735,19 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
                 raise ConnectionResetError("connection reset by peer")
         return data
 
-    original_write = write_step.write_fragments
+    original_write = shard_writer.write_fragments
 
-    def write_refused_for_shard_2(table, *args, **kwargs):
-        if "sa_000002.tar" in table.column("shard").to_pylist():
+    def write_refused_for_shard_2(reader, *args, **kwargs):  # the stream of one shard: its first rows tell which
+        first = reader.read_next_batch()
+        if "sa_000002.tar" in first.column(first.schema.get_field_index("shard")).to_pylist():
             raise OSError("LanceError-like: disk full")
-        return original_write(table, *args, **kwargs)
+        rest = pa.RecordBatchReader.from_batches(reader.schema, [first, *reader])
+        return original_write(rest, *args, **kwargs)
 
     monkeypatch.setattr(local.LocalFileOpener, "read", read_then_reset)
-    monkeypatch.setattr(write_step, "write_fragments", write_refused_for_shard_2)
+    monkeypatch.setattr(shard_writer, "write_fragments", write_refused_for_shard_2)
     store = tmp_path / "store"
-    report = run_cache(config(source, store, fragment_rows=1), executor="local")  # a fragment per row: written at once
+    report = run_cache(config(source, store), executor="local")
     assert sorted(report.aborted) == ["sa_000001.tar", "sa_000002.tar"] and report.exit_code == 1
     assert "connection reset" in report.aborted["sa_000001.tar"] and "writing its rows failed" in report.aborted["sa_000002.tar"]
     assert report.rows_written >= 18 and report.rows == 10  # shard 1's first batch was written, never committed
@@ -758,6 +756,6 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
     def refused(table, *args, **kwargs):
         raise PermissionError("403 Forbidden")
 
-    monkeypatch.setattr(write_step, "write_fragments", refused)
+    monkeypatch.setattr(shard_writer, "write_fragments", refused)
     with pytest.raises(StoreError, match="writing refused"):
         run_cache(config(source, tmp_path / "refused"), executor="local")

@@ -170,7 +170,7 @@ def test_input_flag_errors(args: list[str], message: str, tmp_path: Path) -> Non
 def test_fast_decode_flag_reaches_the_rows(sized_source: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     args = ["cache", "--dataset", "sa-1b", "--source", str(sized_source), "--store", str(store), "--executor", "local",
-            "--targets", "trunk", "--fast-decode", "--fragment-rows", "2"]
+            "--targets", "trunk", "--fast-decode"]
     result = runner.invoke(app, args, env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert json.loads((store / "targets-sa-1b.json").read_text())["dct_scaling"] is True

@@ -1,28 +1,26 @@
 """Cache steps 3 and 4 (CPU): encode the targets with the run's codecs, then write Lance fragments (not committed).
 
 Encoding runs per teacher block (``EncodeImages`` / ``EncodeFrames``: TARGETS -> ENCODED rows, 4-5x smaller);
-writing (``WriteFragments``) runs on bundles of ``--fragment-rows`` encoded rows, so fragments hold many teacher
-blocks. The writer returns one WRITTEN row per shard in its bundle: the fragments' metadata, the failures seen, and
-the shard's end marker if it passed. Only the driver commits, so a writer that dies or is retried leaves at most
-an orphan data file, never a visible row.
+``WriteFragments`` hands each shard's rows to the ``ShardWriter`` that streams that shard into its own fragment
+(``workers/shard_writer.py``) and returns WRITTEN rows: progress, and a shard's totals (fragments, failures, end
+marker) once it is written. Only the driver commits, so a writer that dies or is retried leaves at most an orphan
+data file, never a visible row.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from lance.fragment import write_fragments
 
-from esam3.pipeline.object_store import ACCESS_HINT, access_refused, storage_failed
 from esam3.schemas.codecs import Basis, CodecError, Encoded, FeatureCodec, encode_features, encode_logits
-from esam3.schemas.store import FRAMES, IMAGES, LANCE_FILE_VERSION, StoreError, raw_tensor, tensor_value
-from esam3.schemas.errors import first_line
+from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
 
@@ -113,50 +111,30 @@ def encoded_schema(table_schema: pa.Schema) -> pa.Schema:
 
 @dataclass(frozen=True)
 class WriteFragments:
-    """Cache step 4 (CPU): ENCODED rows, many teacher blocks bundled -> Lance fragments per shard -> WRITTEN rows.
+    """Cache step 4 (CPU): ENCODED rows -> each shard's piece to the ``ShardWriter`` that streams that shard ->
+    WRITTEN rows (progress, and a shard's totals when its writer finishes it).
 
-    Bundling is what keeps fragments big: one fragment per teacher block of 8 rows would make ~1.4M fragments for
-    SA-1B (every commit rereads a manifest listing them all); the plan hands this step ``fragment_rows`` rows at a
-    time. Nothing is committed here: the driver commits each shard once all of its rows are written.
+    ``writers`` are ``ShardWriter`` actors (Ray) or instances (the in-process loop); a shard always goes to the same
+    one (a hash of its name), so each shard is one stream and one fragment. Nothing is committed here.
     """
 
-    table_uri: str
-    schema: Any  # the store table's schema
-    storage_options: dict[str, str] | None = field(default=None, repr=False)  # may hold credentials
+    writers: tuple[Any, ...]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        shards = batch.column("shard").to_pylist()
         out = []
-        small = batch.select(["shard", "kind", "member", "reason", *_ENDS, "weight"]).to_pylist()
-        for shard in dict.fromkeys(r["shard"] for r in small):
-            positions = [i for i, r in enumerate(small) if r["shard"] == shard and r["kind"] == KIND_SAMPLE]
-            samples = _rows_at(batch, positions)
-            control = [r for r in small if r["shard"] == shard and r["kind"] != KIND_SAMPLE]
-            aborted = next((c["reason"] for c in control if c["kind"] == KIND_ABORT), None)
-            end = next((c for c in control if c["kind"] == KIND_END), {"end_count": -1, "end_samples": -1})
-            failures = [{"member": c["member"], "reason": c["reason"], "weight": c["weight"]} for c in control if c["kind"] == KIND_FAILURE]
-            fragments: list[dict[str, Any]] = []
-            if samples.num_rows and not aborted:
-                try:
-                    written = write_fragments(
-                        samples.select(self.schema.names), self.table_uri, schema=self.schema,
-                        data_storage_version=LANCE_FILE_VERSION, storage_options=self.storage_options or None,
-                    )
-                except (OSError, ValueError) as exc:  # storage trouble: this shard is left for a rerun, the others go on
-                    if access_refused(exc):  # no shard will fare better: stop the run with the credentials hint
-                        raise StoreError(f"store table {self.table_uri}: writing refused (403); {ACCESS_HINT}") from None
-                    if not storage_failed(exc):
-                        raise
-                    log.warning("%s: writing fragments failed, the shard stays uncommitted in this run: %s", shard, exc)
-                    aborted, written = f"writing its rows failed: {first_line(exc)}", []
-                fragments = [f.to_json() for f in written]
-            out.append({
-                "shard": shard, "fragments": json.dumps(fragments), "rows": samples.num_rows,
-                "keys": json.dumps(samples.column("key").to_pylist()),
-                "bytes": sum(samples.column("stored_bytes").to_pylist()) if fragments else 0,
-                "failures": json.dumps(failures), "end_count": end["end_count"], "end_samples": end["end_samples"],
-                "aborted": aborted,
-            })
+        for shard in dict.fromkeys(shards):
+            positions = [i for i, s in enumerate(shards) if s == shard]
+            writer = self.writers[zlib.crc32(shard.encode()) % len(self.writers)]
+            piece = _rows_at(batch, positions)
+            out.append(ray_get(writer.add.remote(shard, piece)) if hasattr(writer.add, "remote") else writer.add(shard, piece))
         return pa.Table.from_pylist(out, schema=WRITTEN)
+
+
+def ray_get(ref: Any) -> Any:
+    import ray
+
+    return ray.get(ref)
 
 
 _ENDS = ("end_count", "end_samples")
