@@ -272,7 +272,7 @@ def test_index_conflicts_are_retried_then_left_for_the_next_commit(tmp_path: Pat
     store = Store(str(tmp_path / "s"))
     calls = {"n": 0}
 
-    def conflicting(self: Store, table: str) -> None:
+    def conflicting(self: Store, table: str, merge: bool = False) -> None:
         calls["n"] += 1
         if calls["n"] < 3:
             raise OSError("Retryable commit conflict for version 7: CreateIndex preempted by Append")
@@ -280,9 +280,9 @@ def test_index_conflicts_are_retried_then_left_for_the_next_commit(tmp_path: Pat
     monkeypatch.setattr(Store, "_update_indexes", conflicting)
     store.index_keys("images")
     assert calls["n"] == 3
-    monkeypatch.setattr(Store, "_update_indexes", lambda self, table: (_ for _ in ()).throw(OSError("commit conflict")))
+    monkeypatch.setattr(Store, "_update_indexes", lambda self, table, merge=False: (_ for _ in ()).throw(OSError("commit conflict")))
     store.index_keys("images")
     assert "indexes not updated after 4 tries" in caplog.text
-    monkeypatch.setattr(Store, "_update_indexes", lambda self, table: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(Store, "_update_indexes", lambda self, table, merge=False: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         store.index_keys("images")

@@ -32,6 +32,10 @@ from esam3.schemas.store import KEY_COLUMNS, LANCE_FILE_VERSION, SCHEMAS, STORE_
 log = logging.getLogger(__name__)
 
 
+#: Index segments (one per commit) a key index collects before a commit merges them into one.
+INDEX_SEGMENTS = 32
+
+
 def _quote(values: Iterable[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -290,16 +294,18 @@ class Store:
             found.update(zip(rows.column(column).to_pylist(), rows.column("shard").to_pylist()))
         return found
 
-    def index_keys(self, table: str, attempts: int = 4) -> None:
+    def index_keys(self, table: str, attempts: int = 4, merge: bool = False) -> None:
         """Keep the table's scalar (BTREE) indexes on its key columns up to date after a commit: created on first use,
-        then the new fragments merged in, so the cross-shard duplicate check and key lookups do not scan the table.
+        then a segment per commit for the new fragments (merged every ``INDEX_SEGMENTS``), so the cross-shard
+        duplicate check and key lookups do not scan the table.
 
-        Another run committing at the same moment makes Lance refuse an index commit (a retryable conflict): tried
+        ``merge`` merges every segment now (``store compact`` does before compacting: Lance does not merge fragments
+        that different index segments cover). Another run committing at the same moment makes Lance refuse an index commit (a retryable conflict): tried
         again, then left for the next commit with a warning, since an index only speeds reads up.
         """
         for attempt in range(attempts):
             try:
-                self._update_indexes(table)
+                self._update_indexes(table, merge)
                 return
             except OSError as exc:
                 if "conflict" not in str(exc).lower() and "preempted" not in str(exc).lower():
@@ -307,7 +313,7 @@ class Store:
                 time.sleep(0.1 * (attempt + 1))
         log.warning("%s: indexes not updated after %d tries (other runs committing); the next commit updates them", table, attempts)
 
-    def _update_indexes(self, table: str) -> None:
+    def _update_indexes(self, table: str, merge_all: bool = False) -> None:
         ds = self.dataset(table)
         if ds.count_rows() == 0:
             return
@@ -316,8 +322,15 @@ class Store:
             if column not in present:
                 ds.create_scalar_index(column, "BTREE")
                 ds = self.dataset(table)
-        if present:
-            ds.optimize.optimize_indices(index_names=[f"{c}_idx" for c in KEY_COLUMNS[table] if c in present])
+        for column in KEY_COLUMNS[table]:
+            if column in present:
+                # A new index segment for the new fragments only; all segments merged once there are many. Merging
+                # every commit rewrote the whole index each time: 59 GB of index files after ~900 SA-1B-sized shards
+                # (benchmarks/store_scale.py), and a cost per commit growing with the store.
+                name = f"{column}_idx"
+                segments = int(ds.stats.index_stats(name).get("num_segments", 1))
+                merge = segments if segments >= INDEX_SEGMENTS or (merge_all and segments > 1) else 0
+                ds.optimize.optimize_indices(index_names=[name], num_indices_to_merge=merge)
 
     def append(self, name: str, table: pa.Table) -> None:
         lance.write_dataset(table, self.table_uri(name), mode="append", storage_options=self.storage_options or None)
