@@ -44,6 +44,11 @@ HEADS_DIR = "heads"
 TABLES = ("images", "frames", "failures", "ledger")
 #: The table holding each dataset's target rows.
 TABLE_OF = {"sa-1b": "images", "sa-v": "frames"}
+def dataset_of(table: str) -> str:
+    """The dataset whose rows a target table holds (``images`` -> ``sa-1b``)."""
+    return next(name for name, t in TABLE_OF.items() if t == table)
+
+
 #: Columns of each target table with a scalar (BTREE) index, kept up by the commits.
 KEY_COLUMNS = {"images": ("key",), "frames": ("key", "video_id", "frame")}
 
@@ -202,6 +207,11 @@ def raw_tensor(array: np.ndarray) -> dict[str, Any]:
     return tensor_value(Encoded(codec, array.shape, array.tobytes()), 0.0)
 
 
+def encoded_of(value: dict[str, Any]) -> Encoded:
+    """A stored ``tensor`` struct value as the codecs' ``Encoded`` record."""
+    return Encoded(value["codec"], tuple(value["shape"]), value["data"], value.get("scale") or b"")
+
+
 def decode_tensor(value: dict[str, Any], basis: Any = None) -> np.ndarray:
     """Any stored ``tensor`` struct back to a numpy array (raw dtypes exactly, others up to their codec; images as
     uint8 (H, W, 3), decoded in full: ``esam3.workers.decode.teacher_input`` redoes the teacher's preprocessing)."""
@@ -209,7 +219,7 @@ def decode_tensor(value: dict[str, Any], basis: Any = None) -> np.ndarray:
 
     if value["codec"] in IMAGE_CODECS:
         return decode_image(value["codec"], value["data"], tuple(value["shape"]))
-    encoded = Encoded(value["codec"], tuple(value["shape"]), value["data"], value.get("scale") or b"")
+    encoded = encoded_of(value)
     if encoded.codec in RAW_DTYPES:
         dtype = np.dtype(RAW_DTYPES[encoded.codec])
         expected = int(np.prod(encoded.shape)) * dtype.itemsize

@@ -38,10 +38,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.rows import StoreRows
-from esam3.pipeline.store.snapshots import dataset_of, resolve
-from esam3.schemas.codecs import Encoded, FeatureCodec, logit_codes
+from esam3.pipeline.store.snapshots import resolve
+from esam3.schemas.codecs import FeatureCodec, logit_codes
 from esam3.schemas.rle import parse_counts
-from esam3.schemas.store import StoreError, decode_tensor
+from esam3.schemas.store import StoreError, dataset_of, decode_tensor, encoded_of
 from esam3.train.split import is_val
 from esam3.workers.decode import teacher_input
 
@@ -254,7 +254,7 @@ class StoreDataset(Dataset):
                 out[name][i, :n] = decode_tensor(row[name])
             if self.decode_on == "device":
                 for name in logits:
-                    out[f"{name}_codes"][i, :n], out[f"{name}_scales"][i, :n] = logit_codes(_encoded(row[name]))
+                    out[f"{name}_codes"][i, :n], out[f"{name}_scales"][i, :n] = logit_codes(encoded_of(row[name]))
         return {name: torch.from_numpy(value) for name, value in out.items()}
 
     def _memory(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -288,10 +288,6 @@ class StoreDataset(Dataset):
             tensor = torch.from_numpy(dense.astype(np.float32))[None, None]
             out[j] = (F.interpolate(tensor, size=(m, m), mode="bilinear", align_corners=False, antialias=True)[0, 0] >= 0.5).numpy()
         return out
-
-
-def _encoded(value: dict[str, Any]) -> Encoded:
-    return Encoded(value["codec"], tuple(value["shape"]), value["data"], value["scale"] or b"")
 
 
 def _check_store(uri: str, spec: dict[str, Any], fields: Sequence[str]) -> None:

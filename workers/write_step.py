@@ -137,9 +137,6 @@ def ray_get(ref: Any) -> Any:
     return ray.get(ref)
 
 
-_ENDS = ("end_count", "end_samples")
-
-
 def _rows_at(table: pa.Table, positions: list[int]) -> pa.Table:
     """The rows at ``positions``: a zero-copy slice when they are contiguous (the usual case: a bundle holds runs of
     one shard's rows), else a take (copies the multi-MB blobs once)."""

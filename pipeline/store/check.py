@@ -17,11 +17,11 @@ import pyarrow as pa
 
 from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
-from esam3.pipeline.store.snapshots import dataset_of, ledger_rows, snapshot_rows, snapshots
+from esam3.pipeline.store.snapshots import ledger_rows, snapshot_rows, snapshots
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.codecs import CodecError
 from esam3.schemas.errors import first_line
-from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, tensor_columns
+from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, dataset_of, tensor_columns
 
 TARGET_TABLES = tuple(TABLE_OF.values())
 #: Columns where NaN is data ("no box"), not corruption: only Inf is a problem there.
@@ -167,7 +167,7 @@ def _verify_table(
     report: VerifyReport,
     on_rows: Callable[[int], None] | None,
 ) -> None:
-    dataset_name = next(dataset for dataset, name in TABLE_OF.items() if name == table)
+    dataset_name = dataset_of(table)
     ds = store.dataset(table)
     keys = Counter(ds.to_table(columns=["key"]).column("key").to_pylist())
     for key, count in keys.items():

@@ -21,7 +21,7 @@ from lance import BlobFile
 
 from esam3.pipeline.store import Store
 from esam3.schemas.codecs import Basis, FeatureCodec
-from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, decode_tensor
+from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, dataset_of, decode_tensor
 
 _WITH_BYTES = "all_binary"  # Lance's blob_handling that returns blob fields as their bytes
 
@@ -154,8 +154,7 @@ class StoreRows:
     def basis(self) -> Basis | None:
         """The store's low-rank basis for this table's dataset (None unless the trunk codec is low-rank)."""
         if not self._basis_read:
-            dataset = next(name for name, table in TABLE_OF.items() if table == self.table)
-            self._basis, self._basis_read = self.store.read_basis(dataset), True
+            self._basis, self._basis_read = self.store.read_basis(dataset_of(self.table)), True
         return self._basis
 
     def decode(self, row: dict[str, Any], column: str) -> np.ndarray:

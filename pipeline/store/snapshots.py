@@ -16,13 +16,14 @@ age rule would remove, so a trainer's pinned version stays as long as ``--older-
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from esam3.pipeline.store.root import Store
-from esam3.schemas.store import TABLE_OF, StoreError
+from esam3.schemas.store import StoreError, dataset_of
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,13 @@ class Snapshot:
         return dict(self.__dict__)
 
 
-def dataset_of(table: str) -> str:
-    return next(name for name, t in TABLE_OF.items() if t == table)
-
-
 def ledger_rows(store: Store, table: str) -> tuple[int, int]:
     """(ledger entries, rows they hold) of the table's dataset."""
     ledger = store.dataset("ledger").to_table(columns=["rows"], filter=f"dataset = '{dataset_of(table)}'")
     return ledger.num_rows, sum(ledger.column("rows").to_pylist())
 
 
-def tag_if_complete(store: Store, table: str) -> Snapshot | None:
+def tag_if_complete(store: Store, table: str) -> Snapshot | None:  # runs after every commit: no tag listing here
     """Tag the table's latest version if it is complete (see the module docstring); returns the snapshot."""
     before = ledger_rows(store, table)
     ds = store.dataset(table)
@@ -64,7 +61,7 @@ def tag_if_complete(store: Store, table: str) -> Snapshot | None:
     except (OSError, ValueError) as exc:  # the same version tagged by another run at the same moment
         if "already exists" not in str(exc).lower():
             raise
-    return next((s for s in snapshots(store, table) if s.tag == name), None)
+    return Snapshot(name, ds.version, dt.datetime.now(dt.timezone.utc).isoformat())
 
 
 def drop_old_snapshots(store: Store, table: str, removable: set[int], dry_run: bool = False) -> int:
