@@ -90,6 +90,7 @@ def write_cost(encode: Any, write: Any, rows: list[dict[str, Any]], schema: pa.S
     """CPU seconds per unit of the encode step alone, and of encode + write (Arrow blocks streamed by the shard's
     ``ShardWriter`` into its Lance fragment, as the plan does)."""
     samples = [row for row in rows if row["kind"] == KIND_SAMPLE]
+    [encode.store_row(row) for row in samples[:2]]  # warm-up: a running worker's allocator holds memory already
     encoded, encode_s = cpu_seconds(lambda: [encode.store_row(row) for row in samples])
     batches = [pa.Table.from_pylist(rows[i : i + 4], schema=schema) for i in range(0, len(rows), 4)]
     written, write_s = cpu_seconds(lambda: [write(encode(batch)) for batch in batches])
