@@ -26,6 +26,7 @@ from esam3.schemas.shards import ShardSpec
 from esam3.cache_cli import cache_command, plan_command
 from esam3.store_cli import store_app
 from esam3.teacher_cli import teacher_app
+from esam3.train_cli import train_app
 
 log = logging.getLogger("esam3")
 
@@ -39,6 +40,7 @@ app = typer.Typer(
 )
 app.add_typer(teacher_app, name="teacher")
 app.add_typer(store_app, name="store")
+app.add_typer(train_app, name="train")
 app.command("cache")(cache_command)
 app.command("plan")(plan_command)
 

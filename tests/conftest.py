@@ -64,3 +64,14 @@ def tiny_teacher(esam3_cache: Path):
     from esam3.workers.teacher import Sam3Teacher
 
     return Sam3Teacher.load(TeacherConfig(source="tiny-random", batch_size=4))
+
+
+@pytest.fixture(scope="session")
+def sa1b_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo SA-1B shards (6 images) cached by the tiny teacher, fp16, in-process: the trainers' store."""
+    from esam3.pipeline.plan import run_cache
+    from esam3.schemas.cache import CacheConfig
+
+    root = tmp_path_factory.mktemp("sa1b-store") / "store"
+    run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(root), codec="fp16"), executor="local")
+    return root

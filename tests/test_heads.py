@@ -156,3 +156,27 @@ def test_gradients_flow_through_heads_to_student_features(exported: Path) -> Non
     out = heads.decode_prompts(heads.image_embeddings(student), *prompt_tensors(prompt_set(g.image_size), torch.device("cpu")))
     (out["multi"].square().mean() + out["single"].square().mean()).backward()
     assert student.grad is not None and float(student.grad.abs().sum()) > 0
+
+
+def test_a_batch_of_images_decodes_like_each_image_alone(exported: Path) -> None:
+    """Trainers decode every prompt of a batch in one call per prompt shape (``image=``): the same outputs as
+    decoding each image's prompts on their own; and the picked output follows the tracker's multimask rule."""
+    from esam3.workers.teacher import prompt_tensors
+
+    heads, _ = TeacherHeads.load(exported)
+    g = heads.geometry
+    torch.manual_seed(0)
+    trunks = torch.randn(2, g.trunk_width, g.grid, g.grid)
+    points, labels, boxes = prompt_tensors(prompt_set(g.image_size), torch.device("cpu"))
+    with torch.no_grad():
+        alone = [heads.decode_prompts(heads.image_embeddings(trunks[b : b + 1]), points, labels, boxes) for b in range(2)]
+        image = torch.tensor([0] * len(labels) + [1] * len(labels))
+        together = heads.decode_prompts(heads.image_embeddings(trunks), points.repeat(2, 1, 1), labels.repeat(2, 1), boxes.repeat(2, 1), image=image)
+    for name in ("multi", "single", "iou", "object_score", "object_pointer"):
+        assert torch.allclose(together[name], torch.cat([a[name] for a in alone]), atol=1e-5), name
+    pick = heads.picked_output(labels, boxes, alone[0]["iou"])
+    n_points = (labels >= 0).sum(-1) + 2 * (~torch.isnan(boxes).any(-1)).long()
+    for k in range(len(labels)):
+        expected = 1 + int(alone[0]["iou"][k, 1:].argmax()) if int(n_points[k]) == 1 else 0  # SAM3: multimask for one click
+        assert int(pick[k]) == expected
+    assert {int(n) for n in n_points} & {1} and {int(n) for n in n_points} - {1}  # both rules are exercised

@@ -228,11 +228,13 @@ class TeacherHeads(nn.Module):
     # ---- prompts ---------------------------------------------------------------------------------------
 
     def decode_prompts(
-        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor
+        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
+        image: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Run the tracker's prompt encoder and mask decoder for K prompts on one image.
+        """Run the tracker's prompt encoder and mask decoder for K prompts on one image (or on several).
 
-        ``embeddings`` from :meth:`image_embeddings` for one image. ``points`` (K, P, 2) and ``boxes`` (K, 4, XYXY,
+        ``embeddings`` from :meth:`image_embeddings` for one image; or for a batch of images, with ``image`` (K,)
+        naming each prompt's image (trainers decode a whole batch's prompts in one call per prompt shape). ``points`` (K, P, 2) and ``boxes`` (K, 4, XYXY,
         a row of NaN = no box) are in SAM's pixel-index convention of the S x S frame (the encoder adds 0.5);
         ``labels`` (K, P): 1 positive, 0 negative, < 0 an empty slot, valid slots first. Prompts are decoded in
         groups of equal shape, so no prompt sees padding tokens: each result equals decoding that prompt alone.
@@ -256,7 +258,9 @@ class TeacherHeads(nn.Module):
         for key in torch.unique(keys, dim=0):
             rows = torch.nonzero((keys == key).all(dim=-1)).flatten()
             n, box = int(key[0]), bool(key[1])
-            group = self._decode_group(embeddings, points[rows, :n], labels[rows, :n], boxes[rows] if box else None)
+            group = self._decode_group(
+                embeddings, points[rows, :n], labels[rows, :n], boxes[rows] if box else None, None if image is None else image[rows]
+            )
             for name, value in group.items():
                 if name not in out:
                     out[name] = value.new_empty((len(labels), *value.shape[1:]))
@@ -264,18 +268,24 @@ class TeacherHeads(nn.Module):
         return out
 
     def _decode_group(
-        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None
+        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None,
+        image: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
+        """One image's prompts as the decoder's point batch (``image`` None), or each prompt with its own image."""
         tracker = self.tracker_model
         labels = labels.to(torch.int32)
         if boxes is not None:
             corner_labels = torch.tensor([2, 3], dtype=labels.dtype, device=labels.device).expand(len(boxes), 2)
             points = torch.cat([boxes.reshape(-1, 2, 2), points], dim=1)
             labels = torch.cat([corner_labels, labels], dim=1)
+        per_prompt = image is not None
+        if per_prompt:
+            embeddings = [e[image] for e in embeddings]
         sparse, dense = tracker.prompt_encoder(
-            input_points=points[None], input_labels=labels[None], input_boxes=None, input_masks=None
+            input_points=points[:, None] if per_prompt else points[None],
+            input_labels=labels[:, None] if per_prompt else labels[None], input_boxes=None, input_masks=None,
         )
-        positions = tracker.get_image_wide_positional_embeddings()
+        positions = tracker.get_image_wide_positional_embeddings().expand(len(embeddings[-1]), -1, -1, -1)
         results = []
         for multimask in (True, False):
             masks, iou, tokens, score = tracker.mask_decoder(
@@ -286,11 +296,12 @@ class TeacherHeads(nn.Module):
                 multimask_output=multimask,
                 high_resolution_features=embeddings[:-1],
             )
-            results.append((masks[0], iou[0], tokens[0], score[0, :, 0]))
+            if per_prompt:  # (K, 1, ...) -> (K, ...)
+                results.append((masks[:, 0], iou[:, 0], tokens[:, 0], score[:, 0, 0]))
+            else:  # (1, K, ...) -> (K, ...)
+                results.append((masks[0], iou[0], tokens[0], score[0, :, 0]))
         (multi, multi_iou, multi_tokens, score), (single, single_iou, single_tokens, _) = results
-        config = tracker.config
-        n_points = points.shape[1]
-        if config.multimask_output_in_sam and config.multimask_min_pt_num <= n_points <= config.multimask_max_pt_num:
+        if self.uses_multimask(points.shape[1]):
             token = multi_tokens[torch.arange(len(points)), multi_iou.argmax(dim=-1)]
         else:
             token = single_tokens[:, 0]
@@ -301,6 +312,21 @@ class TeacherHeads(nn.Module):
             "object_score": score,
             "object_pointer": self._object_pointer(token, score),
         }
+
+    def uses_multimask(self, n_points: int) -> bool:
+        """Whether the tracker takes its best multimask output for a prompt of ``n_points`` points (a box = 2)."""
+        config = self.tracker_model.config
+        return bool(config.multimask_output_in_sam and config.multimask_min_pt_num <= n_points <= config.multimask_max_pt_num)
+
+    def picked_output(self, labels: torch.Tensor, boxes: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+        """Which of a prompt's 4 outputs (0 = single, 1..3 = multimask, as in ``iou``) the tracker would use.
+
+        ``labels`` (K, P) and ``boxes`` (K, 4) as :meth:`decode_prompts` takes them, ``iou`` (K, 4) as it returns
+        it: the best-scored multimask output where the tracker uses multimask for that many points, else single.
+        """
+        n_points = (labels >= 0).sum(dim=-1) + 2 * (~torch.isnan(boxes).any(dim=-1)).long()
+        multimask = torch.tensor([self.uses_multimask(int(n)) for n in n_points], dtype=torch.bool, device=iou.device)
+        return torch.where(multimask, 1 + iou[:, 1:].argmax(dim=-1), torch.zeros_like(n_points, device=iou.device))
 
     def _object_pointer(self, token: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         tracker = self.tracker_model

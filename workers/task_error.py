@@ -53,9 +53,12 @@ class TaskError:
 
 def task_error(exact: PromptTargets, approx: PromptTargets) -> TaskError:
     """Compare the heads' outputs for the same prompts from the exact and from the decoded trunk."""
-    a = torch.cat([exact.multi, exact.single], dim=1) > 0
-    b = torch.cat([approx.multi, approx.single], dim=1) > 0
+    iou = mask_iou(torch.cat([exact.multi, exact.single], dim=1) > 0, torch.cat([approx.multi, approx.single], dim=1) > 0)
+    return TaskError(float(iou.mean()), float((exact.iou - approx.iou).abs().mean()))
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boolean masks (..., h, w) -> (...); two empty masks are the same mask (IoU 1)."""
     inter = (a & b).sum(dim=(-2, -1)).float()
     union = (a | b).sum(dim=(-2, -1)).float()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))  # both empty: the same mask
-    return TaskError(float(iou.mean()), float((exact.iou - approx.iou).abs().mean()))
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))

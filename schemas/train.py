@@ -1,0 +1,122 @@
+"""Configs of the student trainers (``esam3 train stage1``): validated before a model is built.
+
+Every field is a CLI flag of the same name (``batch_size`` -> ``--batch-size``) and a key of a ``--config`` file
+(JSON or TOML); a flag given on the command line wins over the file, the file over these defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from esam3.schemas.cache import check_s3_endpoint
+
+#: The public recipe's learning rate: 1e-3 for 512 images per optimizer step, scaled linearly.
+BASE_LR, BASE_BATCH = 1e-3, 512
+#: Fields that may change when a run is resumed (the rest must match the checkpoint's config).
+RESUMABLE = frozenset({"steps", "epochs", "device", "loader_workers", "resume", "checkpoint_every", "log_every", "keep_checkpoints"})
+
+
+class Device(str, Enum):
+    AUTO = "auto"  # cuda when there is one, else cpu
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class ConfigFileError(ValueError):
+    """A --config file that cannot be read as a config."""
+
+
+class Stage1Config(BaseModel):
+    """Encoder distillation with prompt-in-the-loop, from a store alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(..., min_length=1, description="store root (folder or s3://)")
+    out: Path = Field(..., description="run folder: checkpoints, TensorBoard logs, the resolved config")
+    student: str = Field("es-rv-m", description="student name (es-{ev,rv,tv}-{s,m,l})")
+    steps: int | None = Field(None, ge=1, description="optimizer steps (or --epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the train split (default 1 when --steps is not given)")
+    batch_size: int = Field(8, ge=1, description="images per step per worker")
+    accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 1e-3 x images per optimizer step / 512)")
+    min_lr: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine")
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of the steps spent warming up linearly")
+    weight_decay: float = Field(0.01, ge=0)
+    clip: float = Field(5.0, ge=0, description="gradient-norm clip (0: off)")
+    feature_weight: float = Field(1.0, ge=0, description="weight of the per-pixel feature MSE (summed over channels)")
+    cosine_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine on features")
+    prompt_weight: float = Field(1.0, ge=0, description="weight of BCE + Dice vs the teacher's masks (0: no prompt-in-the-loop)")
+    iou_weight: float = Field(1.0, ge=0, description="weight of the IoU-head L1 vs the teacher's")
+    gt_weight: float = Field(0.0, ge=0, description="weight of BCE + Dice vs the stored ground-truth masks")
+    max_prompts: int | None = Field(None, ge=1, description="prompts decoded per image per step (default: all cached)")
+    image_size: int | None = Field(None, ge=32, description="student input size (default: the teacher's)")
+    val_percent: float = Field(1.0, ge=0, le=100, description="share of samples held out by key hash")
+    version: int | None = Field(None, ge=1, description="store table version to read (default: the newest snapshot)")
+    tag: str | None = Field(None, min_length=1, description="store snapshot tag to read")
+    init: Path | None = Field(None, description="local timm checkpoint for the student backbone")
+    device: Device = Device.AUTO
+    loader_workers: int = Field(2, ge=0, description="DataLoader processes per trainer")
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept")
+    log_every: int = Field(10, ge=1, description="steps between TensorBoard scalars")
+    resume: bool = Field(False, description="continue the run in --out from its newest checkpoint")
+    s3_endpoint: str | None = None
+
+    _check_endpoint = field_validator("s3_endpoint")(check_s3_endpoint)
+
+    @field_validator("student")
+    @classmethod
+    def _known_student(cls, value: str) -> str:
+        from esam3.train.students import REGISTRY
+
+        if value not in REGISTRY:
+            raise ValueError(f"unknown student {value!r}; choose one of {', '.join(REGISTRY)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Stage1Config:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.version is not None and self.tag is not None:
+            raise ValueError("give --version or --tag, not both")
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        if self.feature_weight + self.cosine_weight + self.prompt_weight + self.iou_weight + self.gt_weight == 0:
+            raise ValueError("every loss weight is 0: nothing to train")
+        return self
+
+    def peak_lr(self, world_size: int = 1) -> float:
+        return self.lr if self.lr is not None else BASE_LR * self.batch_size * self.accumulate * world_size / BASE_BATCH
+
+    @property
+    def snapshot(self) -> int | str | None:
+        return self.version if self.version is not None else self.tag
+
+    def document(self) -> dict[str, Any]:
+        """The resolved config as JSON-able values (written beside every checkpoint)."""
+        return json.loads(self.model_dump_json())
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A --config file (.json or .toml) as a dict of config fields (dashes in keys accepted)."""
+    if not path.is_file():
+        raise ConfigFileError(f"--config {path}: no such file")
+    try:
+        if path.suffix == ".toml":
+            document = tomllib.loads(path.read_text())
+        elif path.suffix == ".json":
+            document = json.loads(path.read_text())
+        else:
+            raise ConfigFileError(f"--config {path}: expected a .json or .toml file")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"--config {path}: not valid {path.suffix[1:].upper()} ({exc})") from None
+    if not isinstance(document, dict):
+        raise ConfigFileError(f"--config {path}: expected a table / object of settings")
+    return {str(key).replace("-", "_"): value for key, value in document.items()}

@@ -1,0 +1,29 @@
+"""The store's heads file as frozen modules for a trainer: the only part of the teacher a student ever runs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from esam3.pipeline.store import Store
+from esam3.schemas.store import HEADS_DIR, StoreError
+from esam3.workers.heads import HEADS_CONFIG, HEADS_WEIGHTS, TeacherHeads
+
+
+def load_store_heads(store: Store, device: torch.device | str = "cpu") -> TeacherHeads:
+    """``<store>/heads`` (local, or fetched from S3 into a temporary folder), frozen and in eval mode."""
+    remote = f"{store.path}/{HEADS_DIR}"
+    if not store.fs.exists(f"{remote}/{HEADS_CONFIG}"):
+        raise StoreError(f"store {store.uri} has no heads file ({HEADS_DIR}/{HEADS_CONFIG}); it is written by esam3 cache before any row")
+    protocols = store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
+    if "file" in protocols:
+        heads, _ = TeacherHeads.load(Path(remote), device=device)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in (HEADS_CONFIG, HEADS_WEIGHTS):
+                store.fs.get_file(f"{remote}/{name}", str(Path(tmp) / name))
+            heads, _ = TeacherHeads.load(Path(tmp), device=device)
+    heads.requires_grad_(False)
+    return heads.eval()
