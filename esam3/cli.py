@@ -27,6 +27,7 @@ from esam3.cache_cli import cache_command, plan_command
 from esam3.store_cli import store_app
 from esam3.teacher_cli import teacher_app
 from esam3.train_cli import train_app
+from esam3.model_cli import eval_command, export_command, predict_command
 
 log = logging.getLogger("esam3")
 
@@ -43,6 +44,9 @@ app.add_typer(store_app, name="store")
 app.add_typer(train_app, name="train")
 app.command("cache")(cache_command)
 app.command("plan")(plan_command)
+app.command("eval")(eval_command)
+app.command("export")(export_command)
+app.command("predict")(predict_command)
 
 
 def _version(value: bool) -> None:

@@ -11,6 +11,7 @@ not depend on how many shards are written.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from pycocotools import mask as mask_utils
 from esam3.pipeline.demo_scenes import Shape, background, compose, random_shape, shape_mask
 from esam3.pipeline.shards import DatasetName
 from esam3.schemas.demo import DemoDataConfig
+from esam3.schemas.samples import Failure
 from esam3.schemas.sa1b import SA1BRecord
 from esam3.schemas.sav import SAV_ANNOTATION_STRIDE, SAV_FPS, SAVRecord
 
@@ -276,3 +278,28 @@ def write_demo_data(config: DemoDataConfig, on_shard: Callable[[Path], None] = l
         written.append(write_sav_shard(config, shard))
         on_shard(written[-1])
     return written
+
+
+def write_demo_coco(sa1b: Path, out: Path, limit: int | None = None) -> tuple[Path, Path]:
+    """SA-1B shards (a folder) as a COCO-format eval set: ``out/images/*.jpg`` + ``out/instances.json`` (one
+    category, every mask an instance); what ``esam3 eval --coco-images --coco-annotations`` reads."""
+    from esam3.pipeline.sources import SA1BSource
+
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for sample in SA1BSource(str(sa1b), check_pixels=False).iter_samples("all"):
+        if isinstance(sample, Failure) or (limit is not None and len(images) >= limit):
+            continue
+        info = sample.record.image
+        (images_dir / info.file_name).write_bytes(sample.jpeg)
+        images.append({"id": info.image_id, "file_name": info.file_name, "height": info.height, "width": info.width})
+        for annotation in sample.record.annotations:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": info.image_id, "category_id": 1, "iscrowd": 0,
+                "bbox": list(annotation.bbox), "area": annotation.area,
+                "segmentation": {"size": list(annotation.segmentation.size), "counts": annotation.segmentation.counts},
+            })
+    document = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+    (out / "instances.json").write_text(json.dumps(document))
+    return images_dir, out / "instances.json"

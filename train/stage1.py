@@ -154,8 +154,8 @@ def prepare(config: Stage1Config, world_size: int = 1, device: torch.device | No
     heads = load_store_heads(store, device) if weights.needs_prompts else None
     document = {
         "config": config.document(), "student": spec.to_dict(), "world_size": world_size, "versions": library_versions(),
-        "store": {"uri": store.uri, "table": "images", "version": dataset.version, "teacher": card["teacher"].get("id"),
-                  "checksum": card["teacher"].get("checksum"), "geometry": geometry},
+        "store": {"uri": store.uri, "table": "images", "version": dataset.version, "teacher": card["teacher"].get("source"),
+                  "checksum": card["teacher"].get("checksum"), "geometry": geometry, "teacher_parameters": card["teacher"].get("parameters")},
     }
     return Stage1Setup(config, store, dataset, spec, student, heads, weights, device, resume_from, document)
 

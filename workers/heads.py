@@ -350,8 +350,8 @@ class TeacherHeads(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         document = {"format": HEADS_FORMAT, "teacher_config": self.config.to_dict(), **metadata}
-        _atomic_write(out / HEADS_WEIGHTS, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
-        _atomic_write(out / HEADS_CONFIG, lambda path: path.write_text(json.dumps(document, indent=2, sort_keys=True)))
+        atomic_write(out / HEADS_WEIGHTS, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
+        atomic_write(out / HEADS_CONFIG, lambda path: path.write_text(json.dumps(document, indent=2, sort_keys=True)))
         return out
 
     @classmethod
@@ -395,7 +395,8 @@ class TeacherHeads(nn.Module):
         return heads.eval(), document
 
 
-def _atomic_write(target: Path, write: Any) -> None:
+def atomic_write(target: Path, write: Any) -> None:
+    """``write(tmp)`` next to ``target``, then rename over it: readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
     os.close(fd)
     try:

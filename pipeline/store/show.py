@@ -18,8 +18,9 @@ import pyarrow as pa
 import simplejpeg
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from esam3.pipeline.overlay import draw_prompts, overlay
 from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.pipeline.store import Store
@@ -27,9 +28,6 @@ from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.errors import first_line
 from esam3.schemas.samples import Failure
 from esam3.schemas.store import StoreError, decode_tensor
-
-_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
 
 
 def find_row(store: Store, key: str) -> tuple[str, dict[str, Any]]:
@@ -78,14 +76,6 @@ def _mask_to_image(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     return (F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
 
 
-def _overlay(image: np.ndarray, masks: list[np.ndarray]) -> Image.Image:
-    out = image.astype(np.float32)
-    for index, mask in enumerate(masks):
-        colour = np.array(_COLOURS[index % len(_COLOURS)], dtype=np.float32)
-        out[mask] = 0.45 * out[mask] + 0.55 * colour
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
-
-
 def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[str, Any]:
     """Draw the row of ``key`` into ``out`` (PNG); returns what was drawn."""
     table, row = find_row(store, key)
@@ -100,22 +90,12 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
             sample = _sample(store, DatasetName.SA1B, shard_source(store, row, source), row["shard"], key, check_pixels=False)
             image = np.asarray(simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB"))
         single = decode_tensor(row["single_logits"])[:, 0] if row["single_logits"] else np.zeros((0, 1, 1))
-        picture = _overlay(image, [_mask_to_image(m, height, width) for m in single])
-        draw = ImageDraw.Draw(picture)
-        sx, sy = width / size, height / size
+        picture = overlay(image, [_mask_to_image(m, height, width) for m in single])
         points = decode_tensor(row["prompt_points"]) if row["prompt_points"] else np.zeros((0, 0, 2))
         labels = decode_tensor(row["prompt_labels"]) if row["prompt_labels"] else np.zeros((0, 0))
         boxes = decode_tensor(row["prompt_boxes"]) if row["prompt_boxes"] else np.zeros((0, 4))
-        radius = max(3, min(height, width) // 150)
-        for k in range(len(points)):
-            for (x, y), label in zip(points[k], labels[k]):
-                if label < 0:
-                    continue
-                cx, cy = x * sx, y * sy
-                draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=(0, 255, 0) if label == 1 else (255, 0, 0))
-            if not np.isnan(boxes[k]).any():
-                x0, y0, x1, y1 = boxes[k]
-                draw.rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=(255, 255, 0), width=max(1, radius // 2))
+        scale = np.array([width / size, height / size])
+        draw_prompts(picture, points * scale, labels, boxes * np.tile(scale, 2))
         drawn = {"prompts": int(len(points)), "masks": int(len(single))}
     else:
         if stored is not None:
@@ -125,7 +105,7 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
                              max_frames=row["frame"] + 1)
             frame = sample.frames[int(np.flatnonzero(sample.frame_indices == row["frame_index"])[0])]
         logits = decode_tensor(row["mask_logits"])
-        picture = _overlay(frame, [_mask_to_image(m, height, width) for m in logits])
+        picture = overlay(frame, [_mask_to_image(m, height, width) for m in logits])
         drawn = {"objects": len(row["object_ids"]), "frame_index": row["frame_index"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out, format="PNG")

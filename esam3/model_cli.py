@@ -1,0 +1,197 @@
+"""``esam3 eval``, ``esam3 export`` and ``esam3 predict``: what to do with a trained student."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from esam3.console import UsageError, console, human_bytes, print_json, user_errors
+
+DEVICE_HELP = "Where to run: cpu or cuda (default: cuda if present)."
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    return name
+
+
+def _load(checkpoint: Path | None, model: Path | None, device: str) -> Any:
+    """The student + heads from a training checkpoint (heads from its store) or an exported model folder."""
+    from esam3.train.checkpoint import CheckpointError
+    from esam3.train.model import ModelLoadError, StudentModel
+    from esam3.train.students import StudentError
+
+    if (checkpoint is None) == (model is None):
+        raise UsageError("give --checkpoint (a training run or checkpoint folder) or --model (an esam3 export folder), one of them")
+    try:
+        return StudentModel.from_checkpoint(checkpoint, device=device) if checkpoint is not None else StudentModel.load(model, device)
+    except (CheckpointError, ModelLoadError, StudentError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _parse_numbers(text: str, count: int, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(np.isfinite(values)):
+        raise UsageError(f"{flag}: expected {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def eval_command(
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Training run folder (its newest checkpoint) or a checkpoint folder."),
+    model: Path = typer.Option(None, "--model", help="Model folder written by esam3 export (instead of --checkpoint)."),
+    store: str = typer.Option(None, "--store", help="Store to evaluate on (default: the one the student was trained on, at that version)."),
+    split: str = typer.Option("val", "--split", help="Store split: val (held out by key hash), train or all."),
+    val_percent: float = typer.Option(None, "--val-percent", help="Held-out share defining the split (default: the training run's)."),
+    version: int = typer.Option(None, "--version", help="Store table version (a snapshot; default: the training run's, else the newest)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per batch."),
+    coco_images: Path = typer.Option(None, "--coco-images", help="COCO-format eval: folder of the images."),
+    coco_annotations: Path = typer.Option(None, "--coco-annotations", help="COCO-format eval: instances JSON (e.g. instances_val2017.json)."),
+    prompt: str = typer.Option("box", "--prompt", help="COCO eval prompt per annotation: box (its GT box) or point (a click at its centre)."),
+    limit: int = typer.Option(None, "--limit", help="COCO eval: only the first N images."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="S3-compatible endpoint (http(s)://HOST:PORT) for an s3:// store."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+) -> None:
+    """Feature and mask quality of a student: on a store split (vs the teacher and the ground truth), or COCO mIoU."""
+    from esam3.train.evaluate import EvalError, evaluate_coco, evaluate_store
+
+    with user_errors():
+        if split not in ("val", "train", "all"):
+            raise UsageError(f"--split: expected val, train or all, got {split!r}")
+        if batch_size < 1 or (limit is not None and limit < 1):
+            raise UsageError("--batch-size and --limit must be at least 1")
+        if val_percent is not None and not 0 <= val_percent <= 100:
+            raise UsageError(f"--val-percent: must be in 0..100, got {val_percent:g}")
+        if (coco_images is None) != (coco_annotations is None):
+            raise UsageError("COCO eval needs both --coco-images and --coco-annotations")
+        student = _load(checkpoint, model, _device(device))
+        try:
+            if coco_images is not None:
+                result: Any = evaluate_coco(student, coco_images, coco_annotations, prompt, limit)
+            else:
+                result = evaluate_store(student, store, version, split, val_percent, batch_size, s3_endpoint=s3_endpoint)
+        except EvalError as exc:
+            raise UsageError(str(exc)) from None
+    if as_json:
+        print_json(result.to_json())
+        return
+    if coco_images is not None:
+        console.print(Text(
+            f"COCO mIoU ({result.prompt} prompts): {result.miou:.4f} over {result.annotations} objects in {result.images} images "
+            f"({result.seconds_per_image * 1000:.0f} ms per image; {result.skipped_crowd} crowd annotations skipped)"
+        ))
+        return
+    table = Table(title=Text(f"{result.split} split: {result.rows} rows, {result.prompts} prompts (store version {result.store_version})"),
+                  title_justify="left")
+    for column in ("prompt kind", "count", "mIoU vs teacher", "mIoU vs GT", "teacher mIoU vs GT", "IoU-score error"):
+        table.add_column(column, justify="right")
+    rows = [("all", result.prompts, result.miou_teacher, result.miou_gt, result.teacher_miou_gt, result.iou_score_error)]
+    rows += [(kind, v["prompts"], v["miou_teacher"], v["miou_gt"], v["teacher_miou_gt"], v["iou_score_error"]) for kind, v in result.per_kind.items()]
+    for kind, count, *values in rows:
+        table.add_row(kind, str(count), *(f"{v:.4f}" for v in values))
+    console.print(table)
+    console.print(Text(f"features vs the teacher's trunk: MSE {result.feature_mse:.4g} (summed over channels), cosine {result.feature_cosine:.4f}"))
+
+
+def export_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Training run folder (its newest checkpoint) or a checkpoint folder."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write: model.safetensors + config.json."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+) -> None:
+    """One safetensors model (student encoder + tracker heads) + its config; loads without the store or the teacher."""
+    with user_errors():
+        student = _load(checkpoint, None, "cpu")
+        report = student.save(out)
+    teacher_parameters = (student.provenance["store"].get("teacher_parameters") or {}).get("total")
+    if as_json:
+        print_json({"out": str(report.out), "bytes": report.bytes, "parameters": report.parameters,
+                    "student_parameters": report.student_parameters, "heads_parameters": report.heads_parameters,
+                    "teacher_parameters": teacher_parameters})
+        return
+    table = Table(title=Text(f"exported to {report.out}"), title_justify="left")
+    for column in ("", "parameters", "size (fp32)"):
+        table.add_column(column, justify="right")
+    table.add_row("student model (encoder + tracker heads)", f"{report.parameters / 1e6:.2f}M", human_bytes(report.bytes))
+    table.add_row("  of which the encoder", f"{report.student_parameters / 1e6:.2f}M", human_bytes(4 * report.student_parameters))
+    if teacher_parameters:
+        table.add_row("the store's teacher (SAM3 for a real store)", f"{teacher_parameters / 1e6:.2f}M", human_bytes(4 * teacher_parameters))
+    console.print(table)
+
+
+def predict_command(
+    model: Path = typer.Option(..., "--model", help="Model folder written by esam3 export."),
+    image: Path = typer.Option(..., "--image", help="JPEG or PNG image."),
+    point: list[str] = typer.Option(None, "--point", help="A click x,y in image pixels: one object per --point (repeatable)."),
+    box: list[str] = typer.Option(None, "--box", help="A box x0,y0,x1,y1 in image pixels: one object per --box (repeatable)."),
+    out: Path = typer.Option(None, "--out", help="PNG to write: the image with each mask tinted and the prompts drawn."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs after one warm-up; the median is the latency printed."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with each mask as COCO RLE."),
+) -> None:
+    """Segment objects in an image with an exported student: masks drawn on the image, or as RLE (--json)."""
+    from pycocotools import mask as mask_utils
+
+    from esam3.pipeline.overlay import draw_prompts, overlay
+    from esam3.train.evaluate import EvalError, load_image
+    from esam3.train.model import StudentModel
+
+    with user_errors():
+        if not point and not box:
+            raise UsageError("give at least one --point x,y or --box x0,y0,x1,y1")
+        if repeats < 1:
+            raise UsageError("--repeats must be at least 1")
+        if out is None and not as_json:
+            raise UsageError("give --out overlay.png, --json, or both")
+        points = np.array([_parse_numbers(p, 2, "--point") for p in point or []], np.float32).reshape(-1, 2)
+        boxes = np.array([_parse_numbers(b, 4, "--box") for b in box or []], np.float32).reshape(-1, 4)
+        if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
+            raise UsageError("--box: expected x0,y0,x1,y1 with x1 > x0 and y1 > y0")
+        student = _load(None, model, _device(device))
+        try:
+            pixels = load_image(image)
+        except EvalError as exc:
+            raise UsageError(str(exc)) from None
+        student.segment(pixels, points, boxes)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            result = student.segment(pixels, points, boxes)
+            times.append(time.perf_counter() - started)
+    latency = float(np.median(times))
+    if out is not None:
+        picture = overlay(pixels, list(result.masks))
+        labels = np.concatenate([np.ones((len(points), 1)), np.full((len(boxes), 1), -1)])
+        draw_prompts(picture, np.concatenate([points, np.zeros((len(boxes), 2), np.float32)])[:, None], labels,
+                     np.concatenate([np.full((len(points), 4), np.nan, np.float32), boxes]))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(out, format="PNG")
+    prompts = [{"point": p.tolist()} for p in points] + [{"box": b.tolist()} for b in boxes]
+    if as_json:
+        masks = []
+        for prompt, mask, score in zip(prompts, result.masks, result.scores):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            masks.append({**prompt, "score": float(score), "area": int(mask.sum()),
+                          "rle": {"size": list(rle["size"]), "counts": rle["counts"].decode()}})
+        print_json({"image": str(image), "height": pixels.shape[0], "width": pixels.shape[1], "latency_ms": 1000 * latency,
+                    "device": str(next(student.parameters()).device), "out": str(out) if out else None, "masks": masks})
+        return
+    for prompt, mask, score in zip(prompts, result.masks, result.scores):
+        console.print(Text(f"{prompt}: {int(mask.sum())} pixels, predicted IoU {score:.3f}"))
+    console.print(Text(f"{len(prompts)} mask(s) drawn into {out}; {1000 * latency:.1f} ms per image on "
+                       f"{next(student.parameters()).device} ({pixels.shape[1]}x{pixels.shape[0]}, median of {repeats})"))

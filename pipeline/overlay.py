@@ -1,0 +1,32 @@
+"""Pictures of masks and prompts on an image: what ``esam3 store show`` and ``esam3 predict`` draw."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
+
+
+def overlay(image: np.ndarray, masks: list[np.ndarray]) -> Image.Image:
+    """RGB uint8 (H, W, 3) with each bool (H, W) mask tinted in its own colour."""
+    out = image.astype(np.float32)
+    for index, mask in enumerate(masks):
+        colour = np.array(COLOURS[index % len(COLOURS)], dtype=np.float32)
+        out[mask] = 0.45 * out[mask] + 0.55 * colour
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def draw_prompts(picture: Image.Image, points: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> None:
+    """Clicks (K, P, 2) with labels (K, P) (1 green, 0 red, < 0 none) and boxes (K, 4) XYXY (a NaN row: none), all in
+    the picture's pixel coordinates."""
+    draw = ImageDraw.Draw(picture)
+    radius = max(3, min(picture.size) // 150)
+    for k in range(len(points)):
+        for (x, y), label in zip(points[k], labels[k]):
+            if label >= 0:
+                draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=(0, 255, 0) if label == 1 else (255, 0, 0))
+    for box in boxes:
+        if not np.isnan(box).any():
+            draw.rectangle(tuple(float(v) for v in box), outline=(255, 255, 0), width=max(1, radius // 2))
