@@ -147,7 +147,7 @@ def predict_command(
     """Segment objects in an image with an exported student: masks drawn on the image, or as RLE (--json)."""
     from pycocotools import mask as mask_utils
 
-    from esam3.pipeline.overlay import draw_prompts, overlay
+    from esam3.pipeline.overlay import draw_segmentation
     from esam3.train.evaluate import EvalError, load_image
     from esam3.train.model import StudentModel
 
@@ -175,12 +175,8 @@ def predict_command(
             times.append(time.perf_counter() - started)
     latency = float(np.median(times))
     if out is not None:
-        picture = overlay(pixels, list(result.masks))
-        labels = np.concatenate([np.ones((len(points), 1)), np.full((len(boxes), 1), -1)])
-        draw_prompts(picture, np.concatenate([points, np.zeros((len(boxes), 2), np.float32)])[:, None], labels,
-                     np.concatenate([np.full((len(points), 4), np.nan, np.float32), boxes]))
         out.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(out, format="PNG")
+        draw_segmentation(pixels, result.masks, points, boxes).save(out, format="PNG")
     prompts = [{"point": p.tolist()} for p in points] + [{"box": b.tolist()} for b in boxes]
     if as_json:
         masks = []

@@ -30,3 +30,11 @@ def draw_prompts(picture: Image.Image, points: np.ndarray, labels: np.ndarray, b
     for box in boxes:
         if not np.isnan(box).any():
             draw.rectangle(tuple(float(v) for v in box), outline=(255, 255, 0), width=max(1, radius // 2))
+
+
+def draw_segmentation(image: np.ndarray, masks: np.ndarray, points: np.ndarray, boxes: np.ndarray) -> Image.Image:
+    """A predictor's result: masks (K, H, W) tinted, then its single clicks (K1, 2) and boxes (K2, 4) drawn."""
+    picture = overlay(image, list(masks))
+    clicks = np.asarray(points, np.float32).reshape(-1, 1, 2)
+    draw_prompts(picture, clicks, np.ones((len(clicks), 1)), np.asarray(boxes, np.float32).reshape(-1, 4))
+    return picture
