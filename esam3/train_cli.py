@@ -64,6 +64,8 @@ def stage1_command(
     init: Path = typer.Option(None, "--init", help="Local timm checkpoint (.safetensors / .pth) to start the backbone from; nothing is downloaded."),
     device: Device = typer.Option(None, "--device", help=_help("device", "Where to train: auto (cuda if present), cpu or cuda")),
     loader_workers: int = typer.Option(None, "--loader-workers", help=_help("loader_workers", "DataLoader processes (spawned) reading the store")),
+    workers: int = typer.Option(None, "--workers", help=_help("workers", "Ray Train workers (DDP ranks; one GPU each when there are GPUs), each taking --batch-size images per step")),
+    address: str = typer.Option(None, "--address", help="Train on this Ray: auto, or HOST:PORT (default: a local Ray when --workers > 1)."),
     seed: int = typer.Option(None, "--seed", help=_help("seed", "Seed of the student's init, the data order and the prompt draws")),
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help=_help("checkpoint_every", "Steps between checkpoints (one is also written at the end)")),
     keep_checkpoints: int = typer.Option(None, "--keep-checkpoints", help=_help("keep_checkpoints", "Newest checkpoints kept")),
@@ -75,7 +77,8 @@ def stage1_command(
 ) -> None:
     """Stage 1: the student's encoder learns the cached trunk, with prompts through the store's frozen heads."""
     from esam3.train.checkpoint import CheckpointError
-    from esam3.train.stage1 import TrainError, run_stage1
+    from esam3.train.distributed import train_stage1
+    from esam3.train.stage1 import TrainError
     from esam3.train.students import StudentError
 
     flags = dict(
@@ -83,7 +86,7 @@ def stage1_command(
         min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip, feature_weight=feature_weight,
         cosine_weight=cosine_weight, prompt_weight=prompt_weight, iou_weight=iou_weight, gt_weight=gt_weight,
         max_prompts=max_prompts, image_size=image_size, val_percent=val_percent, version=version, tag=tag, init=init,
-        device=device, loader_workers=loader_workers, seed=seed, checkpoint_every=checkpoint_every,
+        device=device, loader_workers=loader_workers, workers=workers, address=address, seed=seed, checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume or None, s3_endpoint=s3_endpoint,
     )
     with user_errors():
@@ -97,7 +100,7 @@ def stage1_command(
                            status=f"loss {report.terms['total']:.4g} ({shown}), {report.samples_per_sec:.1f} samples/s")
 
             try:
-                result = run_stage1(config, on_step=update)
+                result = train_stage1(config, on_step=update)
             except (TrainError, StudentError, CheckpointError) as exc:
                 raise UsageError(str(exc)) from None
     if as_json:

@@ -19,7 +19,7 @@ from esam3.schemas.cache import check_s3_endpoint
 #: The public recipe's learning rate: 1e-3 for 512 images per optimizer step, scaled linearly.
 BASE_LR, BASE_BATCH = 1e-3, 512
 #: Fields that may change when a run is resumed (the rest must match the checkpoint's config).
-RESUMABLE = frozenset({"steps", "epochs", "device", "loader_workers", "resume", "checkpoint_every", "log_every", "keep_checkpoints"})
+RESUMABLE = frozenset({"steps", "epochs", "device", "loader_workers", "address", "resume", "checkpoint_every", "log_every", "keep_checkpoints"})
 
 
 class Device(str, Enum):
@@ -62,6 +62,8 @@ class Stage1Config(BaseModel):
     init: Path | None = Field(None, description="local timm checkpoint for the student backbone")
     device: Device = Device.AUTO
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per trainer")
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks), each with --batch-size images per step")
+    address: str | None = Field(None, min_length=1, description="Ray to train on: auto or HOST:PORT (default: a local Ray when --workers > 1)")
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (and one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept")
@@ -86,6 +88,8 @@ class Stage1Config(BaseModel):
             raise ValueError("give --steps or --epochs, not both")
         if self.version is not None and self.tag is not None:
             raise ValueError("give --version or --tag, not both")
+        if self.address is not None and self.address.startswith("ray://"):
+            raise ValueError("--address: Ray Client (ray://) cannot run Ray Train here; use auto or HOST:PORT on a cluster node")
         if self.lr is not None and self.min_lr > self.lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
         if self.feature_weight + self.cosine_weight + self.prompt_weight + self.iou_weight + self.gt_weight == 0:

@@ -16,7 +16,7 @@ from esam3.pipeline.plan import run_cache
 from esam3.schemas.cache import CacheConfig
 from esam3.schemas.train import Stage1Config
 from esam3.train.checkpoint import STUDENT_WEIGHTS, latest_checkpoint
-from esam3.train.stage1 import TrainError, lr_at, run_stage1
+from esam3.train.stage1 import Stage1Result, TrainError, lr_at, run_stage1
 
 BASE = dict(student="es-ev-s", batch_size=2, loader_workers=0, val_percent=0, lr=2e-3, seed=3)
 
@@ -128,6 +128,8 @@ def test_the_cli_refuses_stores_a_student_cannot_train_from(bare_store: Path, tm
     (["--version", "3", "--tag", "x"], "give --version or --tag, not both"),
     (["--s3-endpoint", "http://user:pw@host:1"], "--s3-endpoint: expected http(s)://HOST[:PORT]"),
     (["--batch-size", "8"], "fewer than one step of 8 x 1"),
+    (["--workers", "0"], "--workers: Input should be greater than or equal to 1"),
+    (["--address", "ray://head:10001"], "Ray Client (ray://) cannot run Ray Train"),
 ])
 def test_stage1_flags_are_checked(sa1b_store: Path, tmp_path: Path, flags: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["train", "stage1", "--store", str(sa1b_store), "--out", str(tmp_path / "r"), "--val-percent", "0", *flags])
@@ -151,3 +153,49 @@ def test_the_cli_reads_a_config_file_and_flags_win(sa1b_store: Path, tmp_path: P
     result = CliRunner().invoke(app, ["train", "stage1", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--store is required" in result.output
     shutil.rmtree(tmp_path / "run")
+
+
+def test_two_ray_train_workers_take_the_steps_of_one_worker_with_their_joint_batch(sa1b_store: Path, tmp_path: Path) -> None:
+    """--workers 2 on a local Ray (gloo, CPU): each rank reads its own half of every batch, DDP averages the
+    gradients and BatchNorm sees the whole batch, so 2 x batch 2 ends where 1 x batch 4 ends."""
+    from esam3.train.distributed import GlobalBatchNorm2d, train_stage1
+    from esam3.train.model import StudentModel
+
+    config = dict(store=str(sa1b_store), student="es-ev-s", loader_workers=0, val_percent=0, lr=1e-3, steps=3, warmup=0.0, seed=5)
+    one = train_stage1(Stage1Config(out=tmp_path / "one", batch_size=4, **config))
+    alone = train_stage1(Stage1Config(out=tmp_path / "alone", batch_size=2, **config))  # what one rank's half alone gives
+    steps = []
+    two = train_stage1(Stage1Config(out=tmp_path / "two", batch_size=2, workers=2, **config), on_step=steps.append)
+    assert [s.step for s in steps] == [1, 2, 3] and two.steps == 3 and two.checkpoint == tmp_path / "two" / "checkpoints" / "step-00000003"
+    saved = json.loads((two.checkpoint / "config.json").read_text())
+    assert saved["world_size"] == 2 and saved["config"]["workers"] == 2
+
+    def outputs(run: Path) -> torch.Tensor:
+        with torch.no_grad():
+            return StudentModel.from_checkpoint(run).trunk(torch.arange(2 * 3 * 112 * 112).reshape(2, 3, 112, 112).remainder(251).to(torch.uint8))
+
+    reference = outputs(tmp_path / "one")
+    assert float((outputs(tmp_path / "two") - reference).norm() / reference.norm()) < 1e-3
+    assert float((outputs(tmp_path / "alone") - reference).norm() / reference.norm()) > 1e-2
+    def distance(run: Stage1Result) -> torch.Tensor:
+        a, b = weights(one.checkpoint), weights(run.checkpoint)
+        return torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a if a[k].is_floating_point()])
+
+    together, apart = distance(two), distance(alone)
+    print("weights |2 workers - 1 worker| mean, max:", float(together.mean()), float(together.max()), "; half batch:", float(apart.mean()))
+    # Weights agree to float precision except where a gradient is pure rounding noise (the bias of a layer that a
+    # BatchNorm follows): Adam moves those by up to lr per step whatever the noise's size
+    assert float(together.mean()) < 0.05 * float(apart.mean()) and float(together.max()) <= 2 * 1e-3 * 3
+    assert isinstance(GlobalBatchNorm2d(4), torch.nn.BatchNorm2d)
+
+
+def test_global_batchnorm_matches_batchnorm_on_one_process() -> None:
+    from esam3.train.distributed import GlobalBatchNorm2d, global_batchnorm
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    converted = global_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
+    converted.load_state_dict(plain.state_dict())
+    assert isinstance(converted[1], GlobalBatchNorm2d) and converted.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(3, 3, 5, 5)
+    assert torch.allclose(plain(x), converted(x), atol=1e-6)  # no process group: plain BatchNorm
