@@ -145,3 +145,33 @@ def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> No
     assert result["lowrank"]["fitted_on_one_shard"]["rel_rms_error_mean_other_shards"] > 0
     bad = run_script("--rows", "8", "--fit-rows", "4", "--shards", "5", script=BENCHMARKS / "codecs.py")
     assert bad.returncode == 2 and "--shards must be between 1 and --fit-rows" in bad.stderr
+
+
+def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path: Path) -> None:
+    """benchmarks/fidelity.py at its smallest: per-step losses from an fp16 store equal the live teacher's within
+    1e-3 (relative), and an int8 store's student scores the live-teacher student's mIoU within 0.02."""
+    done = run_script("--teacher", "tiny-random", "--steps", "4", "--images", "8", "--codecs", "int8", "--out", str(tmp_path),
+                      script=BENCHMARKS / "fidelity.py")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    fp16, int8 = result["codecs"]["fp16"], result["codecs"]["int8"]
+    assert fp16["first_step_relative_loss_difference"] < 1e-4 and fp16["max_relative_loss_difference"] < 1e-3
+    for codec in (fp16, int8):
+        assert abs(codec["miou_vs_teacher"]["cached"] - codec["miou_vs_teacher"]["live"]) < 0.02
+        assert codec["teacher_trunk_forwards"] == {"cache_once": 8, "online_per_epoch": 4.0}  # 6 train rows: 1 batch of 4 per epoch
+        assert codec["seconds"]["train_online"] > 0 and 0 < codec["seconds"]["online_teacher_share"] < 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--codecs", "fp8"], "--codecs: expected"), (["--steps", "0"], "--steps must be at least 1"),
+    (["--images", "4"], "--images must be at least 8"), (["--val-percent", "100"], "--val-percent must be in"),
+])
+def test_fidelity_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fidelity_benchmark", BENCHMARKS / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -187,8 +187,12 @@ def _batches(loader: Any, sampler: EpochSampler, state: TrainerState) -> Iterato
 def run_stage1(
     config: Stage1Config, on_step: Callable[[StepReport], None] | None = None, rank: int = 0, world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | None = None,
+    targets: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Stage1Result:
-    """Train (or resume) a stage-1 student; ``wrap`` makes the DDP model on Ray Train workers. Rank 0 writes."""
+    """Train (or resume) a stage-1 student; ``wrap`` makes the DDP model on Ray Train workers. Rank 0 writes.
+
+    ``targets`` replaces each batch's cached targets before the step (``esam3.train.fidelity.LiveTargets``: the
+    teacher computing them online, as training without a cache does)."""
     setup = prepare(config, world_size, device)
     student, device, dataset = setup.student, setup.device, setup.dataset
     model = wrap(student) if wrap is not None else student
@@ -220,6 +224,8 @@ def run_stage1(
                 epoch, index, batch = next(batches)
                 window["wait"] += time.perf_counter() - waited
                 batch = dataset.to_device(batch, device)
+                if targets is not None:
+                    batch = targets(batch)
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step * world_size + rank)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     step_terms, outputs = stage1_terms(setup.heads, model(batch["input"]), batch, setup.weights, config.max_prompts, generator)
