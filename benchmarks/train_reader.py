@@ -70,9 +70,11 @@ GPU_RATE = 60  # rows/s one GPU trains on (the project's throughput aim)
 # ---- the data, in each layout ----------------------------------------------------------------------------
 
 
-def build(out: Path, rows: int, prompts: int, store_uri: str | None = None, s3: S3Settings | None = None) -> dict[str, Any]:
-    """The esam3 store (at ``store_uri``, default ``out/store``) and, locally, the public and fixed-record layouts."""
-    g = Geometry.from_config(random_config("full-random"))
+def build(out: Path, rows: int, prompts: int, store_uri: str | None = None, s3: S3Settings | None = None,
+          teacher: str = "full-random") -> dict[str, Any]:
+    """The esam3 store (at ``store_uri``, default ``out/store``) and, locally, the public and fixed-record layouts;
+    rows at the geometry of ``teacher`` (SAM3's full size by default)."""
+    g = Geometry.from_config(random_config(teacher))
     if not (out / "data").exists():
         write_demo_data(DemoDataConfig(out=out / "data", sa1b_shards=1, images_per_shard=rows, sav_shards=0))
     source = out / "data" / "sa-1b"

@@ -167,11 +167,44 @@ def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path:
     (["--images", "4"], "--images must be at least 8"), (["--val-percent", "100"], "--val-percent must be in"),
 ])
 def test_fidelity_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("fidelity").parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def load_benchmark(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("fidelity_benchmark", BENCHMARKS / "fidelity.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_times_students_with_and_without_prompts(capsys: pytest.CaptureFixture) -> None:
+    load_benchmark("train_step").main(["--teacher", "tiny-random", "--students", "es-ev-s,es-tv-s", "--warmup", "0", "--repeats", "1", "--prompts", "4"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["image_size"] == 112 and result["mask_size"] == 32 and set(result["students"]) == {"es-ev-s", "es-tv-s"}
+    for student in result["students"].values():
+        assert student["rows_per_s"] > 0 and student["features_only_rows_per_s"] > 0
+    assert result["students"]["es-ev-s"]["backbone_parameters_m"] == 0.68
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--students", "es-xx-m"], "--students: expected names from"), (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--teacher", "sam9"], "invalid choice"),
+])
+def test_train_step_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        module.parse_args(args)
+        load_benchmark("train_step").parse_args(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_train_runs_on_cpu_from_a_store_it_makes(capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/gpu_train.py with --device cpu at the tiny geometry: the store, the heads file and the loop work."""
+    load_benchmark("gpu_train").main(["--device", "cpu", "--teacher", "tiny-random", "--students", "es-ev-s", "--rows", "6",
+                                      "--steps", "3", "--batch", "2", "--prompts", "4", "--loader-workers", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["device"] == "CPU" and result["rows"] == 6
+    student = result["students"]["es-ev-s"]
+    assert student["rows_per_s"] > 0 and 0 <= student["data_wait_share"] < 1 and student["final_loss"] > 0
