@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from train_reader import build  # noqa: E402
+from train_step import checked  # noqa: E402
 
 from esam3.schemas.store import HEADS_DIR  # noqa: E402
 from esam3.schemas.train import Stage1Config  # noqa: E402
 from esam3.train.stage1 import run_stage1  # noqa: E402
-from esam3.train.students import REGISTRY  # noqa: E402
 from esam3.workers.heads import TeacherHeads  # noqa: E402
 from esam3.workers.teacher_loading import random_config  # noqa: E402
 
@@ -47,13 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="steps per student; the first one is not timed (>= 2)")
     parser.add_argument("--batch", type=int, default=16, help="images per step (>= 1)")
     parser.add_argument("--loader-workers", type=int, default=8, help="spawned DataLoader workers (>= 0)")
-    args = parser.parse_args(argv)
-    args.students = [s.strip() for s in args.students.split(",") if s.strip()]
-    if not args.students or any(s not in REGISTRY for s in args.students):
-        parser.error(f"--students: expected names from {', '.join(REGISTRY)}, got {args.students}")
-    for name, low in (("prompts", 1), ("steps", 2), ("batch", 1), ("loader_workers", 0)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be at least {low}")
+    args = checked(parser, parser.parse_args(argv), {"prompts": 1, "steps": 2, "batch": 1, "loader_workers": 0})
     if args.rows < args.batch:
         parser.error("--rows must be at least --batch")
     if args.device == "cuda" and not torch.cuda.is_available():

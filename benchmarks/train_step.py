@@ -40,13 +40,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per image (>= 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 0)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps (>= 1)")
-    args = parser.parse_args(argv)
+    return checked(parser, parser.parse_args(argv), {"batch": 1, "prompts": 1, "warmup": 0, "repeats": 1})
+
+
+def checked(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict[str, int]) -> argparse.Namespace:
+    """``--students`` as a list of registry names, and each of ``minimums`` at least its value (else exit 2)."""
     args.students = [s.strip() for s in args.students.split(",") if s.strip()]
     if not args.students or any(s not in REGISTRY for s in args.students):
         parser.error(f"--students: expected names from {', '.join(REGISTRY)}, got {args.students}")
-    for name, low in (("batch", 1), ("prompts", 1), ("warmup", 0), ("repeats", 1)):
+    for name, low in minimums.items():
         if getattr(args, name) < low:
-            parser.error(f"--{name} must be at least {low}")
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}")
     return args
 
 
