@@ -180,3 +180,12 @@ def test_a_batch_of_images_decodes_like_each_image_alone(exported: Path) -> None
         expected = 1 + int(alone[0]["iou"][k, 1:].argmax()) if int(n_points[k]) == 1 else 0  # SAM3: multimask for one click
         assert int(pick[k]) == expected
     assert {int(n) for n in n_points} & {1} and {int(n) for n in n_points} - {1}  # both rules are exercised
+    # a trainer decodes only the pass that gives each prompt's chosen output: the same logits and scores
+    with torch.no_grad():
+        chosen = heads.decode_prompts(heads.image_embeddings(trunks[:1]), points, labels, boxes, choose=pick)
+    both = torch.cat([alone[0]["single"], alone[0]["multi"]], dim=1)
+    assert torch.allclose(chosen["chosen"], both[torch.arange(len(pick)), pick], atol=1e-5)
+    ran = ~torch.isnan(chosen["iou"])
+    assert torch.equal(ran.sum(1), torch.where(pick > 0, 3, 1)) and torch.allclose(chosen["iou"][ran], alone[0]["iou"][ran], atol=1e-5)
+    with pytest.raises(ValueError, match="is judged by its"):
+        heads.decode_prompts(heads.image_embeddings(trunks[:1]), points, labels, boxes, choose=torch.where(pick > 0, 0, 1))

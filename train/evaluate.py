@@ -26,7 +26,7 @@ import torch
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.store import Store
 from esam3.schemas.prompts import PromptKind
-from esam3.train.losses import chosen_prompts, decode_batch, feature_terms, picked, teacher_outputs
+from esam3.train.losses import chosen_prompts, decode_batch, feature_terms, teacher_outputs
 from esam3.train.model import StudentModel
 from esam3.train.reader import StoreDataset, make_loader
 from esam3.train.sampler import EpochSampler
@@ -87,16 +87,16 @@ def evaluate_store(
             outputs = decode_batch(model.heads, trunk, batch, chosen_prompts(batch["prompt_valid"], None, None))
             if len(outputs.image) == 0:
                 continue
-            teacher_logits, teacher_iou = teacher_outputs(batch, outputs.image, outputs.slot)
-            pick = picked(model.heads, batch, outputs)
-            r = torch.arange(len(pick), device=pick.device)
-            student_mask, teacher_mask = outputs.masks[r, pick] > 0, teacher_logits[r, pick] > 0
-            gt = batch["gt_masks"][outputs.image.to(device), outputs.slot.to(device)]
+            teacher_logits, teacher_iou = teacher_outputs(batch, outputs)
+            r = torch.arange(len(outputs.pick), device=outputs.pick.device)
+            student_mask, teacher_mask = outputs.chosen > 0, teacher_logits > 0
+            gt = batch["gt_masks"][outputs.image, outputs.slot]
             values = {
                 "miou_teacher": mask_iou(student_mask, teacher_mask), "miou_gt": mask_iou(student_mask, gt),
-                "teacher_miou_gt": mask_iou(teacher_mask, gt), "iou_score_error": (outputs.iou[r, pick] - teacher_iou[r, pick]).abs(),
+                "teacher_miou_gt": mask_iou(teacher_mask, gt),
+                "iou_score_error": (outputs.iou[r, outputs.pick] - teacher_iou[r, outputs.pick]).abs(),
             }
-            kind_of = batch["prompt_kinds"][outputs.image.to(device), outputs.slot.to(device)].cpu().tolist()
+            kind_of = batch["prompt_kinds"][outputs.image, outputs.slot].cpu().tolist()
             for name, per_prompt in values.items():
                 for kind, value in zip(kind_of, per_prompt.float().cpu().tolist()):
                     kinds[PromptKind(kind).label][name].append(value)

@@ -5,8 +5,9 @@ tokens, and (1 - cosine over channels) averaged over tokens.
 
 Prompt-in-the-loop: the student's trunk goes through the store's frozen heads (tracker neck, prompt encoder, mask
 decoder) with each image's cached prompts; the output the teacher would use for that prompt (its best multimask
-output for a single click, the single-mask output otherwise: ``TeacherHeads.picked_output``) is matched to the
-teacher's cached logits of the same slot with BCE (sigmoid targets) + Dice, and the IoU head's 4 scores with L1.
+output for a single click, the single-mask output otherwise: ``TeacherHeads.picked_output``) is the only one decoded
+and is matched to the teacher's cached logits of the same output with BCE (sigmoid targets) + Dice, and the IoU
+head's scores of that decoder pass (3 for multimask, 1 single) with L1.
 An optional ground-truth term does BCE + Dice against the stored GT mask of each prompted object.
 
 How the defaults weigh the terms (``LossWeights``): the MSE summed over C channels grows with C (SAM3: 1024), so
@@ -73,8 +74,9 @@ class PromptOutputs:
 
     image: torch.Tensor  # (N,) which image of the batch
     slot: torch.Tensor  # (N,) which prompt slot of that image
-    masks: torch.Tensor  # (N, 4, m, m) logits: single, then the 3 multimask outputs (the order of ``iou``)
-    iou: torch.Tensor  # (N, 4)
+    pick: torch.Tensor  # (N,) the output the teacher uses (0 = single, 1..3 = multimask): the one decoded
+    chosen: torch.Tensor  # (N, m, m) the student's logits of that output
+    iou: torch.Tensor  # (N, 4) predicted IoU (single, then multimask) of the decoder pass that ran; NaN for the other
 
 
 def chosen_prompts(valid: torch.Tensor, max_prompts: int | None, generator: torch.Generator | None) -> torch.Tensor:
@@ -92,52 +94,45 @@ def chosen_prompts(valid: torch.Tensor, max_prompts: int | None, generator: torc
 def decode_batch(heads: TeacherHeads, trunk: torch.Tensor, batch: dict[str, Any], pairs: torch.Tensor) -> PromptOutputs:
     """Run the frozen heads on ``trunk`` (B, C, g, g) for the prompts ``pairs`` (from :func:`chosen_prompts`).
 
-    Gradients flow through the heads into ``trunk``; the heads' own parameters are the caller's to freeze.
-    Prompt coordinates are the store's (continuous, in the teacher frame): SAM's pixel-index convention subtracts 0.5.
+    Only the decoder pass that gives the output the teacher uses runs (its multimask pass for one click, its
+    single-mask pass otherwise). Gradients flow through the heads into ``trunk``; the heads' own parameters are the
+    caller's to freeze. Prompt coordinates are the store's (continuous, in the teacher frame): SAM's pixel-index
+    convention subtracts 0.5.
     """
     embeddings = heads.image_embeddings(trunk)
     m = heads.geometry.mask_size
-    if len(pairs) == 0:
-        return PromptOutputs(pairs[:, 0], pairs[:, 1], trunk.new_zeros((0, 4, m, m)), trunk.new_zeros((0, 4)))
     image, slot = pairs[:, 0].to(trunk.device), pairs[:, 1].to(trunk.device)
-    out = heads.decode_prompts(
-        embeddings, batch["prompt_points"][image, slot] - 0.5, batch["prompt_labels"][image, slot],
-        batch["prompt_boxes"][image, slot] - 0.5, image=image,
-    )
-    return PromptOutputs(pairs[:, 0], pairs[:, 1], torch.cat([out["single"], out["multi"]], dim=1), out["iou"])
+    if len(pairs) == 0:
+        return PromptOutputs(image, slot, image, trunk.new_zeros((0, m, m)), trunk.new_zeros((0, 4)))
+    points, labels, boxes = batch["prompt_points"][image, slot], batch["prompt_labels"][image, slot], batch["prompt_boxes"][image, slot]
+    pick = heads.picked_output(labels, boxes, batch["iou"][image, slot])
+    out = heads.decode_prompts(embeddings, points - 0.5, labels, boxes - 0.5, image=image, choose=pick)
+    return PromptOutputs(image, slot, pick, out["chosen"], out["iou"])
 
 
-def teacher_outputs(batch: dict[str, Any], image: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cached teacher logits (N, 4, m, m) and IoU (N, 4) of the same prompts, in the heads' output order."""
-    image, slot = image.to(batch["iou"].device), slot.to(batch["iou"].device)
+def teacher_outputs(batch: dict[str, Any], outputs: PromptOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached teacher logits of the output each prompt is judged by (N, m, m), and its IoU scores (N, 4)."""
+    image, slot, pick = outputs.image, outputs.slot, outputs.pick
     logits = torch.cat([batch["single_logits"][image, slot], batch["multi_logits"][image, slot]], dim=1)
-    return logits, batch["iou"][image, slot]
+    return logits[torch.arange(len(pick), device=pick.device), pick], batch["iou"][image, slot]
 
 
-def picked(heads: TeacherHeads, batch: dict[str, Any], outputs: PromptOutputs) -> torch.Tensor:
-    """(N,) index of the output the teacher uses for each prompt (0 = single, 1..3 = multimask)."""
-    device = batch["iou"].device
-    image, slot = outputs.image.to(device), outputs.slot.to(device)
-    return heads.picked_output(batch["prompt_labels"][image, slot], batch["prompt_boxes"][image, slot], batch["iou"][image, slot])
-
-
-def prompt_terms(heads: TeacherHeads, batch: dict[str, Any], outputs: PromptOutputs, with_gt: bool) -> dict[str, torch.Tensor]:
-    """BCE / Dice of the picked student mask vs the teacher's, the IoU-head L1, and (``with_gt``) BCE / Dice vs GT;
-    each averaged per image (:func:`per_image_mean`)."""
+def prompt_terms(batch: dict[str, Any], outputs: PromptOutputs, with_gt: bool) -> dict[str, torch.Tensor]:
+    """BCE / Dice of the student's mask vs the teacher's (the output the teacher uses), the IoU-head L1 over the scores
+    of the decoder pass that ran, and (``with_gt``) BCE / Dice vs GT; each averaged per image (:func:`per_image_mean`)."""
     names = ("mask_bce", "mask_dice", "iou_l1") + (("gt_bce", "gt_dice") if with_gt else ())
     if len(outputs.image) == 0:
-        zero = outputs.masks.sum() * 0.0  # keeps the graph (and DDP's bookkeeping) when a batch has no prompt
+        zero = outputs.chosen.sum() * 0.0  # keeps the graph (and DDP's bookkeeping) when a batch has no prompt
         return {name: zero for name in names}
     batch_size = batch["prompt_valid"].shape[0]
-    teacher_logits, teacher_iou = teacher_outputs(batch, outputs.image, outputs.slot)
-    pick = picked(heads, batch, outputs)
-    rows = torch.arange(len(pick), device=pick.device)
-    student = outputs.masks[rows, pick].float()
-    per_prompt = dict(zip(("mask_bce", "mask_dice"), mask_terms(student, teacher_logits[rows, pick].float().sigmoid())))
-    per_prompt["iou_l1"] = (outputs.iou.float() - teacher_iou.float()).abs().mean(1)
+    teacher_logits, teacher_iou = teacher_outputs(batch, outputs)
+    student = outputs.chosen.float()
+    per_prompt = dict(zip(("mask_bce", "mask_dice"), mask_terms(student, teacher_logits.float().sigmoid())))
+    ran = ~torch.isnan(outputs.iou)
+    errors = (outputs.iou.float() - teacher_iou.float()).abs()
+    per_prompt["iou_l1"] = torch.where(ran, errors, torch.zeros_like(errors)).sum(1) / ran.sum(1)
     if with_gt:
-        gt = batch["gt_masks"][outputs.image.to(student.device), outputs.slot.to(student.device)].float()
-        per_prompt["gt_bce"], per_prompt["gt_dice"] = mask_terms(student, gt)
+        per_prompt["gt_bce"], per_prompt["gt_dice"] = mask_terms(student, batch["gt_masks"][outputs.image, outputs.slot].float())
     return {name: per_image_mean(per_prompt[name], outputs.image, batch_size) for name in names}
 
 
@@ -161,6 +156,6 @@ def stage1_terms(
     if heads is not None and weights.needs_prompts:
         pairs = chosen_prompts(batch["prompt_valid"], max_prompts, generator)
         outputs = decode_batch(heads, student_trunk, batch, pairs)
-        terms.update(prompt_terms(heads, batch, outputs, with_gt=weights.gt > 0))
+        terms.update(prompt_terms(batch, outputs, with_gt=weights.gt > 0))
     terms["total"] = total_loss(terms, weights)
     return terms, outputs

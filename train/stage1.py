@@ -30,7 +30,7 @@ from esam3.schemas.store import StoreError
 from esam3.schemas.train import Device, Stage1Config, RESUMABLE
 from esam3.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, read_config, save_checkpoint
 from esam3.train.frozen_heads import load_store_heads
-from esam3.train.losses import LossWeights, PromptOutputs, picked, stage1_terms, teacher_outputs
+from esam3.train.losses import LossWeights, PromptOutputs, stage1_terms, teacher_outputs
 from esam3.train.reader import StoreDataset, make_loader
 from esam3.train.sampler import EpochSampler
 from esam3.train.students import Student, StudentSpec
@@ -254,8 +254,8 @@ def run_stage1(
             if state.step % config.checkpoint_every == 0 or state.step == total:
                 if rank == 0:
                     save_checkpoint(config.out, student, optimizer, state, setup.document, config.keep_checkpoints)
-                    if writer is not None and last is not None and last[1] is not None and setup.heads is not None:
-                        _log_masks(writer, state.step, setup.heads, *last)
+                    if writer is not None and last is not None and last[1] is not None:
+                        _log_masks(writer, state.step, *last)
             if on_step is not None and rank == 0:
                 on_step(StepReport(state.step, total, terms, lr, float(norm), rate, wait_share))
     finally:
@@ -282,18 +282,15 @@ def _log_scalars(writer: Any, step: int, terms: dict[str, float], lr: float, nor
     writer.add_scalar("train/data_wait_share", wait, step)
 
 
-def _log_masks(writer: Any, step: int, heads: nn.Module, batch: dict[str, Any], outputs: PromptOutputs, count: int = 4) -> None:
-    """Up to ``count`` prompts: the input, the teacher's picked mask and the student's, side by side (in 0..1)."""
+def _log_masks(writer: Any, step: int, batch: dict[str, Any], outputs: PromptOutputs, count: int = 4) -> None:
+    """Up to ``count`` prompts: the input, the teacher's mask and the student's (the output the teacher uses), side by side."""
     import torch.nn.functional as F
 
     if len(outputs.image) == 0:
         return
-    n = min(count, len(outputs.image))
     with torch.no_grad():
-        teacher, _ = teacher_outputs(batch, outputs.image[:n], outputs.slot[:n])
-        pick = picked(heads, batch, outputs)[:n]
-        rows = torch.arange(n, device=pick.device)
+        teacher, _ = teacher_outputs(batch, outputs)
         m = teacher.shape[-1]
-        images = F.interpolate(batch["input"][outputs.image[:n].to(batch["input"].device)].float() / 255, size=(m, m), mode="bilinear")
-        masks = [(x[rows, pick] > 0).float()[:, None].expand(-1, 3, -1, -1) for x in (teacher, outputs.masks[:n].detach())]
+        images = F.interpolate(batch["input"][outputs.image[:count]].float() / 255, size=(m, m), mode="bilinear")
+        masks = [(x[:count] > 0).float()[:, None].expand(-1, 3, -1, -1) for x in (teacher, outputs.chosen.detach())]
         writer.add_images("masks/input_teacher_student", torch.cat([images.cpu(), masks[0].cpu(), masks[1].cpu()], dim=-1), step)

@@ -229,7 +229,7 @@ class TeacherHeads(nn.Module):
 
     def decode_prompts(
         self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
-        image: torch.Tensor | None = None,
+        image: torch.Tensor | None = None, choose: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the tracker's prompt encoder and mask decoder for K prompts on one image (or on several).
 
@@ -245,6 +245,11 @@ class TeacherHeads(nn.Module):
         gives them), ``iou`` (K, 4) (single first), ``object_score`` (K,) logits and ``object_pointer``
         (K, hidden): the pointer the tracker would store if this prompt started a track (the best multimask
         token for a single click, the single-mask token otherwise).
+
+        ``choose`` (K,): the output each prompt is judged by (0 = single, 1..3 = multimask; a trainer passes
+        :meth:`picked_output` of the teacher's scores). Then only the decoder pass that gives it runs (half the
+        decoder's work), and the result is ``chosen`` (K, m, m) logits and ``iou`` (K, 4) with NaN for the scores of
+        the pass that did not run.
         """
         valid = labels >= 0
         count = valid.sum(dim=-1)
@@ -259,7 +264,8 @@ class TeacherHeads(nn.Module):
             rows = torch.nonzero((keys == key).all(dim=-1)).flatten()
             n, box = int(key[0]), bool(key[1])
             group = self._decode_group(
-                embeddings, points[rows, :n], labels[rows, :n], boxes[rows] if box else None, None if image is None else image[rows]
+                embeddings, points[rows, :n], labels[rows, :n], boxes[rows] if box else None, None if image is None else image[rows],
+                None if choose is None else choose[rows],
             )
             for name, value in group.items():
                 if name not in out:
@@ -269,7 +275,7 @@ class TeacherHeads(nn.Module):
 
     def _decode_group(
         self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None,
-        image: torch.Tensor | None,
+        image: torch.Tensor | None, choose: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One image's prompts as the decoder's point batch (``image`` None), or each prompt with its own image."""
         tracker = self.tracker_model
@@ -286,8 +292,13 @@ class TeacherHeads(nn.Module):
             input_labels=labels[:, None] if per_prompt else labels[None], input_boxes=None, input_masks=None,
         )
         positions = tracker.get_image_wide_positional_embeddings().expand(len(embeddings[-1]), -1, -1, -1)
-        results = []
-        for multimask in (True, False):
+        passes = (True, False)
+        if choose is not None:
+            passes = tuple(bool(v) for v in torch.unique(choose > 0))
+            if len(passes) != 1 or passes[0] != self.uses_multimask(points.shape[1]):
+                raise ValueError(f"choose: a prompt of {points.shape[1]} point(s) is judged by its {'multimask' if self.uses_multimask(points.shape[1]) else 'single-mask'} output")
+        results = {}
+        for multimask in passes:
             masks, iou, tokens, score = tracker.mask_decoder(
                 image_embeddings=embeddings[-1],
                 image_positional_embeddings=positions,
@@ -297,10 +308,18 @@ class TeacherHeads(nn.Module):
                 high_resolution_features=embeddings[:-1],
             )
             if per_prompt:  # (K, 1, ...) -> (K, ...)
-                results.append((masks[:, 0], iou[:, 0], tokens[:, 0], score[:, 0, 0]))
+                results[multimask] = (masks[:, 0], iou[:, 0], tokens[:, 0], score[:, 0, 0])
             else:  # (1, K, ...) -> (K, ...)
-                results.append((masks[0], iou[0], tokens[0], score[0, :, 0]))
-        (multi, multi_iou, multi_tokens, score), (single, single_iou, single_tokens, _) = results
+                results[multimask] = (masks[0], iou[0], tokens[0], score[0, :, 0])
+        if choose is not None:
+            masks, iou = results[passes[0]][:2]
+            rows = torch.arange(len(choose), device=masks.device)
+            missing = iou.new_full((len(choose), 4 - iou.shape[1]), float("nan"))
+            return {
+                "chosen": masks[rows, (choose - 1).clamp(min=0).to(masks.device)],
+                "iou": torch.cat([missing, iou] if passes[0] else [iou, missing], dim=-1),
+            }
+        (multi, multi_iou, multi_tokens, score), (single, single_iou, single_tokens, _) = results[True], results[False]
         if self.uses_multimask(points.shape[1]):
             token = multi_tokens[torch.arange(len(points)), multi_iou.argmax(dim=-1)]
         else:
