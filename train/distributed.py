@@ -36,7 +36,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce  # differentiable: gradients see the global statistics
 
-        shape = (1, -1, 1, 1)
+        shape, dtype = (1, -1, 1, 1), x.dtype
+        x = x.float()  # statistics in float32 also under bf16 autocast (as torch's own batch norm computes them)
         count = all_reduce(x.new_tensor([x.numel() / x.shape[1]]))
         mean = all_reduce(x.sum(dim=(0, 2, 3))) / count
         var = all_reduce((x - mean.view(shape)).square().sum(dim=(0, 2, 3))) / count
@@ -46,7 +47,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             self.running_mean.lerp_(mean.detach(), momentum)
             self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return (y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y).to(dtype)
 
 
 def global_batchnorm(module: nn.Module) -> nn.Module:
