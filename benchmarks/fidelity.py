@@ -95,13 +95,13 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         started = time.perf_counter()
         run_stage1(Stage1Config(out=work / f"live-{codec}", **base), on_step=lambda r: live_terms.append(r.terms), targets=live)
         live_seconds = time.perf_counter() - started
-        differences = [abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for a, b in zip(cached_terms, live_terms) for k in a]
+        differences = [[abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for k in a] for a, b in zip(cached_terms, live_terms)]
         evals = {arm: evaluate_store(StudentModel.from_checkpoint(work / f"{arm}-{codec}"), str(stores["fp16"]), split="val",
                                      val_percent=args.val_percent) for arm in ("cached", "live")}
         epochs = args.steps / (cached.train_rows // args.batch)  # whole batches per epoch (drop_last)
         result["codecs"][codec] = {
-            "max_relative_loss_difference": max(differences),
-            "first_step_relative_loss_difference": max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-6) for a, b in zip(cached_terms[:1], live_terms[:1]) for k in a),
+            "max_relative_loss_difference": max(max(step) for step in differences),
+            "first_step_relative_loss_difference": max(differences[0]),
             "miou_vs_teacher": {arm: e.miou_teacher for arm, e in evals.items()},
             "miou_vs_gt": {arm: e.miou_gt for arm, e in evals.items()},
             "feature_cosine": {arm: e.feature_cosine for arm, e in evals.items()},

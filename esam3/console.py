@@ -21,6 +21,7 @@ from esam3.schemas.errors import describe
 from esam3.schemas.shards import ShardSpecError
 from esam3.schemas.store import StoreError
 from esam3.schemas.teacher import HeadsLoadError, TeacherLoadError
+from esam3.schemas.train import TrainingInputError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -70,7 +71,7 @@ def user_errors() -> Iterator[None]:
     """Errors as one line on stderr: the user's input (exit 2), or a run that should be retried (exit 1)."""
     try:
         yield
-    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError, StoreError) as exc:
+    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError, StoreError, TrainingInputError) as exc:
         _fail(str(exc), 2)
     except RunError as exc:
         _fail(str(exc), 1)

@@ -12,34 +12,29 @@ from rich.table import Table
 from rich.text import Text
 
 from esam3.console import UsageError, console, human_bytes, print_json, user_errors
+from esam3.schemas.train import Device
 
 DEVICE_HELP = "Where to run: cpu or cuda (default: cuda if present)."
 
 
-def _device(name: str | None) -> str:
-    import torch
+def _device(name: str | None) -> Any:
+    """``--device`` (default: cuda when there is one) as a torch device, checked."""
+    from esam3.train.stage1 import resolve_device
 
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
+    if name is not None and name not in ("cpu", "cuda"):
         raise UsageError(f"--device: expected cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    return name
+    return resolve_device(Device(name or "auto"))
 
 
-def _load(checkpoint: Path | None, model: Path | None, device: str) -> Any:
+def _load(checkpoint: Path | None, model: Path | None, device: Any, s3_endpoint: str | None = None) -> Any:
     """The student + heads from a training checkpoint (heads from its store) or an exported model folder."""
-    from esam3.train.checkpoint import CheckpointError
-    from esam3.train.model import ModelLoadError, StudentModel
-    from esam3.train.students import StudentError
+    from esam3.train.model import StudentModel
 
     if (checkpoint is None) == (model is None):
         raise UsageError("give --checkpoint (a training run or checkpoint folder) or --model (an esam3 export folder), one of them")
-    try:
-        return StudentModel.from_checkpoint(checkpoint, device=device) if checkpoint is not None else StudentModel.load(model, device)
-    except (CheckpointError, ModelLoadError, StudentError) as exc:
-        raise UsageError(str(exc)) from None
+    if checkpoint is not None:
+        return StudentModel.from_checkpoint(checkpoint, device=device, s3_endpoint=s3_endpoint)
+    return StudentModel.load(model, device)
 
 
 def _parse_numbers(text: str, count: int, flag: str) -> list[float]:
@@ -69,7 +64,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
     """Feature and mask quality of a student: on a store split (vs the teacher and the ground truth), or COCO mIoU."""
-    from esam3.train.evaluate import EvalError, evaluate_coco, evaluate_store
+    from esam3.train.evaluate import evaluate_coco, evaluate_store
 
     with user_errors():
         if split not in ("val", "train", "all"):
@@ -80,14 +75,11 @@ def eval_command(
             raise UsageError(f"--val-percent: must be in 0..100, got {val_percent:g}")
         if (coco_images is None) != (coco_annotations is None):
             raise UsageError("COCO eval needs both --coco-images and --coco-annotations")
-        student = _load(checkpoint, model, _device(device))
-        try:
-            if coco_images is not None:
-                result: Any = evaluate_coco(student, coco_images, coco_annotations, prompt, limit)
-            else:
-                result = evaluate_store(student, store, version, split, val_percent, batch_size, s3_endpoint=s3_endpoint)
-        except EvalError as exc:
-            raise UsageError(str(exc)) from None
+        student = _load(checkpoint, model, _device(device), s3_endpoint)
+        if coco_images is not None:
+            result: Any = evaluate_coco(student, coco_images, coco_annotations, prompt, limit)
+        else:
+            result = evaluate_store(student, store, version, split, val_percent, batch_size, s3_endpoint=s3_endpoint)
     if as_json:
         print_json(result.to_json())
         return
@@ -148,7 +140,7 @@ def predict_command(
     from pycocotools import mask as mask_utils
 
     from esam3.pipeline.overlay import draw_segmentation
-    from esam3.train.evaluate import EvalError, load_image
+    from esam3.train.evaluate import load_image
     from esam3.train.model import StudentModel
 
     with user_errors():
@@ -163,10 +155,7 @@ def predict_command(
         if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
             raise UsageError("--box: expected x0,y0,x1,y1 with x1 > x0 and y1 > y0")
         student = _load(None, model, _device(device))
-        try:
-            pixels = load_image(image)
-        except EvalError as exc:
-            raise UsageError(str(exc)) from None
+        pixels = load_image(image)
         student.segment(pixels, points, boxes)  # warm-up
         times = []
         for _ in range(repeats):

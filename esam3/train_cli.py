@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from esam3.console import UsageError, build_config, console, print_json, progress, user_errors
-from esam3.schemas.train import ConfigFileError, Device, Stage1Config, read_config_file
+from esam3.schemas.train import Device, Stage1Config, read_config_file
 
 train_app = typer.Typer(help="Train students from a store (no teacher trunk is loaded).", no_args_is_help=True)
 
@@ -26,10 +26,7 @@ def _help(name: str, text: str | None = None) -> str:
 def _merge(config_file: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            values.update(read_config_file(config_file))
-        except ConfigFileError as exc:
-            raise UsageError(str(exc)) from None
+        values.update(read_config_file(config_file))
     values.update({k: v for k, v in flags.items() if v is not None})
     for required in ("store", "out"):
         if required not in values:
@@ -76,10 +73,7 @@ def stage1_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end."),
 ) -> None:
     """Stage 1: the student's encoder learns the cached trunk, with prompts through the store's frozen heads."""
-    from esam3.train.checkpoint import CheckpointError
     from esam3.train.distributed import train_stage1
-    from esam3.train.stage1 import TrainError
-    from esam3.train.students import StudentError
 
     flags = dict(
         store=store, out=out, student=student, steps=steps, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
@@ -99,10 +93,7 @@ def stage1_command(
                 bar.update(task, total=report.total, completed=report.step,
                            status=f"loss {report.terms['total']:.4g} ({shown}), {report.samples_per_sec:.1f} samples/s")
 
-            try:
-                result = train_stage1(config, on_step=update)
-            except (TrainError, StudentError, CheckpointError) as exc:
-                raise UsageError(str(exc)) from None
+            result = train_stage1(config, on_step=update)
     if as_json:
         print_json({
             "out": str(result.out), "checkpoint": str(result.checkpoint), "steps": result.steps, "store_version": result.store_version,

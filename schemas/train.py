@@ -28,7 +28,11 @@ class Device(str, Enum):
     CUDA = "cuda"
 
 
-class ConfigFileError(ValueError):
+class TrainingInputError(ValueError):
+    """A trainer, eval, export or predict input that cannot be used as given; the message names the fix (exit 2)."""
+
+
+class ConfigFileError(TrainingInputError):
     """A --config file that cannot be read as a config."""
 
 

@@ -41,8 +41,9 @@ def demo_student(store: Path, sa1b: Path, out: Path, on_step: Callable[[StepRepo
     config = Stage1Config(store=str(store), out=out / "stage1", student=DEMO_STUDENT, steps=DEMO_STEPS, batch_size=4, lr=2e-3,
                           val_percent=25, checkpoint_every=10, log_every=5, loader_workers=1, resume=True)
     trained = run_stage1(config, on_step=on_step)
-    report = evaluate_store(StudentModel.from_checkpoint(config.out), split="val")
-    exported = StudentModel.from_checkpoint(config.out).save(out / "model")
+    student = StudentModel.from_checkpoint(config.out)
+    report = evaluate_store(student, split="val")
+    exported = student.save(out / "model")
     model = StudentModel.load(out / "model")
     images, annotations = write_demo_coco(sa1b, out / "coco")
     coco = evaluate_coco(model, images, annotations, "box")

@@ -94,8 +94,15 @@ def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | N
 
     prepare(config, config.workers, torch.device("cpu"))  # the run folder, the store and the split, checked here first
     with ray_session(config.address):
-        use_gpu = config.device.value == "cuda" or (config.device.value == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-        cpus = max(1.0, ray.cluster_resources().get("CPU", 1) // config.workers) if not use_gpu else max(1.0, config.loader_workers + 1.0)
+        resources = ray.cluster_resources()
+        gpus, cpus_total = resources.get("GPU", 0), resources.get("CPU", 1)
+        use_gpu = config.device.value == "cuda" or (config.device.value == "auto" and gpus > 0)
+        if use_gpu and gpus < config.workers:
+            raise TrainError(f"--workers {config.workers} with GPUs: the Ray cluster has {gpus:g} GPU(s); use --workers {int(gpus)} or --device cpu")
+        share = cpus_total // config.workers
+        if share < 1:
+            raise TrainError(f"--workers {config.workers}: the Ray cluster has {cpus_total:g} CPU(s), fewer than one per worker")
+        cpus = min(share, config.loader_workers + 1.0) if use_gpu else share
         queue = Queue(maxsize=100_000)
         trainer = TorchTrainer(
             _worker,
@@ -108,6 +115,8 @@ def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | N
         relay.start()
         try:
             trainer.fit()
+        except Exception as exc:  # Ray Train wraps a worker's error (TrainingFailedError and friends): one line here
+            raise TrainError(f"stage 1 on Ray Train failed: {_worker_error(exc)} (worker logs under {config.out / 'ray'})") from None
         finally:
             done.set()
             relay.join()
@@ -115,6 +124,17 @@ def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | N
         raise TrainError("the Ray Train run ended without rank 0's result; see the Ray logs (ray/ under --out)")
     result = final["result"]
     return Stage1Result(**{**result, "out": Path(result["out"]), "checkpoint": Path(result["checkpoint"]) if result["checkpoint"] else None})
+
+
+def _worker_error(exc: BaseException) -> str:
+    """The innermost error a Ray Train failure carries, as one line."""
+    from esam3.schemas.errors import first_line
+
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "Error:" in line and not line.startswith(("File ", "Traceback"))]
+    return errors[-1] if errors else first_line(exc)
 
 
 def _relay(queue: Any, on_step: Callable[[StepReport], None] | None, done: threading.Event, final: dict[str, Any]) -> None:

@@ -1,14 +1,14 @@
 """Evaluation of a stage-1 student: on a store's validation split, and on COCO-format data.
 
 Store eval (``esam3 eval --checkpoint``): feature MSE (as trained: summed over channels, averaged over tokens) and
-cosine against the cached trunk; for every cached prompt, the IoU of the student's chosen mask (logits > 0, m x m)
-with the teacher's chosen mask and with the ground truth, per prompt kind; the teacher's own IoU with the ground
+cosine against the cached trunk; for every cached prompt, the IoU of the student's mask (logits > 0, m x m; the
+output its own IoU scores choose, as when it is used) with the teacher's chosen mask and with the ground truth, per prompt kind; the teacher's own IoU with the ground
 truth on the same prompts, for scale; and the IoU-score error.
 
 COCO eval (``esam3 eval --model --coco-images --coco-annotations``): the metric EfficientSAM3 reports. Each
 non-crowd annotation is one prompt: its GT box, or one click at its centre (the box centre if it lies on the
 object, else the object's pixel nearest to it); the chosen mask, upsampled to the image, against the GT mask;
-mIoU is the mean over annotations.
+mIoU is the mean over annotations. Annotations whose mask is empty are skipped (counted), as no prompt can name them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.store import Store
 from esam3.schemas.prompts import PromptKind
+from esam3.schemas.train import TrainingInputError
 from esam3.train.losses import chosen_prompts, decode_batch, feature_terms, teacher_outputs
 from esam3.train.model import StudentModel
 from esam3.train.reader import StoreDataset, make_loader
@@ -33,7 +34,7 @@ from esam3.train.sampler import EpochSampler
 from esam3.workers.task_error import mask_iou
 
 
-class EvalError(ValueError):
+class EvalError(TrainingInputError):
     """An evaluation that cannot run as asked (the message names the fix)."""
 
 
@@ -84,7 +85,7 @@ def evaluate_store(
             rows = len(batch["key"])
             for name, value in feature_terms(trunk, batch["trunk"]).items():
                 sums[name] += float(value) * rows
-            outputs = decode_batch(model.heads, trunk, batch, chosen_prompts(batch["prompt_valid"], None, None))
+            outputs = decode_batch(model.heads, trunk, batch, chosen_prompts(batch["prompt_valid"], None, None), own_pick=True)
             if len(outputs.image) == 0:
                 continue
             teacher_logits, teacher_iou = teacher_outputs(batch, outputs)
@@ -122,6 +123,7 @@ class CocoEval:
     miou: float
     seconds_per_image: float  # encoder + decoding every prompt of an image, on this device (after the first image)
     skipped_crowd: int = 0
+    skipped_empty: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -152,8 +154,6 @@ def load_image(path: Path) -> np.ndarray:
 
 def evaluate_coco(model: StudentModel, images: Path, annotations: Path, prompt: str = "box", limit: int | None = None) -> CocoEval:
     """mIoU of the chosen mask per non-crowd annotation, prompted by its GT box or a centre click."""
-    from pycocotools import mask as mask_utils
-
     if prompt not in ("box", "point"):
         raise EvalError(f"--prompt must be box or point, got {prompt!r}")
     try:
@@ -167,7 +167,7 @@ def evaluate_coco(model: StudentModel, images: Path, annotations: Path, prompt: 
     if limit is not None:
         entries = entries[:limit]
     ious: list[float] = []
-    crowd = 0
+    crowd = empty = 0
     timings: list[float] = []
     for entry in entries:
         path = images / entry["file_name"]
@@ -175,18 +175,17 @@ def evaluate_coco(model: StudentModel, images: Path, annotations: Path, prompt: 
             raise EvalError(f"{path}: missing (image {entry['id']} of {annotations}); is --coco-images the right folder?")
         image = load_image(path)
         height, width = image.shape[:2]
-        objects = [a for a in by_image[int(entry["id"])] if not a.get("iscrowd", 0)]
-        crowd += len(by_image[int(entry["id"])]) - len(objects)
+        listed = [a for a in by_image[int(entry["id"])] if not a.get("iscrowd", 0)]
+        crowd += len(by_image[int(entry["id"])]) - len(listed)
+        objects, gts = [], []
+        for annotation in listed:
+            gt = _gt_mask(annotation, height, width, annotations)
+            if gt.any():
+                objects.append(annotation)
+                gts.append(gt)
+        empty += len(listed) - len(objects)
         if not objects:
             continue
-        gts = []
-        for annotation in objects:
-            segmentation = annotation["segmentation"]
-            rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation, list) else segmentation
-            rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
-            if isinstance(rle.get("counts"), str):
-                rle = {**rle, "counts": rle["counts"].encode()}
-            gts.append(mask_utils.decode(rle).astype(bool))
         started = time.perf_counter()
         if prompt == "box":
             boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in objects])
@@ -199,5 +198,21 @@ def evaluate_coco(model: StudentModel, images: Path, annotations: Path, prompt: 
     if not ious:
         raise EvalError(f"{annotations}: no non-crowd annotation to evaluate")
     per_image = float(np.mean(timings[1:] if len(timings) > 1 else timings))  # the first image warms the model up
-    return CocoEval(prompt, len(entries), len(ious), float(np.mean(ious)), per_image, crowd)
+    return CocoEval(prompt, len(entries), len(ious), float(np.mean(ious)), per_image, crowd, empty)
+
+
+def _gt_mask(annotation: dict[str, Any], height: int, width: int, source: Path) -> np.ndarray:
+    """An annotation's mask: polygons, uncompressed RLE (counts as a list) or compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    segmentation = annotation.get("segmentation")
+    try:
+        if isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            rle = {**segmentation, "counts": segmentation["counts"].encode() if isinstance(segmentation["counts"], str) else segmentation["counts"]}
+        rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
+        return mask_utils.decode(rle).astype(bool)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise EvalError(f"{source}: annotation {annotation.get('id')} has no readable segmentation ({exc})") from None
 

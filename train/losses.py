@@ -74,30 +74,34 @@ class PromptOutputs:
 
     image: torch.Tensor  # (N,) which image of the batch
     slot: torch.Tensor  # (N,) which prompt slot of that image
-    pick: torch.Tensor  # (N,) the output the teacher uses (0 = single, 1..3 = multimask): the one decoded
-    chosen: torch.Tensor  # (N, m, m) the student's logits of that output
-    iou: torch.Tensor  # (N, 4) predicted IoU (single, then multimask) of the decoder pass that ran; NaN for the other
+    pick: torch.Tensor  # (N,) the output the teacher uses (0 = single, 1..3 = multimask)
+    chosen: torch.Tensor  # (N, m, m) the student's logits of the output it is judged by (see decode_batch)
+    iou: torch.Tensor  # (N, 4) predicted IoU (single, then multimask); NaN for a decoder pass that did not run
 
 
 def chosen_prompts(valid: torch.Tensor, max_prompts: int | None, generator: torch.Generator | None) -> torch.Tensor:
     """(N, 2) (image, slot) of the prompts to decode: every valid one, or at most ``max_prompts`` per image drawn
     with ``generator`` (seeded per step by the trainer, so a resumed run draws the same ones)."""
     pairs = []
+    valid = valid.cpu()  # one transfer per batch
     for b in range(valid.shape[0]):
-        slots = torch.nonzero(valid[b].cpu()).flatten()
+        slots = torch.nonzero(valid[b]).flatten()
         if max_prompts is not None and len(slots) > max_prompts:
             slots = slots[torch.randperm(len(slots), generator=generator)[:max_prompts]].sort().values
         pairs += [(b, int(k)) for k in slots]
     return torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
 
 
-def decode_batch(heads: TeacherHeads, trunk: torch.Tensor, batch: dict[str, Any], pairs: torch.Tensor) -> PromptOutputs:
+def decode_batch(
+    heads: TeacherHeads, trunk: torch.Tensor, batch: dict[str, Any], pairs: torch.Tensor, own_pick: bool = False,
+) -> PromptOutputs:
     """Run the frozen heads on ``trunk`` (B, C, g, g) for the prompts ``pairs`` (from :func:`chosen_prompts`).
 
-    Only the decoder pass that gives the output the teacher uses runs (its multimask pass for one click, its
-    single-mask pass otherwise). Gradients flow through the heads into ``trunk``; the heads' own parameters are the
-    caller's to freeze. Prompt coordinates are the store's (continuous, in the teacher frame): SAM's pixel-index
-    convention subtracts 0.5.
+    Training (``own_pick`` False): the student is judged by the output the teacher uses, and only the decoder pass
+    that gives it runs (its multimask pass for one click, its single-mask pass otherwise). Eval (``own_pick``): both
+    passes run and the student's own scores choose its output, as it will when it is used. Gradients flow through
+    the heads into ``trunk``; the heads' own parameters are the caller's to freeze. Prompt coordinates are the
+    store's (continuous, in the teacher frame): SAM's pixel-index convention subtracts 0.5.
     """
     embeddings = heads.image_embeddings(trunk)
     m = heads.geometry.mask_size
@@ -106,8 +110,13 @@ def decode_batch(heads: TeacherHeads, trunk: torch.Tensor, batch: dict[str, Any]
         return PromptOutputs(image, slot, image, trunk.new_zeros((0, m, m)), trunk.new_zeros((0, 4)))
     points, labels, boxes = batch["prompt_points"][image, slot], batch["prompt_labels"][image, slot], batch["prompt_boxes"][image, slot]
     pick = heads.picked_output(labels, boxes, batch["iou"][image, slot])
-    out = heads.decode_prompts(embeddings, points - 0.5, labels, boxes - 0.5, image=image, choose=pick)
-    return PromptOutputs(image, slot, pick, out["chosen"], out["iou"])
+    if not own_pick:
+        out = heads.decode_prompts(embeddings, points - 0.5, labels, boxes - 0.5, image=image, choose=pick)
+        return PromptOutputs(image, slot, pick, out["chosen"], out["iou"])
+    out = heads.decode_prompts(embeddings, points - 0.5, labels, boxes - 0.5, image=image)
+    logits = torch.cat([out["single"], out["multi"]], dim=1)
+    own = heads.picked_output(labels, boxes, out["iou"])
+    return PromptOutputs(image, slot, pick, logits[torch.arange(len(own), device=own.device), own], out["iou"])
 
 
 def teacher_outputs(batch: dict[str, Any], outputs: PromptOutputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +131,7 @@ def prompt_terms(batch: dict[str, Any], outputs: PromptOutputs, with_gt: bool) -
     of the decoder pass that ran, and (``with_gt``) BCE / Dice vs GT; each averaged per image (:func:`per_image_mean`)."""
     names = ("mask_bce", "mask_dice", "iou_l1") + (("gt_bce", "gt_dice") if with_gt else ())
     if len(outputs.image) == 0:
-        zero = outputs.chosen.sum() * 0.0  # keeps the graph (and DDP's bookkeeping) when a batch has no prompt
+        zero = torch.zeros((), device=outputs.chosen.device)  # no prompt in this batch: only the feature terms train
         return {name: zero for name in names}
     batch_size = batch["prompt_valid"].shape[0]
     teacher_logits, teacher_iou = teacher_outputs(batch, outputs)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esam3.schemas.train import TrainingInputError
 from esam3.train.checkpoint import checkpoint_dir, load_student_weights, read_config
 from esam3.train.students import Student, StudentSpec
 from esam3.workers.heads import TRACKER_PREFIXES, TeacherHeads, atomic_write, check_sizes
@@ -30,7 +31,7 @@ MODEL_CONFIG = "config.json"
 MODEL_FORMAT = 1
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(TrainingInputError):
     """A model folder that is not an ``esam3 export`` output, or does not load."""
 
 
@@ -69,8 +70,11 @@ class StudentModel(nn.Module):
         return self.heads.geometry.image_size
 
     @classmethod
-    def from_checkpoint(cls, path: Path, heads: TeacherHeads | None = None, device: str | torch.device = "cpu") -> StudentModel:
-        """A training checkpoint (or run folder) + its store's heads (read from the store unless given)."""
+    def from_checkpoint(
+        cls, path: Path, heads: TeacherHeads | None = None, device: str | torch.device = "cpu", s3_endpoint: str | None = None,
+    ) -> StudentModel:
+        """A training checkpoint (or run folder) + its store's heads (read from the store unless given; ``s3_endpoint``
+        overrides the run's own for an s3:// store)."""
         from esam3.pipeline.object_store import S3Settings
         from esam3.pipeline.store import Store
         from esam3.train.frozen_heads import load_store_heads
@@ -80,7 +84,7 @@ class StudentModel(nn.Module):
         student = Student(StudentSpec.from_dict(document["student"]))
         load_student_weights(checkpoint, student)
         if heads is None:
-            store = Store(document["store"]["uri"], S3Settings.from_environment(document["config"].get("s3_endpoint")))
+            store = Store(document["store"]["uri"], S3Settings.from_environment(s3_endpoint or document["config"].get("s3_endpoint")))
             heads = load_store_heads(store, device)
         provenance = {"checkpoint": str(checkpoint), "store": document["store"], "config": document["config"],
                       "versions": document.get("versions", {})}

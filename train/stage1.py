@@ -7,7 +7,7 @@ this reads.
 
 The loop: AdamW, linear warm-up then cosine to ``min_lr``, gradient clipping and accumulation, bf16 autocast on
 CUDA, seeded; checkpoints every ``checkpoint_every`` steps and at the end (``esam3.train.checkpoint``), exact
-resume (same data order, optimizer, RNG); TensorBoard scalars and mask images; a callback per step for progress.
+resume (same data order, optimizer, random draws); TensorBoard scalars and mask images; a callback per step for progress.
 ``run_stage1`` is what each Ray Train worker runs too (``rank`` / ``world_size``; rank 0 writes).
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.store import Store
 from esam3.schemas.store import StoreError
-from esam3.schemas.train import Device, Stage1Config, RESUMABLE
+from esam3.schemas.train import RESUMABLE, Device, Stage1Config, TrainingInputError
 from esam3.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, read_config, save_checkpoint
 from esam3.train.frozen_heads import load_store_heads
 from esam3.train.losses import LossWeights, PromptOutputs, stage1_terms, teacher_outputs
@@ -38,7 +38,7 @@ from esam3.train.students import Student, StudentSpec
 log = logging.getLogger("esam3.train")
 
 
-class TrainError(ValueError):
+class TrainError(TrainingInputError):
     """A training run that cannot start as asked (the message names the fix)."""
 
 
@@ -149,8 +149,8 @@ def prepare(config: Stage1Config, world_size: int = 1, device: torch.device | No
             f"the train split of {store.uri} has {len(dataset)} rows, fewer than one step of {config.batch_size} x {world_size} "
             "worker(s); lower --batch-size or --val-percent, or cache more shards"
         )
-    torch.manual_seed(config.seed)
-    student = Student(spec, init=config.init).to(device)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    student = Student(spec, init=None if resume_from is not None else config.init).to(device)  # a resume loads its weights
     heads = load_store_heads(store, device) if weights.needs_prompts else None
     document = {
         "config": config.document(), "student": spec.to_dict(), "world_size": world_size, "versions": library_versions(),
@@ -218,15 +218,20 @@ def run_stage1(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             sums: dict[str, float] = {}
-            last: tuple[dict[str, Any], PromptOutputs | None] | None = None
-            for _ in range(config.accumulate):
+            checkpointing = (state.step + 1) % config.checkpoint_every == 0 or state.step + 1 == total
+            last: tuple[dict[str, Any], PromptOutputs | None] | None = None  # kept on checkpoint steps only (its images)
+            for micro in range(config.accumulate):
                 waited = time.perf_counter()
                 epoch, index, batch = next(batches)
                 window["wait"] += time.perf_counter() - waited
                 batch = dataset.to_device(batch, device)
                 if targets is not None:
                     batch = targets(batch)
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step * world_size + rank)
+                # every draw (drop path, prompt subsets) comes from (seed, step, micro-batch, rank): a resumed run
+                # draws what an uninterrupted one does, and ranks draw differently
+                draw = config.seed * 1_000_003 + (state.step * config.accumulate + micro) * world_size + rank
+                torch.manual_seed(draw)
+                generator = torch.Generator().manual_seed(draw)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     step_terms, outputs = stage1_terms(setup.heads, model(batch["input"]), batch, setup.weights, config.max_prompts, generator)
                 (step_terms["total"] / config.accumulate).backward()
@@ -234,7 +239,7 @@ def run_stage1(
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.accumulate
                 state.epoch, state.batches_in_epoch = epoch, index + 1
                 window["samples"] += len(batch["key"]) * world_size
-                last = (batch, outputs)
+                last = (batch, outputs) if checkpointing and rank == 0 else None
             norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip if config.clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esam3.schemas.train import TrainingInputError
+
 #: name -> (timm model, public backbone parameters in millions, as EfficientSAM3 reports them)
 REGISTRY: dict[str, tuple[str, float]] = {
     "es-ev-s": ("efficientvit_b0", 0.68),
@@ -34,7 +36,7 @@ REGISTRY: dict[str, tuple[str, float]] = {
 }
 
 
-class StudentError(ValueError):
+class StudentError(TrainingInputError):
     """A student that cannot be built as asked (unknown name, bad sizes, unreadable init file)."""
 
 

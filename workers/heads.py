@@ -343,9 +343,10 @@ class TeacherHeads(nn.Module):
         ``labels`` (K, P) and ``boxes`` (K, 4) as :meth:`decode_prompts` takes them, ``iou`` (K, 4) as it returns
         it: the best-scored multimask output where the tracker uses multimask for that many points, else single.
         """
-        n_points = (labels >= 0).sum(dim=-1) + 2 * (~torch.isnan(boxes).any(dim=-1)).long()
-        multimask = torch.tensor([self.uses_multimask(int(n)) for n in n_points], dtype=torch.bool, device=iou.device)
-        return torch.where(multimask, 1 + iou[:, 1:].argmax(dim=-1), torch.zeros_like(n_points, device=iou.device))
+        config = self.tracker_model.config
+        n_points = ((labels >= 0).sum(dim=-1) + 2 * (~torch.isnan(boxes).any(dim=-1)).long()).to(iou.device)
+        multimask = (n_points >= config.multimask_min_pt_num) & (n_points <= config.multimask_max_pt_num) & bool(config.multimask_output_in_sam)
+        return torch.where(multimask, 1 + iou[:, 1:].argmax(dim=-1), torch.zeros_like(n_points))
 
     def _object_pointer(self, token: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         tracker = self.tracker_model
