@@ -198,6 +198,11 @@ def test_coco_eval_scores_masks_against_the_annotations(oracle: StudentModel, co
     x, y, w, h = first["bbox"]
     edited["annotations"].append({**first, "id": 10_000, "iscrowd": 1})
     edited["annotations"].append({**first, "id": 10_001, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    size = first["segmentation"]["size"]
+    dense = mask_utils.decode({"size": size, "counts": first["segmentation"]["counts"].encode()}).flatten(order="F")
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], dense, [1 - dense[-1]]])))  # COCO's uncompressed RLE: runs from 0s
+    edited["annotations"].append({**first, "id": 10_002, "segmentation": {"size": size, "counts": np.diff(np.concatenate([[0], changes])).tolist()}})
+    edited["annotations"].append({**first, "id": 10_003, "segmentation": {"size": size, "counts": [size[0] * size[1]]}})  # empty
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(edited))
 
@@ -209,13 +214,19 @@ def test_coco_eval_scores_masks_against_the_annotations(oracle: StudentModel, co
         masks = []
         for a in (a for a in edited["annotations"] if a["image_id"] == entry["id"] and not a.get("iscrowd")):
             seg = a["segmentation"]
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, *image.shape[:2])) if isinstance(seg, list) else {**seg, "counts": seg["counts"].encode()}
-            masks.append(mask_utils.decode(rle).astype(bool))
+            if isinstance(seg, list) or isinstance(seg["counts"], list):
+                rle = mask_utils.frPyObjects(seg, *image.shape[:2])
+                rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
+            else:
+                rle = {**seg, "counts": seg["counts"].encode()}
+            if mask_utils.area(rle):
+                masks.append(mask_utils.decode(rle).astype(bool))
         return type("Result", (), {"masks": np.stack(masks)})()
 
     monkeypatch.setattr(oracle, "segment", perfect)
     result = evaluate_coco(oracle, images, path)
-    assert result.miou == pytest.approx(1.0) and result.skipped_crowd == 1 and result.annotations == len(document["annotations"]) + 1
+    assert result.miou == pytest.approx(1.0) and result.skipped_crowd == 1 and result.skipped_empty == 1
+    assert result.annotations == len(document["annotations"]) + 2  # + the polygon and the uncompressed RLE
     monkeypatch.undo()
     with pytest.raises(EvalError, match="missing .* is --coco-images the right folder"):
         evaluate_coco(oracle, tmp_path, annotations)
