@@ -167,8 +167,9 @@ def test_export_cli_reports_sizes_next_to_the_teachers(run: Path, tmp_path: Path
     assert line["bytes"] == sum(f.stat().st_size for f in (tmp_path / "m").iterdir())
     card = json.loads((sa1b_store / "store.json").read_text())
     assert line["teacher_parameters"] == card["teacher"]["parameters"]["total"]
+    assert round(line["sam3_parameters"] / 1e6, 1) == 859.9  # SAM3: trunk 446M + text encoder 354M + heads 60M
     table = runner.invoke(app, ["export", "--checkpoint", str(run), "--out", str(tmp_path / "m2")])
-    assert table.exit_code == 0 and "the store's teacher" in table.output
+    assert table.exit_code == 0 and "the store's teacher" in table.output and "859.92M" in table.output
     assert runner.invoke(app, ["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]).exit_code == 2
 
 

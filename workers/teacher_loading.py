@@ -282,3 +282,13 @@ def teacher_config(source: str) -> Any:
         raise TeacherLoadError(f"teacher {path / 'config.json'}: not a valid sam3_video config ({first_line(exc)})") from None
     check_sizes(config, f"teacher {path / 'config.json'}")
     return config
+
+
+def architecture_parameters(source: str = "full-random") -> int:
+    """Parameters of a teacher's architecture, counted on torch's meta device (no memory, no weights; ~0.3 s for
+    SAM3): the figure exports print their students next to."""
+    import torch
+    from transformers import Sam3VideoModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in Sam3VideoModel(teacher_config(source)).parameters())
