@@ -169,7 +169,8 @@ def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     fp16, int8 = result["codecs"]["fp16"], result["codecs"]["int8"]
-    assert fp16["first_step_relative_loss_difference"] < 1e-4 and fp16["max_relative_loss_difference"] < 1e-3
+    assert fp16["loss_relative_difference"]["first_step"] < 1e-4 and fp16["loss_relative_difference"]["max"] < 1e-3
+    assert len(fp16["loss"]["cached"]) == len(fp16["loss"]["live"]) == 4 and max(fp16["term_max_absolute_difference"].values()) < 0.05
     for codec in (fp16, int8):
         assert abs(codec["miou_vs_teacher"]["cached"] - codec["miou_vs_teacher"]["live"]) < 0.02
         assert codec["teacher_trunk_forwards"] == {"cache_once": 8, "online_per_epoch": 4.0}  # 6 train rows: 1 batch of 4 per epoch
