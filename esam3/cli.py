@@ -165,8 +165,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the generated data."),
     executor: str = typer.Option("ray", "--executor", help="ray (a local Ray, the default) or local (no Ray)."),
 ) -> None:
-    """The main job on the embedded defaults: demo SA-1B / SA-V shards cached by the tiny teacher into a store,
-    then a student trained from it, evaluated, exported and used on an image.
+    """The main job on the embedded defaults (demo data, tiny teacher, local Ray), then a student from its store.
 
     Generates the data (reused on a rerun), checks it, runs ``esam3 cache`` for both datasets into OUT/store on a
     local Ray and verifies the store; then ``esam3 train stage1`` (OUT/stage1), ``esam3 eval``, ``esam3 export``
