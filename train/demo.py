@@ -22,7 +22,7 @@ from esam3.train.model import ExportReport, StudentModel
 from esam3.train.stage1 import Stage1Result, StepReport, run_stage1
 
 DEMO_STUDENT = "es-rv-m"
-DEMO_STEPS = 30
+DEMO_STEPS = 20
 
 
 @dataclass
