@@ -208,13 +208,51 @@ def test_two_ray_train_workers_take_the_steps_of_one_worker_with_their_joint_bat
     assert float(together.mean()) < 0.05 * float(apart.mean()) and float(together.max()) <= 2 * 1e-3 * 3
 
 
-def test_global_batchnorm_matches_batchnorm_on_one_process() -> None:
-    from esam3.train.distributed import GlobalBatchNorm2d, global_batchnorm
+def _global_batchnorm_rank(rank: int, port: int, x: torch.Tensor, out: dict) -> None:
+    """One of two gloo ranks: GlobalBatchNorm2d on its half of ``x``; its output, input gradient, running stats."""
+    import torch.distributed as dist
+
+    from esam3.train.distributed import global_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        norm = global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+        with torch.no_grad():
+            norm[0].weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+            norm[0].bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        half = x[rank * 3 : rank * 3 + 3].clone().requires_grad_(True)
+        y = norm(half)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()  # gradient through the global statistics
+        out[rank] = (y.detach(), half.grad, norm[0].running_mean.clone(), norm[0].running_var.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batchnorm_on_two_ranks_is_batchnorm_on_the_whole_batch() -> None:
+    """Two gloo processes, each with half the batch: outputs, input gradients and running statistics equal those of
+    one BatchNorm2d over the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
 
     torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
-    converted = global_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
-    converted.load_state_dict(plain.state_dict())
-    assert isinstance(converted[1], GlobalBatchNorm2d) and converted.state_dict().keys() == plain.state_dict().keys()
-    x = torch.randn(3, 3, 5, 5)
-    assert torch.allclose(plain(x), converted(x), atol=1e-6)  # no process group: plain BatchNorm
+    x = torch.randn(6, 3, 4, 5) * 3 + 1
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.get_context("spawn").Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_global_batchnorm_rank, args=(port, x, out), nprocs=2, join=True)
+        results = dict(out)
+    whole = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        whole.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        whole.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    inputs = x.clone().requires_grad_(True)
+    y = whole(inputs)
+    torch.cat([(y[r * 3 : r * 3 + 3] * torch.arange(y[:3].numel()).reshape(y[:3].shape).sin()) for r in (0, 1)]).sum().backward()
+    assert torch.allclose(torch.cat([results[0][0], results[1][0]]), y.detach(), atol=1e-5)
+    assert torch.allclose(torch.cat([results[0][1], results[1][1]]), inputs.grad, atol=1e-5)
+    for rank in (0, 1):
+        assert torch.allclose(results[rank][2], whole.running_mean, atol=1e-6)
+        assert torch.allclose(results[rank][3], whole.running_var, atol=1e-5)
