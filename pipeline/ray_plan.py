@@ -175,6 +175,8 @@ def _init_ray(address: str | None) -> bool:
         return True
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not log.isEnabledFor(logging.INFO):  # Ray's notice that a local cluster uses token auth: shown with -v only
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     object_store = _object_store_bytes()
     try:
         ray.init(

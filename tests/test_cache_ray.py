@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -146,3 +147,24 @@ def test_errors_in_ray_steps_reach_the_driver_as_one_line(local_ray, error: Exce
         with ray_errors():
             ray.data.from_items([{"a": 1}]).map_batches(step, batch_format="pyarrow").take_all()
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("root_level", "auth_level"), [(logging.WARNING, logging.ERROR), (logging.INFO, logging.NOTSET)])
+def test_rays_token_auth_notice_shows_only_with_verbose(monkeypatch: pytest.MonkeyPatch, root_level: int, auth_level: int) -> None:
+    """A local Ray's "Token authentication is enabled" notice is an internal: hidden unless -v (INFO)."""
+    import ray
+
+    from esam3.pipeline import ray_plan
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    root, auth = logging.getLogger(), logging.getLogger("ray._private.authentication")
+    before = root.level, auth.level
+    root.setLevel(root_level)
+    auth.setLevel(logging.NOTSET)
+    try:
+        assert ray_plan._init_ray(None) is True
+        assert auth.level == auth_level
+    finally:
+        root.setLevel(before[0])
+        auth.setLevel(before[1])
