@@ -19,7 +19,7 @@ DEVICE_HELP = "Where to run: cpu or cuda (default: cuda if present)."
 
 def _device(name: str | None) -> Any:
     """``--device`` (default: cuda when there is one) as a torch device, checked."""
-    from esam3.train.stage1 import resolve_device
+    from esam3.workers.teacher import resolve_device
 
     if name is not None and name not in ("cpu", "cuda"):
         raise UsageError(f"--device: expected cpu or cuda, got {name!r}")

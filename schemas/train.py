@@ -8,24 +8,18 @@ from __future__ import annotations
 
 import json
 import tomllib
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from esam3.schemas.cache import check_s3_endpoint
+from esam3.schemas.teacher import Device  # auto (cuda when there is one), cpu, cuda: the teacher's choice
 
 #: The public recipe's learning rate: 1e-3 for 512 images per optimizer step, scaled linearly.
 BASE_LR, BASE_BATCH = 1e-3, 512
 #: Fields that may change when a run is resumed (the rest must match the checkpoint's config).
 RESUMABLE = frozenset({"steps", "epochs", "device", "loader_workers", "address", "resume", "checkpoint_every", "log_every", "keep_checkpoints"})
-
-
-class Device(str, Enum):
-    AUTO = "auto"  # cuda when there is one, else cpu
-    CPU = "cpu"
-    CUDA = "cuda"
 
 
 class TrainingInputError(ValueError):

@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esam3.schemas.errors import first_line
 from esam3.schemas.train import TrainingInputError
 from esam3.train.checkpoint import checkpoint_dir, load_student_weights, read_config
 from esam3.train.students import Student, StudentSpec
-from esam3.workers.heads import TRACKER_PREFIXES, TeacherHeads, atomic_write, check_sizes
+from esam3.workers.heads import TRACKER_PREFIXES, TeacherHeads, check_sizes, save_weights_and_config
 from esam3.workers.preprocess import resize_uint8
 
 MODEL_WEIGHTS = "model.safetensors"
@@ -94,8 +95,6 @@ class StudentModel(nn.Module):
 
     def save(self, out: Path) -> ExportReport:
         """``model.safetensors`` + ``config.json`` under ``out`` (each written atomically)."""
-        from safetensors.torch import save_file
-
         out.mkdir(parents=True, exist_ok=True)
         tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
         tensors.update({f"heads.{k}": v for k, v in self.heads.state_dict().items() if k.startswith(TRACKER_PREFIXES)})
@@ -106,8 +105,7 @@ class StudentModel(nn.Module):
             "teacher_config": self.heads.config.to_dict(), "provenance": self.provenance,
             "parameters": {"student": _count(self.student), "heads": heads_parameters},
         }
-        atomic_write(out / MODEL_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-        atomic_write(out / MODEL_CONFIG, lambda p: p.write_text(json.dumps(document, indent=2, sort_keys=True, default=str)))
+        save_weights_and_config(out / MODEL_WEIGHTS, tensors, out / MODEL_CONFIG, document)
         size = (out / MODEL_WEIGHTS).stat().st_size + (out / MODEL_CONFIG).stat().st_size
         return ExportReport(out, size, _count(self.student) + heads_parameters, _count(self.student), heads_parameters)
 
@@ -133,7 +131,7 @@ class StudentModel(nn.Module):
         except ModelLoadError:
             raise
         except Exception as exc:  # JSON, config and spec errors come in many types
-            raise ModelLoadError(f"model {config_path}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise ModelLoadError(f"model {config_path}: unreadable ({first_line(exc)})") from None
         try:
             tensors = load_file(str(weights_path))
         except (OSError, SafetensorError) as exc:
@@ -144,7 +142,7 @@ class StudentModel(nn.Module):
             student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")}, strict=True)
             missing, unexpected = heads.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")}, strict=False)
         except RuntimeError as exc:
-            raise ModelLoadError(f"model {weights_path}: weights do not match config.json ({str(exc).splitlines()[0]})") from None
+            raise ModelLoadError(f"model {weights_path}: weights do not match config.json ({first_line(exc)})") from None
         if missing or unexpected:
             raise ModelLoadError(f"model {weights_path}: weights do not match config.json ({len(missing)} missing, {len(unexpected)} unexpected)")
         heads.requires_grad_(False)

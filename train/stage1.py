@@ -27,13 +27,14 @@ from torch import nn
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.store import Store
 from esam3.schemas.store import StoreError
-from esam3.schemas.train import RESUMABLE, Device, Stage1Config, TrainingInputError
+from esam3.schemas.train import RESUMABLE, Stage1Config, TrainingInputError
 from esam3.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, read_config, save_checkpoint
 from esam3.train.frozen_heads import load_store_heads
 from esam3.train.losses import LossWeights, PromptOutputs, stage1_terms, teacher_outputs
 from esam3.train.reader import StoreDataset, make_loader
 from esam3.train.sampler import EpochSampler
 from esam3.train.students import Student, StudentSpec
+from esam3.workers.teacher import resolve_device
 
 log = logging.getLogger("esam3.train")
 
@@ -66,12 +67,6 @@ class Stage1Result:
     samples_per_sec: float = 0.0
     data_wait: float = 0.0
     seconds: float = 0.0
-
-
-def resolve_device(device: Device) -> torch.device:
-    if device == Device.CUDA and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    return torch.device("cuda" if device == Device.CUDA or (device == Device.AUTO and torch.cuda.is_available()) else "cpu")
 
 
 def lr_at(step: int, total: int, peak: float, floor: float, warmup: float) -> float:

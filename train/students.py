@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esam3.schemas.errors import first_line
 from esam3.schemas.train import TrainingInputError
 
 #: name -> (timm model, public backbone parameters in millions, as EfficientSAM3 reports them)
@@ -128,8 +129,7 @@ def _backbone(name: str, init: Path | None) -> nn.Module:
         backbone = timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"file": str(init)}, features_only=True, out_indices=(-1,))
         given = _read_state(init)
     except Exception as exc:  # timm / safetensors / torch.load raise many types for a wrong or broken file
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise StudentError(f"--init {init}: not a {model} checkpoint ({first})") from None
+        raise StudentError(f"--init {init}: not a {model} checkpoint ({first_line(exc)[:200]})") from None
     # timm loads a features_only model's weights non-strictly: check that the file really filled the backbone
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for tensor in given.values():

@@ -365,13 +365,10 @@ class TeacherHeads(nn.Module):
 
     def save(self, out: Path, metadata: dict[str, Any]) -> Path:
         """Write ``heads.safetensors`` + ``heads.json`` (the teacher config and ``metadata``) atomically."""
-        from safetensors.torch import save_file
-
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         document = {"format": HEADS_FORMAT, "teacher_config": self.config.to_dict(), **metadata}
-        atomic_write(out / HEADS_WEIGHTS, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
-        atomic_write(out / HEADS_CONFIG, lambda path: path.write_text(json.dumps(document, indent=2, sort_keys=True)))
+        save_weights_and_config(out / HEADS_WEIGHTS, state, out / HEADS_CONFIG, document)
         return out
 
     @classmethod
@@ -413,6 +410,14 @@ class TeacherHeads(nn.Module):
                 f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
             )
         return heads.eval(), document
+
+
+def save_weights_and_config(weights: Path, tensors: dict[str, torch.Tensor], config: Path, document: dict[str, Any]) -> None:
+    """A safetensors file and its JSON document, each written atomically, the JSON last (its presence: complete)."""
+    from safetensors.torch import save_file
+
+    atomic_write(weights, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    atomic_write(config, lambda path: path.write_text(json.dumps(document, indent=2, sort_keys=True, default=str)))
 
 
 def atomic_write(target: Path, write: Any) -> None:
