@@ -149,7 +149,8 @@ class CacheConfig(BaseModel):
         if self.dataset == "sa-1b":
             spec["prompts"] = self.prompts.model_dump(mode="json")
         else:
-            spec["video"] = self.video.model_dump(mode="json")
+            # the tracker session spans the whole video (all its annotated frames), whatever max_frames uses
+            spec["video"] = {**self.video.model_dump(mode="json"), "session": "whole-video"}
         return spec
 
     def fingerprint(self, teacher_checksum: str) -> str:

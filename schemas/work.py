@@ -45,6 +45,7 @@ WORK = pa.schema(
         ("gt_masks", pa.string()),  # SA-1B: JSON [{height, width, counts}] of the prompted masks, in prompt order
         # SA-V only: one row per video
         ("frames", pa.int32()),  # T annotated frames used (= store rows this video will make)
+        ("video_frames", pa.int32()),  # annotated frames in the whole video: the tracker session's length
         ("frame_indices", pa.binary()),  # int64 (T,)
         ("video_prompts", pa.string()),  # JSON: [{object_id, frame, kind, points, labels, mask_index}]
         ("prompt_masks", pa.large_binary()),  # float32 (M, S, S): the mask prompts, in video_prompts' mask_index order

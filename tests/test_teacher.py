@@ -12,11 +12,11 @@ from esam3.pipeline.demo_data import write_demo_data
 from esam3.pipeline.sources import SAVSource
 from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.teacher import ConceptTargetConfig, TeacherConfig, TeacherLoadError, VideoPrompt, VideoTargetConfig
-from esam3.workers.preprocess import preprocess_images, transform_record
+from esam3.workers.preprocess import normalize, preprocess_images, resize_uint8, transform_record
 from esam3.workers.prompts import PromptSet, sample_prompts
 from esam3.workers.teacher import Sam3Teacher
 from esam3.workers.teacher_loading import load_checkpoint, materialize_random, weights_checksum
-from esam3.workers.video_targets import annotated_masks, object_prompts
+from esam3.workers.video_targets import annotated_masks, object_prompts, track
 from tests import sam3_reference as ref
 from tests.conftest import small_config
 
@@ -191,6 +191,26 @@ def test_video_targets_equal_sam3_tracker_video_model(tiny_teacher: Sam3Teacher,
             assert ref.close(mine.pix_feat_with_mem[i], expected_map[0], rel=1e-3)
             checked_memory += 1
     assert checked_memory > 5
+
+
+@pytest.mark.parametrize("kind", [VideoPrompt.POINT, VideoPrompt.MASK])
+def test_a_prefix_of_a_video_gets_the_targets_of_a_whole_video_run(tiny_teacher: Sam3Teacher, video, kind: VideoPrompt) -> None:
+    """max_frames cuts what is cached, not the tracker's view of the video: SAM3 scales pointer positions by
+    min(num_frames, 16) - 1, so a session sized to the 3 frames used would give other pointers and memory."""
+    whole = list(tiny_teacher.video_targets(video, VideoTargetConfig(prompt=kind, max_frames=100_000)))
+    prefix = list(tiny_teacher.video_targets(video, VideoTargetConfig(prompt=kind, max_frames=3)))
+    assert len(whole) == len(video.masks) == 9 and len(prefix) == 3
+    for cut, full in zip(prefix, whole):
+        assert cut.object_ids == full.object_ids
+        for name in ("mask_logits", "object_pointer", "maskmem_features", "pix_feat_with_mem"):
+            assert torch.equal(getattr(cut, name), getattr(full, name)), (cut.frame, name)
+    # the difference is there to see: the same prefix in a session of 3 frames moves frame 2's memory-conditioned map
+    frames = annotated_masks(video, 3)
+    prompts = object_prompts(video.key, frames, video.record.masklet_id, tiny_teacher.geometry.image_size, VideoTargetConfig(prompt=kind))
+    trunks = [tiny_teacher.trunk_features(normalize(resize_uint8(video.frames[p], tiny_teacher.geometry.image_size)[None]))[0][None] for p, _ in frames]
+    short = [outputs for _, outputs in track(tiny_teacher.heads, iter(trunks), 3, prompts, tiny_teacher.device)]
+    tracked = [i for i, c in enumerate(short[2]["conditioned"]) if c is not None]
+    assert tracked and not torch.allclose(short[2]["conditioned"][tracked[0]][0].float(), prefix[2].pix_feat_with_mem[tracked[0]])
 
 
 def test_video_limits_and_determinism(tiny_teacher: Sam3Teacher, video) -> None:

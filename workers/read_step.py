@@ -187,7 +187,7 @@ class ReadVideos(_ReadShard):
             "kind": KIND_SAMPLE, "dataset": shard.dataset.value, "shard": shard.name, "key": item.key,
             "member": item.member, "height": int(height), "width": int(width),
             "transform": json.dumps(transform_record((int(height), int(width)), self.image_size), sort_keys=True),
-            "pixels": work.pixels.tobytes(), "frames": len(work.pixels),
+            "pixels": work.pixels.tobytes(), "frames": len(work.pixels), "video_frames": work.video_frames,
             "frame_indices": work.frame_indices.astype(np.int64).tobytes(),
             "video_prompts": json.dumps(prompts),
             "prompt_masks": np.stack(masks).astype(np.float32).tobytes() if masks else b"",

@@ -192,6 +192,7 @@ class TeacherVideos:
             pixels=np.frombuffer(row["pixels"], dtype=np.uint8).reshape(row["frames"], 3, size, size),
             frame_indices=np.frombuffer(row["frame_indices"], dtype=np.int64),
             prompts=object_prompts_from_json(row["video_prompts"], row["prompt_masks"], size),
+            video_frames=row["video_frames"],
         )
         kind = work.prompts[0].kind.value if work.prompts else ""
         inputs, masks = row["frame_inputs"], json.loads(row["frame_masks"])

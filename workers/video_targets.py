@@ -11,6 +11,10 @@ For one video (annotated frames only, i.e. every 4th frame = 6 fps, the rate SAM
    (frame, object) we record the low-res mask logits, the object score, the object pointer, the encoded
    memory ``maskmem_features`` (64, g, g) and the memory-conditioned map ``pix_feat_with_mem`` (hidden, g, g).
 
+The tracker's session counts the video's annotated frames (all of them, not only the ``max_frames`` used):
+SAM3 scales object-pointer positions by ``min(num_frames, 16) - 1``, so a session sized to the frames used would
+give a short prefix other pointers and memory than a run over the whole video does.
+
 A mask-prompted object's first frame has no ``pix_feat_with_mem`` (SAM3 uses the mask as the output there and
 skips memory attention): ``has_memory_conditioned`` says which rows hold one. Session memory stays bounded:
 outputs older than the tracker's memory window are dropped as propagation goes on.
@@ -140,7 +144,8 @@ def track(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Step SAM3's tracker through ``num_frames`` frames given each frame's trunk output (1, C, g, g) in order.
+    """Step SAM3's tracker through the frames of ``trunk_frames`` (each frame's trunk output (1, C, g, g), in order)
+    of a video of ``num_frames`` frames (its length sets the object-pointer positions; at most that many are read).
 
     Yields ``(frame, per-object outputs)``. Works on a loaded teacher and on exported heads alike; inference
     mode and autocast are entered per frame, never held across a ``yield``, and several calls may be in flight.
@@ -207,6 +212,7 @@ class VideoWork:
     pixels: np.ndarray  # uint8 (T, 3, S, S), the annotated frames used
     frame_indices: np.ndarray  # int64 (T,), into the 24 fps video
     prompts: list[ObjectPrompt]
+    video_frames: int  # annotated frames in the whole video (>= T): the tracker session's num_frames
 
 
 def prepare_video(sample: VideoSample, config: VideoTargetConfig, size: int) -> VideoWork:
@@ -215,7 +221,7 @@ def prepare_video(sample: VideoSample, config: VideoTargetConfig, size: int) -> 
     prompts = object_prompts(sample.key, frames, sample.record.masklet_id, size, config) if frames else []
     positions = [position for position, _ in frames]
     pixels = np.stack([resize_uint8(sample.frames[p], size).numpy() for p in positions]) if positions else np.zeros((0, 3, size, size), np.uint8)
-    return VideoWork(sample.key, pixels, sample.frame_indices[positions].astype(np.int64), prompts)
+    return VideoWork(sample.key, pixels, sample.frame_indices[positions].astype(np.int64), prompts, max(len(sample.masks), len(positions)))
 
 
 def run_video(teacher: Any, work: VideoWork) -> Iterator[FrameTargets]:
@@ -229,7 +235,7 @@ def run_video(teacher: Any, work: VideoWork) -> Iterator[FrameTargets]:
                 trunks.append(trunk)
                 yield trunk[None]
 
-    stream = track(teacher.heads, trunk_stream(), len(work.pixels), work.prompts, teacher.device, teacher.autocast)
+    stream = track(teacher.heads, trunk_stream(), work.video_frames, work.prompts, teacher.device, teacher.autocast)
     for frame, outputs in stream:
         yield frame_targets(frame, int(work.frame_indices[frame]), trunks[frame], outputs, teacher.heads)
         trunks[frame] = None
