@@ -75,3 +75,14 @@ def sa1b_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     root = tmp_path_factory.mktemp("sa1b-store") / "store"
     run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(root), codec="fp16"), executor="local")
     return root
+
+
+@pytest.fixture(scope="session")
+def sav_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo SA-V shard (2 videos of 9 annotated frames, mask prompts) cached by the tiny teacher, fp16: stage 2's store."""
+    from esam3.pipeline.plan import run_cache
+    from esam3.schemas.cache import CacheConfig
+
+    root = tmp_path_factory.mktemp("sav-store") / "store"
+    run_cache(CacheConfig(dataset="sa-v", source=str(demo_root / "sa-v"), store=str(root), codec="fp16"), executor="local")
+    return root

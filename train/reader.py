@@ -20,7 +20,9 @@ all padded with a ``*_valid`` mask so every batch of a store has the same shapes
   ``object_score`` (B, K), ``object_pointer`` (B, K, hidden);
 * frames, ``memory``: ``object_valid`` (B, N), ``object_ids``, ``is_conditioning``, ``has_memory_conditioned``,
   ``mask_logits`` (B, N, m, m), ``object_score``, ``object_pointer``, ``maskmem_features`` (B, N, 64, g, g) and
-  ``pix_feat_with_mem`` (B, N, hidden, g, g) (both codes on the device path, like the trunk);
+  ``pix_feat_with_mem`` (B, N, hidden, g, g) (both codes on the device path, like the trunk); ``bank``: only what a
+  later frame's memory reads (the ids and flags, ``object_pointer``, ``maskmem_features``); ``pointers``: the ids,
+  flags and ``object_pointer`` alone (stage 2 reads the frames before a clip with these);
 * ``gt``: ``gt_masks`` bool (B, K or N, m, m), the ground truth squashed to the mask logits' frame, and ``gt_valid``
   (B, K or N): which slots hold an object (the rest are padding).
 """
@@ -45,9 +47,15 @@ from esam3.schemas.store import StoreError, dataset_of, decode_tensor, encoded_o
 from esam3.train.split import is_val
 from esam3.workers.decode import teacher_input
 
-FIELDS = {"images": ("input", "trunk", "prompts", "gt"), "frames": ("input", "trunk", "memory", "gt")}
+FIELDS = {"images": ("input", "trunk", "prompts", "gt"), "frames": ("input", "trunk", "memory", "bank", "pointers", "gt")}
 DEFAULT_FIELDS = {"images": ("input", "trunk", "prompts"), "frames": ("input", "trunk", "memory")}
-_NEEDS_TARGET = {"trunk": "trunk", "prompts": "prompts", "memory": "memory"}
+_NEEDS_TARGET = {"trunk": "trunk", "prompts": "prompts", "memory": "memory", "bank": "memory", "pointers": "memory"}
+#: Per-object columns of a frame row that each memory field reads: small values, then (N, C, g, g) maps.
+_MEMORY_COLUMNS = {
+    "memory": (("mask_logits", "object_score", "object_pointer"), ("maskmem_features", "pix_feat_with_mem")),
+    "bank": (("object_pointer",), ("maskmem_features",)),  # what later frames' memory reads of a frame
+    "pointers": (("object_pointer",), ()),
+}
 SPLITS = ("train", "val", "all")
 
 
@@ -137,9 +145,9 @@ class StoreDataset(Dataset):
         if "prompts" in self.fields:
             columns += ["prompt_kinds", "prompt_points", "prompt_labels", "prompt_boxes", "multi_logits", "single_logits",
                         "iou", "object_score", "object_pointer"]
-        if "memory" in self.fields:
-            columns += ["object_ids", "is_conditioning", "has_memory_conditioned", "mask_logits", "object_score",
-                        "object_pointer", "maskmem_features", "pix_feat_with_mem"]
+        for field in self._memory_fields():
+            values, maps = _MEMORY_COLUMNS[field]
+            columns += ["object_ids", "is_conditioning", "has_memory_conditioned", *values, *maps]
         if "gt" in self.fields:
             columns.append("gt_masks")
         return list(dict.fromkeys(columns))
@@ -157,8 +165,8 @@ class StoreDataset(Dataset):
             out.update(self._features("trunk", [r["trunk"] for r in rows]))
         if "prompts" in self.fields:
             out.update(self._prompts(rows))
-        if "memory" in self.fields:
-            out.update(self._memory(rows))
+        for field in self._memory_fields()[:1]:  # the widest one asked for holds the others
+            out.update(self._memory(rows, *_MEMORY_COLUMNS[field]))
         if "gt" in self.fields:
             slots = self.spec["prompts"]["num_prompts"] if self.table == "images" else self.spec["video"]["max_objects"]
             out["gt_masks"] = torch.from_numpy(np.stack([self._gt(r["gt_masks"], slots) for r in rows]))
@@ -257,14 +265,18 @@ class StoreDataset(Dataset):
                     out[f"{name}_codes"][i, :n], out[f"{name}_scales"][i, :n] = logit_codes(encoded_of(row[name]))
         return {name: torch.from_numpy(value) for name, value in out.items()}
 
-    def _memory(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _memory_fields(self) -> list[str]:
+        """The memory fields asked for, widest first."""
+        return [f for f in _MEMORY_COLUMNS if f in self.fields]
+
+    def _memory(self, rows: list[dict[str, Any]], values: Sequence[str], maps: Sequence[str]) -> dict[str, torch.Tensor]:
         g, n_max = self.geometry, self.spec["video"]["max_objects"]
         b, m, hidden = len(rows), g["mask_size"], g["hidden"]
+        shapes = {"mask_logits": ((m, m), np.float32), "object_score": ((), np.float32), "object_pointer": ((hidden,), np.float32)}
         out = {
             "object_valid": np.zeros((b, n_max), bool), "object_ids": np.full((b, n_max), -1, np.int64),
             "is_conditioning": np.zeros((b, n_max), bool), "has_memory_conditioned": np.zeros((b, n_max), bool),
-            "mask_logits": np.zeros((b, n_max, m, m), np.float32), "object_score": np.zeros((b, n_max), np.float32),
-            "object_pointer": np.zeros((b, n_max, hidden), np.float32),
+            **{name: np.zeros((b, n_max, *shapes[name][0]), shapes[name][1]) for name in values},
         }
         for i, row in enumerate(rows):
             n = len(row["object_ids"])
@@ -272,10 +284,10 @@ class StoreDataset(Dataset):
             out["object_ids"][i, :n] = row["object_ids"]
             out["is_conditioning"][i, :n] = row["is_conditioning"]
             out["has_memory_conditioned"][i, :n] = row["has_memory_conditioned"]
-            for name in ("mask_logits", "object_score", "object_pointer"):
+            for name in values:
                 out[name][i, :n] = decode_tensor(row[name])
         tensors = {name: torch.from_numpy(value) for name, value in out.items()}
-        for name in ("maskmem_features", "pix_feat_with_mem"):
+        for name in maps:
             tensors.update(self._features(name, [r[name] for r in rows], slots=n_max))
         return tensors
 

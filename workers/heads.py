@@ -287,29 +287,23 @@ class TeacherHeads(nn.Module):
         per_prompt = image is not None
         if per_prompt:
             embeddings = [e[image] for e in embeddings]
-        sparse, dense = tracker.prompt_encoder(
-            input_points=points[:, None] if per_prompt else points[None],
-            input_labels=labels[:, None] if per_prompt else labels[None], input_boxes=None, input_masks=None,
-        )
-        positions = tracker.get_image_wide_positional_embeddings().expand(len(embeddings[-1]), -1, -1, -1)
         passes = (True, False)
         if choose is not None:
             passes = tuple(bool(v) for v in torch.unique(choose > 0))
             if len(passes) != 1 or passes[0] != self.uses_multimask(points.shape[1]):
                 raise ValueError(f"choose: a prompt of {points.shape[1]} point(s) is judged by its {'multimask' if self.uses_multimask(points.shape[1]) else 'single-mask'} output")
-        results = {}
-        for multimask in passes:
-            masks, iou, tokens, score = tracker.mask_decoder(
-                image_embeddings=embeddings[-1],
-                image_positional_embeddings=positions,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-                high_resolution_features=embeddings[:-1],
-            )
-            if per_prompt:  # (K, 1, ...) -> (K, ...)
-                results[multimask] = (masks[:, 0], iou[:, 0], tokens[:, 0], score[:, 0, 0])
-            else:  # (1, K, ...) -> (K, ...)
+        if per_prompt:
+            sparse, dense = tracker.prompt_encoder(input_points=points[:, None], input_labels=labels[:, None], input_boxes=None, input_masks=None)
+            results = {multimask: self._run_decoder(embeddings, sparse, dense, multimask) for multimask in passes}
+        else:
+            sparse, dense = tracker.prompt_encoder(input_points=points[None], input_labels=labels[None], input_boxes=None, input_masks=None)
+            results = {}
+            for multimask in passes:  # one image, the K prompts as its point batch: (1, K, ...) -> (K, ...)
+                masks, iou, tokens, score = tracker.mask_decoder(
+                    image_embeddings=embeddings[-1], image_positional_embeddings=tracker.get_image_wide_positional_embeddings(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+                    high_resolution_features=embeddings[:-1],
+                )
                 results[multimask] = (masks[0], iou[0], tokens[0], score[0, :, 0])
         if choose is not None:
             masks, iou = results[passes[0]][:2]
@@ -331,6 +325,35 @@ class TeacherHeads(nn.Module):
             "object_score": score,
             "object_pointer": self._object_pointer(token, score),
         }
+
+    def _run_decoder(
+        self, embeddings: list[torch.Tensor], sparse: torch.Tensor, dense: torch.Tensor, multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mask decoder with one prompt per image row: (K, M, m, m) logits, (K, M) IoU, (K, M, hidden) tokens, (K,) scores."""
+        tracker = self.tracker_model
+        masks, iou, tokens, score = tracker.mask_decoder(
+            image_embeddings=embeddings[-1],
+            image_positional_embeddings=tracker.get_image_wide_positional_embeddings().expand(len(embeddings[-1]), -1, -1, -1),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            high_resolution_features=embeddings[:-1],
+        )
+        return masks[:, 0], iou[:, 0], tokens[:, 0], score[:, 0, 0]
+
+    def decode_each(
+        self, embeddings: list[torch.Tensor], points: torch.Tensor | None, labels: torch.Tensor | None, multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tracker's decoder for K image rows (``embeddings`` per level, K rows each), one prompt per row:
+        ``points`` (K, P, 2) / ``labels`` (K, P) in SAM's pixel-index convention (a box as corner labels 2, 3), or
+        None for a frame being tracked without a prompt (SAM's padding point, label -1). Raw outputs, as
+        :meth:`_run_decoder` gives them: no stability fallback, no no-object substitution."""
+        if points is None:
+            k, device = len(embeddings[-1]), embeddings[-1].device
+            points = torch.zeros(k, 1, 2, device=device, dtype=embeddings[-1].dtype)
+            labels = -torch.ones(k, 1, dtype=torch.int32, device=device)
+        sparse, dense = self.tracker_model.prompt_encoder(
+            input_points=points[:, None], input_labels=labels[:, None].to(torch.int32), input_boxes=None, input_masks=None,
+        )
+        return self._run_decoder(embeddings, sparse, dense, multimask)
 
     def uses_multimask(self, n_points: int) -> bool:
         """Whether the tracker takes its best multimask output for a prompt of ``n_points`` points (a box = 2)."""

@@ -1,0 +1,83 @@
+"""The stage-2 student tracker's plumbing, checked against the teacher's cached video targets.
+
+With the teacher's own trunk as the "student" encoder ("oracle"), every frozen step the tracker takes must give back
+what the cache stored: the memory of a mask-prompted conditioning frame, and, fed the teacher's memory-conditioned
+map, the mask, object score, pointer and new memory of a tracked frame. Only the memory module is the student's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from esam3.pipeline.store import Store
+from esam3.train.clips import ClipDataset
+from esam3.train.frozen_heads import load_store_heads
+from esam3.train.memory import StudentMemory
+from esam3.train.reader import StoreDataset
+from esam3.train.sampler import ClipSampler
+from esam3.train.tracker import StudentTracker, memory_spec
+from esam3.workers.preprocess import normalize
+from tests import sam3_reference as ref
+
+
+class Oracle(nn.Module):
+    def __init__(self, teacher) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.teacher.trunk_features(normalize(pixels)).float()
+
+
+class MemoryOptions:
+    global_latents, window_grid, perceiver_depth, perceiver_heads = 4, None, 1, 1
+    memory_layers, memory_heads, memory_ffn = 1, 1, 128
+
+
+@pytest.fixture(scope="module")
+def clips(sav_store: Path) -> ClipDataset:
+    frames = StoreDataset(str(sav_store), table="frames", fields=("input", "memory", "gt"), split="all")
+    return ClipDataset(frames, clip_length=3, memory_frames=7, max_pointers=16)
+
+
+@pytest.fixture(scope="module")
+def oracle_tracker(sav_store: Path, tiny_teacher) -> StudentTracker:
+    heads = load_store_heads(Store(str(sav_store)))
+    return StudentTracker(Oracle(tiny_teacher), heads, StudentMemory(memory_spec(heads, MemoryOptions))).eval()
+
+
+def test_frozen_steps_give_back_the_cached_targets(clips: ClipDataset, oracle_tracker: StudentTracker) -> None:
+    sampler = ClipSampler(clips.frames.video_ids, clips.frames.frames, clip_length=9, batch_size=2, shuffle=False)
+    indices = next(iter(sampler))
+    batch = clips[indices]
+    tracker = oracle_tracker
+    with torch.no_grad():
+        level = tracker.levels(batch["input"])
+        # conditioning frames: the mask prompt rebuilt from the ground truth -> the cached memory
+        rows, slots = batch["cond_row"], batch["cond_slot"]
+        assert len(rows) >= 3
+        out = tracker.heads.tracker_model._use_mask_as_output(level.top[rows], [h[rows] for h in level.high_res], batch["cond_masks"][:, None])
+        memory = tracker.encode_memory(level, rows, out.high_res_masks, out.object_score_logits.reshape(-1), tracker.binarized(batch, rows))
+        assert ref.close(memory, batch["maskmem_features"][rows, slots], rel=2e-2)
+        # tracked frames: the teacher's memory-conditioned map through the frozen decoder -> the cached outputs
+        rows, slots = torch.nonzero(batch["has_memory_conditioned"] & ~batch["is_conditioning"], as_tuple=True)
+        assert len(rows) >= 8
+        conditioned = batch["pix_feat_with_mem"][rows, slots]
+        logits, iou, score, pick, pointer = tracker.decode(level, rows, conditioned, None, None, multimask=True)
+        picked = logits[torch.arange(len(pick)), pick]
+        present = score > 0
+        assert ref.close(score, batch["object_score"][rows, slots], rel=1e-2)
+        assert ref.close(pointer, batch["object_pointer"][rows, slots], rel=1e-2)
+        assert ref.close(picked[present], batch["mask_logits"][rows, slots][present], rel=1e-2)
+        binarized = tracker.binarized(batch, rows)
+        assert binarized.any() and not binarized.all()  # frames where another object got its prompt
+        cached = batch["maskmem_features"][rows, slots]
+        memory = tracker.encode_memory(level, rows, tracker.high_res(picked, score), score, binarized)
+        assert ref.close(memory[~binarized], cached[~binarized], rel=2e-2)
+        # thresholded masks: the tiny teacher's logits hover near 0, so float-level differences flip a few pixels
+        cosine = torch.nn.functional.cosine_similarity(memory[binarized].flatten(1), cached[binarized].flatten(1))
+        assert bool((cosine > 0.998).all())
