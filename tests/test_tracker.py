@@ -81,3 +81,48 @@ def test_frozen_steps_give_back_the_cached_targets(clips: ClipDataset, oracle_tr
         # thresholded masks: the tiny teacher's logits hover near 0, so float-level differences flip a few pixels
         cosine = torch.nn.functional.cosine_similarity(memory[binarized].flatten(1), cached[binarized].flatten(1))
         assert bool((cosine > 0.998).all())
+
+
+@pytest.fixture(scope="module")
+def student_tracker(sav_store: Path) -> StudentTracker:
+    from esam3.train.students import Student, StudentSpec
+
+    heads = load_store_heads(Store(str(sav_store)))
+    g = heads.geometry
+    torch.manual_seed(0)
+    return StudentTracker(Student(StudentSpec("es-ev-s", g.trunk_width, g.grid, g.image_size)), heads,
+                          StudentMemory(memory_spec(heads, MemoryOptions)))
+
+
+def test_a_clip_starting_mid_video_reads_the_teachers_memory_before_it(clips: ClipDataset) -> None:
+    sampler = ClipSampler(clips.frames.video_ids, clips.frames.frames, clip_length=3, batch_size=3, shuffle=False)
+    batch = clips[list(sampler)[0]]  # clips at frames 0-2, 3-5, 6-8 of the first video
+    assert batch["frame_number"].tolist() == list(range(9))
+    # clip 0 has no past; clip 1 reads frames 0-2 (memory and the prompts on frame 0), clip 2 frames 0-5
+    assert batch["bank_clip"].tolist() == [1, 1, 1, 2, 2, 2, 2, 2, 2]
+    assert batch["bank_frame"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
+    assert batch["pointers"] is None  # no frame is further back than the 6 that give memory
+    assert batch["bank"]["maskmem_features"].shape[0] == 9 and "pix_feat_with_mem" not in batch["bank"]
+    assert batch["cond_row"].tolist() == torch.nonzero(batch["is_conditioning"], as_tuple=True)[0].tolist()
+
+
+@pytest.mark.parametrize("forcing", [1.0, 0.0])
+def test_stage2_terms_train_the_memory(clips: ClipDataset, student_tracker: StudentTracker, forcing: float) -> None:
+    from esam3.train.video_losses import VideoLossWeights, stage2_terms
+
+    sampler = ClipSampler(clips.frames.video_ids, clips.frames.frames, clip_length=3, batch_size=2, stride=3, shuffle=False)
+    indices = list(sampler)[1]  # a clip of the first video from frame 6, one of the second from frame 0
+    batch = clips[indices]
+    tracker = student_tracker.train()
+    tracker.zero_grad()
+    outputs = tracker(batch, clip_length=3, objects=2, forcing=forcing, generator=torch.Generator().manual_seed(0))
+    assert outputs and sum(len(o.row) for o in outputs) >= 6
+    assert all(o.conditioned is not None and o.logits.shape[1] == 3 for o in outputs)  # tracked frames, multimask
+    terms = stage2_terms(batch, outputs, VideoLossWeights(), clips=2)
+    assert all(torch.isfinite(v).all() for v in terms.values())
+    assert float(terms["memory_mse"].detach()) > 0 and float(terms["gt_mask"].detach()) > 0
+    terms["total"].backward()
+    grads = {name: p.grad for name, p in tracker.memory.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert all(p.grad is None for p in tracker.encoder.parameters())  # frozen stage-1 encoder
+    assert all(p.grad is None for p in tracker.heads.parameters())

@@ -286,8 +286,9 @@ class StudentTracker(nn.Module):
             masks = batch["cond_masks"][picks][:, None]
             out = tracker._use_mask_as_output(level.top[rows], [h[rows] for h in level.high_res], masks)
             maps = self.encode_memory(level, rows, out.high_res_masks, out.object_score_logits.reshape(-1), self.binarized(batch, rows))
+            pointers = out.object_pointer.reshape(len(rows), -1)
             for k, (i, _, _) in enumerate(group):
-                new[i] = (maps[k : k + 1], out.object_pointer[k], True)
+                new[i] = (maps[k : k + 1], pointers[k], True)
             return []
         points = batch["cond_points"][picks]
         n_points = int((labels[0] != -10).sum())
