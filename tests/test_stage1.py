@@ -16,7 +16,8 @@ from esam3.pipeline.plan import run_cache
 from esam3.schemas.cache import CacheConfig
 from esam3.schemas.train import Stage1Config
 from esam3.train.checkpoint import STUDENT_WEIGHTS, CheckpointError, latest_checkpoint
-from esam3.train.stage1 import Stage1Result, TrainError, lr_at, run_stage1
+from esam3.train.loop import lr_at
+from esam3.train.stage1 import Stage1Result, TrainError, run_stage1
 
 BASE = dict(student="es-ev-s", batch_size=2, loader_workers=0, val_percent=0, lr=2e-3, seed=3)
 

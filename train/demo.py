@@ -19,7 +19,8 @@ from esam3.pipeline.overlay import draw_segmentation
 from esam3.schemas.train import Stage1Config
 from esam3.train.evaluate import CocoEval, StoreEval, evaluate_coco, evaluate_store, load_image
 from esam3.train.model import ExportReport, StudentModel
-from esam3.train.stage1 import Stage1Result, StepReport, run_stage1
+from esam3.train.loop import StepReport
+from esam3.train.stage1 import Stage1Result, run_stage1
 
 DEMO_STUDENT = "es-rv-m"
 DEMO_STEPS = 20

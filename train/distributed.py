@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from esam3.schemas.train import Stage1Config
-from esam3.train.stage1 import Stage1Result, StepReport, TrainError, prepare, run_stage1
+from esam3.train.loop import StepReport
+from esam3.train.stage1 import Stage1Result, TrainError, prepare, run_stage1
 
 log = logging.getLogger("esam3.train")
 

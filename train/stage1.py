@@ -5,18 +5,15 @@ JPEG) and learns the cached trunk; its trunk also goes through the store's froze
 (``esam3.train.losses``). No teacher trunk or text encoder is ever loaded: the store and its heads file are all
 this reads.
 
-The loop: AdamW, linear warm-up then cosine to ``min_lr``, gradient clipping and accumulation, bf16 autocast on
-CUDA, seeded; checkpoints every ``checkpoint_every`` steps and at the end (``esam3.train.checkpoint``), exact
-resume (same data order, optimizer, random draws); TensorBoard scalars and mask images; a callback per step for progress.
-``run_stage1`` is what each Ray Train worker runs too (``rank`` / ``world_size``; rank 0 writes).
+The loop is ``esam3.train.loop`` (AdamW, warm-up + cosine, clipping, accumulation, bf16 autocast on CUDA,
+checkpoints, exact resume, TensorBoard, progress); this module adds the student, its batches and its loss terms, and
+TensorBoard mask images. ``run_stage1`` is what each Ray Train worker runs too (``rank`` / ``world_size``; rank 0 writes).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +25,11 @@ from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.store import Store
 from esam3.schemas.store import StoreError
 from esam3.schemas.train import RESUMABLE, Stage1Config, TrainingInputError
-from esam3.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, read_config, save_checkpoint
+from esam3.train.checkpoint import latest_checkpoint, read_config
 from esam3.train.frozen_heads import load_store_heads
 from esam3.train.losses import LossWeights, PromptOutputs, stage1_terms, teacher_outputs
-from esam3.train.reader import StoreDataset, make_loader
+from esam3.train.loop import LoopParts, StepReport, library_versions, run_loop
+from esam3.train.reader import StoreDataset
 from esam3.train.sampler import EpochSampler
 from esam3.train.students import Student, StudentSpec
 from esam3.workers.teacher import resolve_device
@@ -41,19 +39,6 @@ log = logging.getLogger("esam3.train")
 
 class TrainError(TrainingInputError):
     """A training run that cannot start as asked (the message names the fix)."""
-
-
-@dataclass
-class StepReport:
-    """What the progress callback gets after each optimizer step (rank 0)."""
-
-    step: int
-    total: int
-    terms: dict[str, float]
-    lr: float
-    grad_norm: float
-    samples_per_sec: float
-    data_wait: float  # share of the wall time spent waiting for the loader since the last report
 
 
 @dataclass
@@ -67,26 +52,6 @@ class Stage1Result:
     samples_per_sec: float = 0.0
     data_wait: float = 0.0
     seconds: float = 0.0
-
-
-def lr_at(step: int, total: int, peak: float, floor: float, warmup: float) -> float:
-    """Linear warm-up over ``warmup`` of the steps, then cosine from ``peak`` to ``floor`` (``step`` counts from 0)."""
-    warm = int(warmup * total)
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm - 1)  # the last step is at the floor
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def library_versions() -> dict[str, str]:
-    import lance
-    import timm
-    import transformers
-
-    from esam3 import __version__
-
-    return {"esam3": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "transformers": transformers.__version__, "lance": lance.__version__}
 
 
 @dataclass
@@ -155,30 +120,6 @@ def prepare(config: Stage1Config, world_size: int = 1, device: torch.device | No
     return Stage1Setup(config, store, dataset, spec, student, heads, weights, device, resume_from, document)
 
 
-def total_steps(config: Stage1Config, steps_per_epoch: int) -> int:
-    if config.steps is not None:
-        return config.steps
-    return max(1, math.ceil((config.epochs or 1.0) * steps_per_epoch / config.accumulate))
-
-
-def _parameter_groups(student: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weights of convolutions and linear layers only, not on norms and biases (timm's rule)."""
-    decay, no_decay = [], []
-    for name, parameter in student.named_parameters():
-        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _batches(loader: Any, sampler: EpochSampler, state: TrainerState) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(epoch, batch index in epoch, batch) forever, from where ``state`` says, one epoch after the other."""
-    epoch, start = state.epoch, state.batches_in_epoch
-    while True:
-        sampler.set_epoch(epoch, start)
-        for offset, batch in enumerate(loader):
-            yield epoch, start + offset, batch
-        epoch, start = epoch + 1, 0
-
-
 def run_stage1(
     config: Stage1Config, on_step: Callable[[StepReport], None] | None = None, rank: int = 0, world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | None = None,
@@ -189,104 +130,27 @@ def run_stage1(
     ``targets`` replaces each batch's cached targets before the step (``esam3.train.fidelity.LiveTargets``: the
     teacher computing them online, as training without a cache does)."""
     setup = prepare(config, world_size, device)
-    student, device, dataset = setup.student, setup.device, setup.dataset
-    model = wrap(student) if wrap is not None else student
-    optimizer = torch.optim.AdamW(_parameter_groups(student, config.weight_decay), lr=config.peak_lr(world_size), betas=(0.9, 0.999))
-    sampler = EpochSampler(len(dataset), config.batch_size, seed=config.seed, rank=rank, world_size=world_size, drop_last=True)
-    total = total_steps(config, sampler.steps_per_epoch)
-    state = TrainerState(0, 0, 0)
-    if setup.resume_from is not None:
-        state = load_checkpoint(setup.resume_from, student, optimizer)
-        log.info("resuming from %s (step %d of %d)", setup.resume_from, state.step, total)
-    writer = _summary_writer(config.out) if rank == 0 else None
-    peak = config.peak_lr(world_size)
-    terms: dict[str, float] = {}
-    started = time.perf_counter()
-    window = {"t": started, "wait": 0.0, "samples": 0}
-    rate, wait_share, first_step = 0.0, 0.0, True
-    loader = make_loader(dataset, sampler, workers=config.loader_workers)
-    batches = _batches(loader, sampler, state)
-    model.train()
-    try:
-        while state.step < total:
-            lr = lr_at(state.step, total, peak, min(config.min_lr, peak), config.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums: dict[str, float] = {}
-            checkpointing = (state.step + 1) % config.checkpoint_every == 0 or state.step + 1 == total
-            last: tuple[dict[str, Any], PromptOutputs | None] | None = None  # kept on checkpoint steps only (its images)
-            for micro in range(config.accumulate):
-                waited = time.perf_counter()
-                epoch, index, batch = next(batches)
-                window["wait"] += time.perf_counter() - waited
-                batch = dataset.to_device(batch, device)
-                if targets is not None:
-                    batch = targets(batch)
-                # every draw (drop path, prompt subsets) comes from (seed, step, micro-batch, rank): a resumed run
-                # draws what an uninterrupted one does, and ranks draw differently
-                draw = config.seed * 1_000_003 + (state.step * config.accumulate + micro) * world_size + rank
-                torch.manual_seed(draw)
-                generator = torch.Generator().manual_seed(draw)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    step_terms, outputs = stage1_terms(setup.heads, model(batch["input"]), batch, setup.weights, config.max_prompts, generator)
-                (step_terms["total"] / config.accumulate).backward()
-                for name, value in step_terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / config.accumulate
-                state.epoch, state.batches_in_epoch = epoch, index + 1
-                window["samples"] += len(batch["key"]) * world_size
-                last = (batch, outputs) if checkpointing and rank == 0 else None
-            norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip if config.clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            terms = sums
-            now = time.perf_counter()
-            if first_step:  # the first step pays for start-up (workers, allocations): no rate from it
-                window.update(t=now, wait=0.0, samples=0)
-                first_step = False
-            if state.step % config.log_every == 0 or state.step == total:
-                elapsed = now - window["t"]
-                if window["samples"]:
-                    rate, wait_share = window["samples"] / elapsed, window["wait"] / elapsed
-                if writer is not None:
-                    _log_scalars(writer, state.step, terms, lr, float(norm), rate, wait_share)
-                window.update(t=now, wait=0.0, samples=0)
-            if state.step % config.checkpoint_every == 0 or state.step == total:
-                if rank == 0:
-                    save_checkpoint(config.out, student, optimizer, state, setup.document, config.keep_checkpoints)
-                    if writer is not None and last is not None and last[1] is not None:
-                        _log_masks(writer, state.step, *last)
-            if on_step is not None and rank == 0:
-                on_step(StepReport(state.step, total, terms, lr, float(norm), rate, wait_share))
-    finally:
-        if writer is not None:
-            writer.close()
-        del batches, loader
-    return Stage1Result(config.out, state.step, latest_checkpoint(config.out), dataset.version, len(dataset), terms, rate, wait_share,
-                        time.perf_counter() - started)
+    student, dataset = setup.student, setup.dataset
+
+    def step(model: nn.Module, batch: dict[str, Any], generator: torch.Generator, _: int) -> tuple[dict[str, torch.Tensor], Any]:
+        return stage1_terms(setup.heads, model(batch["input"]), batch, setup.weights, config.max_prompts, generator)
+
+    parts = LoopParts(
+        saved=student, model=wrap(student) if wrap is not None else student, dataset=dataset,
+        sampler=EpochSampler(len(dataset), config.batch_size, seed=config.seed, rank=rank, world_size=world_size, drop_last=True),
+        step=step, device=setup.device, document=setup.document, resume_from=setup.resume_from,
+        trained=list(student.named_parameters()), images=_log_masks, targets=targets,
+    )
+    result = run_loop(config, parts, on_step, rank, world_size)
+    return Stage1Result(config.out, result.steps, latest_checkpoint(config.out), dataset.version, len(dataset), result.terms,
+                        result.samples_per_sec, result.data_wait, result.seconds)
 
 
-def _summary_writer(out: Path) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
-
-    out.mkdir(parents=True, exist_ok=True)
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def _log_scalars(writer: Any, step: int, terms: dict[str, float], lr: float, norm: float, rate: float, wait: float) -> None:
-    for name, value in terms.items():
-        writer.add_scalar(f"loss/{name}", value, step)
-    writer.add_scalar("train/lr", lr, step)
-    writer.add_scalar("train/grad_norm", norm, step)
-    writer.add_scalar("train/samples_per_sec", rate, step)
-    writer.add_scalar("train/data_wait_share", wait, step)
-
-
-def _log_masks(writer: Any, step: int, batch: dict[str, Any], outputs: PromptOutputs, count: int = 4) -> None:
+def _log_masks(writer: Any, step: int, batch: dict[str, Any], outputs: PromptOutputs | None, count: int = 4) -> None:
     """Up to ``count`` prompts: the input, the teacher's mask and the student's (the output the teacher uses), side by side."""
     import torch.nn.functional as F
 
-    if len(outputs.image) == 0:
+    if outputs is None or len(outputs.image) == 0:
         return
     with torch.no_grad():
         teacher, _ = teacher_outputs(batch, outputs)
