@@ -146,7 +146,6 @@ def predict_command(
 
     from esam3.pipeline.overlay import draw_segmentation
     from esam3.train.evaluate import load_image
-    from esam3.train.model import StudentModel
 
     with user_errors():
         if not point and not box:

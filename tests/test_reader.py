@@ -3,7 +3,6 @@ whose inputs are what the teacher saw and whose targets are the stored ones, thr
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 

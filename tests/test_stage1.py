@@ -16,8 +16,8 @@ from esam3.pipeline.plan import run_cache
 from esam3.schemas.cache import CacheConfig
 from esam3.schemas.train import Stage1Config
 from esam3.train.checkpoint import STUDENT_WEIGHTS, CheckpointError, latest_checkpoint
-from esam3.train.loop import lr_at
-from esam3.train.stage1 import Stage1Result, TrainError, run_stage1
+from esam3.train.loop import TrainResult, lr_at
+from esam3.train.stage1 import TrainError, run_stage1
 
 BASE = dict(student="es-ev-s", batch_size=2, loader_workers=0, val_percent=0, lr=2e-3, seed=3)
 
@@ -198,7 +198,7 @@ def test_two_ray_train_workers_take_the_steps_of_one_worker_with_their_joint_bat
     reference = outputs(tmp_path / "one")
     assert float((outputs(tmp_path / "two") - reference).norm() / reference.norm()) < 1e-3
     assert float((outputs(tmp_path / "alone") - reference).norm() / reference.norm()) > 1e-2
-    def distance(run: Stage1Result) -> torch.Tensor:
+    def distance(run: TrainResult) -> torch.Tensor:
         a, b = weights(one.checkpoint), weights(run.checkpoint)
         return torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a if a[k].is_floating_point()])
 

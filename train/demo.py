@@ -19,8 +19,8 @@ from esam3.pipeline.overlay import draw_segmentation
 from esam3.schemas.train import Stage1Config
 from esam3.train.evaluate import CocoEval, StoreEval, evaluate_coco, evaluate_store, load_image
 from esam3.train.model import ExportReport, StudentModel
-from esam3.train.loop import StepReport
-from esam3.train.stage1 import Stage1Result, run_stage1
+from esam3.train.loop import StepReport, TrainResult
+from esam3.train.stage1 import run_stage1
 
 DEMO_STUDENT = "es-rv-m"
 DEMO_STEPS = 20
@@ -28,7 +28,7 @@ DEMO_STEPS = 20
 
 @dataclass
 class StudentDemo:
-    train: Stage1Result
+    train: TrainResult
     eval: StoreEval
     export: ExportReport
     coco: CocoEval

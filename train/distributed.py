@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from esam3.schemas.train import Stage1Config
-from esam3.train.loop import StepReport
-from esam3.train.stage1 import Stage1Result, TrainError, prepare, run_stage1
+from esam3.train.loop import StepReport, TrainResult
+from esam3.train.stage1 import TrainError, prepare, run_stage1
 
 log = logging.getLogger("esam3.train")
 
@@ -84,7 +84,7 @@ def _worker(loop: dict[str, Any]) -> None:
         queue.put({"result": {**asdict(result), "out": str(result.out), "checkpoint": str(result.checkpoint) if result.checkpoint else None}})
 
 
-def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | None = None) -> Stage1Result:
+def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
     """Run stage 1 on ``config.workers`` Ray Train workers (GPU each when CUDA is there, else CPU)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -124,7 +124,7 @@ def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | N
     if "result" not in final:
         raise TrainError("the Ray Train run ended without rank 0's result; see the Ray logs (ray/ under --out)")
     result = final["result"]
-    return Stage1Result(**{**result, "out": Path(result["out"]), "checkpoint": Path(result["checkpoint"]) if result["checkpoint"] else None})
+    return TrainResult(**{**result, "out": Path(result["out"]), "checkpoint": Path(result["checkpoint"]) if result["checkpoint"] else None})
 
 
 def _worker_error(exc: BaseException) -> str:
@@ -155,7 +155,7 @@ def _relay(queue: Any, on_step: Callable[[StepReport], None] | None, done: threa
             on_step(StepReport(**message["step"]))
 
 
-def train_stage1(config: Stage1Config, on_step: Callable[[StepReport], None] | None = None) -> Stage1Result:
+def train_stage1(config: Stage1Config, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
     """``esam3 train stage1``: in this process, or on Ray Train with ``--workers`` > 1 or an ``--address``."""
     if config.workers == 1 and config.address is None:
         return run_stage1(config, on_step)

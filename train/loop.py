@@ -24,11 +24,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from esam3.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from esam3.schemas.train import RESUMABLE, TrainingInputError
+from esam3.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, read_config, save_checkpoint
 from esam3.train.reader import make_loader
 from esam3.train.sampler import EpochSampler
 
 log = logging.getLogger("esam3.train")
+
+
+class TrainError(TrainingInputError):
+    """A training run that cannot start as asked (the message names the fix)."""
 
 
 @dataclass
@@ -79,6 +84,21 @@ class LoopParts:
     trained: list[tuple[str, nn.Parameter]]  # the parameters the optimizer moves (named, for weight decay)
     images: Callable[[Any, int, dict[str, Any], Any], None] | None = None  # TensorBoard images on checkpoint steps
     targets: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # replaces a batch's cached targets
+
+
+@dataclass
+class TrainResult:
+    """What a training run did (``esam3 train stage1`` / ``stage2``)."""
+
+    out: Path
+    steps: int
+    checkpoint: Path | None  # the newest checkpoint (None on ranks other than 0 when the run folder is not shared)
+    store_version: int
+    train_rows: int
+    terms: dict[str, float] = field(default_factory=dict)  # the last step's loss terms
+    samples_per_sec: float = 0.0
+    data_wait: float = 0.0
+    seconds: float = 0.0
 
 
 @dataclass
@@ -199,6 +219,32 @@ def run_loop(config: LoopConfig, parts: LoopParts, on_step: Callable[[StepReport
             writer.close()
         del batches, loader
     return LoopResult(state.step, terms, rate, wait_share, time.perf_counter() - started)
+
+
+def resume_point(config: Any) -> tuple[Path | None, int | str | None]:
+    """The checkpoint to resume from (None: a new run) and the store snapshot to read; refuses a run folder that holds
+    a run unless ``--resume``, and a resume whose settings differ from the run's (but for those in ``RESUMABLE``)."""
+    resume_from = latest_checkpoint(config.out)
+    if resume_from is None:
+        return None, config.snapshot
+    if not config.resume:
+        raise TrainError(f"{config.out} holds a run (checkpoint {resume_from.name}); pass --resume to continue it, or choose another --out")
+    saved = read_config(resume_from)
+    changed = sorted(k for k, v in config.document().items() if k not in RESUMABLE and saved["config"].get(k) != v)
+    if changed:
+        raise TrainError(
+            f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run in {config.out} "
+            "(only --steps/--epochs, --device, --loader-workers and logging may change); use another --out for a new run"
+        )
+    return resume_from, saved["store"]["version"]  # the snapshot the run started on, even if newer ones exist now
+
+
+def store_provenance(store: Any, table: str, version: int) -> dict[str, Any]:
+    """What a checkpoint records of the store it was trained from."""
+    card = store.require_card()
+    teacher = card["teacher"]
+    return {"uri": store.uri, "table": table, "version": version, "teacher": teacher.get("source"), "checksum": teacher.get("checksum"),
+            "geometry": teacher["geometry"], "teacher_parameters": teacher.get("parameters")}
 
 
 def library_versions() -> dict[str, str]:

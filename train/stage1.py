@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +24,17 @@ from torch import nn
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.store import Store
 from esam3.schemas.store import StoreError
-from esam3.schemas.train import RESUMABLE, Stage1Config, TrainingInputError
-from esam3.train.checkpoint import latest_checkpoint, read_config
+from esam3.schemas.train import Stage1Config
+from esam3.train.checkpoint import latest_checkpoint
 from esam3.train.frozen_heads import load_store_heads
 from esam3.train.losses import LossWeights, PromptOutputs, stage1_terms, teacher_outputs
-from esam3.train.loop import LoopParts, StepReport, library_versions, run_loop
+from esam3.train.loop import LoopParts, StepReport, TrainError, TrainResult, library_versions, resume_point, run_loop, store_provenance
 from esam3.train.reader import StoreDataset
 from esam3.train.sampler import EpochSampler
 from esam3.train.students import Student, StudentSpec
 from esam3.workers.teacher import resolve_device
 
 log = logging.getLogger("esam3.train")
-
-
-class TrainError(TrainingInputError):
-    """A training run that cannot start as asked (the message names the fix)."""
-
-
-@dataclass
-class Stage1Result:
-    out: Path
-    steps: int
-    checkpoint: Path | None  # the newest checkpoint (None on ranks other than 0 when the run folder is not shared)
-    store_version: int
-    train_rows: int
-    terms: dict[str, float] = field(default_factory=dict)  # the last step's loss terms
-    samples_per_sec: float = 0.0
-    data_wait: float = 0.0
-    seconds: float = 0.0
 
 
 @dataclass
@@ -72,19 +55,7 @@ class Stage1Setup:
 
 def prepare(config: Stage1Config, world_size: int = 1, device: torch.device | None = None) -> Stage1Setup:
     """Check the run folder and the store, open the pinned snapshot, build the student and the frozen heads."""
-    resume_from = latest_checkpoint(config.out)
-    version: int | str | None = config.snapshot
-    if resume_from is not None and not config.resume:
-        raise TrainError(f"{config.out} holds a run (checkpoint {resume_from.name}); pass --resume to continue it, or choose another --out")
-    if resume_from is not None:
-        saved = read_config(resume_from)
-        changed = sorted(k for k, v in config.document().items() if k not in RESUMABLE and saved["config"].get(k) != v)
-        if changed:
-            raise TrainError(
-                f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ from the run in {config.out} "
-                "(only --steps/--epochs, --device, --loader-workers and logging may change); use another --out for a new run"
-            )
-        version = saved["store"]["version"]  # the snapshot the run started on, even if newer ones exist now
+    resume_from, version = resume_point(config)
     store = Store(config.store, S3Settings.from_environment(config.s3_endpoint))
     card = store.require_card()
     weights = LossWeights(config.feature_weight, config.cosine_weight, config.prompt_weight, config.iou_weight, config.gt_weight)
@@ -114,8 +85,7 @@ def prepare(config: Stage1Config, world_size: int = 1, device: torch.device | No
     heads = load_store_heads(store, device) if weights.needs_prompts else None
     document = {
         "config": config.document(), "student": spec.to_dict(), "world_size": world_size, "versions": library_versions(),
-        "store": {"uri": store.uri, "table": "images", "version": dataset.version, "teacher": card["teacher"].get("source"),
-                  "checksum": card["teacher"].get("checksum"), "geometry": geometry, "teacher_parameters": card["teacher"].get("parameters")},
+        "store": store_provenance(store, "images", dataset.version),
     }
     return Stage1Setup(config, store, dataset, spec, student, heads, weights, device, resume_from, document)
 
@@ -124,7 +94,7 @@ def run_stage1(
     config: Stage1Config, on_step: Callable[[StepReport], None] | None = None, rank: int = 0, world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | None = None,
     targets: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-) -> Stage1Result:
+) -> TrainResult:
     """Train (or resume) a stage-1 student; ``wrap`` makes the DDP model on Ray Train workers. Rank 0 writes.
 
     ``targets`` replaces each batch's cached targets before the step (``esam3.train.fidelity.LiveTargets``: the
@@ -142,7 +112,7 @@ def run_stage1(
         trained=list(student.named_parameters()), images=_log_masks, targets=targets,
     )
     result = run_loop(config, parts, on_step, rank, world_size)
-    return Stage1Result(config.out, result.steps, latest_checkpoint(config.out), dataset.version, len(dataset), result.terms,
+    return TrainResult(config.out, result.steps, latest_checkpoint(config.out), dataset.version, len(dataset), result.terms,
                         result.samples_per_sec, result.data_wait, result.seconds)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esam3.train.clips import PAD_LABEL
 from esam3.train.memory import MemorySpec, StudentMemory
 from esam3.workers.heads import TeacherHeads
 
@@ -282,16 +283,19 @@ class StudentTracker(nn.Module):
         rows = torch.tensor([clip * t_len + t for _, clip, _ in group], device=device)
         picks = torch.tensor([cond_index[(clip * t_len + t, slot)] for _, clip, slot in group], device=device)
         labels = batch["cond_labels"][picks]
-        if bool((labels == -10).all()):  # mask prompts
+        if bool((labels == PAD_LABEL).all()):  # mask prompts
             masks = batch["cond_masks"][picks][:, None]
-            out = tracker._use_mask_as_output(level.top[rows], [h[rows] for h in level.high_res], masks)
-            maps = self.encode_memory(level, rows, out.high_res_masks, out.object_score_logits.reshape(-1), self.binarized(batch, rows))
-            pointers = out.object_pointer.reshape(len(rows), -1)
+            # one row at a time: transformers' _use_mask_as_output broadcasts its presence flag wrongly for several rows
+            outs = [tracker._use_mask_as_output(level.top[r : r + 1], [h[r : r + 1] for h in level.high_res], masks[k : k + 1])
+                    for k, r in enumerate(rows.tolist())]
+            high_res = torch.cat([o.high_res_masks for o in outs])
+            score = torch.cat([o.object_score_logits.reshape(-1) for o in outs])
+            maps = self.encode_memory(level, rows, high_res, score, self.binarized(batch, rows))
             for k, (i, _, _) in enumerate(group):
-                new[i] = (maps[k : k + 1], pointers[k], True)
+                new[i] = (maps[k : k + 1], outs[k].object_pointer.reshape(-1), True)
             return []
         points = batch["cond_points"][picks]
-        n_points = int((labels[0] != -10).sum())
+        n_points = int((labels[0] != PAD_LABEL).sum())
         multimask = self.heads.uses_multimask(n_points)
         top = level.top[rows] + tracker.no_memory_embedding.reshape(1, -1, 1, 1)
         logits, iou, score, pick, pointer = self.decode(level, rows, top, points[:, :n_points], labels[:, :n_points], multimask)

@@ -1,0 +1,74 @@
+"""Stage 2 from the store alone: the memory trains on clips, checkpoints, resumes exactly, and refuses wrong inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esam3.schemas.train import Stage1Config, Stage2Config, TrainingInputError
+from esam3.train.loop import TrainError
+from esam3.train.stage1 import run_stage1
+from esam3.train.stage2 import run_stage2
+
+SMALL = dict(batch_size=2, clip_length=3, objects=2, loader_workers=0, val_percent=0, lr=1e-3, seed=4, global_latents=4,
+             perceiver_depth=1, memory_layers=1, memory_ffn=128)
+
+
+@pytest.fixture(scope="module")
+def stage1_run(sa1b_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    run_stage1(Stage1Config(store=str(sa1b_store), out=out, student="es-ev-s", steps=1, batch_size=2, loader_workers=0, val_percent=0))
+    return out
+
+
+def test_stage2_trains_the_memory_only(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:
+    reports = []
+    result = run_stage2(Stage2Config(store=str(sav_store), out=tmp_path / "run", init=stage1_run, steps=3, checkpoint_every=2, log_every=1,
+                                     **SMALL), on_step=reports.append)
+    assert result.steps == 3 and [r.step for r in reports] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r.terms["total"])) for r in reports)
+    assert {"memory_mse", "memory_cosine", "mask_bce", "mask_dice", "score_bce", "gt_mask", "gt_iou", "gt_score"} <= set(result.terms)
+    weights = load_file(str(result.checkpoint / "student.safetensors"))
+    stage1 = load_file(str(stage1_run / "checkpoints" / "step-00000001" / "student.safetensors"))
+    encoder = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+    assert encoder.keys() == stage1.keys() and all(torch.equal(encoder[k], stage1[k]) for k in stage1)  # frozen
+    assert any(k.startswith("memory.perceiver.") for k in weights)
+    document = json.loads((result.checkpoint / "config.json").read_text())
+    assert document["memory"]["window_grid"] == 2 and document["init"]["checkpoint"].endswith("step-00000001")
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+
+def test_stage2_resumes_exactly(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:
+    config = dict(store=str(sav_store), init=stage1_run, steps=3, checkpoint_every=1, forcing_until=1.0, **SMALL)
+    straight = run_stage2(Stage2Config(out=tmp_path / "straight", **config))
+
+    def stop_after_1(report) -> None:
+        if report.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage2(Stage2Config(out=tmp_path / "resumed", **config), on_step=stop_after_1)
+    resumed = run_stage2(Stage2Config(out=tmp_path / "resumed", resume=True, **config))
+    a, b = (load_file(str(r.checkpoint / "student.safetensors")) for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_refuses_a_wrong_init(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:
+    base = dict(store=str(sav_store), steps=1, **SMALL)
+    with pytest.raises(TrainingInputError, match="not a checkpoint"):
+        run_stage2(Stage2Config(out=tmp_path / "a", init=tmp_path, **base))
+    other = tmp_path / "other-teacher"
+    shutil.copytree(stage1_run, other)
+    for config in other.glob("checkpoints/step-*/config.json"):
+        document = json.loads(config.read_text())
+        document["store"]["checksum"] = "0" * 16
+        config.write_text(json.dumps(document))
+    with pytest.raises(TrainError, match="imitates teacher .* train stage 1 on a store of the same teacher"):
+        run_stage2(Stage2Config(out=tmp_path / "b", init=other, **base))
+    with pytest.raises(ValueError, match="window_grid 3 does not divide the memory grid 8"):
+        run_stage2(Stage2Config(out=tmp_path / "c", init=stage1_run, **{**base, "window_grid": 3}))
