@@ -1,7 +1,17 @@
-"""``esam3 train stage1``: distil a student from a store alone (flags > --config file > defaults)."""
+"""``esam3 train stage1`` / ``stage2``: distil a student from a store alone (flags > --config file > defaults).
+
+Every field of a stage's config (``esam3.schemas.train``) is a flag of the same name (``batch_size`` ->
+``--batch-size``), with the field's description and default as its help: the commands are built from the configs,
+so a new setting is one field, validated once.
+"""
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +20,23 @@ from rich.table import Table
 from rich.text import Text
 
 from esam3.console import UsageError, build_config, console, print_json, progress, user_errors
-from esam3.schemas.train import Device, Stage1Config, read_config_file
+from esam3.schemas.train import Stage1Config, Stage2Config, TrainerConfig, read_config_file
 
 train_app = typer.Typer(help="Train students from a store (no teacher trunk is loaded).", no_args_is_help=True)
 
 
-def _help(name: str, text: str | None = None) -> str:
-    """A flag's help: the config field's description and its default (one source of truth: Stage1Config)."""
-    info = Stage1Config.model_fields[name]
-    default = info.default.value if hasattr(info.default, "value") else info.default
-    shown = "" if info.is_required() or default is None else f" (default: {default})"
-    return f"{text or (info.description or '').capitalize()}.{shown}"
+def _help(info: Any) -> str:
+    default = info.default.value if isinstance(info.default, Enum) else info.default
+    shown = "" if info.is_required() or default is None or default is False else f" (default: {default})"
+    text = info.description or ""
+    return f"{text[:1].upper()}{text[1:]}.{shown}"
+
+
+def _plain(annotation: Any) -> Any:
+    """``int | None`` -> ``int``: the type typer parses."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
 
 
 def _merge(config_file: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
@@ -34,66 +50,49 @@ def _merge(config_file: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-@train_app.command("stage1")
-def stage1_command(
-    store: str = typer.Option(None, "--store", help="Store root written by esam3 cache (folder or s3://...)."),
-    out: Path = typer.Option(None, "--out", help="Run folder: checkpoints/, tensorboard/, each checkpoint's config.json."),
-    student: str = typer.Option(None, "--student", help=_help("student", "Student: es-{ev,rv,tv}-{s,m,l} (EfficientViT / RepViT / TinyViT; small, medium, large)")),
-    steps: int = typer.Option(None, "--steps", help=_help("steps", "Optimizer steps (or --epochs)")),
-    epochs: float = typer.Option(None, "--epochs", help=_help("epochs", "Passes over the train split (default 1 when --steps is not given)")),
-    batch_size: int = typer.Option(None, "--batch-size", help=_help("batch_size", "Images per micro-batch")),
-    accumulate: int = typer.Option(None, "--accumulate", help=_help("accumulate", "Micro-batches per optimizer step (gradient accumulation)")),
-    lr: float = typer.Option(None, "--lr", help=_help("lr", "Peak learning rate (default: the public recipe's 1e-3 x images per optimizer step / 512)")),
-    min_lr: float = typer.Option(None, "--min-lr", help=_help("min_lr", "Learning rate at the end of the cosine")),
-    warmup: float = typer.Option(None, "--warmup", help=_help("warmup", "Share of the steps spent warming up linearly (0..1)")),
-    weight_decay: float = typer.Option(None, "--weight-decay", help=_help("weight_decay", "AdamW weight decay (weights only, not norms or biases)")),
-    clip: float = typer.Option(None, "--clip", help=_help("clip", "Gradient-norm clip (0: off)")),
-    feature_weight: float = typer.Option(None, "--feature-weight", help=_help("feature_weight", "Weight of the per-pixel feature MSE, summed over channels (the public prompt-in-the-loop fine-tune uses 0.0015)")),
-    cosine_weight: float = typer.Option(None, "--cosine-weight", help=_help("cosine_weight", "Weight of 1 - cosine on features")),
-    prompt_weight: float = typer.Option(None, "--prompt-weight", help=_help("prompt_weight", "Weight of BCE + Dice against the teacher's masks through the frozen heads (0: no prompt-in-the-loop)")),
-    iou_weight: float = typer.Option(None, "--iou-weight", help=_help("iou_weight", "Weight of the IoU-head L1 against the teacher's IoU")),
-    gt_weight: float = typer.Option(None, "--gt-weight", help=_help("gt_weight", "Weight of BCE + Dice against the stored ground-truth masks")),
-    max_prompts: int = typer.Option(None, "--max-prompts", help=_help("max_prompts", "Prompts decoded per image per step, drawn from the cached ones (default: all)")),
-    image_size: int = typer.Option(None, "--image-size", help=_help("image_size", "Student input size in pixels (default: the teacher's frame)")),
-    val_percent: float = typer.Option(None, "--val-percent", help=_help("val_percent", "Share of samples held out for eval, by key hash (stable across runs and stores)")),
-    version: int = typer.Option(None, "--version", help="Store table version to train on (a snapshot; default: the newest)."),
-    tag: str = typer.Option(None, "--tag", help="Store snapshot tag to train on (esam3 store info lists them)."),
-    init: Path = typer.Option(None, "--init", help="Local timm checkpoint (.safetensors / .pth) to start the backbone from; nothing is downloaded."),
-    device: Device = typer.Option(None, "--device", help=_help("device", "Where to train: auto (cuda if present), cpu or cuda")),
-    loader_workers: int = typer.Option(None, "--loader-workers", help=_help("loader_workers", "DataLoader processes (spawned) reading the store")),
-    workers: int = typer.Option(None, "--workers", help=_help("workers", "Ray Train workers (DDP ranks; one GPU each when there are GPUs), each taking --batch-size images per step")),
-    address: str = typer.Option(None, "--address", help="Train on this Ray: auto, or HOST:PORT (default: a local Ray when --workers > 1)."),
-    seed: int = typer.Option(None, "--seed", help=_help("seed", "Seed of the student's init, the data order and the prompt draws")),
-    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help=_help("checkpoint_every", "Steps between checkpoints (one is also written at the end)")),
-    keep_checkpoints: int = typer.Option(None, "--keep-checkpoints", help=_help("keep_checkpoints", "Newest checkpoints kept")),
-    log_every: int = typer.Option(None, "--log-every", help=_help("log_every", "Steps between TensorBoard scalars")),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint (starts fresh if it has none)."),
-    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="S3-compatible endpoint (http(s)://HOST:PORT) for an s3:// store."),
-    config_file: Path = typer.Option(None, "--config", help="JSON or TOML file of these settings (keys as the flags, without --); flags win."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end."),
-) -> None:
-    """Stage 1: the student's encoder learns the cached trunk, with prompts through the store's frozen heads."""
-    from esam3.train.distributed import train_stage1
+def config_command(model: type[TrainerConfig], run: Callable[[Any, bool], None]) -> Callable[..., None]:
+    """A typer command whose flags are ``model``'s fields (+ ``--config`` and ``--json``) and that calls ``run``."""
+    parameters, annotations = [], {}
+    for name, info in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = _plain(info.annotation)
+        option = typer.Option(None, f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=_help(info))
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        annotations[name] = kind
+    extra = {
+        "config_file": (Path, typer.Option(None, "--config", help="JSON or TOML file of these settings (keys as the flags, without --); flags win.")),
+        "as_json": (bool, typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end.")),
+    }
+    for name, (kind, option) in extra.items():
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        annotations[name] = kind
 
-    flags = dict(
-        store=store, out=out, student=student, steps=steps, epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr,
-        min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, clip=clip, feature_weight=feature_weight,
-        cosine_weight=cosine_weight, prompt_weight=prompt_weight, iou_weight=iou_weight, gt_weight=gt_weight,
-        max_prompts=max_prompts, image_size=image_size, val_percent=val_percent, version=version, tag=tag, init=init,
-        device=device, loader_workers=loader_workers, workers=workers, address=address, seed=seed, checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints, log_every=log_every, resume=resume or None, s3_endpoint=s3_endpoint,
-    )
+    def command(**values: Any) -> None:
+        config_file, as_json = values.pop("config_file"), values.pop("as_json")
+        with user_errors():
+            config = build_config(model, {}, **_merge(config_file, values))
+        run(config, as_json)
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {**annotations, "return": None}
+    command.__doc__ = model.__doc__
+    return command
+
+
+def _train(config: TrainerConfig, as_json: bool, title: str) -> None:
+    """Run a stage with a progress bar; print its figures (a table, or one JSON line)."""
+    from esam3.train.distributed import train
+
     with user_errors():
-        config = build_config(Stage1Config, {}, **_merge(config_file, flags))
         with progress() as bar:
-            task = bar.add_task(f"stage1 {config.student}", total=None, status="opening the store")
+            task = bar.add_task(title, total=None, status="opening the store")
 
             def update(report: Any) -> None:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in report.terms.items() if k != "total")
                 bar.update(task, total=report.total, completed=report.step,
                            status=f"loss {report.terms['total']:.4g} ({shown}), {report.samples_per_sec:.1f} samples/s")
 
-            result = train_stage1(config, on_step=update)
+            result = train(config, on_step=update)
     if as_json:
         print_json({
             "out": str(result.out), "checkpoint": str(result.checkpoint), "steps": result.steps, "store_version": result.store_version,
@@ -101,7 +100,7 @@ def stage1_command(
             "data_wait": result.data_wait, "seconds": result.seconds,
         })
         return
-    table = Table(title=Text(f"stage 1: {config.student} from {config.store}"), title_justify="left", show_header=False)
+    table = Table(title=Text(f"{title} from {config.store}"), title_justify="left", show_header=False)
     table.add_column("", style="bold")
     table.add_column("", overflow="fold")
     for name, value in (
@@ -112,3 +111,34 @@ def stage1_command(
     ):
         table.add_row(name, Text(value))
     console.print(table)
+
+
+def _stage1(config: Stage1Config, as_json: bool) -> None:
+    _train(config, as_json, f"stage 1: {config.student}")
+
+
+def _stage2(config: Stage2Config, as_json: bool) -> None:
+    if not as_json:
+        with user_errors():
+            console.print(Text(_memory_summary(config)))
+    _train(config, as_json, "stage 2: memory")
+
+
+def _memory_summary(config: Stage2Config) -> str:
+    """The memory this run builds, from the store's heads alone (sizes, tokens per frame, parameters)."""
+    from esam3.pipeline.object_store import S3Settings
+    from esam3.pipeline.store import Store
+    from esam3.train.frozen_heads import load_store_heads
+    from esam3.train.memory import describe
+    from esam3.train.tracker import memory_spec
+
+    heads = load_store_heads(Store(config.store, S3Settings.from_environment(config.s3_endpoint)))
+    return describe(memory_spec(heads, config))
+
+
+train_app.command("stage1", help="Stage 1: the student's encoder learns the cached trunk, with prompts through the store's frozen heads.")(
+    config_command(Stage1Config, _stage1)
+)
+train_app.command("stage2", help="Stage 2: a Perceiver memory and a light memory attention learn SAM3's memory on the store's video clips, on a stage-1 encoder.")(
+    config_command(Stage2Config, _stage2)
+)

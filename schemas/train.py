@@ -88,17 +88,17 @@ class TrainerConfig(BaseModel):
 class Stage1Config(TrainerConfig):
     """Encoder distillation with prompt-in-the-loop, from a store alone."""
 
-    student: str = Field("es-rv-m", description="student name (es-{ev,rv,tv}-{s,m,l})")
-    batch_size: int = Field(8, ge=1, description="images per step per worker")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default: 1e-3 x images per optimizer step / 512)")
-    feature_weight: float = Field(1.0, ge=0, description="weight of the per-pixel feature MSE (summed over channels)")
+    student: str = Field("es-rv-m", description="student: es-{ev,rv,tv}-{s,m,l} (EfficientViT / RepViT / TinyViT; small, medium, large)")
+    batch_size: int = Field(8, ge=1, description="images per micro-batch per worker")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: the public recipe's 1e-3 x images per optimizer step / 512)")
+    feature_weight: float = Field(1.0, ge=0, description="weight of the per-pixel feature MSE, summed over channels (the public prompt-in-the-loop fine-tune uses 0.0015)")
     cosine_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine on features")
-    prompt_weight: float = Field(1.0, ge=0, description="weight of BCE + Dice vs the teacher's masks (0: no prompt-in-the-loop)")
+    prompt_weight: float = Field(1.0, ge=0, description="weight of BCE + Dice vs the teacher's masks through the frozen heads (0: no prompt-in-the-loop)")
     iou_weight: float = Field(1.0, ge=0, description="weight of the IoU-head L1 vs the teacher's")
     gt_weight: float = Field(0.0, ge=0, description="weight of BCE + Dice vs the stored ground-truth masks")
-    max_prompts: int | None = Field(None, ge=1, description="prompts decoded per image per step (default: all cached)")
-    image_size: int | None = Field(None, ge=32, description="student input size (default: the teacher's)")
-    init: Path | None = Field(None, description="local timm checkpoint for the student backbone")
+    max_prompts: int | None = Field(None, ge=1, description="prompts decoded per image per step, drawn from the cached ones (default: all)")
+    image_size: int | None = Field(None, ge=32, description="student input size in pixels (default: the teacher's frame)")
+    init: Path | None = Field(None, description="local timm checkpoint (.safetensors / .pth) to start the backbone from; nothing is downloaded")
 
     @field_validator("student")
     @classmethod
@@ -128,7 +128,7 @@ class Stage2Config(TrainerConfig):
     """Memory distillation: a Perceiver memory and a light memory attention on a frozen stage-1 encoder."""
 
     init: Path = Field(..., description="the stage-1 run folder (its newest checkpoint) or one checkpoint folder")
-    batch_size: int = Field(2, ge=1, description="clips per step per worker")
+    batch_size: int = Field(2, ge=1, description="clips per micro-batch per worker")
     lr: float | None = Field(None, gt=0, description="peak learning rate (default: 1e-4 x clips per optimizer step / 8)")
     clip_length: int = Field(8, ge=2, le=64, description="consecutive annotated frames per clip")
     clip_stride: int | None = Field(None, ge=1, description="frames between clip starts (default: the clip length)")

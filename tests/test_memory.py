@@ -36,9 +36,9 @@ def test_parameter_count_follows_the_config(overrides: dict) -> None:
 
 def test_window_grid_must_divide_the_memory_grid() -> None:
     assert default_window_grid(72) == 12 and default_window_grid(64) == 16 and default_window_grid(8) == 2
-    with pytest.raises(ValueError, match=r"window_grid 5 does not divide the memory grid 72; choose one of \[1, 2, 3, 4, 6, 8, 9, 12"):
+    with pytest.raises(ValueError, match=r"--window-grid 5 does not divide the memory grid 72; choose one of \[1, 2, 3, 4, 6, 8, 9, 12"):
         spec(grid=72, window_grid=5)
-    with pytest.raises(ValueError, match="perceiver_heads 3"):
+    with pytest.raises(ValueError, match="--perceiver-heads 3"):
         spec(perceiver_heads=3)
 
 

@@ -179,14 +179,14 @@ def test_the_cli_reads_a_config_file_and_flags_win(sa1b_store: Path, tmp_path: P
 def test_two_ray_train_workers_take_the_steps_of_one_worker_with_their_joint_batch(sa1b_store: Path, tmp_path: Path) -> None:
     """--workers 2 on a local Ray (gloo, CPU): each rank reads its own half of every batch, DDP averages the
     gradients and BatchNorm sees the whole batch, so 2 x batch 2 ends where 1 x batch 4 ends."""
-    from esam3.train.distributed import train_stage1
+    from esam3.train.distributed import train
     from esam3.train.model import StudentModel
 
     config = dict(store=str(sa1b_store), student="es-ev-s", loader_workers=0, val_percent=0, lr=1e-3, steps=3, warmup=0.0, seed=5)
-    one = train_stage1(Stage1Config(out=tmp_path / "one", batch_size=4, **config))
-    alone = train_stage1(Stage1Config(out=tmp_path / "alone", batch_size=2, **config))  # what one rank's half alone gives
+    one = train(Stage1Config(out=tmp_path / "one", batch_size=4, **config))
+    alone = train(Stage1Config(out=tmp_path / "alone", batch_size=2, **config))  # what one rank's half alone gives
     steps = []
-    two = train_stage1(Stage1Config(out=tmp_path / "two", batch_size=2, workers=2, **config), on_step=steps.append)
+    two = train(Stage1Config(out=tmp_path / "two", batch_size=2, workers=2, **config), on_step=steps.append)
     assert [s.step for s in steps] == [1, 2, 3] and two.steps == 3 and two.checkpoint == tmp_path / "two" / "checkpoints" / "step-00000003"
     saved = json.loads((two.checkpoint / "config.json").read_text())
     assert saved["world_size"] == 2 and saved["config"]["workers"] == 2

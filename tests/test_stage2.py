@@ -70,5 +70,40 @@ def test_stage2_refuses_a_wrong_init(sav_store: Path, stage1_run: Path, tmp_path
         config.write_text(json.dumps(document))
     with pytest.raises(TrainError, match="imitates teacher .* train stage 1 on a store of the same teacher"):
         run_stage2(Stage2Config(out=tmp_path / "b", init=other, **base))
-    with pytest.raises(ValueError, match="window_grid 3 does not divide the memory grid 8"):
+    with pytest.raises(TrainingInputError, match="--window-grid 3 does not divide the memory grid 8"):
         run_stage2(Stage2Config(out=tmp_path / "c", init=stage1_run, **{**base, "window_grid": 3}))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "--init: Field required"),
+    (["--init", "{init}", "--window-grid", "3"], "--window-grid 3 does not divide the memory grid 8; choose one of [1, 2, 4, 8]"),
+    (["--init", "{init}", "--clip-length", "1"], "--clip-length: Input should be greater than or equal to 2"),
+    (["--init", "{init}", "--forcing-start", "1.5"], "--forcing-start: Input should be less than or equal to 1"),
+    (["--init", "{init}", "--feature-weight", "0", "--cosine-weight", "0", "--mask-weight", "0", "--score-weight", "0", "--gt-weight", "0"],
+     "every loss weight is 0"),
+    (["--init", "{init}", "--batch-size", "9"], "fewer than one step of 9 x 1"),
+    (["--init", "{out}"], "not a checkpoint"),
+])
+def test_stage2_flags_are_checked(sav_store: Path, stage1_run: Path, tmp_path: Path, flags: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from esam3.cli import app
+
+    flags = [f.format(init=stage1_run, out=tmp_path) for f in flags]
+    result = CliRunner().invoke(app, ["train", "stage2", "--store", str(sav_store), "--out", str(tmp_path / "r"), "--val-percent", "0", *flags])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_stage2_cli_prints_the_memory_and_trains(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from esam3.cli import app
+
+    args = ["train", "stage2", "--store", str(sav_store), "--out", str(tmp_path / "run"), "--init", str(stage1_run), "--steps", "1",
+            "--val-percent", "0", "--loader-workers", "0", "--clip-length", "3", "--global-latents", "8", "--memory-ffn", "256"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "8 global + 2x2 window latents (4x4 tokens each)" in text and "12 tokens per memory frame (SAM3: 64)" in text
+    assert "stage 2: memory" in text and (tmp_path / "run" / "checkpoints" / "latest").is_file()

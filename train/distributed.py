@@ -1,7 +1,7 @@
-"""Stage 1 on Ray Train: ``--workers N`` DDP ranks on the Ray the cache uses (a local one, or ``--address``).
+"""Training on Ray Train: ``--workers N`` DDP ranks on the Ray the cache uses (a local one, or ``--address``).
 
-Each rank runs the same loop (``esam3.train.stage1.run_stage1``) on its own disjoint share of every epoch's rows
-(``EpochSampler`` with its rank and the world size) and its own DataLoader; gradients are averaged by DDP, and
+Each rank runs the same loop (``run_stage1`` or ``run_stage2``) on its own disjoint share of every epoch's rows or
+clips (the sampler with its rank and the world size) and its own DataLoader; gradients are averaged by DDP, and
 BatchNorm statistics are those of the whole global batch (:class:`GlobalBatchNorm2d`), so N workers with batch
 B / N take the same steps as one worker with batch B. Rank 0 writes the checkpoints and TensorBoard, and streams
 its progress to the driver through a Ray queue. ``--out`` must be a folder every rank can read (one machine, or a
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from esam3.schemas.train import Stage1Config
+from esam3.schemas.train import Stage1Config, Stage2Config, TrainerConfig
 from esam3.train.loop import StepReport, TrainResult
 from esam3.train.stage1 import TrainError, prepare, run_stage1
 
@@ -59,10 +59,23 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _ddp(student: nn.Module) -> nn.Module:
+def _ddp(model: nn.Module) -> nn.Module:
     from ray.train.torch import prepare_model
 
-    return prepare_model(global_batchnorm(student), parallel_strategy="ddp")
+    # unused parameters are normal in stage 2 (no pointer on a clip's second frame, no window when a frame is all
+    # conditioning); stage 1 uses every parameter every step, where the search is cheap
+    return prepare_model(global_batchnorm(model), parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def _stages() -> dict[str, tuple[type[TrainerConfig], Callable[..., TrainResult], Callable[..., Any]]]:
+    """Each stage's config class, its loop, and the check that runs before Ray starts."""
+    from esam3.train.stage2 import prepare_stage2, run_stage2
+
+    return {"stage1": (Stage1Config, run_stage1, prepare), "stage2": (Stage2Config, run_stage2, prepare_stage2)}
+
+
+def stage_of(config: TrainerConfig) -> str:
+    return "stage2" if isinstance(config, Stage2Config) else "stage1"
 
 
 def _worker(loop: dict[str, Any]) -> None:
@@ -78,14 +91,15 @@ def _worker(loop: dict[str, Any]) -> None:
     def report(step: StepReport) -> None:
         queue.put({"step": asdict(step)})
 
-    config = Stage1Config.model_validate(loop["config"])
-    result = run_stage1(config, on_step=report if rank == 0 else None, rank=rank, world_size=world, wrap=_ddp, device=get_device())
+    model, run, _ = _stages()[loop["stage"]]
+    config = model.model_validate(loop["config"])
+    result = run(config, on_step=report if rank == 0 else None, rank=rank, world_size=world, wrap=_ddp, device=get_device())
     if rank == 0:
         queue.put({"result": {**asdict(result), "out": str(result.out), "checkpoint": str(result.checkpoint) if result.checkpoint else None}})
 
 
-def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
-    """Run stage 1 on ``config.workers`` Ray Train workers (GPU each when CUDA is there, else CPU)."""
+def train_on_ray(config: TrainerConfig, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
+    """Run a stage on ``config.workers`` Ray Train workers (GPU each when CUDA is there, else CPU)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -93,7 +107,8 @@ def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | N
 
     from esam3.pipeline.ray_plan import ray_session
 
-    prepare(config, config.workers, torch.device("cpu"))  # the run folder, the store and the split, checked here first
+    stage = stage_of(config)
+    _stages()[stage][2](config, config.workers, torch.device("cpu"))  # the run folder, the store and the split, checked here first
     with ray_session(config.address):
         resources = ray.cluster_resources()
         gpus, cpus_total = resources.get("GPU", 0), resources.get("CPU", 1)
@@ -107,9 +122,9 @@ def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | N
         queue = Queue(maxsize=100_000)
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"config": config.document(), "queue": queue, "threads": cpus},
+            train_loop_config={"config": config.document(), "stage": stage, "queue": queue, "threads": cpus},
             scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
-            run_config=RunConfig(name="stage1", storage_path=str((config.out / "ray").resolve())),
+            run_config=RunConfig(name=stage, storage_path=str((config.out / "ray").resolve())),
         )
         done, final = threading.Event(), {}
         relay = threading.Thread(target=_relay, args=(queue, on_step, done, final), daemon=True)
@@ -117,7 +132,7 @@ def train_on_ray(config: Stage1Config, on_step: Callable[[StepReport], None] | N
         try:
             trainer.fit()
         except Exception as exc:  # Ray Train wraps a worker's error (TrainingFailedError and friends): one line here
-            raise TrainError(f"stage 1 on Ray Train failed: {_worker_error(exc)} (worker logs under {config.out / 'ray'})") from None
+            raise TrainError(f"{stage} on Ray Train failed: {_worker_error(exc)} (worker logs under {config.out / 'ray'})") from None
         finally:
             done.set()
             relay.join()
@@ -155,8 +170,8 @@ def _relay(queue: Any, on_step: Callable[[StepReport], None] | None, done: threa
             on_step(StepReport(**message["step"]))
 
 
-def train_stage1(config: Stage1Config, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
-    """``esam3 train stage1``: in this process, or on Ray Train with ``--workers`` > 1 or an ``--address``."""
+def train(config: TrainerConfig, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
+    """``esam3 train stage1`` / ``stage2``: in this process, or on Ray Train with ``--workers`` > 1 or an ``--address``."""
     if config.workers == 1 and config.address is None:
-        return run_stage1(config, on_step)
+        return _stages()[stage_of(config)][1](config, on_step)
     return train_on_ray(config, on_step)

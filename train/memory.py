@@ -28,6 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esam3.schemas.train import TrainingInputError
+
+
+class MemorySpecError(TrainingInputError):
+    """Memory sizes that do not fit the teacher's geometry (the message names the flag)."""
+
 
 @dataclass(frozen=True)
 class MemorySpec:
@@ -49,12 +55,12 @@ class MemorySpec:
 
     def __post_init__(self) -> None:
         if self.grid % self.window_grid:
-            raise ValueError(f"window_grid {self.window_grid} does not divide the memory grid {self.grid}; choose one of {divisors(self.grid)}")
+            raise MemorySpecError(f"--window-grid {self.window_grid} does not divide the memory grid {self.grid}; choose one of {divisors(self.grid)}")
         for name, width, heads in (("perceiver", self.memory_dim, self.perceiver_heads), ("attention", self.hidden, self.attention_heads)):
             if width % heads or (width // heads) % 4:
-                raise ValueError(f"{name}_heads {heads}: the width {width} must split into heads of a multiple of 4 channels")
+                raise MemorySpecError(f"--{name.replace('attention', 'memory')}-heads {heads}: the width {width} must split into heads of a multiple of 4 channels")
         if self.hidden % self.memory_dim:
-            raise ValueError(f"the hidden width {self.hidden} is not a multiple of the memory width {self.memory_dim}")
+            raise MemorySpecError(f"the tracker's hidden width {self.hidden} is not a multiple of its memory width {self.memory_dim}")
 
     @property
     def window(self) -> int:
