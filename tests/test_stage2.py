@@ -107,3 +107,21 @@ def test_stage2_cli_prints_the_memory_and_trains(sav_store: Path, stage1_run: Pa
     text = " ".join(result.output.split())
     assert "8 global + 2x2 window latents (4x4 tokens each)" in text and "12 tokens per memory frame (SAM3: 64)" in text
     assert "stage 2: memory" in text and (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_two_ray_train_workers_take_the_steps_of_one_worker_with_their_joint_batch(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:
+    """--workers 2: each rank tracks its own clip; DDP averages the gradients as one worker averages over its two clips.
+    Teacher forcing is always on and every object is tracked, so no rank draws differently from the single worker."""
+    from esam3.train.distributed import train
+
+    config = dict(SMALL, store=str(sav_store), init=stage1_run, steps=2, warmup=0.0, forcing_start=1.0, forcing_end=1.0, objects=8)
+    one = train(Stage2Config(out=tmp_path / "one", **config))
+    alone = train(Stage2Config(out=tmp_path / "alone", **{**config, "batch_size": 1}))
+    two = train(Stage2Config(out=tmp_path / "two", **{**config, "batch_size": 1, "workers": 2}))
+    assert two.steps == 2 and json.loads((two.checkpoint / "config.json").read_text())["world_size"] == 2
+
+    def distance(run) -> float:
+        a, b = (load_file(str(r.checkpoint / "student.safetensors")) for r in (one, run))
+        return float(torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.startswith("memory.")]).mean())
+
+    assert distance(two) < 0.02 * distance(alone)
