@@ -30,6 +30,8 @@ from esam3.workers.preprocess import resize_uint8
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
 MODEL_FORMAT = 1
+#: Export kinds and the class that loads each.
+KINDS = {"esam3-student": "StudentModel", "esam3-video-student": "VideoStudentModel"}
 
 
 class ModelLoadError(TrainingInputError):
@@ -56,8 +58,21 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def load_part(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    """Load the ``prefix``ed tensors into ``module``: exactly its keys, or a one-line error."""
+    part = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    try:
+        missing, unexpected = module.load_state_dict(part, strict=False)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"model {path}: weights do not match config.json ({first_line(exc)})") from None
+    if missing or unexpected:
+        raise ModelLoadError(f"model {path}: weights do not match config.json ({len(missing)} missing, {len(unexpected)} unexpected)")
+
+
 class StudentModel(nn.Module):
     """Student encoder + frozen tracker heads: pixels and prompts in, masks out."""
+
+    KIND = "esam3-student"
 
     def __init__(self, student: Student, heads: TeacherHeads, provenance: dict[str, Any]) -> None:
         super().__init__()
@@ -95,22 +110,33 @@ class StudentModel(nn.Module):
 
     def save(self, out: Path) -> ExportReport:
         """``model.safetensors`` + ``config.json`` under ``out`` (each written atomically)."""
+        return self._save(out, {}, {})
+
+    def _save(self, out: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> ExportReport:
+        """Write the student and the tracker heads, plus a subclass's ``tensors`` and ``document`` entries."""
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {f"student.{k}": v for k, v in self.student.state_dict().items()}
-        tensors.update({f"heads.{k}": v for k, v in self.heads.state_dict().items() if k.startswith(TRACKER_PREFIXES)})
+        tensors = {**{f"student.{k}": v for k, v in self.student.state_dict().items()},
+                   **{f"heads.{k}": v for k, v in self.heads.state_dict().items() if k.startswith(TRACKER_PREFIXES)}, **tensors}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         heads_parameters = _count(self.heads.tracker_model) + _count(self.heads.tracker_neck)
+        extra = {k: v for k, v in document.items() if k != "parameters"}
         document = {
-            "format": MODEL_FORMAT, "kind": "esam3-student", "student": self.student.spec.to_dict(),
+            "format": MODEL_FORMAT, "kind": self.KIND, "student": self.student.spec.to_dict(),
             "teacher_config": self.heads.config.to_dict(), "provenance": self.provenance,
-            "parameters": {"student": _count(self.student), "heads": heads_parameters},
+            "parameters": {"student": _count(self.student), "heads": heads_parameters, **document.get("parameters", {})}, **extra,
         }
         save_weights_and_config(out / MODEL_WEIGHTS, tensors, out / MODEL_CONFIG, document)
         size = (out / MODEL_WEIGHTS).stat().st_size + (out / MODEL_CONFIG).stat().st_size
-        return ExportReport(out, size, _count(self.student) + heads_parameters, _count(self.student), heads_parameters)
+        return ExportReport(out, size, sum(document["parameters"].values()), _count(self.student), heads_parameters)
 
     @classmethod
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> StudentModel:
+        document, student, heads, _ = cls._read(directory)
+        return cls(student, heads, document.get("provenance", {})).to(device).eval()
+
+    @classmethod
+    def _read(cls, directory: Path) -> tuple[dict[str, Any], Student, TeacherHeads, dict[str, torch.Tensor]]:
+        """An export folder of this class's kind: its document, the student and the frozen heads, the other tensors."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         from transformers import Sam3VideoConfig
@@ -121,8 +147,10 @@ class StudentModel(nn.Module):
                 raise ModelLoadError(f"model {directory}: {path.name} is missing; expected the output of 'esam3 export'")
         try:
             document = json.loads(config_path.read_text())
-            if not isinstance(document, dict) or document.get("kind") != "esam3-student":
+            if not isinstance(document, dict) or document.get("kind") not in KINDS:
                 raise ModelLoadError(f"model {config_path}: not an esam3 student model config")
+            if document["kind"] != cls.KIND:
+                raise ModelLoadError(f"model {directory}: a {document['kind']}, not a {cls.KIND} (use {KINDS[document['kind']]})")
             if document.get("format") != MODEL_FORMAT:
                 raise ModelLoadError(f"model {config_path}: format {document.get('format')!r}, this esam3 reads {MODEL_FORMAT}")
             config = Sam3VideoConfig.from_dict(document["teacher_config"])
@@ -138,15 +166,11 @@ class StudentModel(nn.Module):
             raise ModelLoadError(f"model {weights_path}: unreadable ({exc}); export it again") from None
         student = Student(spec)
         heads = TeacherHeads.build(config, detector=False)
-        try:
-            student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")}, strict=True)
-            missing, unexpected = heads.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("heads.")}, strict=False)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"model {weights_path}: weights do not match config.json ({first_line(exc)})") from None
-        if missing or unexpected:
-            raise ModelLoadError(f"model {weights_path}: weights do not match config.json ({len(missing)} missing, {len(unexpected)} unexpected)")
+        load_part(student, tensors, "student.", weights_path)
+        load_part(heads, tensors, "heads.", weights_path)
         heads.requires_grad_(False)
-        return cls(student, heads, document.get("provenance", {})).to(device).eval()
+        rest = {k: v for k, v in tensors.items() if not k.startswith(("student.", "heads."))}
+        return document, student, heads, rest
 
     # ---- inference ----------------------------------------------------------------------------------------
 

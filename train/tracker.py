@@ -113,10 +113,10 @@ class StudentTracker(nn.Module):
         maps = [f.permute(1, 2, 0).reshape(rows, -1, s, s) for f, s in zip(feats, sizes)]
         return _Level(maps[:-1], maps[-1], positions[-1].permute(1, 2, 0).reshape(rows, -1, sizes[-1], sizes[-1]))
 
-    def decode(self, level: _Level, rows: torch.Tensor, top: torch.Tensor, points: torch.Tensor | None,
+    def decode(self, level: _Level, local: torch.Tensor, top: torch.Tensor, points: torch.Tensor | None,
                labels: torch.Tensor | None, multimask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The frozen decoder on ``top`` (K, hidden, g, g) for rows ``rows``: logits, IoU, score, pick, pointer."""
-        embeddings = [h[rows] for h in level.high_res] + [top]
+        """The frozen decoder on ``top`` (K, hidden, g, g) with ``level``'s rows ``local``: logits, IoU, score, pick, pointer."""
+        embeddings = [h[local] for h in level.high_res] + [top]
         logits, iou, tokens, score = self.heads.decode_each(embeddings, points, labels, multimask)
         pick = iou.argmax(dim=-1) if multimask else torch.zeros(len(iou), dtype=torch.long, device=iou.device)
         token = tokens[torch.arange(len(pick), device=pick.device), pick]
@@ -128,18 +128,18 @@ class StudentTracker(nn.Module):
         masked = torch.where(score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_LOGIT))
         return F.interpolate(masked[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
 
-    def encode_memory(self, level: _Level, rows: torch.Tensor, high_res: torch.Tensor, score: torch.Tensor, binarize: torch.Tensor) -> torch.Tensor:
+    def encode_memory(self, level: _Level, local: torch.Tensor, high_res: torch.Tensor, score: torch.Tensor, binarize: torch.Tensor) -> torch.Tensor:
         """The frozen memory encoder on the student's features and a mask (K, 1, S, S) -> (K, memory_dim, g, g).
 
         ``binarize`` (K,) bool: encode the mask thresholded rather than its sigmoid. SAM3 (transformers) thresholds
         every object's mask on a frame where any object of the video got a prompt (its memory encoding is batched
         over the frame's objects with one flag), so that is what the cached memory holds, and what is done here."""
         tracker, g = self.heads.tracker_model, self.heads.geometry
-        out = high_res.new_empty((len(rows), g.memory_channels, g.grid, g.grid))
+        out = high_res.new_empty((len(local), g.memory_channels, g.grid, g.grid))
         for flag in (False, True):
             part = torch.nonzero(binarize == flag).flatten()
             if len(part):
-                top = level.top[rows[part]]
+                top = level.top[local[part]]
                 features, _ = tracker._encode_new_memory(top.flatten(2).permute(2, 0, 1), high_res[part], score[part, None, None], flag)
                 out[part] = features.permute(1, 2, 0).reshape(len(part), g.memory_channels, g.grid, g.grid).float()
         return out
@@ -162,8 +162,8 @@ class StudentTracker(nn.Module):
         t_len = clip_length
         clips = len(batch["key"]) // t_len
         device = batch["input"].device
-        level = self.levels(batch["input"])
         position = self.memory_position(device)
+        window = max(self.spec.memory_frames, self.spec.max_pointers)
         tracks = self._tracks(batch, clips, t_len, objects, generator)
         memory: dict[int, dict[int, _Memory]] = {i: {} for i in range(len(tracks))}
         self._context(batch, tracks, memory, position)
@@ -172,6 +172,7 @@ class StudentTracker(nn.Module):
         cond_index = {(int(r), int(s)): k for k, (r, s) in enumerate(zip(batch["cond_row"].tolist(), batch["cond_slot"].tolist()))}
         outputs: list[Decoded] = []
         for t in range(t_len):
+            level = self.levels(batch["input"][torch.arange(clips, device=device) * t_len + t])  # one frame per clip: row = clip
             active = [(i, clip, slot) for i, (clip, slots) in enumerate(tracks) if (slot := slots[t]) >= 0]
             conditioning = [a for a in active if bool(batch["is_conditioning"][a[1] * t_len + t, a[2]])]
             tracked = [a for a in active if not bool(batch["is_conditioning"][a[1] * t_len + t, a[2]])]
@@ -192,6 +193,8 @@ class StudentTracker(nn.Module):
                     own_map, own_pointer = batch["maskmem_features"][row, slot][None].float(), batch["object_pointer"][row, slot]
                 latents = self.memory.compress(own_map, position)[0]
                 memory[i][frame] = _Memory(latents, own_pointer, is_cond)
+                for old in [f for f, m in memory[i].items() if f <= frame - window and not m.conditioning]:
+                    del memory[i][old]  # out of every window: long videos keep a bounded memory
         return outputs
 
     def _tracks(self, batch: dict[str, Any], clips: int, t_len: int, objects: int, generator: torch.Generator | None) -> list[tuple[int, list[int]]]:
@@ -259,16 +262,17 @@ class StudentTracker(nn.Module):
                memory: dict[int, dict[int, _Memory]], multimask: bool, new: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> Decoded:
         """Tracked frames of objects whose memory banks have the same shape: memory attention, decoder, new memory."""
         rows = torch.tensor([clip * t_len + t for _, clip, _ in group], device=level.top.device)
+        local = torch.tensor([clip for _, clip, _ in group], device=level.top.device)
         frame = int(batch["frame_number"][int(rows[0])])
         spatial, pointers, _ = self._selection(memory[group[0][0]], frame)
         if not spatial:
             raise ValueError(f"{batch['key'][int(rows[0])]}: a tracked object without a conditioning frame in its memory")
         frames = [(slot, torch.stack([memory[i][f].latents for i, _, _ in group])) for slot, f in spatial]  # type: ignore[misc]
         pointer_list = [(d, torch.stack([memory[i][f].pointer for i, _, _ in group])) for d, f in pointers]
-        conditioned = self.memory(level.top[rows], level.position[rows], self.memory.bank(frames, pointer_list))
-        logits, iou, score, pick, pointer = self.decode(level, rows, conditioned, None, None, multimask)
+        conditioned = self.memory(level.top[local], level.position[local], self.memory.bank(frames, pointer_list))
+        logits, iou, score, pick, pointer = self.decode(level, local, conditioned, None, None, multimask)
         picked = logits[torch.arange(len(pick), device=pick.device), pick]
-        maps = self.encode_memory(level, rows, self.high_res(picked, score), score, self.binarized(batch, rows))
+        maps = self.encode_memory(level, local, self.high_res(picked, score), score, self.binarized(batch, rows))
         for k, (i, _, _) in enumerate(group):
             new[i] = (maps[k : k + 1], pointer[k], False)
         slots = torch.tensor([s for _, _, s in group], device=rows.device)
@@ -281,26 +285,27 @@ class StudentTracker(nn.Module):
         tracker = self.heads.tracker_model
         device = level.top.device
         rows = torch.tensor([clip * t_len + t for _, clip, _ in group], device=device)
+        local = torch.tensor([clip for _, clip, _ in group], device=device)
         picks = torch.tensor([cond_index[(clip * t_len + t, slot)] for _, clip, slot in group], device=device)
         labels = batch["cond_labels"][picks]
         if bool((labels == PAD_LABEL).all()):  # mask prompts
             masks = batch["cond_masks"][picks][:, None]
             # one row at a time: transformers' _use_mask_as_output broadcasts its presence flag wrongly for several rows
             outs = [tracker._use_mask_as_output(level.top[r : r + 1], [h[r : r + 1] for h in level.high_res], masks[k : k + 1])
-                    for k, r in enumerate(rows.tolist())]
+                    for k, r in enumerate(local.tolist())]
             high_res = torch.cat([o.high_res_masks for o in outs])
             score = torch.cat([o.object_score_logits.reshape(-1) for o in outs])
-            maps = self.encode_memory(level, rows, high_res, score, self.binarized(batch, rows))
+            maps = self.encode_memory(level, local, high_res, score, self.binarized(batch, rows))
             for k, (i, _, _) in enumerate(group):
                 new[i] = (maps[k : k + 1], outs[k].object_pointer.reshape(-1), True)
             return []
         points = batch["cond_points"][picks]
         n_points = int((labels[0] != PAD_LABEL).sum())
         multimask = self.heads.uses_multimask(n_points)
-        top = level.top[rows] + tracker.no_memory_embedding.reshape(1, -1, 1, 1)
-        logits, iou, score, pick, pointer = self.decode(level, rows, top, points[:, :n_points], labels[:, :n_points], multimask)
+        top = level.top[local] + tracker.no_memory_embedding.reshape(1, -1, 1, 1)
+        logits, iou, score, pick, pointer = self.decode(level, local, top, points[:, :n_points], labels[:, :n_points], multimask)
         picked = logits[torch.arange(len(pick), device=device), pick]
-        maps = self.encode_memory(level, rows, self.high_res(picked, score), score, self.binarized(batch, rows))
+        maps = self.encode_memory(level, local, self.high_res(picked, score), score, self.binarized(batch, rows))
         for k, (i, _, _) in enumerate(group):
             new[i] = (maps[k : k + 1], pointer[k], True)
         slots = torch.tensor([s for _, _, s in group], device=device)
