@@ -27,14 +27,16 @@ def _device(name: str | None) -> Any:
 
 
 def _load(checkpoint: Path | None, model: Path | None, device: Any, s3_endpoint: str | None = None) -> Any:
-    """The student + heads from a training checkpoint (heads from its store) or an exported model folder."""
+    """The student + heads (+ memory, from stage 2) from a training checkpoint (heads from its store) or an export folder."""
     from esam3.train.model import StudentModel
+    from esam3.train.video_model import VideoStudentModel, is_video_checkpoint, is_video_export
 
     if (checkpoint is None) == (model is None):
         raise UsageError("give --checkpoint (a training run or checkpoint folder) or --model (an esam3 export folder), one of them")
     if checkpoint is not None:
-        return StudentModel.from_checkpoint(checkpoint, device=device, s3_endpoint=s3_endpoint)
-    return StudentModel.load(model, device)
+        kind = VideoStudentModel if is_video_checkpoint(checkpoint) else StudentModel
+        return kind.from_checkpoint(checkpoint, device=device, s3_endpoint=s3_endpoint)
+    return (VideoStudentModel if is_video_export(model) else StudentModel).load(model, device)
 
 
 def _parse_numbers(text: str, count: int, flag: str) -> list[float]:
@@ -58,13 +60,17 @@ def eval_command(
     coco_images: Path = typer.Option(None, "--coco-images", help="COCO-format eval: folder of the images."),
     coco_annotations: Path = typer.Option(None, "--coco-annotations", help="COCO-format eval: instances JSON (e.g. instances_val2017.json)."),
     prompt: str = typer.Option("box", "--prompt", help="COCO eval prompt per annotation: box (its GT box) or point (a click at its centre)."),
-    limit: int = typer.Option(None, "--limit", help="COCO eval: only the first N images."),
+    limit: int = typer.Option(None, "--limit", help="COCO / DAVIS / store video eval: only the first N images or videos."),
+    davis: Path = typer.Option(None, "--davis", help="DAVIS-format folder (JPEGImages/<video>/*.jpg, Annotations/<video>/*.png) to score a stage-2 student's J&F on."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="S3-compatible endpoint (http(s)://HOST:PORT) for an s3:// store."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
-    """Feature and mask quality of a student: on a store split (vs the teacher and the ground truth), or COCO mIoU."""
+    """Quality of a student: on a store split (vs the teacher and the ground truth; J&F for a stage-2 student), COCO mIoU,
+    or J&F on a DAVIS-format folder."""
     from esam3.train.evaluate import evaluate_coco, evaluate_store
+    from esam3.train.video_eval import evaluate_davis, evaluate_video_store
+    from esam3.train.video_model import VideoStudentModel
 
     with user_errors():
         if split not in ("val", "train", "all"):
@@ -75,13 +81,25 @@ def eval_command(
             raise UsageError(f"--val-percent: must be in 0..100, got {val_percent:g}")
         if (coco_images is None) != (coco_annotations is None):
             raise UsageError("COCO eval needs both --coco-images and --coco-annotations")
+        if davis is not None and coco_images is not None:
+            raise UsageError("give --davis or the COCO flags, not both")
         student = _load(checkpoint, model, _device(device), s3_endpoint)
+        video = isinstance(student, VideoStudentModel)
+        if davis is not None and not video:
+            raise UsageError("--davis scores video tracking: give a stage-2 checkpoint or its export (esam3 train stage2)")
         if coco_images is not None:
             result: Any = evaluate_coco(student, coco_images, coco_annotations, prompt, limit)
+        elif davis is not None:
+            result = evaluate_davis(student, davis, limit)
+        elif video:
+            result = evaluate_video_store(student, store, version, split, val_percent, s3_endpoint=s3_endpoint, limit=limit)
         else:
             result = evaluate_store(student, store, version, split, val_percent, batch_size, s3_endpoint=s3_endpoint)
     if as_json:
         print_json(result.to_json())
+        return
+    if davis is not None or (video and coco_images is None):
+        _print_video_eval(result, davis)
         return
     if coco_images is not None:
         console.print(Text(
@@ -99,6 +117,20 @@ def eval_command(
         table.add_row(kind, str(count), *(f"{v:.4f}" for v in values))
     console.print(table)
     console.print(Text(f"features vs the teacher's trunk: MSE {result.feature_mse:.4g} (summed over channels), cosine {result.feature_cosine:.4f}"))
+
+
+def _print_video_eval(result: Any, davis: Path | None) -> None:
+    def jf(values: dict[str, float]) -> str:
+        return f"J&F {values['J&F']:.4f} (J {values['J']:.4f}, F {values['F']:.4f}; {values['objects']} objects, {values['frames']} frames)"
+
+    if davis is not None:
+        console.print(Text(f"DAVIS {davis}: {jf(result.jf)} over {result.videos} videos; {result.ms_per_frame:.1f} ms per frame"))
+        return
+    console.print(Text(f"{result.split} split: {result.videos} videos, {result.objects} objects, {result.frames} frames (store version {result.store_version})"))
+    console.print(Text(f"student vs ground truth: {jf(result.jf_gt)}"))
+    console.print(Text(f"student vs the teacher's masks: {jf(result.jf_teacher)}"))
+    console.print(Text(f"the teacher vs ground truth (for scale): {jf(result.teacher_jf_gt)}"))
+    console.print(Text(f"memory-conditioned map vs the teacher's: cosine {result.memory_cosine:.4f}; {result.ms_per_frame:.1f} ms per frame"))
 
 
 def export_command(

@@ -86,3 +86,14 @@ def sav_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     root = tmp_path_factory.mktemp("sav-store") / "store"
     run_cache(CacheConfig(dataset="sa-v", source=str(demo_root / "sa-v"), store=str(root), codec="fp16"), executor="local")
     return root
+
+
+@pytest.fixture(scope="session")
+def stage1_run(sa1b_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One step of a small stage-1 student (es-ev-s) on the SA-1B store: what stage 2 starts from."""
+    from esam3.schemas.train import Stage1Config
+    from esam3.train.stage1 import run_stage1
+
+    out = tmp_path_factory.mktemp("stage1") / "run"
+    run_stage1(Stage1Config(store=str(sa1b_store), out=out, student="es-ev-s", steps=1, batch_size=2, loader_workers=0, val_percent=0))
+    return out

@@ -10,20 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from esam3.schemas.train import Stage1Config, Stage2Config, TrainingInputError
+from esam3.schemas.train import Stage2Config, TrainingInputError
 from esam3.train.loop import TrainError
-from esam3.train.stage1 import run_stage1
 from esam3.train.stage2 import run_stage2
 
 SMALL = dict(batch_size=2, clip_length=3, objects=2, loader_workers=0, val_percent=0, lr=1e-3, seed=4, global_latents=4,
              perceiver_depth=1, memory_layers=1, memory_ffn=128)
-
-
-@pytest.fixture(scope="module")
-def stage1_run(sa1b_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("stage1") / "run"
-    run_stage1(Stage1Config(store=str(sa1b_store), out=out, student="es-ev-s", steps=1, batch_size=2, loader_workers=0, val_percent=0))
-    return out
 
 
 def test_stage2_trains_the_memory_only(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:

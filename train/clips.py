@@ -91,8 +91,17 @@ class ClipDataset(Dataset):
         return int(self.order[at]) if at < len(self.sorted_lookup) and self.sorted_lookup[at] == key else -1
 
     def __getitem__(self, indices: Sequence[int]) -> dict[str, Any]:
+        return self.take(indices, self.clip_length)
+
+    def video_indices(self) -> list[np.ndarray]:
+        """Each video's dataset indices in frame order (eval reads a whole video as one clip)."""
+        order = self.order  # sorted by (video, frame)
+        starts = np.flatnonzero(np.diff(self.video_code[order], prepend=-1))
+        return [order[a:b] for a, b in zip(starts, [*starts[1:], len(order)])]
+
+    def take(self, indices: Sequence[int], t: int) -> dict[str, Any]:
+        """Clips of ``t`` frames each (``indices`` clip after clip, in frame order)."""
         indices = np.asarray(indices, dtype=np.int64)
-        t = self.clip_length
         if len(indices) % t:
             raise ValueError(f"{len(indices)} indices are not whole clips of {t} frames")
         batch = self.frames[indices.tolist()]

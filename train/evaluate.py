@@ -56,19 +56,26 @@ class StoreEval:
         return dict(self.__dict__)
 
 
+def eval_source(
+    model: StudentModel, store_uri: str | None, version: int | None, val_percent: float | None, s3_endpoint: str | None,
+) -> tuple[Store, str, int | None, float]:
+    """The store, its URI, version and held-out share to evaluate on: as given, else the ones the model was trained on."""
+    trained = model.provenance.get("store", {})
+    uri = store_uri or trained.get("uri")
+    if uri is None:
+        raise EvalError("this model does not say which store it was trained on; pass --store")
+    if version is None and uri == trained.get("uri"):
+        version = trained.get("version")
+    percent = val_percent if val_percent is not None else float(model.provenance.get("config", {}).get("val_percent", 0.0))
+    return Store(uri, S3Settings.from_environment(s3_endpoint)), uri, version, percent
+
+
 def evaluate_store(
     model: StudentModel, store_uri: str | None = None, version: int | None = None, split: str = "val",
     val_percent: float | None = None, batch_size: int = 8, workers: int = 0, s3_endpoint: str | None = None,
 ) -> StoreEval:
     """Evaluate on a store split (by default the one the checkpoint was trained from, at its version)."""
-    trained = model.provenance.get("store", {})
-    uri = store_uri or trained.get("uri")
-    if uri is None:
-        raise EvalError("this model does not say which store it was trained on; pass --store")
-    store = Store(uri, S3Settings.from_environment(s3_endpoint))
-    if version is None and uri == trained.get("uri"):
-        version = trained.get("version")
-    percent = val_percent if val_percent is not None else float(model.provenance.get("config", {}).get("val_percent", 0.0))
+    store, uri, version, percent = eval_source(model, store_uri, version, val_percent, s3_endpoint)
     device = next(model.parameters()).device
     dataset = StoreDataset(store, "images", version=version, split=split, val_percent=percent, fields=("input", "trunk", "prompts", "gt"),
                            decode_on="device" if device.type == "cuda" else "cpu",

@@ -1,0 +1,173 @@
+"""A trained stage-2 student as a video object tracker: encoder + SAM3's tracker heads + the student memory, one file.
+
+``esam3 export`` of a stage-2 checkpoint writes a model folder of kind ``esam3-video-student``: ``model.safetensors``
+(``student.*``, ``heads.*`` (tracker neck, prompt encoder, mask decoder, memory encoder), ``memory.*``) and
+``config.json`` (student spec, memory spec, teacher config, provenance). It is also an image segmenter
+(:class:`esam3.train.model.StudentModel`'s ``segment``).
+
+:meth:`VideoStudentModel.track` runs the same ``StudentTracker`` that trained it, over a whole video with the
+student's own memory only: each object starts on its prompt frame (a mask, one positive click, or a box, in the
+teacher frame's coordinates) and is tracked to the end of the video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from esam3.schemas.train import TrainingInputError
+from esam3.train.checkpoint import checkpoint_dir, load_student_weights, read_config
+from esam3.train.clips import PAD_LABEL
+from esam3.train.memory import MemorySpec, StudentMemory
+from esam3.train.model import ExportReport, ModelLoadError, StudentModel, load_part
+from esam3.train.students import Student, StudentSpec
+from esam3.train.tracker import StudentTracker
+from esam3.workers.heads import TeacherHeads
+from esam3.workers.video_targets import ObjectPrompt
+
+#: Logits the tracker gives a mask prompt's own frame (SAM3's _use_mask_as_output: +10 inside, -10 outside).
+MASK_LOGIT = 10.0
+
+
+@dataclass
+class Tracks:
+    """What :meth:`VideoStudentModel.track` gives: per frame and object, in the order of the prompts."""
+
+    object_ids: list[int]
+    logits: torch.Tensor  # (T, N, m, m) low-res logits of the output the tracker uses; NaN before the object's prompt frame
+    scores: torch.Tensor  # (T, N) object score logits (NaN before the prompt frame)
+
+    def masks(self, height: int, width: int) -> np.ndarray:
+        """bool (T, N, H, W) at the video's size: the picked mask where the object is judged present."""
+        logits = torch.nan_to_num(self.logits.float(), nan=-1.0)
+        full = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        present = torch.nan_to_num(self.scores, nan=-1.0) > 0
+        return ((full > 0) & present[..., None, None]).cpu().numpy()
+
+
+def is_video_checkpoint(path: Path) -> bool:
+    """Whether a run or checkpoint folder is stage 2's (it has a memory); unreadable ones are left to the loader."""
+    try:
+        return "memory" in read_config(checkpoint_dir(path))
+    except TrainingInputError:
+        return False
+
+
+def is_video_export(directory: Path) -> bool:
+    """Whether an export folder holds a video student (unreadable ones are left to the loader)."""
+    import json
+
+    try:
+        return json.loads((directory / "config.json").read_text()).get("kind") == VideoStudentModel.KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class VideoStudentModel(StudentModel):
+    """Student encoder + frozen tracker heads + trained memory."""
+
+    KIND = "esam3-video-student"
+
+    def __init__(self, student: Student, heads: TeacherHeads, memory: StudentMemory, provenance: dict[str, Any]) -> None:
+        super().__init__(student, heads, provenance)
+        self.memory = memory
+        self.tracker = StudentTracker(student, heads, memory)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: Path, heads: TeacherHeads | None = None, device: str | torch.device = "cpu", s3_endpoint: str | None = None,
+    ) -> VideoStudentModel:
+        """A stage-2 checkpoint (or run folder) + its store's heads."""
+        from esam3.pipeline.object_store import S3Settings
+        from esam3.pipeline.store import Store
+        from esam3.train.frozen_heads import load_store_heads
+
+        checkpoint = checkpoint_dir(path)
+        document = read_config(checkpoint)
+        if "memory" not in document:
+            raise TrainingInputError(f"{path}: a stage-1 checkpoint (no memory); video tracking needs a stage-2 run (esam3 train stage2)")
+        student = Student(StudentSpec.from_dict(document["student"]))
+        memory = StudentMemory(MemorySpec.from_dict(document["memory"]))
+        load_student_weights(checkpoint, torch.nn.ModuleDict({"encoder": student, "memory": memory}))
+        if heads is None:
+            store = Store(document["store"]["uri"], S3Settings.from_environment(s3_endpoint or document["config"].get("s3_endpoint")))
+            heads = load_store_heads(store, device)
+        provenance = {"checkpoint": str(checkpoint), "store": document["store"], "config": document["config"],
+                      "versions": document.get("versions", {}), "init": document.get("init")}
+        return cls(student, heads, memory, provenance).to(device).eval()
+
+    def save(self, out: Path) -> ExportReport:
+        tensors = {f"memory.{k}": v for k, v in self.memory.state_dict().items()}
+        parameters = sum(p.numel() for p in self.memory.parameters())
+        return self._save(out, tensors, {"memory": self.memory.spec.to_dict(), "parameters": {"memory": parameters}})
+
+    @classmethod
+    def load(cls, directory: Path, device: str | torch.device = "cpu") -> VideoStudentModel:
+        document, student, heads, rest = cls._read(directory)
+        try:
+            memory = StudentMemory(MemorySpec.from_dict(document["memory"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(f"model {directory}: its memory spec does not build ({exc})") from None
+        load_part(memory, rest, "memory.", directory / "model.safetensors")
+        return cls(student, heads, memory, document.get("provenance", {})).to(device).eval()
+
+    # ---- tracking -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def track(self, pixels: torch.Tensor, prompts: Sequence[ObjectPrompt]) -> Tracks:
+        """Track each prompted object through ``pixels`` (T, 3, s, s) uint8 at the student's input size.
+
+        ``prompts``: one per object, on its first frame; points / boxes in the teacher frame (SAM's pixel-index
+        convention, as ``esam3.workers.video_targets.object_prompts`` makes them), masks (S, S) 0/1 in the teacher frame.
+        """
+        if not prompts:
+            raise ValueError("give at least one object prompt")
+        t_len, n = len(pixels), len(prompts)
+        device = next(self.parameters()).device
+        batch = self._batch(pixels.to(device), prompts)
+        self.tracker.eval()
+        outputs = self.tracker(batch, clip_length=t_len, objects=n, forcing=0.0)
+        m = self.heads.geometry.mask_size
+        logits = torch.full((t_len, n, m, m), float("nan"), device=device)
+        scores = torch.full((t_len, n), float("nan"), device=device)
+        for out in outputs:
+            logits[out.row, out.slot] = out.picked.float()
+            scores[out.row, out.slot] = out.score.float()
+        for k, (row, slot) in enumerate(zip(batch["cond_row"].tolist(), batch["cond_slot"].tolist())):
+            if prompts[slot].mask is not None:  # the prompt mask is the output on its own frame
+                low = F.interpolate(batch["cond_masks"][k][None, None], size=(m, m), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+                logits[row, slot] = torch.where(low >= 0.5, MASK_LOGIT, -MASK_LOGIT)
+                scores[row, slot] = MASK_LOGIT if bool(low.max() >= 0.5) else -MASK_LOGIT
+        return Tracks([p.object_id for p in prompts], logits, scores)
+
+    def _batch(self, pixels: torch.Tensor, prompts: Sequence[ObjectPrompt]) -> dict[str, Any]:
+        """The batch ``StudentTracker`` reads for one clip: the video, objects joining on their prompt frames."""
+        t_len, n, device = len(pixels), len(prompts), pixels.device
+        start = torch.tensor([p.frame for p in prompts], device=device)
+        if bool((start < 0).any() or (start >= t_len).any()):
+            raise ValueError(f"a prompt frame is outside the video's {t_len} frames")
+        frames = torch.arange(t_len, device=device)[:, None]
+        ids = torch.tensor([p.object_id for p in prompts], device=device)
+        size = self.heads.geometry.image_size
+        cond_masks, cond_points = torch.zeros(n, size, size, device=device), torch.zeros(n, 2, 2, device=device)
+        cond_labels = torch.full((n, 2), PAD_LABEL, dtype=torch.long, device=device)
+        for k, prompt in enumerate(prompts):
+            if prompt.mask is not None:
+                cond_masks[k] = torch.as_tensor(prompt.mask, dtype=torch.float32, device=device)
+            else:
+                count = len(prompt.labels)
+                cond_points[k, :count] = torch.as_tensor(prompt.points, dtype=torch.float32, device=device)
+                cond_labels[k, :count] = torch.as_tensor(prompt.labels, dtype=torch.long, device=device)
+        return {
+            "key": [f"frame/{t}" for t in range(t_len)], "input": pixels,
+            "object_ids": torch.where(frames >= start, ids, torch.full_like(ids, -1)), "object_valid": frames >= start,
+            "is_conditioning": frames == start, "frame_number": frames[:, 0],
+            "cond_row": start, "cond_slot": torch.arange(n, device=device), "cond_masks": cond_masks,
+            "cond_points": cond_points, "cond_labels": cond_labels, "bank": None, "pointers": None,
+        }
