@@ -165,25 +165,33 @@ def export_command(
 
 def predict_command(
     model: Path = typer.Option(..., "--model", help="Model folder written by esam3 export."),
-    image: Path = typer.Option(..., "--image", help="JPEG or PNG image."),
-    point: list[str] = typer.Option(None, "--point", help="A click x,y in image pixels: one object per --point (repeatable)."),
-    box: list[str] = typer.Option(None, "--box", help="A box x0,y0,x1,y1 in image pixels: one object per --box (repeatable)."),
-    out: Path = typer.Option(None, "--out", help="PNG to write: the image with each mask tinted and the prompts drawn."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs after one warm-up; the median is the latency printed."),
+    image: Path = typer.Option(None, "--image", help="JPEG or PNG image to segment."),
+    video: Path = typer.Option(None, "--video", help="Video (e.g. MP4) to track objects through, from their prompts on its first frame (a stage-2 model)."),
+    point: list[str] = typer.Option(None, "--point", help="A click x,y in image (first-frame) pixels: one object per --point (repeatable)."),
+    box: list[str] = typer.Option(None, "--box", help="A box x0,y0,x1,y1 in image (first-frame) pixels: one object per --box (repeatable)."),
+    mask: Path = typer.Option(None, "--mask", help="--video: a PNG of the first frame's objects (palette or grey: each non-zero value one object; 255 ignored)."),
+    out: Path = typer.Option(None, "--out", help="PNG to write: the image (or a strip of video frames) with each mask tinted and the prompts drawn."),
+    max_frames: int = typer.Option(None, "--max-frames", help="--video: track only the first N frames (default: all)."),
+    strip: int = typer.Option(8, "--strip", help="--video: frames drawn into the --out strip, evenly spaced."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs after one warm-up; the median is the latency printed (images)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with each mask as COCO RLE."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with each mask as COCO RLE (per frame for a video)."),
 ) -> None:
-    """Segment objects in an image with an exported student: masks drawn on the image, or as RLE (--json)."""
+    """Segment objects in an image, or track them through a video, with an exported student (--out PNG and / or --json RLE)."""
     from pycocotools import mask as mask_utils
 
     from esam3.pipeline.overlay import draw_segmentation
     from esam3.train.evaluate import load_image
 
     with user_errors():
-        if not point and not box:
-            raise UsageError("give at least one --point x,y or --box x0,y0,x1,y1")
-        if repeats < 1:
-            raise UsageError("--repeats must be at least 1")
+        if (image is None) == (video is None):
+            raise UsageError("give --image (segment) or --video (track), one of them")
+        if video is None and mask is not None:
+            raise UsageError("--mask prompts a video's first frame; for an image give --point or --box")
+        if not point and not box and mask is None:
+            raise UsageError("give at least one --point x,y or --box x0,y0,x1,y1" + (" or a --mask PNG" if video else ""))
+        if repeats < 1 or strip < 1 or (max_frames is not None and max_frames < 1):
+            raise UsageError("--repeats, --strip and --max-frames must be at least 1")
         if out is None and not as_json:
             raise UsageError("give --out overlay.png, --json, or both")
         points = np.array([_parse_numbers(p, 2, "--point") for p in point or []], np.float32).reshape(-1, 2)
@@ -191,6 +199,9 @@ def predict_command(
         if len(boxes) and ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any():
             raise UsageError("--box: expected x0,y0,x1,y1 with x1 > x0 and y1 > y0")
         student = _load(None, model, _device(device))
+        if video is not None:
+            _predict_video(student, video, points, boxes, mask, out, max_frames, strip, as_json)
+            return
         pixels = load_image(image)
         student.segment(pixels, points, boxes)  # warm-up
         times = []
@@ -216,3 +227,54 @@ def predict_command(
         console.print(Text(f"{prompt}: {int(mask.sum())} pixels, predicted IoU {score:.3f}"))
     console.print(Text(f"{len(prompts)} mask(s) drawn into {out}; {1000 * latency:.1f} ms per image on "
                        f"{next(student.parameters()).device} ({pixels.shape[1]}x{pixels.shape[0]}, median of {repeats})"))
+
+
+def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndarray, mask: Path | None, out: Path | None,
+                   max_frames: int | None, strip: int, as_json: bool) -> None:
+    """``predict --video``: track each prompted object from the first frame; a strip of frames and / or RLE per frame."""
+    import torch
+    from pycocotools import mask as mask_utils
+
+    from esam3.pipeline.overlay import draw_video_strip
+    from esam3.train.video_eval import read_palette_mask
+    from esam3.train.video_model import VideoStudentModel, first_frame_prompts, read_video
+    from esam3.workers.preprocess import resize_uint8
+    from esam3.workers.teacher_loading import architecture_parameters
+
+    if not isinstance(student, VideoStudentModel):
+        raise UsageError("--video needs a stage-2 model (esam3 train stage2, then esam3 export); this one segments images only")
+    frames = read_video(video, max_frames)
+    labels = None if mask is None else read_palette_mask(mask)
+    if labels is not None and labels.shape != frames.shape[1:3]:
+        raise UsageError(f"--mask {mask} is {labels.shape[1]}x{labels.shape[0]}, the video {frames.shape[2]}x{frames.shape[1]}")
+    prompts, names = first_frame_prompts(frames.shape[1:3], student.image_size, points, boxes, labels)
+    if not prompts:
+        raise UsageError(f"--mask {mask} marks no object (every pixel is 0 or 255)")
+    pixels = torch.stack([resize_uint8(f, student.student.spec.image_size) for f in frames])
+    started = time.perf_counter()
+    tracks = student.track(pixels, prompts)
+    ms = 1000 * (time.perf_counter() - started) / len(frames)
+    masks = tracks.masks(*frames.shape[1:3])  # (T, N, H, W)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        draw_video_strip(frames, masks, strip, points, boxes).save(out, format="PNG")
+    parameters = sum(p.numel() for part in (student.student, student.heads.tracker_model, student.heads.tracker_neck, student.memory)
+                     for p in part.parameters())
+    sam3 = architecture_parameters("full-random")
+    if as_json:
+        objects = []
+        for j, name in enumerate(names):
+            rles = []
+            for t in range(len(frames)):
+                rle = mask_utils.encode(np.asfortranarray(masks[t, j].astype(np.uint8)))
+                rles.append({"size": list(rle["size"]), "counts": rle["counts"].decode(), "area": int(masks[t, j].sum())})
+            objects.append({"prompt": name, "masks": rles})
+        print_json({"video": str(video), "frames": len(frames), "height": frames.shape[1], "width": frames.shape[2], "ms_per_frame": ms,
+                    "parameters": parameters, "sam3_parameters": sam3, "out": str(out) if out else None, "objects": objects})
+        return
+    for j, name in enumerate(names):
+        seen = int(masks[:, j].any(axis=(1, 2)).sum())
+        console.print(Text(f"{name}: on {seen} of {len(frames)} frames"))
+    console.print(Text(f"{len(names)} object(s) tracked through {len(frames)} frames ({frames.shape[2]}x{frames.shape[1]}); "
+                       f"{ms:.1f} ms per frame on {next(student.parameters()).device}; {parameters / 1e6:.2f}M parameters "
+                       f"(SAM3: {sam3 / 1e6:.1f}M)" + (f"; strip in {out}" if out else "")))

@@ -38,3 +38,25 @@ def draw_segmentation(image: np.ndarray, masks: np.ndarray, points: np.ndarray, 
     clicks = np.asarray(points, np.float32).reshape(-1, 1, 2)
     draw_prompts(picture, clicks, np.ones((len(clicks), 1)), np.asarray(boxes, np.float32).reshape(-1, 4))
     return picture
+
+
+def draw_video_strip(frames: np.ndarray, masks: np.ndarray, count: int, points: np.ndarray, boxes: np.ndarray,
+                     height: int = 240) -> Image.Image:
+    """``count`` frames (T, H, W, 3), evenly spaced from the first to the last, side by side, each with its masks
+    (T, N, H, W) tinted; the first frame's prompts drawn on it; frames scaled to ``height`` pixels."""
+    chosen = sorted({int(round(i)) for i in np.linspace(0, len(frames) - 1, min(count, len(frames)))})
+    tiles = []
+    for t in chosen:
+        picture = overlay(frames[t], list(masks[t]))
+        if t == 0:
+            clicks = np.asarray(points, np.float32).reshape(-1, 1, 2)
+            draw_prompts(picture, clicks, np.ones((len(clicks), 1)), np.asarray(boxes, np.float32).reshape(-1, 4))
+        scale = min(1.0, height / picture.height)
+        tiles.append(picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))))
+    gap = 4
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + gap * (len(tiles) - 1), max(t.height for t in tiles)), (255, 255, 255))
+    x = 0
+    for tile in tiles:
+        strip.paste(tile, (x, 0))
+        x += tile.width + gap
+    return strip

@@ -177,8 +177,12 @@ class StudentTracker(nn.Module):
             conditioning = [a for a in active if bool(batch["is_conditioning"][a[1] * t_len + t, a[2]])]
             tracked = [a for a in active if not bool(batch["is_conditioning"][a[1] * t_len + t, a[2]])]
             new: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # track -> own memory map, pointer, conditioning
-            if conditioning:
-                outputs += self._condition(batch, level, conditioning, t, t_len, cond_index, new)
+            by_prompt: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # mask prompts (0 points), clicks, boxes
+            for entry in conditioning:
+                k = cond_index[(entry[1] * t_len + t, entry[2])]
+                by_prompt[int((batch["cond_labels"][k] != PAD_LABEL).sum())].append(entry)
+            for group in by_prompt.values():
+                outputs += self._condition(batch, level, group, t, t_len, cond_index, new)
             groups: dict[tuple[Any, ...], list[tuple[int, int, int]]] = defaultdict(list)
             for entry in tracked:
                 groups[self._selection(memory[entry[0]], batch["frame_number"][entry[1] * t_len + t].item())[2]].append(entry)

@@ -171,3 +171,51 @@ class VideoStudentModel(StudentModel):
             "cond_row": start, "cond_slot": torch.arange(n, device=device), "cond_masks": cond_masks,
             "cond_points": cond_points, "cond_labels": cond_labels, "bank": None, "pointers": None,
         }
+
+
+def read_video(path: Path, max_frames: int | None = None) -> np.ndarray:
+    """RGB uint8 (T, H, W, 3): every frame of a video file, or its first ``max_frames``."""
+    import av
+
+    if not path.is_file():
+        raise TrainingInputError(f"--video {path}: no such file")
+    frames: list[np.ndarray] = []
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise TrainingInputError(f"--video {path}: no video stream")
+            for frame in container.decode(container.streams.video[0]):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) == max_frames:
+                    break
+    except av.FFmpegError as exc:
+        raise TrainingInputError(f"--video {path}: not a readable video ({exc})") from None
+    if not frames:
+        raise TrainingInputError(f"--video {path}: no decodable frames")
+    return np.stack(frames)
+
+
+def first_frame_prompts(
+    size: tuple[int, int], model_size: int, points: np.ndarray, boxes: np.ndarray, labels: np.ndarray | None,
+) -> tuple[list[ObjectPrompt], list[str]]:
+    """Prompts on frame 0 in image pixels -> tracker prompts in the S x S teacher frame, and a name for each object:
+    one per click (x, y), per box (x0, y0, x1, y1), and per value of a label image (0 background, 255 ignored)."""
+    from esam3.schemas.teacher import VideoPrompt
+    from esam3.workers.prompts import to_model_frame
+    from esam3.workers.video_targets import model_frame_mask
+
+    prompts, names = [], []
+    for p in np.asarray(points, np.float64).reshape(-1, 2):
+        model = to_model_frame(p[None], size, model_size) - 0.5
+        prompts.append(ObjectPrompt(len(prompts) + 1, 0, VideoPrompt.POINT, model, np.array([1], np.int32), None))
+        names.append(f"point {p[0]:g},{p[1]:g}")
+    for b in np.asarray(boxes, np.float64).reshape(-1, 4):
+        model = to_model_frame(b, size, model_size).reshape(2, 2) - 0.5
+        prompts.append(ObjectPrompt(len(prompts) + 1, 0, VideoPrompt.BOX, model, np.array([2, 3], np.int32), None))
+        names.append(f"box {','.join(f'{v:g}' for v in b)}")
+    if labels is not None:
+        for k in (int(v) for v in np.unique(labels) if v not in (0, 255)):
+            mask = model_frame_mask((labels == k).astype(np.float32), model_size)
+            prompts.append(ObjectPrompt(len(prompts) + 1, 0, VideoPrompt.MASK, None, None, mask))
+            names.append(f"mask {k}")
+    return prompts, names
