@@ -169,8 +169,9 @@ def demo(
 
     Generates the data (reused on a rerun), checks it, runs ``esam3 cache`` for both datasets into OUT/store on a
     local Ray and verifies the store; then ``esam3 train stage1`` (OUT/stage1), ``esam3 eval``, ``esam3 export``
-    (OUT/model), a COCO-format eval on the demo images and ``esam3 predict`` (OUT/predict.png). A rerun resumes:
-    finished shards and training steps are skipped.
+    (OUT/model), a COCO-format eval on the demo images and ``esam3 predict`` (OUT/predict.png); then ``esam3 train
+    stage2`` (OUT/stage2), J&F, the video export (OUT/video-model) and a tracked strip (OUT/predict-video.png). A rerun
+    resumes: finished shards and training steps are skipped.
     """
     from esam3.cache_cli import cache_progress, summary_table
     from esam3.pipeline.plan import run_cache
@@ -209,22 +210,27 @@ def demo(
                        + ("" if verified.ok else f"; PROBLEMS: {verified.problems[:3]}")))
     if not verified.ok:
         raise typer.Exit(1)
-    console.print(student_table(_demo_student(store, config.out / "sa-1b", out)))
+    images, videos = _demo_students(store, config.out, out)
+    console.print(student_table(images, videos))
 
 
-def _demo_student(store: Path, sa1b: Path, out: Path) -> Any:
-    from esam3.train.demo import DEMO_STEPS, DEMO_STUDENT, demo_student
+def _demo_students(store: Path, data: Path, out: Path) -> tuple[Any, Any]:
+    from esam3.train.demo import DEMO_STAGE2_STEPS, DEMO_STEPS, DEMO_STUDENT, demo_student, demo_video_student
 
     with user_errors(), progress() as bar:
-        task = bar.add_task(f"train {DEMO_STUDENT}", total=DEMO_STEPS, status="opening the store")
+        def updater(task: Any) -> Any:
+            def update(report: Any) -> None:
+                bar.update(task, completed=report.step, status=f"loss {report.terms['total']:.4g}, {report.samples_per_sec:.1f} samples/s")
+            return update
 
-        def update(report: Any) -> None:
-            bar.update(task, completed=report.step, status=f"loss {report.terms['total']:.4g}, {report.samples_per_sec:.1f} samples/s")
+        first = bar.add_task(f"train stage 1: {DEMO_STUDENT}", total=DEMO_STEPS, status="opening the store")
+        images = demo_student(store, data / "sa-1b", out, on_step=updater(first))
+        second = bar.add_task("train stage 2: memory", total=DEMO_STAGE2_STEPS, status="opening the store")
+        videos = demo_video_student(store, data / "sa-v", out, on_step=updater(second))
+    return images, videos
 
-        return demo_student(store, sa1b, out, on_step=update)
 
-
-def student_table(demo: Any) -> Table:
+def student_table(demo: Any, video: Any) -> Table:
     """Where each of the demo's student steps went."""
     table = Table(title="a student from the store", title_justify="left")
     for column in ("step", "result", "written to"):
@@ -237,6 +243,15 @@ def student_table(demo: Any) -> Table:
     table.add_row("esam3 export", f"{demo.export.parameters / 1e6:.2f}M parameters, {human_bytes(demo.export.bytes)}", str(demo.export.out))
     table.add_row("esam3 eval (COCO format)", f"box-prompt mIoU {demo.coco.miou:.3f} over {demo.coco.annotations} objects", "-")
     table.add_row("esam3 predict", f"a click and a box, {demo.predict_ms:.0f} ms", str(demo.picture))
+    loss = video.train.terms.get("total", float("nan"))
+    table.add_row("esam3 train stage2", f"{video.train.steps} steps on {video.train.train_rows} frames, final loss {loss:.4g}; {video.memory}",
+                  str(video.train.checkpoint))
+    gt, teacher = video.eval.jf_gt, video.eval.jf_teacher
+    table.add_row("esam3 eval (video)", f"J&F vs GT {gt['J&F']:.3f}, vs the teacher {teacher['J&F']:.3f} on the demo's "
+                  f"{video.eval.videos} videos (trained on; random-weight teacher: a plumbing check)", "-")
+    table.add_row("esam3 export (video)", f"{video.export.parameters / 1e6:.2f}M parameters, {human_bytes(video.export.bytes)}", str(video.export.out))
+    table.add_row("esam3 predict --video", f"{video.frames} frames tracked from first-frame masks, {video.ms_per_frame:.0f} ms per frame",
+                  str(video.strip))
     return table
 
 

@@ -171,21 +171,27 @@ def test_demo_command_caches_then_resumes(tmp_path: Path) -> None:
     assert lance.dataset(str(store / "images.lance")).count_rows() == 16
     frames = lance.dataset(str(store / "frames.lance")).count_rows()
     assert frames > 0 and f"{16 + frames} rows" in result.stdout and "tensors verified" in result.stdout
-    from esam3.train.demo import DEMO_STEPS
+    from esam3.train.demo import DEMO_STAGE2_STEPS, DEMO_STEPS
 
     checkpoint = tmp_path / "stage1" / "checkpoints" / f"step-{DEMO_STEPS:08d}"
-    for step, written in (("esam3 train stage1", checkpoint), ("esam3 export", tmp_path / "model"), ("esam3 predict", tmp_path / "predict.png")):
+    video_checkpoint = tmp_path / "stage2" / "checkpoints" / f"step-{DEMO_STAGE2_STEPS:08d}"
+    for step, written in (("esam3 train stage1", checkpoint), ("esam3 export ", tmp_path / "model"), ("esam3 predict ", tmp_path / "predict.png"),
+                          ("esam3 train stage2", video_checkpoint), ("esam3 export (video)", tmp_path / "video-model"),
+                          ("esam3 predict --video", tmp_path / "predict-video.png")):
         line = next(line for line in result.stdout.splitlines() if step in line)
         assert str(written) in line and written.exists(), line
+    assert "J&F vs GT" in result.stdout and "tokens per memory frame (SAM3: 64)" in result.stdout
     assert f"{DEMO_STEPS} steps of" in result.stdout and "mask mIoU vs the teacher" in result.stdout and "box-prompt mIoU" in result.stdout
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "stage1" / "tensorboard").is_dir()
     stamp = (tmp_path / "data" / "sa-1b" / "sa_000000.tar").stat().st_mtime_ns
     trained = (checkpoint / "student.safetensors").stat().st_mtime_ns
+    video_trained = (video_checkpoint / "student.safetensors").stat().st_mtime_ns
     result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--executor", "local"], env={"COLUMNS": "400"})
     assert result.exit_code == 0 and "reusing it" in result.stderr
     assert "0 new, 2 already done" in result.stdout and "0 new, 1 already done" in result.stdout
     assert (tmp_path / "data" / "sa-1b" / "sa_000000.tar").stat().st_mtime_ns == stamp
     assert (checkpoint / "student.safetensors").stat().st_mtime_ns == trained  # resumed at its last step: nothing to train
+    assert (video_checkpoint / "student.safetensors").stat().st_mtime_ns == video_trained
 
 
 def test_verbose_logs_each_bad_sample(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""The demo's second half: a student trained from the demo store, evaluated, exported, and used on an image.
+"""The demo's second half: students trained from the demo store, evaluated, exported, and used.
 
 What a user does after ``esam3 cache``, on the demo's scale (the tiny teacher's 112-px frame): a few stage-1
 steps (resumed, so a rerun of the demo adds nothing), eval on the held-out split, the export, COCO-format eval of
-the exported model on the demo images, and one prediction drawn into a PNG.
+the exported model on the demo images, and one prediction drawn into a PNG; then a few stage-2 steps on the demo
+videos from that encoder, J&F on them, the export of the video student and a tracked strip of a demo video.
 """
 
 from __future__ import annotations
@@ -14,16 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+
 from esam3.pipeline.demo_data import write_demo_coco
-from esam3.pipeline.overlay import draw_segmentation
-from esam3.schemas.train import Stage1Config
+from esam3.pipeline.overlay import draw_segmentation, draw_video_strip
+from esam3.schemas.train import Stage1Config, Stage2Config
 from esam3.train.evaluate import CocoEval, StoreEval, evaluate_coco, evaluate_store, load_image
-from esam3.train.model import ExportReport, StudentModel
 from esam3.train.loop import StepReport, TrainResult
+from esam3.train.memory import describe
+from esam3.train.model import ExportReport, StudentModel
 from esam3.train.stage1 import run_stage1
+from esam3.train.stage2 import run_stage2
+from esam3.train.video_eval import VideoEval, evaluate_video_store
+from esam3.train.video_model import VideoStudentModel, first_frame_prompts, read_video
+from esam3.workers.preprocess import resize_uint8
 
 DEMO_STUDENT = "es-rv-m"
 DEMO_STEPS = 20
+DEMO_STAGE2_STEPS = 10
 
 
 @dataclass
@@ -59,3 +68,54 @@ def demo_student(store: Path, sa1b: Path, out: Path, on_step: Callable[[StepRepo
     predict_ms = 1000 * (time.perf_counter() - started)
     draw_segmentation(pixels, result.masks, points, boxes).save(out / "predict.png", format="PNG")
     return StudentDemo(trained, report, exported, coco, out / "predict.png", predict_ms)
+
+
+@dataclass
+class VideoDemo:
+    train: TrainResult
+    eval: VideoEval
+    export: ExportReport
+    memory: str  # the memory's description (latents, tokens per frame, parameters)
+    strip: Path
+    ms_per_frame: float
+    frames: int
+
+
+def demo_video_student(store: Path, sav: Path, out: Path, on_step: Callable[[StepReport], None] | None = None) -> VideoDemo:
+    """Train ``DEMO_STAGE2_STEPS`` stage-2 steps from ``out/stage1`` into ``out/stage2``, J&F on the demo's videos,
+    export to ``out/video-model`` and track the first demo video's objects (from its first frame's masks) into
+    ``out/predict-video.png`` (the same calls as ``esam3 predict --video``)."""
+    config = Stage2Config(store=str(store), out=out / "stage2", init=out / "stage1", steps=DEMO_STAGE2_STEPS, batch_size=2,
+                          clip_length=4, val_percent=0, global_latents=16, memory_ffn=512, lr=1e-3, checkpoint_every=5, log_every=5,
+                          loader_workers=1, resume=True)
+    trained = run_stage2(config, on_step=on_step)
+    student = VideoStudentModel.from_checkpoint(config.out)
+    report = evaluate_video_store(student, split="all")  # the demo has 2 videos: both are trained on and scored
+    exported = student.save(out / "video-model")
+    model = VideoStudentModel.load(out / "video-model")
+    video, labels = _first_demo_video(sav, out / "video")
+    frames = read_video(video)
+    prompts, _ = first_frame_prompts(frames.shape[1:3], model.image_size, np.zeros((0, 2)), np.zeros((0, 4)), labels)
+    pixels = torch.stack([resize_uint8(f, model.student.spec.image_size) for f in frames])
+    started = time.perf_counter()
+    tracks = model.track(pixels, prompts)
+    ms = 1000 * (time.perf_counter() - started) / len(frames)
+    draw_video_strip(frames, tracks.masks(*frames.shape[1:3]), 8, np.zeros((0, 2)), np.zeros((0, 4))).save(out / "predict-video.png", format="PNG")
+    return VideoDemo(trained, report, exported, describe(model.memory.spec), out / "predict-video.png", ms, len(frames))
+
+
+def _first_demo_video(sav: Path, out: Path) -> tuple[Path, np.ndarray]:
+    """The first demo video as an MP4 file, and its first frame's objects as a label image (object k = k + 1)."""
+    import tarfile
+
+    from esam3.pipeline.sources import SAVSource
+
+    sample = next(iter(SAVSource(str(sav)).iter_samples("all")))
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sav / sample.shard) as tar:
+        video = out / Path(sample.member).name
+        video.write_bytes(tar.extractfile(sample.member).read())  # type: ignore[union-attr]
+    labels = np.zeros(sample.frames.shape[1:3], np.uint8)
+    for k, runs in enumerate(sample.masks[0]):
+        labels[runs.to_mask().astype(bool)] = k + 1
+    return video, labels
