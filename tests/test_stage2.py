@@ -117,3 +117,33 @@ def test_two_ray_train_workers_take_the_steps_of_one_worker_with_their_joint_bat
         return float(torch.cat([(a[k] - b[k]).abs().flatten() for k in a if k.startswith("memory.")]).mean())
 
     assert distance(two) < 0.02 * distance(alone)
+
+
+def test_the_cache_trains_the_memory_as_the_live_teacher_does(sav_store: Path, stage1_run: Path, tmp_path: Path, tiny_teacher) -> None:
+    """Fidelity of the memory targets: the same run from the fp16 store and with the tiny teacher tracking every clip's
+    video online gives the same losses step by step, within the codec's error."""
+    from esam3.train.fidelity import LiveVideoTargets
+
+    config = dict(store=str(sav_store), init=stage1_run, steps=3, forcing_until=1.0, **SMALL)
+    cached, live = [], []
+    run_stage2(Stage2Config(out=tmp_path / "cached", **config), on_step=cached.append)
+    arms, differences = [], []
+
+    def make(clips):
+        arms.append(LiveVideoTargets(tiny_teacher, clips))
+
+        def replace(batch):
+            out = arms[-1](batch)
+            for name in ("pix_feat_with_mem", "maskmem_features"):  # what the live teacher changed: the fp16 codec's error
+                scale = float(batch[name].abs().max())
+                differences.append(float((out[name] - batch[name]).abs().max()) / scale)
+            return out
+
+        return replace
+
+    run_stage2(Stage2Config(out=tmp_path / "live", **config), on_step=live.append, targets=make)
+    assert arms[0].frame_forwards >= 3 * 2 * 3  # every clip's video went through the teacher, every step
+    assert 0 < max(differences) < 1e-2, differences
+    for a, b in zip(cached, live):
+        assert abs(a.terms["total"] - b.terms["total"]) <= 1e-3 * abs(b.terms["total"]), (a.step, a.terms, b.terms)
+        assert abs(a.terms["memory_mse"] - b.terms["memory_mse"]) <= 1e-2 * b.terms["memory_mse"]

@@ -51,3 +51,74 @@ class LiveTargets:
         self.trunk_forwards += len(batch["input"])
         self.seconds += time.perf_counter() - started
         return out
+
+
+class LiveVideoTargets:
+    """Stage 2's other arm: every memory target of a clip batch from the teacher tracking the clip's video now.
+
+    The teacher runs each clip's video from its first frame (its targets on a frame depend on every frame before),
+    on the store's own inputs (the frames it saw when caching) with the prompts the cache gave it (rebuilt from the
+    ground truth, as ``esam3.train.clips`` does), and its outputs replace the batch's cached ``maskmem_features``,
+    ``pix_feat_with_mem``, ``mask_logits``, ``object_score`` and ``object_pointer``, on the clip's rows and on its
+    context rows. The session spans the video's cached frames: exact for videos cached whole (the demo's) or with at
+    least 16 frames cached (SAM3 caps pointer positions at 16 frames).
+    """
+
+    def __init__(self, teacher: Any, clips: Any) -> None:
+        self.teacher, self.clips = teacher, clips
+        self.videos = {int(clips.video_code[indices[0]]): indices for indices in clips.video_indices()}
+        self.frame_forwards = 0  # frames through the trunk and the tracker
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        started = time.perf_counter()
+        out = dict(batch)
+        for name in ("maskmem_features", "pix_feat_with_mem", "mask_logits", "object_score", "object_pointer"):
+            out[name] = batch[name].clone()
+        for name in ("bank", "pointers"):
+            out[name] = None if batch[name] is None else {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch[name].items()}
+        t_len = len(batch["key"]) // len(batch["clip_video"])
+        for clip, video in enumerate(batch["clip_video"].tolist()):
+            frames = self._track(video)
+            for row in range(clip * t_len, (clip + 1) * t_len):
+                _fill(out, row, frames[int(batch["frame_number"][row])])
+            for name in ("bank", "pointers"):
+                for r in (batch[f"{name}_clip"] == clip).nonzero().flatten().tolist():
+                    _fill(out[name], r, frames[int(batch[f"{name}_frame"][r])])
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def _track(self, video: int) -> dict[int, Any]:
+        """The teacher's targets of every cached frame of ``video``, by frame number."""
+        from esam3.workers.video_targets import ObjectPrompt, VideoWork, run_video
+
+        indices = self.videos[video]
+        full = self.clips.take(indices.tolist(), len(indices))
+        size = self.teacher.geometry.image_size
+        if full["input"].shape[-1] != size:
+            raise ValueError(f"the live teacher needs the {size}-px frames it was built for; train without a smaller student input")
+        prompts = []
+        for k, (row, slot) in enumerate(zip(full["cond_row"].tolist(), full["cond_slot"].tolist())):
+            labels = full["cond_labels"][k]
+            count = int((labels != -10).sum())
+            kind = self.clips.prompt.prompt
+            prompts.append(ObjectPrompt(
+                int(full["object_ids"][row, slot]), row, kind,
+                full["cond_points"][k, :count].numpy() if count else None, labels[:count].numpy().astype("int32") if count else None,
+                full["cond_masks"][k].numpy() if not count else None,
+            ))
+        numbers = full["frame_number"].tolist()
+        work = VideoWork(str(video), full["input"].numpy(), self.clips.frame[indices].astype("int64"), prompts, len(indices))
+        self.frame_forwards += len(indices)
+        return {numbers[t.frame]: t for t in run_video(self.teacher, work)}
+
+
+def _fill(batch: dict[str, Any], row: int, targets: Any) -> None:
+    """One row's per-object targets from the teacher's ``FrameTargets`` of that frame, matched by object id."""
+    ids = batch["object_ids"][row].tolist()
+    for j, object_id in enumerate(targets.object_ids):
+        slot = ids.index(object_id)
+        for name in ("maskmem_features", "pix_feat_with_mem", "mask_logits", "object_score", "object_pointer"):
+            if name in batch:
+                batch[name][row, slot] = getattr(targets, name)[j].to(batch[name].device, batch[name].dtype)

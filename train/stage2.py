@@ -107,8 +107,12 @@ def prepare_stage2(config: Stage2Config, world_size: int = 1, device: torch.devi
 def run_stage2(
     config: Stage2Config, on_step: Callable[[StepReport], None] | None = None, rank: int = 0, world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | None = None,
+    targets: Callable[[ClipDataset], Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a stage-2 student memory; ``wrap`` makes the DDP model on Ray Train workers. Rank 0 writes."""
+    """Train (or resume) a stage-2 student memory; ``wrap`` makes the DDP model on Ray Train workers. Rank 0 writes.
+
+    ``targets`` makes, from the run's clips, what replaces each batch's cached targets before the step
+    (``esam3.train.fidelity.LiveVideoTargets``: the teacher tracking the clips' videos online)."""
     setup = prepare_stage2(config, world_size, device)
     tracker, clips = setup.tracker, setup.clips
     frames = clips.frames
@@ -132,6 +136,7 @@ def run_stage2(
     parts = LoopParts(
         saved=saved_parts(tracker), model=wrap(tracker) if wrap is not None else tracker, dataset=clips, sampler=sampler, step=step,
         device=setup.device, document=setup.document, resume_from=setup.resume_from, trained=trained,
+        targets=None if targets is None else targets(clips),
     )
     result = run_loop(config, parts, on_step, rank, world_size)
     return TrainResult(config.out, result.steps, latest_checkpoint(config.out), frames.version, len(frames), result.terms,
