@@ -215,3 +215,25 @@ def test_gpu_train_runs_on_cpu_from_a_store_it_makes(capsys: pytest.CaptureFixtu
     assert result["device"] == "CPU" and result["rows"] == 6
     student = result["students"]["es-ev-s"]
     assert student["rows_per_s"] > 0 and 0 <= student["data_wait_share"] < 1 and student["final_loss"] > 0
+
+
+def test_video_student_times_both_trackers_part_by_part(capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/video_student.py at the tiny geometry: every part of both trackers is timed and counted."""
+    load_benchmark("video_student").main(["--teacher", "tiny-random", "--students", "es-ev-s", "--repeats", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sam3, student = result["sam3"], result["students"]["es-ev-s"]
+    assert set(sam3["parts_ms"]) == {"trunk", "neck", "memory_attention", "mask_decoder", "memory_encoder"}
+    assert set(student["parts_ms"]) == {"encoder", "neck", "memory_attention", "perceiver", "mask_decoder", "memory_encoder"}
+    assert sam3["frame_ms"] == pytest.approx(sum(sam3["parts_ms"].values())) and all(v > 0 for v in student["parts_ms"].values())
+    assert sam3["memory_tokens_per_frame"] == 64 and student["memory_tokens_per_frame"] == 256 + 4  # the defaults suit SAM3's 72 x 72
+    assert student["memory_parameters_m"] > 0 and sam3["trunk_parameters_m"] > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--students", "es-xx-m"], "--students: expected names from"), (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--trunk-repeats", "0"], "--trunk-repeats must be at least 1"),
+])
+def test_video_student_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("video_student").parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
