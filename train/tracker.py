@@ -188,15 +188,20 @@ class StudentTracker(nn.Module):
                 groups[self._selection(memory[entry[0]], batch["frame_number"][entry[1] * t_len + t].item())[2]].append(entry)
             for group in groups.values():
                 outputs.append(self._track(batch, level, group, t, t_len, memory, tracking_multimask, new))
-            for i, clip, slot in active:
+            maps, pointers = [], []
+            for i, clip, slot in active:  # this frame's memory of each object: the student's own, or the teacher's
                 row = clip * t_len + t
-                frame = int(batch["frame_number"][row])
-                own_map, own_pointer, is_cond = new[i]
+                own_map, own_pointer, _ = new[i]
                 teacher = generator is not None and forcing > 0 and float(torch.rand((), generator=generator)) < forcing
                 if forcing >= 1.0 or teacher:
                     own_map, own_pointer = batch["maskmem_features"][row, slot][None].float(), batch["object_pointer"][row, slot]
-                latents = self.memory.compress(own_map, position)[0]
-                memory[i][frame] = _Memory(latents, own_pointer, is_cond)
+                maps.append(own_map)
+                pointers.append(own_pointer)
+            if active:
+                latents = self.memory.compress(torch.cat(maps), position.expand(len(maps), -1, -1, -1))  # one Perceiver pass per frame
+            for k, (i, clip, _) in enumerate(active):
+                frame = int(batch["frame_number"][clip * t_len + t])
+                memory[i][frame] = _Memory(latents[k], pointers[k], new[i][2])
                 for old in [f for f, m in memory[i].items() if f <= frame - window and not m.conditioning]:
                     del memory[i][old]  # out of every window: long videos keep a bounded memory
         return outputs
