@@ -190,8 +190,9 @@ def predict_command(
             raise UsageError("--mask prompts a video's first frame; for an image give --point or --box")
         if not point and not box and mask is None:
             raise UsageError("give at least one --point x,y or --box x0,y0,x1,y1" + (" or a --mask PNG" if video else ""))
-        if repeats < 1 or strip < 1 or (max_frames is not None and max_frames < 1):
-            raise UsageError("--repeats, --strip and --max-frames must be at least 1")
+        for flag, value in (("--repeats", repeats), ("--strip", strip), ("--max-frames", max_frames)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be at least 1")
         if out is None and not as_json:
             raise UsageError("give --out overlay.png, --json, or both")
         points = np.array([_parse_numbers(p, 2, "--point") for p in point or []], np.float32).reshape(-1, 2)

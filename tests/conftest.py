@@ -97,3 +97,19 @@ def stage1_run(sa1b_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("stage1") / "run"
     run_stage1(Stage1Config(store=str(sa1b_store), out=out, student="es-ev-s", steps=1, batch_size=2, loader_workers=0, val_percent=0))
     return out
+
+
+@pytest.fixture
+def no_teacher_trunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building SAM3's ViT trunk, its vision model or the teacher, or running SAM3's memory attention, fails: a
+    trainer must not need them."""
+    from transformers.models.sam3 import modeling_sam3
+    from transformers.models.sam3_tracker_video import modeling_sam3_tracker_video
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a trainer built the teacher's trunk or ran its memory attention")
+
+    monkeypatch.setattr(modeling_sam3.Sam3ViTModel, "__init__", refuse)
+    monkeypatch.setattr(modeling_sam3.Sam3VisionModel, "__init__", refuse)
+    monkeypatch.setattr(modeling_sam3_tracker_video.Sam3TrackerVideoMemoryAttention, "forward", refuse)
+    monkeypatch.setattr("esam3.workers.teacher.Sam3Teacher.load", refuse)

@@ -26,19 +26,6 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint / STUDENT_WEIGHTS))
 
 
-@pytest.fixture
-def no_teacher_trunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Building SAM3's ViT trunk, its vision model or the teacher fails: a trainer must not need them."""
-    from transformers.models.sam3 import modeling_sam3
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a trainer built the teacher's trunk")
-
-    monkeypatch.setattr(modeling_sam3.Sam3ViTModel, "__init__", refuse)
-    monkeypatch.setattr(modeling_sam3.Sam3VisionModel, "__init__", refuse)
-    monkeypatch.setattr("esam3.workers.teacher.Sam3Teacher.load", refuse)
-
-
 def test_stage1_learns_from_the_store_alone_and_logs_it(sa1b_store: Path, tmp_path: Path, no_teacher_trunk: None) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

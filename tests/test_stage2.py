@@ -18,7 +18,10 @@ SMALL = dict(batch_size=2, clip_length=3, objects=2, loader_workers=0, val_perce
              perceiver_depth=1, memory_layers=1, memory_ffn=128)
 
 
-def test_stage2_trains_the_memory_only(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:
+def test_stage2_trains_the_memory_only(sav_store: Path, stage1_run: Path, tmp_path: Path, no_teacher_trunk: None) -> None:
+    from esam3.train.stage2 import prepare_stage2
+
+    assert prepare_stage2(Stage2Config(store=str(sav_store), out=tmp_path / "x", init=stage1_run, **SMALL)).tracker.heads.tracker_model.memory_attention is None
     reports = []
     result = run_stage2(Stage2Config(store=str(sav_store), out=tmp_path / "run", init=stage1_run, steps=3, checkpoint_every=2, log_every=1,
                                      **SMALL), on_step=reports.append)

@@ -148,8 +148,13 @@ def test_eval_export_and_predict_on_the_cli(stage2_run: Path, stage1_run: Path, 
         line = json.loads(result.output.strip().splitlines()[-1])
         assert line["frames"] == 12 and len(line["objects"]) >= 1 and len(line["objects"][0]["masks"]) == 12
         assert out.is_file() and Image.open(out).size[0] > Image.open(out).size[1]  # a strip of frames
-    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), "--out", str(tmp_path / "x.png")])
-    assert result.exit_code == 2 and "--point" in result.output
+    for args, message in (([], "--point"), (["--mask", str(first_mask), "--strip", "0"], "--strip must be at least 1"),
+                          (["--mask", str(first_mask), "--max-frames", "0"], "--max-frames must be at least 1"),
+                          (["--mask", str(tmp_path / "none.png")], "not a readable PNG")):
+        result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), "--out", str(tmp_path / "x.png"), *args])
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--image", str(mp4), "--mask", str(first_mask), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "--mask prompts a video's first frame" in result.output
 
 
 def _demo_mp4(demo_root: Path, tmp_path: Path) -> Path:

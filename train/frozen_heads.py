@@ -12,8 +12,11 @@ from esam3.schemas.store import HEADS_DIR, StoreError
 from esam3.workers.heads import HEADS_CONFIG, HEADS_WEIGHTS, TeacherHeads
 
 
-def load_store_heads(store: Store, device: torch.device | str = "cpu") -> TeacherHeads:
-    """``<store>/heads`` (local, or fetched from S3 into a temporary folder), frozen and in eval mode."""
+def load_store_heads(store: Store, device: torch.device | str = "cpu", detector: bool = False, memory_attention: bool = True) -> TeacherHeads:
+    """``<store>/heads`` (local, or fetched from S3 into a temporary folder), frozen and in eval mode.
+
+    The detector heads (40M parameters at full size) are dropped unless ``detector`` (stage 3 needs them), and SAM3's
+    memory attention unless ``memory_attention`` (stage 2's student has its own): a trainer holds only what it runs."""
     remote = f"{store.path}/{HEADS_DIR}"
     if not store.fs.exists(f"{remote}/{HEADS_CONFIG}"):
         raise StoreError(f"store {store.uri} has no heads file ({HEADS_DIR}/{HEADS_CONFIG}); it is written by esam3 cache before any row")
@@ -26,4 +29,13 @@ def load_store_heads(store: Store, device: torch.device | str = "cpu") -> Teache
                 store.fs.get_file(f"{remote}/{name}", str(Path(tmp) / name))
             heads, _ = TeacherHeads.load(Path(tmp), device=device)
     heads.requires_grad_(False)
-    return heads.eval()
+    return trim(heads, detector, memory_attention).eval()
+
+
+def trim(heads: TeacherHeads, detector: bool, memory_attention: bool) -> TeacherHeads:
+    """Drop the detector heads and / or SAM3's memory attention from loaded heads (in place)."""
+    if not detector:
+        heads.detector_model = None
+    if not memory_attention:
+        heads.tracker_model.memory_attention = None
+    return heads

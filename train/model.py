@@ -166,6 +166,8 @@ class StudentModel(nn.Module):
             raise ModelLoadError(f"model {weights_path}: unreadable ({exc}); export it again") from None
         student = Student(spec)
         heads = TeacherHeads.build(config, detector=False)
+        if not any(k.startswith("heads.tracker_model.memory_attention.") for k in tensors):  # a video student's export
+            heads.tracker_model.memory_attention = None
         load_part(student, tensors, "student.", weights_path)
         load_part(heads, tensors, "heads.", weights_path)
         heads.requires_grad_(False)

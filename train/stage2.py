@@ -86,7 +86,7 @@ def prepare_stage2(config: Stage2Config, world_size: int = 1, device: torch.devi
         raise StoreError(f"store {store.uri} holds no SA-V memory targets; cache SA-V shards with --dataset sa-v (--targets trunk,memory)")
     device = device or resolve_device(config.device)
     student, init = stage1_student(config.init, store)
-    heads = load_store_heads(store, device)
+    heads = load_store_heads(store, device, memory_attention=False)  # the student's memory replaces SAM3's
     torch.manual_seed(config.seed)  # the same initial memory on every rank (DDP also broadcasts rank 0's)
     tracker = StudentTracker(student, heads, StudentMemory(memory_spec(heads, config)), train_encoder=config.train_encoder).to(device)
     geometry = card["teacher"]["geometry"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from esam3.schemas.train import TrainingInputError
 from esam3.train.checkpoint import checkpoint_dir, load_student_weights, read_config
 from esam3.train.clips import PAD_LABEL
+from esam3.train.frozen_heads import trim
 from esam3.train.memory import MemorySpec, StudentMemory
 from esam3.train.model import ExportReport, ModelLoadError, StudentModel, load_part
 from esam3.train.students import Student, StudentSpec
@@ -75,6 +76,7 @@ class VideoStudentModel(StudentModel):
     KIND = "esam3-video-student"
 
     def __init__(self, student: Student, heads: TeacherHeads, memory: StudentMemory, provenance: dict[str, Any]) -> None:
+        heads = trim(heads, detector=False, memory_attention=False)  # neither is used nor exported: the memory is the student's
         super().__init__(student, heads, provenance)
         self.memory = memory
         self.tracker = StudentTracker(student, heads, memory)
@@ -97,7 +99,7 @@ class VideoStudentModel(StudentModel):
         load_student_weights(checkpoint, torch.nn.ModuleDict({"encoder": student, "memory": memory}))
         if heads is None:
             store = Store(document["store"]["uri"], S3Settings.from_environment(s3_endpoint or document["config"].get("s3_endpoint")))
-            heads = load_store_heads(store, device)
+            heads = load_store_heads(store, device, memory_attention=False)
         provenance = {"checkpoint": str(checkpoint), "store": document["store"], "config": document["config"],
                       "versions": document.get("versions", {}), "init": document.get("init")}
         return cls(student, heads, memory, provenance).to(device).eval()
