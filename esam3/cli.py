@@ -250,8 +250,8 @@ def student_table(demo: Any, video: Any) -> Table:
     table.add_row("esam3 eval (video)", f"J&F vs GT {gt['J&F']:.3f}, vs the teacher {teacher['J&F']:.3f} on the demo's "
                   f"{video.eval.videos} videos (trained on; random-weight teacher: a plumbing check)", "-")
     table.add_row("esam3 export (video)", f"{video.export.parameters / 1e6:.2f}M parameters, {human_bytes(video.export.bytes)}", str(video.export.out))
-    table.add_row("esam3 predict --video", f"{video.frames} frames tracked from first-frame masks, {video.ms_per_frame:.0f} ms per frame",
-                  str(video.strip))
+    table.add_row("esam3 predict --video", f"{video.frames} frames tracked from first-frame masks, {video.ms_per_frame:.0f} ms per frame "
+                  f"(SAM3's tracker at this size: {video.sam3_ms_per_frame:.0f} ms)", str(video.strip))
     return table
 
 

@@ -173,6 +173,7 @@ def predict_command(
     out: Path = typer.Option(None, "--out", help="PNG to write: the image (or a strip of video frames) with each mask tinted and the prompts drawn."),
     max_frames: int = typer.Option(None, "--max-frames", help="--video: track only the first N frames (default: all)."),
     strip: int = typer.Option(8, "--strip", help="--video: frames drawn into the --out strip, evenly spaced."),
+    vs_sam3: bool = typer.Option(False, "--vs-sam3", help="--video: also time SAM3's tracker per frame at the same input size (random weights, trunk included; about a minute per frame on a CPU at full size)."),
     repeats: int = typer.Option(3, "--repeats", help="Timed runs after one warm-up; the median is the latency printed (images)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with each mask as COCO RLE (per frame for a video)."),
@@ -201,8 +202,10 @@ def predict_command(
             raise UsageError("--box: expected x0,y0,x1,y1 with x1 > x0 and y1 > y0")
         student = _load(None, model, _device(device))
         if video is not None:
-            _predict_video(student, video, points, boxes, mask, out, max_frames, strip, as_json)
+            _predict_video(student, video, points, boxes, mask, out, max_frames, strip, as_json, vs_sam3)
             return
+        if vs_sam3:
+            raise UsageError("--vs-sam3 times video tracking: use it with --video")
         pixels = load_image(image)
         student.segment(pixels, points, boxes)  # warm-up
         times = []
@@ -231,7 +234,7 @@ def predict_command(
 
 
 def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndarray, mask: Path | None, out: Path | None,
-                   max_frames: int | None, strip: int, as_json: bool) -> None:
+                   max_frames: int | None, strip: int, as_json: bool, vs_sam3: bool) -> None:
     """``predict --video``: track each prompted object from the first frame; a strip of frames and / or RLE per frame."""
     import torch
     from pycocotools import mask as mask_utils
@@ -262,6 +265,11 @@ def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndar
     parameters = sum(p.numel() for part in (student.student, student.heads.tracker_model, student.heads.tracker_neck, student.memory)
                      for p in part.parameters())
     sam3 = architecture_parameters("full-random")
+    sam3_ms = None
+    if vs_sam3:
+        from esam3.train.video_cost import sam3_frame_ms
+
+        sam3_ms = sam3_frame_ms(student.heads.config, student.memory.spec)
     if as_json:
         objects = []
         for j, name in enumerate(names):
@@ -271,11 +279,13 @@ def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndar
                 rles.append({"size": list(rle["size"]), "counts": rle["counts"].decode(), "area": int(masks[t, j].sum())})
             objects.append({"prompt": name, "masks": rles})
         print_json({"video": str(video), "frames": len(frames), "height": frames.shape[1], "width": frames.shape[2], "ms_per_frame": ms,
-                    "parameters": parameters, "sam3_parameters": sam3, "out": str(out) if out else None, "objects": objects})
+                    "sam3_ms_per_frame": sam3_ms, "parameters": parameters, "sam3_parameters": sam3, "out": str(out) if out else None,
+                    "objects": objects})
         return
     for j, name in enumerate(names):
         seen = int(masks[:, j].any(axis=(1, 2)).sum())
         console.print(Text(f"{name}: on {seen} of {len(frames)} frames"))
     console.print(Text(f"{len(names)} object(s) tracked through {len(frames)} frames ({frames.shape[2]}x{frames.shape[1]}); "
-                       f"{ms:.1f} ms per frame on {next(student.parameters()).device}; {parameters / 1e6:.2f}M parameters "
-                       f"(SAM3: {sam3 / 1e6:.1f}M)" + (f"; strip in {out}" if out else "")))
+                       f"{ms:.1f} ms per frame on {next(student.parameters()).device}"
+                       + (f" (SAM3's tracker at this input size: {sam3_ms:.1f} ms per frame)" if sam3_ms is not None else "")
+                       + f"; {parameters / 1e6:.2f}M parameters (SAM3: {sam3 / 1e6:.1f}M)" + (f"; strip in {out}" if out else "")))

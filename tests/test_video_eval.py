@@ -148,6 +148,9 @@ def test_eval_export_and_predict_on_the_cli(stage2_run: Path, stage1_run: Path, 
         line = json.loads(result.output.strip().splitlines()[-1])
         assert line["frames"] == 12 and len(line["objects"]) >= 1 and len(line["objects"][0]["masks"]) == 12
         assert out.is_file() and Image.open(out).size[0] > Image.open(out).size[1]  # a strip of frames
+        assert line["ms_per_frame"] > 0 and line["sam3_ms_per_frame"] is None
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), "--point", "80,64", "--max-frames", "3", "--vs-sam3", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0 and "SAM3's tracker at this input size:" in " ".join(result.output.split()), result.output
     for args, message in (([], "--point"), (["--mask", str(first_mask), "--strip", "0"], "--strip must be at least 1"),
                           (["--mask", str(first_mask), "--max-frames", "0"], "--max-frames must be at least 1"),
                           (["--mask", str(tmp_path / "none.png")], "not a readable PNG")):

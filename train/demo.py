@@ -26,6 +26,7 @@ from esam3.train.memory import describe
 from esam3.train.model import ExportReport, StudentModel
 from esam3.train.stage1 import run_stage1
 from esam3.train.stage2 import run_stage2
+from esam3.train.video_cost import sam3_frame_ms
 from esam3.train.video_eval import VideoEval, evaluate_video_store
 from esam3.train.video_model import VideoStudentModel, first_frame_prompts, read_video
 from esam3.workers.preprocess import resize_uint8
@@ -79,6 +80,7 @@ class VideoDemo:
     strip: Path
     ms_per_frame: float
     frames: int
+    sam3_ms_per_frame: float  # SAM3's tracker at the same (tiny) input size, random weights
 
 
 def demo_video_student(store: Path, sav: Path, out: Path, on_step: Callable[[StepReport], None] | None = None) -> VideoDemo:
@@ -101,7 +103,8 @@ def demo_video_student(store: Path, sav: Path, out: Path, on_step: Callable[[Ste
     tracks = model.track(pixels, prompts)
     ms = 1000 * (time.perf_counter() - started) / len(frames)
     draw_video_strip(frames, tracks.masks(*frames.shape[1:3]), 8, np.zeros((0, 2)), np.zeros((0, 4))).save(out / "predict-video.png", format="PNG")
-    return VideoDemo(trained, report, exported, describe(model.memory.spec), out / "predict-video.png", ms, len(frames))
+    sam3 = sam3_frame_ms(model.heads.config, model.memory.spec)
+    return VideoDemo(trained, report, exported, describe(model.memory.spec), out / "predict-video.png", ms, len(frames), sam3)
 
 
 def _first_demo_video(sav: Path, out: Path) -> tuple[Path, np.ndarray]:
