@@ -172,9 +172,9 @@ def predict_command(
     mask: Path = typer.Option(None, "--mask", help="--video: a PNG of the first frame's objects (palette or grey: each non-zero value one object; 255 ignored)."),
     out: Path = typer.Option(None, "--out", help="PNG to write: the image (or a strip of video frames) with each mask tinted and the prompts drawn."),
     max_frames: int = typer.Option(None, "--max-frames", help="--video: track only the first N frames (default: all)."),
-    strip: int = typer.Option(8, "--strip", help="--video: frames drawn into the --out strip, evenly spaced."),
+    strip: int = typer.Option(None, "--strip", help="--video: frames drawn into the --out strip, evenly spaced (default 8)."),
     vs_sam3: bool = typer.Option(False, "--vs-sam3", help="--video: also time SAM3's tracker per frame at the same input size (random weights, trunk included; about a minute per frame on a CPU at full size)."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs after one warm-up; the median is the latency printed (images)."),
+    repeats: int = typer.Option(None, "--repeats", help="--image: timed runs after one warm-up; the median is the latency printed (default 3)."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with each mask as COCO RLE (per frame for a video)."),
 ) -> None:
@@ -189,6 +189,11 @@ def predict_command(
             raise UsageError("give --image (segment) or --video (track), one of them")
         if video is None and mask is not None:
             raise UsageError("--mask prompts a video's first frame; for an image give --point or --box")
+        wrong = [flag for flag, value, video_only in (("--strip", strip, True), ("--max-frames", max_frames, True), ("--vs-sam3", vs_sam3 or None, True),
+                                                       ("--repeats", repeats, False)) if value is not None and video_only == (video is None)]
+        if wrong:
+            raise UsageError(f"{', '.join(wrong)}: only with {'--video' if video is None else '--image'}")
+        strip, repeats = 8 if strip is None else strip, 3 if repeats is None else repeats
         if not point and not box and mask is None:
             raise UsageError("give at least one --point x,y or --box x0,y0,x1,y1" + (" or a --mask PNG" if video else ""))
         for flag, value in (("--repeats", repeats), ("--strip", strip), ("--max-frames", max_frames)):
@@ -204,8 +209,6 @@ def predict_command(
         if video is not None:
             _predict_video(student, video, points, boxes, mask, out, max_frames, strip, as_json, vs_sam3)
             return
-        if vs_sam3:
-            raise UsageError("--vs-sam3 times video tracking: use it with --video")
         pixels = load_image(image)
         student.segment(pixels, points, boxes)  # warm-up
         times = []
@@ -235,33 +238,34 @@ def predict_command(
 
 def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndarray, mask: Path | None, out: Path | None,
                    max_frames: int | None, strip: int, as_json: bool, vs_sam3: bool) -> None:
-    """``predict --video``: track each prompted object from the first frame; a strip of frames and / or RLE per frame."""
-    import torch
+    """``predict --video``: track each prompted object from the first frame; a strip of frames and / or RLE per frame.
+    Frames are squashed as they are decoded (the full-size video is never held); the strip's frames are read again."""
     from pycocotools import mask as mask_utils
 
-    from esam3.pipeline.overlay import draw_video_strip
-    from esam3.train.video_eval import read_palette_mask
+    from esam3.pipeline.overlay import draw_video_strip, strip_indices
+    from esam3.train.video_eval import elapsed, read_palette_mask
     from esam3.train.video_model import VideoStudentModel, first_frame_prompts, read_video
-    from esam3.workers.preprocess import resize_uint8
     from esam3.workers.teacher_loading import architecture_parameters
 
     if not isinstance(student, VideoStudentModel):
         raise UsageError("--video needs a stage-2 model (esam3 train stage2, then esam3 export); this one segments images only")
-    frames = read_video(video, max_frames)
-    labels = None if mask is None else read_palette_mask(mask)
-    if labels is not None and labels.shape != frames.shape[1:3]:
-        raise UsageError(f"--mask {mask} is {labels.shape[1]}x{labels.shape[0]}, the video {frames.shape[2]}x{frames.shape[1]}")
-    prompts, names = first_frame_prompts(frames.shape[1:3], student.image_size, points, boxes, labels)
+    pixels, (height, width), _ = read_video(video, student.student.spec.image_size, max_frames)
+    labels = None if mask is None else read_palette_mask(mask, "--mask takes")
+    if labels is not None and labels.shape != (height, width):
+        raise UsageError(f"--mask {mask} is {labels.shape[1]}x{labels.shape[0]} but the video is {width}x{height}; draw it on the first frame at its size")
+    prompts, names = first_frame_prompts((height, width), student.image_size, points, boxes, labels)
     if not prompts:
         raise UsageError(f"--mask {mask} marks no object (every pixel is 0 or 255)")
-    pixels = torch.stack([resize_uint8(f, student.student.spec.image_size) for f in frames])
+    device = next(student.parameters()).device
     started = time.perf_counter()
     tracks = student.track(pixels, prompts)
-    ms = 1000 * (time.perf_counter() - started) / len(frames)
-    masks = tracks.masks(*frames.shape[1:3])  # (T, N, H, W)
+    frames = len(pixels)
+    ms = 1000 * elapsed(started, device) / frames
     if out is not None:
+        chosen = set(strip_indices(frames, strip))
+        _, _, kept = read_video(video, 1, max(chosen) + 1, keep=lambda t: t in chosen)
         out.parent.mkdir(parents=True, exist_ok=True)
-        draw_video_strip(frames, masks, strip, points, boxes).save(out, format="PNG")
+        draw_video_strip(kept, {t: tracks.frame_masks(t, height, width) for t in kept}, points, boxes).save(out, format="PNG")
     parameters = sum(p.numel() for part in (student.student, student.heads.tracker_model, student.heads.tracker_neck, student.memory)
                      for p in part.parameters())
     sam3 = architecture_parameters("full-random")
@@ -269,23 +273,24 @@ def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndar
     if vs_sam3:
         from esam3.train.video_cost import sam3_frame_ms
 
-        sam3_ms = sam3_frame_ms(student.heads.config, student.memory.spec)
+        sam3_ms = sam3_frame_ms(student.heads.config, student.memory.spec, device=device) * len(prompts)
     if as_json:
-        objects = []
-        for j, name in enumerate(names):
-            rles = []
-            for t in range(len(frames)):
-                rle = mask_utils.encode(np.asfortranarray(masks[t, j].astype(np.uint8)))
-                rles.append({"size": list(rle["size"]), "counts": rle["counts"].decode(), "area": int(masks[t, j].sum())})
-            objects.append({"prompt": name, "masks": rles})
-        print_json({"video": str(video), "frames": len(frames), "height": frames.shape[1], "width": frames.shape[2], "ms_per_frame": ms,
+        objects: list[dict[str, Any]] = [{"prompt": name, "masks": []} for name in names]
+        for t in range(frames):
+            for j, m in enumerate(tracks.frame_masks(t, height, width)):
+                rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+                objects[j]["masks"].append({"size": list(rle["size"]), "counts": rle["counts"].decode(), "area": int(m.sum())})
+        print_json({"video": str(video), "frames": frames, "height": height, "width": width, "ms_per_frame": ms,
                     "sam3_ms_per_frame": sam3_ms, "parameters": parameters, "sam3_parameters": sam3, "out": str(out) if out else None,
                     "objects": objects})
         return
-    for j, name in enumerate(names):
-        seen = int(masks[:, j].any(axis=(1, 2)).sum())
-        console.print(Text(f"{name}: on {seen} of {len(frames)} frames"))
-    console.print(Text(f"{len(names)} object(s) tracked through {len(frames)} frames ({frames.shape[2]}x{frames.shape[1]}); "
-                       f"{ms:.1f} ms per frame on {next(student.parameters()).device}"
-                       + (f" (SAM3's tracker at this input size: {sam3_ms:.1f} ms per frame)" if sam3_ms is not None else "")
-                       + f"; {parameters / 1e6:.2f}M parameters (SAM3: {sam3 / 1e6:.1f}M)" + (f"; strip in {out}" if out else "")))
+    seen = np.zeros(len(names), int)
+    for t in range(frames):
+        seen += tracks.frame_masks(t, height, width).any(axis=(1, 2))
+    for name, count in zip(names, seen.tolist()):
+        console.print(Text(f"{name}: on {count} of {frames} frames"))
+    console.print(Text(
+        f"{len(names)} object(s) tracked through {frames} frames ({width}x{height}): {ms:.1f} ms per frame on {device}, all objects"
+        + (f"; SAM3's tracker at the same input size ({student.image_size} px, random weights, on {device}): {sam3_ms:.1f} ms per frame "
+           f"for {len(names)} object(s)" if sam3_ms is not None else "")
+        + f"; {parameters / 1e6:.2f}M parameters in this model (SAM3 in all: {sam3 / 1e6:.1f}M)" + (f"; strip in {out}" if out else "")))

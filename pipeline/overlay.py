@@ -40,13 +40,17 @@ def draw_segmentation(image: np.ndarray, masks: np.ndarray, points: np.ndarray, 
     return picture
 
 
-def draw_video_strip(frames: np.ndarray, masks: np.ndarray, count: int, points: np.ndarray, boxes: np.ndarray,
+def strip_indices(frames: int, count: int) -> list[int]:
+    """``count`` frame indices evenly spaced from the first to the last of ``frames`` (fewer if the video is shorter)."""
+    return sorted({int(round(i)) for i in np.linspace(0, frames - 1, min(count, frames))})
+
+
+def draw_video_strip(frames: dict[int, np.ndarray], masks: dict[int, np.ndarray], points: np.ndarray, boxes: np.ndarray,
                      height: int = 240) -> Image.Image:
-    """``count`` frames (T, H, W, 3), evenly spaced from the first to the last, side by side, each with its masks
-    (T, N, H, W) tinted; the first frame's prompts drawn on it; frames scaled to ``height`` pixels."""
-    chosen = sorted({int(round(i)) for i in np.linspace(0, len(frames) - 1, min(count, len(frames)))})
+    """Frames (by index; RGB (H, W, 3)) side by side in index order, each with its masks (N, H, W) tinted; frame 0's
+    prompts drawn on it; frames scaled to ``height`` pixels."""
     tiles = []
-    for t in chosen:
+    for t in sorted(frames):
         picture = overlay(frames[t], list(masks[t]))
         if t == 0:
             clicks = np.asarray(points, np.float32).reshape(-1, 1, 2)

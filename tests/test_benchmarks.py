@@ -237,3 +237,15 @@ def test_video_student_rejects_bad_flags(args: list[str], message: str, capsys: 
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark("video_student").parse_args(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--codecs", "lowrank"], "--codecs: expected a comma-separated list of fp16, bf16, int8"), (["--steps", "0"], "--steps must be at least 1"),
+    (["--clip-length", "1"], "--clip-length must be at least 2"), (["--stage1-steps", "0"], "--stage1-steps must be at least 1"),
+    (["--student", "es-xx-m"], "invalid choice"),
+])
+def test_fidelity_memory_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/fidelity_memory.py (its mechanics run in tests/test_stage2.py at the tiny size): flags checked."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark("fidelity_memory").parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

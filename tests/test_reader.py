@@ -285,3 +285,10 @@ def test_index_conflicts_are_retried_then_left_for_the_next_commit(tmp_path: Pat
     monkeypatch.setattr(Store, "_update_indexes", lambda self, table, merge=False: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         store.index_keys("images")
+
+
+def test_clip_sampler_keeps_only_clips_with_a_flagged_frame() -> None:
+    videos, frames = ["a"] * 6, list(range(6))
+    keep = [False, False, False, True, False, False]
+    sampler = ClipSampler(videos, frames, clip_length=2, batch_size=1, keep=keep, shuffle=False)
+    assert sampler.clips.tolist() == [[2, 3]]

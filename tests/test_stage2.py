@@ -150,3 +150,15 @@ def test_the_cache_trains_the_memory_as_the_live_teacher_does(sav_store: Path, s
     for a, b in zip(cached, live):
         assert abs(a.terms["total"] - b.terms["total"]) <= 1e-3 * abs(b.terms["total"]), (a.step, a.terms, b.terms)
         assert abs(a.terms["memory_mse"] - b.terms["memory_mse"]) <= 1e-2 * b.terms["memory_mse"]
+
+
+def test_learned_latents_and_embeddings_get_no_weight_decay() -> None:
+    from esam3.train.loop import parameter_groups
+    from esam3.train.memory import MemorySpec, StudentMemory
+
+    memory = StudentMemory(MemorySpec(grid=8, hidden=128, memory_dim=64, memory_frames=7, max_pointers=16, global_latents=4, window_grid=2,
+                                      perceiver_depth=1, perceiver_heads=1, attention_layers=1, attention_heads=1, attention_ffn=64))
+    named = list(memory.named_parameters())
+    decay, no_decay = parameter_groups(named, 0.01, frozenset(memory.no_weight_decay()))
+    exempt = {id(p) for n, p in named if n in memory.no_weight_decay()}
+    assert len(exempt) == 3 and exempt <= {id(p) for p in no_decay["params"]} and not exempt & {id(p) for p in decay["params"]}

@@ -126,3 +126,29 @@ def test_stage2_terms_train_the_memory(clips: ClipDataset, student_tracker: Stud
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert all(p.grad is None for p in tracker.encoder.parameters())  # frozen stage-1 encoder
     assert all(p.grad is None for p in tracker.heads.parameters())
+
+
+def test_tracked_objects_batched_together_each_read_their_own_memories(clips: ClipDataset, student_tracker: StudentTracker) -> None:
+    """Two objects whose banks have the same shape (slots, pointer distances) but different frames — one prompted
+    on frame 0 and seen on frame 8, one prompted on 8 and seen on 16 — decoded together equal each decoded alone."""
+    from esam3.train.tracker import _Frame, _Memory
+
+    batch = clips.take([0, 1], 1)  # two one-frame clips
+    batch["frame_number"] = torch.tensor([8, 16])
+    tracker = student_tracker.eval()
+    d = tracker.spec.memory_dim
+    torch.manual_seed(3)
+
+    def memory(start: int) -> dict[int, _Memory]:
+        return {start: _Memory(torch.randn(tracker.spec.tokens_per_frame, d), torch.randn(128), True),
+                start + 7: _Memory(torch.randn(tracker.spec.tokens_per_frame, d), torch.randn(128), False)}
+
+    memories = {0: memory(0), 1: memory(8)}
+    assert tracker._selection(memories[0], 8)[2] == tracker._selection(memories[1], 16)[2]
+    with torch.no_grad():
+        level = tracker.levels(batch["input"])
+        frame = _Frame(batch, level, 0, 1, {0: True, 1: True}, {})
+        together = tracker._track(frame, [(0, 0, 0), (1, 1, 0)], memories, True)
+        alone = [tracker._track(frame, [entry], memories, True) for entry in [(0, 0, 0), (1, 1, 0)]]
+    for k, one in enumerate(alone):
+        assert torch.allclose(together.conditioned[k], one.conditioned[0], atol=1e-5)

@@ -95,8 +95,8 @@ def test_davis_eval_scores_the_ground_truth_as_a_perfect_match(stage2_run: Path,
         def __init__(self, labels: np.ndarray, ids: list[int]) -> None:
             self.labels, self.ids = labels, ids
 
-        def masks(self, height: int, width: int) -> np.ndarray:
-            return np.stack([self.labels == k for k in self.ids], axis=1)
+        def frame_masks(self, t: int, height: int, width: int) -> np.ndarray:
+            return np.stack([self.labels[t] == k for k in self.ids])
 
     def track(pixels, prompts):
         video = next(name for name, value in frames.items() if value == len(pixels))
@@ -150,7 +150,7 @@ def test_eval_export_and_predict_on_the_cli(stage2_run: Path, stage1_run: Path, 
         assert out.is_file() and Image.open(out).size[0] > Image.open(out).size[1]  # a strip of frames
         assert line["ms_per_frame"] > 0 and line["sam3_ms_per_frame"] is None
     result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), "--point", "80,64", "--max-frames", "3", "--vs-sam3", "--out", str(tmp_path / "s.png")])
-    assert result.exit_code == 0 and "SAM3's tracker at this input size:" in " ".join(result.output.split()), result.output
+    assert result.exit_code == 0 and "SAM3's tracker at the same input size (112 px" in " ".join(result.output.split()), result.output
     for args, message in (([], "--point"), (["--mask", str(first_mask), "--strip", "0"], "--strip must be at least 1"),
                           (["--mask", str(first_mask), "--max-frames", "0"], "--max-frames must be at least 1"),
                           (["--mask", str(tmp_path / "none.png")], "not a readable PNG")):

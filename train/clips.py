@@ -68,18 +68,18 @@ class ClipDataset(Dataset):
         self.cond = self._conditioning_frames()
 
     def _conditioning_frames(self) -> dict[tuple[int, int], int]:
-        """(video code, object id) -> the frame where the object was prompted, from one scan of two small columns."""
+        """(video code, object id) -> the frame where the object was prompted, from one scan of two small columns;
+        also sets ``tracked``: per dataset index, whether an object is tracked (past its prompt) on that frame."""
         table = self.frames.store.dataset("frames", self.frames.version).to_table(columns=["object_ids", "is_conditioning"])
         ids, flags = table.column("object_ids").to_pylist(), table.column("is_conditioning").to_pylist()
         out: dict[tuple[int, int], int] = {}
+        self.tracked = np.zeros(len(self.frames), dtype=bool)
         for index, position in enumerate(self.frames.positions.tolist()):
+            self.tracked[index] = not all(flags[position])  # all([]) is True: a frame with no object tracks nothing
             for object_id, flag in zip(ids[position], flags[position]):
                 if flag:
                     out[(int(self.video_code[index]), int(object_id))] = int(self.frame[index])
         return out
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
     def __len__(self) -> int:
         return len(self.frames)

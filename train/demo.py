@@ -15,10 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-import torch
-
 from esam3.pipeline.demo_data import write_demo_coco
-from esam3.pipeline.overlay import draw_segmentation, draw_video_strip
+from esam3.pipeline.overlay import draw_segmentation, draw_video_strip, strip_indices
 from esam3.schemas.train import Stage1Config, Stage2Config
 from esam3.train.evaluate import CocoEval, StoreEval, evaluate_coco, evaluate_store, load_image
 from esam3.train.loop import StepReport, TrainResult
@@ -29,7 +27,6 @@ from esam3.train.stage2 import run_stage2
 from esam3.train.video_cost import sam3_frame_ms
 from esam3.train.video_eval import VideoEval, evaluate_video_store
 from esam3.train.video_model import VideoStudentModel, first_frame_prompts, read_video
-from esam3.workers.preprocess import resize_uint8
 
 DEMO_STUDENT = "es-rv-m"
 DEMO_STEPS = 20
@@ -96,15 +93,15 @@ def demo_video_student(store: Path, sav: Path, out: Path, on_step: Callable[[Ste
     exported = student.save(out / "video-model")
     model = VideoStudentModel.load(out / "video-model")
     video, labels = _first_demo_video(sav, out / "video")
-    frames = read_video(video)
-    prompts, _ = first_frame_prompts(frames.shape[1:3], model.image_size, np.zeros((0, 2)), np.zeros((0, 4)), labels)
-    pixels = torch.stack([resize_uint8(f, model.student.spec.image_size) for f in frames])
+    pixels, size, frames = read_video(video, model.student.spec.image_size, keep=lambda t: True)  # the demo video is short
+    prompts, _ = first_frame_prompts(size, model.image_size, np.zeros((0, 2)), np.zeros((0, 4)), labels)
     started = time.perf_counter()
     tracks = model.track(pixels, prompts)
-    ms = 1000 * (time.perf_counter() - started) / len(frames)
-    draw_video_strip(frames, tracks.masks(*frames.shape[1:3]), 8, np.zeros((0, 2)), np.zeros((0, 4))).save(out / "predict-video.png", format="PNG")
-    sam3 = sam3_frame_ms(model.heads.config, model.memory.spec)
-    return VideoDemo(trained, report, exported, describe(model.memory.spec), out / "predict-video.png", ms, len(frames), sam3)
+    ms = 1000 * (time.perf_counter() - started) / len(pixels)
+    chosen = {t: frames[t] for t in strip_indices(len(pixels), 8)}
+    draw_video_strip(chosen, {t: tracks.frame_masks(t, *size) for t in chosen}, np.zeros((0, 2)), np.zeros((0, 4))).save(out / "predict-video.png", format="PNG")
+    sam3 = sam3_frame_ms(model.heads.config, model.memory.spec) * len(prompts)  # SAM3 tracks each object on its own
+    return VideoDemo(trained, report, exported, describe(model.memory.spec), out / "predict-video.png", ms, len(pixels), sam3)
 
 
 def _first_demo_video(sav: Path, out: Path) -> tuple[Path, np.ndarray]:

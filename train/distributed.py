@@ -3,13 +3,15 @@
 Each rank runs the same loop (``run_stage1`` or ``run_stage2``) on its own disjoint share of every epoch's rows or
 clips (the sampler with its rank and the world size) and its own DataLoader; gradients are averaged by DDP, and
 BatchNorm statistics are those of the whole global batch (:class:`GlobalBatchNorm2d`), so N workers with batch
-B / N take the same steps as one worker with batch B. Rank 0 writes the checkpoints and TensorBoard, and streams
+B / N take the same steps as one worker with batch B (stage 2: where its random draws, the objects of a clip
+with more than ``--objects`` and the teacher-forcing draws, do not come in: each rank draws its own). Rank 0 writes the checkpoints and TensorBoard, and streams
 its progress to the driver through a Ray queue. ``--out`` must be a folder every rank can read (one machine, or a
 shared filesystem on a cluster): a resumed run loads its checkpoint on every rank.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -59,12 +61,12 @@ def global_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def _ddp(model: nn.Module) -> nn.Module:
+def _ddp(model: nn.Module, find_unused: bool = False) -> nn.Module:
+    """DDP on the Ray Train worker; ``find_unused`` for stage 2, where a step may leave parameters out of the graph
+    (no pointer yet on a clip's second frame, no window latents' use when every object is on its prompt frame)."""
     from ray.train.torch import prepare_model
 
-    # unused parameters are normal in stage 2 (no pointer on a clip's second frame, no window when a frame is all
-    # conditioning); stage 1 uses every parameter every step, where the search is cheap
-    return prepare_model(global_batchnorm(model), parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": True})
+    return prepare_model(global_batchnorm(model), parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": find_unused})
 
 
 def _stages() -> dict[str, tuple[type[TrainerConfig], Callable[..., TrainResult], Callable[..., Any]]]:
@@ -93,7 +95,8 @@ def _worker(loop: dict[str, Any]) -> None:
 
     model, run, _ = _stages()[loop["stage"]]
     config = model.model_validate(loop["config"])
-    result = run(config, on_step=report if rank == 0 else None, rank=rank, world_size=world, wrap=_ddp, device=get_device())
+    wrap = functools.partial(_ddp, find_unused=loop["stage"] == "stage2")
+    result = run(config, on_step=report if rank == 0 else None, rank=rank, world_size=world, wrap=wrap, device=get_device())
     if rank == 0:
         queue.put({"result": {**asdict(result), "out": str(result.out), "checkpoint": str(result.checkpoint) if result.checkpoint else None}})
 

@@ -91,6 +91,7 @@ class LiveVideoTargets:
 
     def _track(self, video: int) -> dict[int, Any]:
         """The teacher's targets of every cached frame of ``video``, by frame number."""
+        from esam3.train.clips import PAD_LABEL
         from esam3.workers.video_targets import ObjectPrompt, VideoWork, run_video
 
         indices = self.videos[video]
@@ -101,7 +102,7 @@ class LiveVideoTargets:
         prompts = []
         for k, (row, slot) in enumerate(zip(full["cond_row"].tolist(), full["cond_slot"].tolist())):
             labels = full["cond_labels"][k]
-            count = int((labels != -10).sum())
+            count = int((labels != PAD_LABEL).sum())
             kind = self.clips.prompt.prompt
             prompts.append(ObjectPrompt(
                 int(full["object_ids"][row, slot]), row, kind,

@@ -83,6 +83,7 @@ class LoopParts:
     resume_from: Path | None
     trained: list[tuple[str, nn.Parameter]]  # the parameters the optimizer moves (named, for weight decay)
     images: Callable[[Any, int, dict[str, Any], Any], None] | None = None  # TensorBoard images on checkpoint steps
+    no_decay: frozenset[str] = frozenset()  # names (as in ``trained``) of matrices kept out of weight decay (learned latents)
     targets: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # replaces a batch's cached targets
 
 
@@ -125,11 +126,12 @@ def total_steps(config: LoopConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil((config.epochs or 1.0) * steps_per_epoch / config.accumulate))
 
 
-def parameter_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weights of convolutions and linear layers only, not on norms, biases and embeddings (timm's rule)."""
+def parameter_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, exempt: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Weight decay on weights of convolutions and linear layers only, not on norms and biases (timm's rule), nor on
+    the ``exempt`` names."""
     decay, no_decay = [], []
     for name, parameter in named:
-        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+        (no_decay if parameter.ndim <= 1 or name.endswith(".bias") or name in exempt else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -148,7 +150,7 @@ def run_loop(config: LoopConfig, parts: LoopParts, on_step: Callable[[StepReport
     """Train (or resume) ``parts`` as ``config`` says; see the module docstring."""
     device, dataset, sampler = parts.device, parts.dataset, parts.sampler
     peak = config.peak_lr(world_size)
-    optimizer = torch.optim.AdamW(parameter_groups(parts.trained, config.weight_decay), lr=peak, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(parameter_groups(parts.trained, config.weight_decay, parts.no_decay), lr=peak, betas=(0.9, 0.999))
     total = total_steps(config, sampler.steps_per_epoch)
     state = TrainerState(0, 0, 0)
     if parts.resume_from is not None:

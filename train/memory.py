@@ -188,10 +188,11 @@ class PerceiverLayer(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = MLP(dim, 4 * dim)
 
-    def forward(self, latents: torch.Tensor, tokens: torch.Tensor, windows: torch.Tensor, n_global: int) -> torch.Tensor:
-        """``latents`` (B, G + W, d); ``tokens`` (B, g*g, d); ``windows`` (B * W, window^2, d): the same tokens by window."""
+    def forward(self, latents: torch.Tensor, tokens: torch.Tensor, side: int, window: int, n_global: int) -> torch.Tensor:
+        """``latents`` (B, G + W, d); ``tokens`` (B, g*g, d), normalised here and read whole and by window."""
+        tokens = self.norm_tokens(tokens)
+        windows = by_window(tokens, side, window)
         batch = latents.shape[0]
-        tokens, windows = self.norm_tokens(tokens), self.norm_tokens(windows)
         glob, win = latents[:, :n_global], latents[:, n_global:]
         if n_global:
             q = self.norm_global(glob)
@@ -228,10 +229,9 @@ class SpatialPerceiver(nn.Module):
         batch, d, g, _ = memory.shape
         w, side = self.spec.window, self.spec.window_grid
         tokens = (memory + position).flatten(2).transpose(1, 2)  # (B, g*g, d)
-        windows = by_window(tokens, side, w)
         latents = torch.cat([self.global_latents, self.window_latents]).expand(batch, -1, -1)
         for layer in self.layers:
-            latents = layer(latents, tokens, windows, self.spec.global_latents)
+            latents = layer(latents, tokens, side, w, self.spec.global_latents)
         return self.norm(latents)
 
     def window_positions(self, device: Any = None) -> torch.Tensor:
@@ -283,6 +283,11 @@ class StudentMemory(nn.Module):
         # slot 0: a conditioning frame; slot k: k frames back (1 .. memory_frames - 1)
         self.slot_embedding = nn.Parameter(torch.zeros(spec.memory_frames, spec.memory_dim))
         self.pointer_projection = nn.Linear(spec.hidden, spec.memory_dim)
+
+    @staticmethod
+    def no_weight_decay() -> tuple[str, ...]:
+        """Learned latents and embeddings: weight decay would pull them to zero (parameter names in this module)."""
+        return ("perceiver.global_latents", "perceiver.window_latents", "slot_embedding")
 
     def compress(self, memory: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """One memory frame per row: (B, memory_dim, g, g) -> (B, tokens_per_frame, memory_dim)."""

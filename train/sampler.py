@@ -83,13 +83,14 @@ class ClipSampler(EpochSampler):
     """Stage 2: batches of clips, each ``clip_length`` consecutive annotated frames of one video.
 
     ``videos`` and ``frames`` are the rows' ``video_id`` and ``frame`` (position among the video's annotated
-    frames); a clip is a run of consecutive frame numbers of one video, starting every ``stride`` frames. The
+    frames); a clip is a run of consecutive frame numbers of one video, starting every ``stride`` frames; with
+    ``keep`` (a flag per row), only clips holding a flagged row. The
     epoch order shuffles clips (not frames); a batch of B clips is B x T positions, clip after clip, in frame order.
     """
 
     def __init__(
         self, videos: Sequence[str], frames: Sequence[int], clip_length: int, batch_size: int, stride: int | None = None,
-        **options: object,
+        keep: Sequence[bool] | None = None, **options: object,
     ) -> None:
         if clip_length < 1:
             raise ValueError(f"clip_length must be at least 1, got {clip_length}")
@@ -98,6 +99,9 @@ class ClipSampler(EpochSampler):
             raise ValueError(f"stride must be at least 1, got {stride}")
         self.clip_length = clip_length
         self.clips = clips(videos, frames, clip_length, stride)
+        if keep is not None:  # only clips with at least one flagged frame (stage 2: a frame with an object being tracked)
+            flags = np.asarray(keep, dtype=bool)
+            self.clips = self.clips[flags[self.clips].any(axis=1)] if len(self.clips) else self.clips
         super().__init__(len(self.clips), batch_size, **options)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[list[int]]:

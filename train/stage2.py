@@ -85,7 +85,11 @@ def prepare_stage2(config: Stage2Config, world_size: int = 1, device: torch.devi
     if spec is None or "memory" not in spec["targets"]:
         raise StoreError(f"store {store.uri} holds no SA-V memory targets; cache SA-V shards with --dataset sa-v (--targets trunk,memory)")
     device = device or resolve_device(config.device)
-    student, init = stage1_student(config.init, store)
+    if resume_from is None:
+        student, init = stage1_student(config.init, store)
+    else:  # the checkpoint holds the encoder: --init is not read again (it may have moved since)
+        saved = read_config(resume_from)
+        student, init = Student(StudentSpec.from_dict(saved["student"])), saved.get("init")
     heads = load_store_heads(store, device, memory_attention=False)  # the student's memory replaces SAM3's
     torch.manual_seed(config.seed)  # the same initial memory on every rank (DDP also broadcasts rank 0's)
     tracker = StudentTracker(student, heads, StudentMemory(memory_spec(heads, config)), train_encoder=config.train_encoder).to(device)
@@ -117,10 +121,10 @@ def run_stage2(
     tracker, clips = setup.tracker, setup.clips
     frames = clips.frames
     sampler = ClipSampler(frames.video_ids, frames.frames, config.clip_length, config.batch_size, stride=config.clip_stride,
-                          seed=config.seed, rank=rank, world_size=world_size, drop_last=True)
+                          keep=clips.tracked, seed=config.seed, rank=rank, world_size=world_size, drop_last=True)
     if sampler.steps_per_epoch < 1:
         raise TrainError(
-            f"the train split of {setup.store.uri} has {len(sampler.clips)} clips of {config.clip_length} frames, fewer than one step "
+            f"the train split of {setup.store.uri} has {len(sampler.clips)} clips of {config.clip_length} frames with an object to track, fewer than one step "
             f"of {config.batch_size} x {world_size} worker(s); lower --batch-size, --clip-length or --val-percent, or cache more videos"
         )
     total = total_steps(config, sampler.steps_per_epoch)
@@ -128,7 +132,11 @@ def run_stage2(
 
     def step(model: nn.Module, batch: dict[str, Any], generator: torch.Generator, index: int) -> tuple[dict[str, torch.Tensor], Any]:
         outputs = model(batch, config.clip_length, config.objects, config.forcing_at(index, total), generator)
-        return stage2_terms(batch, outputs, weights, len(batch["key"]) // config.clip_length), outputs
+        terms = stage2_terms(batch, outputs, weights, len(batch["key"]) // config.clip_length)
+        # every trained parameter in the graph, also for a batch whose objects are all on their prompt frames (a
+        # constant loss): backward works and DDP ranks reduce the same parameters
+        terms["total"] = terms["total"] + 0.0 * sum(p.sum() for _, p in trained)
+        return terms, outputs
 
     trained = [(f"memory.{n}", p) for n, p in tracker.memory.named_parameters()]
     if config.train_encoder:
@@ -136,6 +144,7 @@ def run_stage2(
     parts = LoopParts(
         saved=saved_parts(tracker), model=wrap(tracker) if wrap is not None else tracker, dataset=clips, sampler=sampler, step=step,
         device=setup.device, document=setup.document, resume_from=setup.resume_from, trained=trained,
+        no_decay=frozenset(f"memory.{n}" for n in tracker.memory.no_weight_decay()),
         targets=None if targets is None else targets(clips),
     )
     result = run_loop(config, parts, on_step, rank, world_size)

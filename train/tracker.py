@@ -6,8 +6,9 @@ for each tracked object either
 * its conditioning frame: the prompt as the cache gave it (a mask prompt is the output itself, as SAM3's
   ``_use_mask_as_output``; a point or box goes through the frozen decoder on the features + the no-memory embedding),
 * or a tracked frame: :class:`esam3.train.memory.StudentMemory` conditions the top-level features on the object's
-  memory bank (the conditioning frame, the ``memory_frames - 1`` frames before, object pointers of up to
-  ``max_pointers - 1`` frames before, as SAM3 selects them) -> the frozen mask decoder without a prompt;
+  memory bank (its conditioning frames up to this one, the ``memory_frames - 1`` frames before, object pointers of up
+  to ``max_pointers - 1`` frames before: SAM3's selection for objects prompted once, as the cache prompts them; SAM3
+  would keep only the 4 nearest of several conditioning frames) -> the frozen mask decoder without a prompt;
 
 and the frame's new memory: the frozen memory encoder on the student's features and mask (its "own" memory), or the
 teacher's cached ``maskmem_features`` and pointer (teacher forcing, with probability ``forcing`` per memory, drawn
@@ -50,6 +51,12 @@ class Decoded:
     @property
     def picked(self) -> torch.Tensor:
         return self.logits[torch.arange(len(self.pick), device=self.pick.device), self.pick]
+
+    def lightened(self) -> Decoded:
+        """Only what inference keeps: the picked logits (float16), its IoU and the scores."""
+        rows = torch.arange(len(self.pick), device=self.pick.device)
+        return Decoded(self.row, self.slot, self.clip, self.picked[:, None].half(), self.iou[rows, self.pick][:, None], self.score,
+                       torch.zeros_like(self.pick), None)
 
 
 @dataclass
@@ -157,8 +164,11 @@ class StudentTracker(nn.Module):
     # ---- a batch of clips -----------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any], clip_length: int, objects: int, forcing: float,
-                generator: torch.Generator | None = None) -> list[Decoded]:
-        """Track up to ``objects`` objects per clip through the batch's clips (see the module docstring)."""
+                generator: torch.Generator | None = None, light: bool = False) -> list[Decoded]:
+        """Track up to ``objects`` objects per clip through the batch's clips (see the module docstring).
+
+        ``light`` (inference): each output keeps only the picked mask logits (float16) and scores, not the other
+        outputs or the memory-conditioned maps, so a long video's outputs stay small."""
         t_len = clip_length
         clips = len(batch["key"]) // t_len
         device = batch["input"].device
@@ -174,36 +184,41 @@ class StudentTracker(nn.Module):
         for t in range(t_len):
             level = self.levels(batch["input"][torch.arange(clips, device=device) * t_len + t])  # one frame per clip: row = clip
             active = [(i, clip, slot) for i, (clip, slots) in enumerate(tracks) if (slot := slots[t]) >= 0]
-            conditioning = [a for a in active if bool(batch["is_conditioning"][a[1] * t_len + t, a[2]])]
-            tracked = [a for a in active if not bool(batch["is_conditioning"][a[1] * t_len + t, a[2]])]
-            new: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # track -> own memory map, pointer, conditioning
-            by_prompt: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # mask prompts (0 points), clicks, boxes
-            for entry in conditioning:
-                k = cond_index[(entry[1] * t_len + t, entry[2])]
-                by_prompt[int((batch["cond_labels"][k] != PAD_LABEL).sum())].append(entry)
-            for group in by_prompt.values():
-                outputs += self._condition(batch, level, group, t, t_len, cond_index, new)
-            groups: dict[tuple[Any, ...], list[tuple[int, int, int]]] = defaultdict(list)
-            for entry in tracked:
-                groups[self._selection(memory[entry[0]], batch["frame_number"][entry[1] * t_len + t].item())[2]].append(entry)
-            for group in groups.values():
-                outputs.append(self._track(batch, level, group, t, t_len, memory, tracking_multimask, new))
-            maps, pointers = [], []
-            for i, clip, slot in active:  # this frame's memory of each object: the student's own, or the teacher's
+            # which of this frame's new memories are the teacher's: drawn first, so no own memory is made for them
+            forced = {i: forcing >= 1.0 or (generator is not None and forcing > 0 and float(torch.rand((), generator=generator)) < forcing)
+                      for i, _, _ in active}
+            frame = _Frame(batch, level, t, t_len, forced, {})
+            by_prompt: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # conditioning: mask prompts (0 points), clicks, boxes
+            groups: dict[tuple[Any, ...], list[tuple[int, int, int]]] = defaultdict(list)  # tracked: by the shape of their banks
+            for entry in active:
+                i, clip, slot = entry
                 row = clip * t_len + t
-                own_map, own_pointer, _ = new[i]
-                teacher = generator is not None and forcing > 0 and float(torch.rand((), generator=generator)) < forcing
-                if forcing >= 1.0 or teacher:
-                    own_map, own_pointer = batch["maskmem_features"][row, slot][None].float(), batch["object_pointer"][row, slot]
-                maps.append(own_map)
-                pointers.append(own_pointer)
+                if bool(batch["is_conditioning"][row, slot]):
+                    by_prompt[int((batch["cond_labels"][cond_index[(row, slot)]] != PAD_LABEL).sum())].append(entry)
+                else:
+                    groups[self._selection(memory[i], int(batch["frame_number"][row]))[2]].append(entry)
+            for group in by_prompt.values():
+                outputs += self._condition(frame, group, cond_index)
+            for group in groups.values():
+                outputs.append(self._track(frame, group, memory, tracking_multimask))
+            maps, pointers = [], []
+            for i, clip, slot in active:  # this frame's memory of each object: the teacher's (forced) or the student's own
+                row = clip * t_len + t
+                if forced[i]:
+                    maps.append(batch["maskmem_features"][row, slot][None].float())
+                    pointers.append(batch["object_pointer"][row, slot])
+                else:
+                    maps.append(frame.new[i][0])
+                    pointers.append(frame.new[i][1])
             if active:
                 latents = self.memory.compress(torch.cat(maps), position.expand(len(maps), -1, -1, -1))  # one Perceiver pass per frame
-            for k, (i, clip, _) in enumerate(active):
-                frame = int(batch["frame_number"][clip * t_len + t])
-                memory[i][frame] = _Memory(latents[k], pointers[k], new[i][2])
-                for old in [f for f, m in memory[i].items() if f <= frame - window and not m.conditioning]:
+            for k, (i, clip, slot) in enumerate(active):
+                number = int(batch["frame_number"][clip * t_len + t])
+                memory[i][number] = _Memory(latents[k], pointers[k], bool(batch["is_conditioning"][clip * t_len + t, slot]))
+                for old in [f for f, m in memory[i].items() if f <= number - window and not m.conditioning]:
                     del memory[i][old]  # out of every window: long videos keep a bounded memory
+            if light:
+                outputs = [out.lightened() if out.conditioned is not None or out.logits.shape[1] > 1 else out for out in outputs]
         return outputs
 
     def _tracks(self, batch: dict[str, Any], clips: int, t_len: int, objects: int, generator: torch.Generator | None) -> list[tuple[int, list[int]]]:
@@ -257,8 +272,8 @@ class StudentTracker(nn.Module):
         return int(batch["object_ids"][clip * t_len + t, slots[t]])
 
     def _selection(self, bank: dict[int, _Memory], frame: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[Any, ...]]:
-        """Which memories a frame reads (SAM3's rule): (slot, frame) spatial memories, (distance, frame) pointers, and
-        their signature (frames with equal signatures are batched)."""
+        """Which memories a frame reads (SAM3's rule for objects prompted once): (slot, frame) spatial memories,
+        (distance, frame) pointers, and their signature (objects with equal signatures are batched)."""
         spec = self.spec
         spatial = [(0, f) for f, m in sorted(bank.items()) if m.conditioning and f <= frame and m.latents is not None]
         spatial += [(k, frame - k) for k in range(1, spec.memory_frames)
@@ -267,35 +282,27 @@ class StudentTracker(nn.Module):
         pointers += [(k, frame - k) for k in range(1, spec.max_pointers) if (m := bank.get(frame - k)) is not None and not m.conditioning]
         return spatial, pointers, (tuple(s for s, _ in spatial), tuple(d for d, _ in pointers))
 
-    def _track(self, batch: dict[str, Any], level: _Level, group: list[tuple[int, int, int]], t: int, t_len: int,
-               memory: dict[int, dict[int, _Memory]], multimask: bool, new: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> Decoded:
-        """Tracked frames of objects whose memory banks have the same shape: memory attention, decoder, new memory."""
-        rows = torch.tensor([clip * t_len + t for _, clip, _ in group], device=level.top.device)
-        local = torch.tensor([clip for _, clip, _ in group], device=level.top.device)
-        frame = int(batch["frame_number"][int(rows[0])])
-        spatial, pointers, _ = self._selection(memory[group[0][0]], frame)
-        if not spatial:
-            raise ValueError(f"{batch['key'][int(rows[0])]}: a tracked object without a conditioning frame in its memory")
-        frames = [(slot, torch.stack([memory[i][f].latents for i, _, _ in group])) for slot, f in spatial]  # type: ignore[misc]
-        pointer_list = [(d, torch.stack([memory[i][f].pointer for i, _, _ in group])) for d, f in pointers]
-        conditioned = self.memory(level.top[local], level.position[local], self.memory.bank(frames, pointer_list))
-        logits, iou, score, pick, pointer = self.decode(level, local, conditioned, None, None, multimask)
-        picked = logits[torch.arange(len(pick), device=pick.device), pick]
-        maps = self.encode_memory(level, local, self.high_res(picked, score), score, self.binarized(batch, rows))
-        for k, (i, _, _) in enumerate(group):
-            new[i] = (maps[k : k + 1], pointer[k], False)
-        slots = torch.tensor([s for _, _, s in group], device=rows.device)
-        clips = torch.tensor([c for _, c, _ in group], device=rows.device)
-        return Decoded(rows, slots, clips, logits, iou, score, pick, conditioned)
+    def _track(self, frame: _Frame, group: list[tuple[int, int, int]], memory: dict[int, dict[int, _Memory]], multimask: bool) -> Decoded:
+        """Tracked frames of objects whose memory banks have the same shape: memory attention, decoder, new memory.
 
-    def _condition(self, batch: dict[str, Any], level: _Level, group: list[tuple[int, int, int]], t: int, t_len: int,
-                   cond_index: dict[tuple[int, int], int], new: dict[int, tuple[torch.Tensor, torch.Tensor, bool]]) -> list[Decoded]:
+        Each object reads its own memories (same slots and pointer distances, its own frames)."""
+        batch, level = frame.batch, frame.level
+        rows, local = frame.rows(group), frame.local(group)
+        selections = [self._selection(memory[i], int(batch["frame_number"][int(r)])) for (i, _, _), r in zip(group, rows.tolist())]
+        if not selections[0][0]:
+            raise ValueError(f"{batch['key'][int(rows[0])]}: a tracked object without a conditioning frame in its memory")
+        frames = [(slot, torch.stack([memory[i][sel[0][p][1]].latents for (i, _, _), sel in zip(group, selections)]))  # type: ignore[misc]
+                  for p, (slot, _) in enumerate(selections[0][0])]
+        pointers = [(distance, torch.stack([memory[i][sel[1][p][1]].pointer for (i, _, _), sel in zip(group, selections)]))
+                    for p, (distance, _) in enumerate(selections[0][1])]
+        conditioned = self.memory(level.top[local], level.position[local], self.memory.bank(frames, pointers))
+        return self._finish(frame, group, self.decode(level, local, conditioned, None, None, multimask), conditioned)
+
+    def _condition(self, frame: _Frame, group: list[tuple[int, int, int]], cond_index: dict[tuple[int, int], int]) -> list[Decoded]:
         """Conditioning frames: the cached prompt (a mask is the output itself; points / boxes run the decoder)."""
-        tracker = self.heads.tracker_model
-        device = level.top.device
-        rows = torch.tensor([clip * t_len + t for _, clip, _ in group], device=device)
-        local = torch.tensor([clip for _, clip, _ in group], device=device)
-        picks = torch.tensor([cond_index[(clip * t_len + t, slot)] for _, clip, slot in group], device=device)
+        tracker, batch, level = self.heads.tracker_model, frame.batch, frame.level
+        rows, local = frame.rows(group), frame.local(group)
+        picks = torch.tensor([cond_index[(int(r), slot)] for r, (_, _, slot) in zip(rows.tolist(), group)], device=rows.device)
         labels = batch["cond_labels"][picks]
         if bool((labels == PAD_LABEL).all()):  # mask prompts
             masks = batch["cond_masks"][picks][:, None]
@@ -304,19 +311,49 @@ class StudentTracker(nn.Module):
                     for k, r in enumerate(local.tolist())]
             high_res = torch.cat([o.high_res_masks for o in outs])
             score = torch.cat([o.object_score_logits.reshape(-1) for o in outs])
-            maps = self.encode_memory(level, local, high_res, score, self.binarized(batch, rows))
-            for k, (i, _, _) in enumerate(group):
-                new[i] = (maps[k : k + 1], outs[k].object_pointer.reshape(-1), True)
+            self._remember(frame, group, high_res, score, torch.cat([o.object_pointer.reshape(1, -1) for o in outs]))
             return []
-        points = batch["cond_points"][picks]
         n_points = int((labels[0] != PAD_LABEL).sum())
-        multimask = self.heads.uses_multimask(n_points)
         top = level.top[local] + tracker.no_memory_embedding.reshape(1, -1, 1, 1)
-        logits, iou, score, pick, pointer = self.decode(level, local, top, points[:, :n_points], labels[:, :n_points], multimask)
-        picked = logits[torch.arange(len(pick), device=device), pick]
-        maps = self.encode_memory(level, local, self.high_res(picked, score), score, self.binarized(batch, rows))
-        for k, (i, _, _) in enumerate(group):
-            new[i] = (maps[k : k + 1], pointer[k], True)
-        slots = torch.tensor([s for _, _, s in group], device=device)
-        clips = torch.tensor([c for _, c, _ in group], device=device)
-        return [Decoded(rows, slots, clips, logits, iou, score, pick, None)]
+        decoded = self.decode(level, local, top, batch["cond_points"][picks][:, :n_points], labels[:, :n_points], self.heads.uses_multimask(n_points))
+        return [self._finish(frame, group, decoded, None)]
+
+    def _finish(self, frame: _Frame, group: list[tuple[int, int, int]], decoded: tuple[torch.Tensor, ...], conditioned: torch.Tensor | None) -> Decoded:
+        """A decoder group's outputs, and its objects' own new memories."""
+        logits, iou, score, pick, pointer = decoded
+        picked = logits[torch.arange(len(pick), device=pick.device), pick]
+        self._remember(frame, group, self.high_res(picked, score), score, pointer)
+        rows = frame.rows(group)
+        slots = torch.tensor([s for _, _, s in group], device=rows.device)
+        return Decoded(rows, slots, frame.local(group), logits, iou, score, pick, conditioned)
+
+    def _remember(self, frame: _Frame, group: list[tuple[int, int, int]], high_res: torch.Tensor, score: torch.Tensor, pointer: torch.Tensor) -> None:
+        """The student's own memory of this frame for the objects not teacher-forced: memory encoder on its mask."""
+        own = [k for k, (i, _, _) in enumerate(group) if not frame.forced[i]]
+        if not own:
+            return
+        keep = torch.tensor(own, device=high_res.device)
+        rows, local = frame.rows(group)[keep], frame.local(group)[keep]
+        maps = self.encode_memory(frame.level, local, high_res[keep], score[keep], self.binarized(frame.batch, rows))
+        for j, k in enumerate(own):
+            frame.new[group[k][0]] = (maps[j : j + 1], pointer[k])
+
+
+@dataclass
+class _Frame:
+    """One time step of a batch of clips: what the per-group steps share."""
+
+    batch: dict[str, Any]
+    level: _Level
+    t: int
+    t_len: int
+    forced: dict[int, bool]  # track -> its new memory is the teacher's
+    new: dict[int, tuple[torch.Tensor, torch.Tensor]]  # track -> its own new memory map (1, C, g, g) and pointer
+
+    def rows(self, group: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The batch rows (clip * T + t) of a group's entries."""
+        return torch.tensor([clip * self.t_len + self.t for _, clip, _ in group], device=self.level.top.device)
+
+    def local(self, group: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The level's rows (one per clip) of a group's entries."""
+        return torch.tensor([clip for _, clip, _ in group], device=self.level.top.device)

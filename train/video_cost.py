@@ -22,13 +22,18 @@ from esam3.workers.preprocess import normalize
 
 
 def timed(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median milliseconds of ``run`` over ``repeats`` runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
+    """Median milliseconds of ``run`` over ``repeats`` runs after ``warmup`` untimed ones (CUDA work waited for)."""
+    def once() -> None:
         run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        once()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        run()
+        once()
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
 
@@ -36,11 +41,11 @@ def timed(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
 class FrameCost:
     """Inputs of one tracked frame at ``heads``' geometry, and the timing of each part on them."""
 
-    def __init__(self, heads: TeacherHeads, spec: MemorySpec, repeats: int) -> None:
+    def __init__(self, heads: TeacherHeads, spec: MemorySpec, repeats: int, device: torch.device | str = "cpu") -> None:
         g = heads.geometry
-        self.heads, self.spec, self.repeats = heads, spec, repeats
-        self.pixels = torch.randint(0, 256, (1, 3, g.image_size, g.image_size), dtype=torch.uint8)
-        self.trunk = torch.randn(1, g.trunk_width, g.grid, g.grid)
+        self.heads, self.spec, self.repeats, self.device = heads.to(device), spec, repeats, torch.device(device)
+        self.pixels = torch.randint(0, 256, (1, 3, g.image_size, g.image_size), dtype=torch.uint8, device=device)
+        self.trunk = torch.randn(1, g.trunk_width, g.grid, g.grid, device=device)
         self.feats, self.positions = heads.tracker_features(self.trunk)
 
     @torch.no_grad()
@@ -48,12 +53,13 @@ class FrameCost:
         """The frozen parts both trackers run: neck, mask decoder, memory encoder."""
         heads, g = self.heads, self.heads.geometry
         embeddings = heads.image_embeddings(self.trunk)
-        high_res = torch.zeros(1, 1, g.image_size, g.image_size)
+        high_res = torch.zeros(1, 1, g.image_size, g.image_size, device=self.device)
         tracker = heads.tracker_model
         return {
             "neck": timed(lambda: heads.tracker_features(self.trunk), self.repeats),
             "mask_decoder": timed(lambda: heads.decode_each(embeddings, None, None, True), self.repeats),
-            "memory_encoder": timed(lambda: tracker._encode_new_memory(self.feats[-1], high_res, torch.ones(1, 1, 1), False), self.repeats),
+            "memory_encoder": timed(lambda: tracker._encode_new_memory(self.feats[-1], high_res, torch.ones(1, 1, 1, device=self.device), False),
+                                    self.repeats),
         }
 
     @torch.no_grad()
@@ -61,7 +67,7 @@ class FrameCost:
         """SAM3's own parts: its dense memory attention over whole memory maps, and (``trunk_repeats``) its ViT trunk."""
         g, spec = self.heads.geometry, self.spec
         pointers = spec.max_pointers * spec.pointer_tokens
-        dense = torch.randn(spec.memory_frames * g.grid**2 + pointers, 1, g.memory_channels)
+        dense = torch.randn(spec.memory_frames * g.grid**2 + pointers, 1, g.memory_channels, device=self.device)
         attention = self.heads.tracker_model.memory_attention
         parts = {"memory_attention": timed(lambda: attention(
             current_vision_features=self.feats[-1], memory=dense, current_vision_position_embeddings=self.positions[-1],
@@ -69,30 +75,32 @@ class FrameCost:
         if trunk_repeats:
             from transformers.models.sam3.modeling_sam3 import Sam3ViTModel
 
-            vit = Sam3ViTModel(config.detector_config.vision_config.backbone_config).eval()
+            vit = Sam3ViTModel(config.detector_config.vision_config.backbone_config).eval().to(self.device)
             parts["trunk"] = timed(lambda: vit(normalize(self.pixels)), trunk_repeats, warmup=0)
         return parts
 
     @torch.no_grad()
     def student(self, encoder: torch.nn.Module, memory: StudentMemory) -> dict[str, float]:
         """The student's own parts: its encoder, its memory attention over Perceiver tokens, the Perceiver."""
-        g, spec = self.heads.geometry, self.spec
-        position = torch.randn(1, g.memory_channels, g.grid, g.grid)
-        latents = memory.compress(torch.randn(1, g.memory_channels, g.grid, g.grid), position)
-        bank = memory.bank([(k, latents) for k in range(spec.memory_frames)], [(k, torch.randn(1, g.hidden)) for k in range(spec.max_pointers)])
+        g, spec, device = self.heads.geometry, self.spec, self.device
+        position = torch.randn(1, g.memory_channels, g.grid, g.grid, device=device)
+        latents = memory.compress(torch.randn(1, g.memory_channels, g.grid, g.grid, device=device), position)
+        bank = memory.bank([(k, latents) for k in range(spec.memory_frames)],
+                           [(k, torch.randn(1, g.hidden, device=device)) for k in range(spec.max_pointers)])
         top = self.feats[-1].permute(1, 2, 0).reshape(1, g.hidden, g.grid, g.grid)
         top_position = self.positions[-1].permute(1, 2, 0).reshape(1, g.hidden, g.grid, g.grid)
-        pixels = self.pixels if encoder.spec.image_size == g.image_size else torch.randint(0, 256, (1, 3, encoder.spec.image_size, encoder.spec.image_size), dtype=torch.uint8)
+        size = encoder.spec.image_size
+        pixels = self.pixels if size == g.image_size else torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, device=device)
         return {
             "encoder": timed(lambda: encoder(pixels), self.repeats),
             "memory_attention": timed(lambda: memory(top, top_position, bank), self.repeats),
-            "perceiver": timed(lambda: memory.compress(torch.randn(1, g.memory_channels, g.grid, g.grid), position), self.repeats),
+            "perceiver": timed(lambda: memory.compress(torch.randn(1, g.memory_channels, g.grid, g.grid, device=device), position), self.repeats),
         }
 
 
-def sam3_frame_ms(config: Any, spec: MemorySpec, repeats: int = 1) -> float:
-    """SAM3's tracker per tracked frame (trunk included) at ``config``'s geometry, random weights, this device (CPU)."""
+def sam3_frame_ms(config: Any, spec: MemorySpec, repeats: int = 1, device: torch.device | str = "cpu") -> float:
+    """SAM3's tracker for one object on one tracked frame (trunk included) at ``config``'s geometry, random weights."""
     torch.manual_seed(0)
     heads = TeacherHeads.build(config, detector=False)
-    cost = FrameCost(heads, spec, repeats)
+    cost = FrameCost(heads, spec, repeats, device)
     return sum(cost.shared().values()) + sum(cost.sam3(config, trunk_repeats=repeats).values())

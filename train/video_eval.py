@@ -11,7 +11,8 @@ own memory rather than teacher forcing).
 
 DAVIS eval (``esam3 eval --model DIR --davis DIR``): ``JPEGImages/<video>/*.jpg`` + ``Annotations/<video>/*.png``
 (palette PNGs: index k = object k, 0 background, 255 void and ignored); each object is prompted with its mask on
-the first frame it appears in, tracked to the end, and scored at the video's own resolution.
+the first frame it appears in, tracked to the end, and scored at the video's own resolution, with one object per
+pixel (where masks overlap, the object of the highest logit), as DAVIS results are label maps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from esam3.schemas.teacher import VideoPrompt
-from esam3.train.clips import PAD_LABEL, ClipDataset
+from esam3.train.clips import ClipDataset
 from esam3.train.evaluate import EvalError, eval_source, load_image
 from esam3.train.jf import JFSummary, ObjectScore, score_object, summarize
 from esam3.train.reader import StoreDataset
@@ -75,7 +76,7 @@ def evaluate_video_store(
         started = time.perf_counter()
         with torch.no_grad():
             outputs = model.tracker(batch, clip_length=len(indices), objects=frames.spec["video"]["max_objects"], forcing=0.0)
-        seconds += time.perf_counter() - started
+        seconds += elapsed(started, device)
         tracked += len(indices)
         _score_video(batch, outputs, scores, cosines)
     return VideoEval(
@@ -100,9 +101,6 @@ def _score_video(batch: dict[str, Any], outputs: list[Any], scores: dict[str, li
             if bool(has.any()):
                 a, b = out.conditioned[has].float().flatten(2), batch["pix_feat_with_mem"][out.row, out.slot][has].float().flatten(2)
                 cosines += torch.nn.functional.cosine_similarity(a, b, dim=1).mean(1).tolist()
-    for k, (row, slot) in enumerate(zip(batch["cond_row"].tolist(), batch["cond_slot"].tolist())):
-        if bool((batch["cond_labels"][k] == PAD_LABEL).all()):  # a mask prompt is the output on its own frame
-            student[row, slot] = batch["gt_masks"][row, slot]
     teacher = batch["mask_logits"] > 0
     video = batch["key"][0].rsplit("/", 1)[0]
     for slot in range(n):
@@ -118,6 +116,13 @@ def _score_video(batch: dict[str, Any], outputs: list[Any], scores: dict[str, li
         scores["gt"].append(score_object(video, object_id, ours, gt))
         scores["teacher"].append(score_object(video, object_id, ours, theirs))
         scores["teacher_gt"].append(score_object(video, object_id, theirs, gt))
+
+
+def elapsed(started: float, device: torch.device) -> float:
+    """Seconds since ``started``, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 # ---- DAVIS ------------------------------------------------------------------------------------------------
@@ -136,14 +141,14 @@ class DavisEval:
         return dict(self.__dict__)
 
 
-def read_palette_mask(path: Path) -> np.ndarray:
-    """A DAVIS annotation: the palette index of every pixel (uint8 (H, W))."""
+def read_palette_mask(path: Path, what: str = "DAVIS annotations are") -> np.ndarray:
+    """An object-index image (a DAVIS annotation, a --mask prompt): the index of every pixel (uint8 (H, W))."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             if image.mode not in ("P", "L"):
-                raise EvalError(f"{path}: a {image.mode} PNG; DAVIS annotations are palette (P) PNGs of object indices")
+                raise EvalError(f"{path}: a {image.mode} PNG; {what} palette (P) or grey (L) PNGs of object indices (0 background)")
             return np.array(image)
     except (OSError, UnidentifiedImageError) as exc:
         raise EvalError(f"{path}: not a readable PNG ({exc})") from None
@@ -191,15 +196,14 @@ def evaluate_davis(model: VideoStudentModel, root: Path, limit: int | None = Non
         pixels = torch.stack([resize_uint8(load_image(p), student_size) for p in frame_paths])
         started = time.perf_counter()
         tracks = model.track(pixels, prompts)
-        seconds += time.perf_counter() - started
+        seconds += elapsed(started, next(model.parameters()).device)
         tracked += len(frame_paths)
-        masks = tracks.masks(*labels.shape[1:])
+        # one label per pixel, as DAVIS results are: overlapping masks go to the object of the highest logit
+        ours = [tracks.frame_masks(t, *labels.shape[1:]) & (labels[t] != 255) for t in range(len(labels))]
         video_scores = []
         for j, prompt in enumerate(prompts):
-            void = labels[prompt.frame :] == 255
-            gt = [labels[t] == prompt.object_id for t in range(prompt.frame, len(labels))]
-            ours = [masks[t, j] & ~void[t - prompt.frame] for t in range(prompt.frame, len(labels))]
-            video_scores.append(score_object(name, prompt.object_id, ours, gt))
+            frames = range(prompt.frame, len(labels))
+            video_scores.append(score_object(name, prompt.object_id, [ours[t][j] for t in frames], [labels[t] == prompt.object_id for t in frames]))
         scores += video_scores
         per_video[name] = summarize(video_scores).jf
     summary: JFSummary = summarize(scores)

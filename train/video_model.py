@@ -12,7 +12,7 @@ teacher frame's coordinates) and is tracked to the end of the video.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +41,19 @@ class Tracks:
     """What :meth:`VideoStudentModel.track` gives: per frame and object, in the order of the prompts."""
 
     object_ids: list[int]
-    logits: torch.Tensor  # (T, N, m, m) low-res logits of the output the tracker uses; NaN before the object's prompt frame
+    logits: torch.Tensor  # (T, N, m, m) low-res logits (float16) of the output the tracker uses; NaN before the object's prompt frame
     scores: torch.Tensor  # (T, N) object score logits (NaN before the prompt frame)
 
-    def masks(self, height: int, width: int) -> np.ndarray:
-        """bool (T, N, H, W) at the video's size: the picked mask where the object is judged present."""
-        logits = torch.nan_to_num(self.logits.float(), nan=-1.0)
-        full = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        present = torch.nan_to_num(self.scores, nan=-1.0) > 0
-        return ((full > 0) & present[..., None, None]).cpu().numpy()
+    def frame_masks(self, t: int, height: int, width: int) -> np.ndarray:
+        """bool (N, H, W) of frame ``t`` at the video's size: each object's picked mask where it is judged present, one
+        object per pixel (where masks overlap, the one of the highest logit), as video segmentation results are."""
+        logits = F.interpolate(torch.nan_to_num(self.logits[t].float(), nan=-1.0)[None], size=(height, width), mode="bilinear",
+                               align_corners=False)[0]
+        present = torch.nan_to_num(self.scores[t], nan=-1.0) > 0
+        logits = torch.where((logits > 0) & present[:, None, None], logits, torch.full_like(logits, -torch.inf))
+        best = logits.argmax(dim=0)
+        owned = torch.arange(len(logits), device=logits.device)[:, None, None] == best
+        return (owned & torch.isfinite(logits)).cpu().numpy()
 
 
 def is_video_checkpoint(path: Path) -> bool:
@@ -134,17 +138,17 @@ class VideoStudentModel(StudentModel):
         device = next(self.parameters()).device
         batch = self._batch(pixels.to(device), prompts)
         self.tracker.eval()
-        outputs = self.tracker(batch, clip_length=t_len, objects=n, forcing=0.0)
+        outputs = self.tracker(batch, clip_length=t_len, objects=n, forcing=0.0, light=True)
         m = self.heads.geometry.mask_size
-        logits = torch.full((t_len, n, m, m), float("nan"), device=device)
+        logits = torch.full((t_len, n, m, m), float("nan"), device=device, dtype=torch.float16)
         scores = torch.full((t_len, n), float("nan"), device=device)
         for out in outputs:
-            logits[out.row, out.slot] = out.picked.float()
+            logits[out.row, out.slot] = out.picked.half()
             scores[out.row, out.slot] = out.score.float()
         for k, (row, slot) in enumerate(zip(batch["cond_row"].tolist(), batch["cond_slot"].tolist())):
             if prompts[slot].mask is not None:  # the prompt mask is the output on its own frame
                 low = F.interpolate(batch["cond_masks"][k][None, None], size=(m, m), mode="bilinear", align_corners=False, antialias=True)[0, 0]
-                logits[row, slot] = torch.where(low >= 0.5, MASK_LOGIT, -MASK_LOGIT)
+                logits[row, slot] = torch.where(low >= 0.5, MASK_LOGIT, -MASK_LOGIT).half()
                 scores[row, slot] = MASK_LOGIT if bool(low.max() >= 0.5) else -MASK_LOGIT
         return Tracks([p.object_id for p in prompts], logits, scores)
 
@@ -175,26 +179,41 @@ class VideoStudentModel(StudentModel):
         }
 
 
-def read_video(path: Path, max_frames: int | None = None) -> np.ndarray:
-    """RGB uint8 (T, H, W, 3): every frame of a video file, or its first ``max_frames``."""
+def video_frames(path: Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """RGB uint8 (H, W, 3) frames of a video file, one at a time (the first ``max_frames``)."""
     import av
 
     if not path.is_file():
         raise TrainingInputError(f"--video {path}: no such file")
-    frames: list[np.ndarray] = []
+    count = 0
     try:
         with av.open(str(path), mode="r") as container:
             if not container.streams.video:
                 raise TrainingInputError(f"--video {path}: no video stream")
             for frame in container.decode(container.streams.video[0]):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) == max_frames:
-                    break
+                yield frame.to_ndarray(format="rgb24")
+                count += 1
+                if max_frames is not None and count == max_frames:
+                    return
     except av.FFmpegError as exc:
         raise TrainingInputError(f"--video {path}: not a readable video ({exc})") from None
-    if not frames:
+    if not count:
         raise TrainingInputError(f"--video {path}: no decodable frames")
-    return np.stack(frames)
+
+
+def read_video(path: Path, size: int, max_frames: int | None = None, keep: Callable[[int], bool] | None = None,
+               ) -> tuple[torch.Tensor, tuple[int, int], dict[int, np.ndarray]]:
+    """A video as the tracker's input: uint8 (T, 3, size, size), squashed frame by frame (the full-size frames are
+    not held), its (height, width), and the full-size frames whose index ``keep`` accepts (a strip's)."""
+    from esam3.workers.preprocess import resize_uint8
+
+    pixels, kept, shape = [], {}, (0, 0)
+    for t, frame in enumerate(video_frames(path, max_frames)):
+        shape = frame.shape[:2]
+        pixels.append(resize_uint8(frame, size))
+        if keep is not None and keep(t):
+            kept[t] = frame
+    return torch.stack(pixels), shape, kept
 
 
 def first_frame_prompts(
