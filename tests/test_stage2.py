@@ -35,7 +35,11 @@ def test_stage2_trains_the_memory_only(sav_store: Path, stage1_run: Path, tmp_pa
     assert any(k.startswith("memory.perceiver.") for k in weights)
     document = json.loads((result.checkpoint / "config.json").read_text())
     assert document["memory"]["window_grid"] == 2 and document["init"]["checkpoint"].endswith("step-00000001")
-    assert (tmp_path / "run" / "tensorboard").is_dir()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert {"loss/memory_mse", "loss/gt_mask", "loss/total", "train/lr"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["masks/frame_teacher_student"]
 
 
 def test_stage2_resumes_exactly(sav_store: Path, stage1_run: Path, tmp_path: Path) -> None:

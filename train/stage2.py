@@ -143,6 +143,7 @@ def run_stage2(
         trained += [(f"encoder.{n}", p) for n, p in tracker.encoder.named_parameters()]
     parts = LoopParts(
         saved=saved_parts(tracker), model=wrap(tracker) if wrap is not None else tracker, dataset=clips, sampler=sampler, step=step,
+        images=_log_clip,
         device=setup.device, document=setup.document, resume_from=setup.resume_from, trained=trained,
         no_decay=frozenset(f"memory.{n}" for n in tracker.memory.no_weight_decay()),
         targets=None if targets is None else targets(clips),
@@ -150,3 +151,21 @@ def run_stage2(
     result = run_loop(config, parts, on_step, rank, world_size)
     return TrainResult(config.out, result.steps, latest_checkpoint(config.out), frames.version, len(frames), result.terms,
                         result.samples_per_sec, result.data_wait, result.seconds)
+
+
+def _log_clip(writer: Any, step: int, batch: dict[str, Any], outputs: list[Any]) -> None:
+    """One tracked object of the batch's first clip, frame by frame: the input, the teacher's mask, the student's."""
+    import torch.nn.functional as F
+
+    decoded = [(int(r), int(sl), p) for out in outputs for r, sl, c, p in zip(out.row, out.slot, out.clip, out.picked) if int(c) == 0]
+    if not decoded:
+        return
+    slot = decoded[0][1]
+    frames = sorted((r, p) for r, sl, p in decoded if sl == slot)
+    with torch.no_grad():
+        m = frames[0][1].shape[-1]
+        rows = torch.tensor([r for r, _ in frames], device=batch["input"].device)
+        images = F.interpolate(batch["input"][rows].float() / 255, size=(m, m), mode="bilinear").cpu()
+        teacher = (batch["mask_logits"][rows, slot] > 0).float().cpu()[:, None].expand(-1, 3, -1, -1)
+        student = (torch.stack([p for _, p in frames]).detach() > 0).float().cpu()[:, None].expand(-1, 3, -1, -1)
+        writer.add_images("masks/frame_teacher_student", torch.cat([images, teacher, student], dim=-1), step)
