@@ -28,8 +28,9 @@ def access_refused(exc: BaseException) -> bool:
 
 def storage_failed(exc: BaseException) -> bool:
     """Whether an error is the storage failing (worth a rerun), not bad input: an OSError, or the ValueError
-    Lance raises for its I/O errors (``LanceError(IO): ...``: server down, connection reset)."""
-    return isinstance(exc, OSError) or (isinstance(exc, ValueError) and str(exc).startswith("LanceError(IO)"))
+    Lance raises for its I/O errors (``LanceError(IO): ...``: server down, connection reset), also when it reaches
+    us through Arrow's reader (``ArrowInvalid: External error: LanceError(IO): ...``, e.g. from a scan)."""
+    return isinstance(exc, OSError) or (isinstance(exc, ValueError) and "LanceError(IO)" in str(exc).split("\n", 1)[0])
 
 
 def is_s3(uri: str) -> bool:

@@ -254,6 +254,12 @@ def test_lance_io_errors_count_as_storage_failures() -> None:
     assert storage_failed(ValueError("LanceError(IO): Generic S3 error: Error performing list request"))
     assert storage_failed(ConnectionResetError("connection reset by peer"))
     assert not storage_failed(ValueError("rank must be in 1..8, got 9"))
+    # a scan's error comes through Arrow's reader (seen when the server died during the ledger read after a commit)
+    import pyarrow as pa
+
+    assert storage_failed(pa.lib.ArrowInvalid("External error: LanceError(IO): Generic N/A error: LanceError(IO): Generic S3 error: "
+                                              "Error performing GET http://127.0.0.1:1/flaky/store/ledger.lance/data/x.lance"))
+    assert not storage_failed(pa.lib.ArrowInvalid("External error: schema mismatch\nLanceError(IO) further down"))
 
 
 def test_a_card_replaced_while_read_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
