@@ -11,6 +11,7 @@ from rich.text import Text
 
 from esam3.cache_cli import S3_HELP, s3_settings
 from esam3.console import UsageError, build_config, console, human_bytes, print_json, progress, user_errors
+from esam3.schemas.store import TABLE_OF, dataset_of
 
 store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_help=True)
 
@@ -40,13 +41,15 @@ def info_command(
         print_json(info)
         return
     teacher = info["teacher"]
-    console.print(Text(f"store {uri}: teacher {teacher['source']} ({teacher['checksum']}), shards {info['shards']}"))
+    console.print(Text(f"store {uri}: teacher {teacher['source']} ({teacher['checksum']})"))
     table = Table(show_header=True)
-    for column in ("table", "rows", "fragments", "version", "bytes/row"):
+    for column in ("table", "shards done", "rows", "fragments", "version", "bytes/row"):
         table.add_column(column, justify="right" if column != "table" else "left")
     for name, entry in info["tables"].items():
         per_row = entry.get("bytes_per_row_total")
-        table.add_row(name, str(entry["rows"]), str(entry["fragments"]), str(entry["version"]), human_bytes(per_row) if per_row else "-")
+        done = info["shards"].get(dataset_of(name), 0) if name in TABLE_OF.values() else None
+        table.add_row(name, "-" if done is None else str(done), str(entry["rows"]), str(entry["fragments"]), str(entry["version"]),
+                      human_bytes(per_row) if per_row else "-")
     console.print(table)
     for name, entry in info["tables"].items():
         if entry.get("snapshots"):

@@ -246,6 +246,9 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
     assert info["tables"]["images"]["bytes_per_row"]["trunk"] == 64 * 8 * 8 + 4 * 64
     result = runner.invoke(app, ["store", "info", str(store)], env=WIDE)
     assert result.exit_code == 0 and "bytes per row per column" in result.output
+    assert "shards done" in result.output and "{" not in result.output  # a table column, not a Python dict
+    images = next(line for line in result.output.splitlines() if line.startswith("│ images"))
+    assert [cell.strip() for cell in images.strip("│ ").split("│")][:3] == ["images", "2", "6"]
     result = runner.invoke(app, ["store", "verify", str(store)], env=WIDE)
     assert result.exit_code == 0 and "ok: 6 rows" in result.output
 
