@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     heads = TeacherHeads.build(config, detector=False)
     g = heads.geometry
     tracker = heads.tracker_model
-    spec = memory_spec(heads, Stage2Config(store="-", out=Path("-"), init=Path("-")))  # the stage-2 defaults
+    spec = memory_spec(config, Stage2Config(store="-", out=Path("-"), init=Path("-")))  # the stage-2 defaults
     cost = FrameCost(heads, spec, args.repeats)
     shared = cost.shared()
     sam3_parts = dict(shared, **cost.sam3(config, trunk_repeats=None if args.skip_sam3_trunk else args.trunk_repeats))

@@ -125,15 +125,14 @@ def _stage2(config: Stage2Config, as_json: bool) -> None:
 
 
 def _memory_summary(config: Stage2Config) -> str:
-    """The memory this run builds, from the store's heads alone (sizes, tokens per frame, parameters)."""
+    """The memory this run builds, from the store's heads config alone (sizes, tokens per frame, parameters)."""
     from esam3.pipeline.object_store import S3Settings
     from esam3.pipeline.store import Store
-    from esam3.train.frozen_heads import load_store_heads
+    from esam3.train.frozen_heads import store_teacher_config
     from esam3.train.memory import describe
     from esam3.train.tracker import memory_spec
 
-    heads = load_store_heads(Store(config.store, S3Settings.from_environment(config.s3_endpoint)))
-    return describe(memory_spec(heads, config))
+    return describe(memory_spec(store_teacher_config(Store(config.store, S3Settings.from_environment(config.s3_endpoint))), config))
 
 
 train_app.command("stage1", help="Stage 1: the student's encoder learns the cached trunk, with prompts through the store's frozen heads.")(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -71,10 +71,20 @@ class TrainerConfig(BaseModel):
         lr = getattr(self, "lr", None)
         if lr is not None and self.min_lr > lr:
             raise ValueError(f"min_lr {self.min_lr} is above lr {lr}")
+        if sum(getattr(self, name) for name in self.LOSS_WEIGHTS) == 0:
+            raise ValueError("every loss weight is 0: nothing to train")
         return self
 
+    #: The stage's loss-weight fields (not all 0) and its default learning rate: BASE_LR for BASE_SAMPLES samples
+    #: (images, clips) per optimizer step, scaled linearly.
+    LOSS_WEIGHTS: ClassVar[tuple[str, ...]] = ()
+    BASE_LR: ClassVar[float] = 0.0
+    BASE_SAMPLES: ClassVar[int] = 1
+
     def peak_lr(self, world_size: int = 1) -> float:
-        raise NotImplementedError
+        lr: float | None = getattr(self, "lr", None)
+        batch: int = getattr(self, "batch_size", 1)
+        return lr if lr is not None else self.BASE_LR * batch * self.accumulate * world_size / self.BASE_SAMPLES
 
     @property
     def snapshot(self) -> int | str | None:
@@ -109,14 +119,8 @@ class Stage1Config(TrainerConfig):
             raise ValueError(f"unknown student {value!r}; choose one of {', '.join(REGISTRY)}")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Stage1Config:
-        if self.feature_weight + self.cosine_weight + self.prompt_weight + self.iou_weight + self.gt_weight == 0:
-            raise ValueError("every loss weight is 0: nothing to train")
-        return self
-
-    def peak_lr(self, world_size: int = 1) -> float:
-        return self.lr if self.lr is not None else BASE_LR * self.batch_size * self.accumulate * world_size / BASE_BATCH
+    LOSS_WEIGHTS = ("feature_weight", "cosine_weight", "prompt_weight", "iou_weight", "gt_weight")
+    BASE_LR, BASE_SAMPLES = BASE_LR, BASE_BATCH
 
 
 #: Stage 2's default peak learning rate for 8 clips per optimizer step (our choice for a memory trained from scratch
@@ -150,14 +154,8 @@ class Stage2Config(TrainerConfig):
     score_weight: float = Field(1.0, ge=0, description="weight of the object-score BCE vs the teacher's")
     gt_weight: float = Field(1.0, ge=0, description="weight of SAM2's ground-truth loss (focal x 20 + Dice + IoU L1 + object-score BCE)")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Stage2Config:
-        if self.feature_weight + self.cosine_weight + self.mask_weight + self.score_weight + self.gt_weight == 0:
-            raise ValueError("every loss weight is 0: nothing to train")
-        return self
-
-    def peak_lr(self, world_size: int = 1) -> float:
-        return self.lr if self.lr is not None else STAGE2_LR * self.batch_size * self.accumulate * world_size / STAGE2_CLIPS
+    LOSS_WEIGHTS = ("feature_weight", "cosine_weight", "mask_weight", "score_weight", "gt_weight")
+    BASE_LR, BASE_SAMPLES = STAGE2_LR, STAGE2_CLIPS
 
     def forcing_at(self, step: int, total: int) -> float:
         """The chance of teacher forcing at optimizer step ``step`` of ``total``."""

@@ -47,7 +47,7 @@ def clips(sav_store: Path) -> ClipDataset:
 @pytest.fixture(scope="module")
 def oracle_tracker(sav_store: Path, tiny_teacher) -> StudentTracker:
     heads = load_store_heads(Store(str(sav_store)))
-    return StudentTracker(Oracle(tiny_teacher), heads, StudentMemory(memory_spec(heads, MemoryOptions))).eval()
+    return StudentTracker(Oracle(tiny_teacher), heads, StudentMemory(memory_spec(heads.config, MemoryOptions))).eval()
 
 
 def test_frozen_steps_give_back_the_cached_targets(clips: ClipDataset, oracle_tracker: StudentTracker) -> None:
@@ -91,7 +91,7 @@ def student_tracker(sav_store: Path) -> StudentTracker:
     g = heads.geometry
     torch.manual_seed(0)
     return StudentTracker(Student(StudentSpec("es-ev-s", g.trunk_width, g.grid, g.image_size)), heads,
-                          StudentMemory(memory_spec(heads, MemoryOptions)))
+                          StudentMemory(memory_spec(heads.config, MemoryOptions)))
 
 
 def test_a_clip_starting_mid_video_reads_the_teachers_memory_before_it(clips: ClipDataset) -> None:
@@ -148,7 +148,8 @@ def test_tracked_objects_batched_together_each_read_their_own_memories(clips: Cl
     with torch.no_grad():
         level = tracker.levels(batch["input"])
         frame = _Frame(batch, level, 0, 1, {0: True, 1: True}, {})
-        together = tracker._track(frame, [(0, 0, 0), (1, 1, 0)], memories, True)
-        alone = [tracker._track(frame, [entry], memories, True) for entry in [(0, 0, 0), (1, 1, 0)]]
+        selections = [tracker._selection(memories[0], 8), tracker._selection(memories[1], 16)]
+        together = tracker._track(frame, [(0, 0, 0), (1, 1, 0)], selections, memories, True)
+        alone = [tracker._track(frame, [entry], [selection], memories, True) for entry, selection in zip([(0, 0, 0), (1, 1, 0)], selections)]
     for k, one in enumerate(alone):
         assert torch.allclose(together.conditioned[k], one.conditioned[0], atol=1e-5)

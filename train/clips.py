@@ -32,10 +32,26 @@ from torch.utils.data import Dataset
 from esam3.schemas.rle import parse_counts
 from esam3.schemas.teacher import VideoPrompt, VideoTargetConfig
 from esam3.train.reader import StoreDataset
-from esam3.workers.video_targets import object_prompts
+from esam3.workers.video_targets import ObjectPrompt, object_prompts
 
 #: Label of an empty point slot in the tracker's prompt encoder.
 PAD_LABEL = -10
+
+
+def prompt_tensors(prompts: Sequence[ObjectPrompt], size: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Conditioning prompts as the tracker reads them: ``cond_masks`` (K, S, S) for mask prompts, ``cond_points``
+    (K, 2, 2) / ``cond_labels`` (K, 2; ``PAD_LABEL`` for an empty slot) for clicks and boxes."""
+    k = len(prompts)
+    out = {"cond_masks": torch.zeros(k, size, size, device=device), "cond_points": torch.zeros(k, 2, 2, device=device),
+           "cond_labels": torch.full((k, 2), PAD_LABEL, dtype=torch.long, device=device)}
+    for j, prompt in enumerate(prompts):
+        if prompt.mask is not None:
+            out["cond_masks"][j] = torch.as_tensor(prompt.mask, dtype=torch.float32, device=device)
+        else:
+            n = len(prompt.labels)
+            out["cond_points"][j, :n] = torch.as_tensor(prompt.points, dtype=torch.float32, device=device)
+            out["cond_labels"][j, :n] = torch.as_tensor(prompt.labels, dtype=torch.long, device=device)
+    return out
 
 
 def with_fields(dataset: StoreDataset, fields: Sequence[str]) -> StoreDataset:
@@ -135,25 +151,16 @@ class ClipDataset(Dataset):
         """Each conditioning (row, object)'s prompt, remade from its ground truth as the cache made it."""
         rows, slots = torch.nonzero(batch["is_conditioning"] & batch["object_valid"], as_tuple=True)
         size = self.frames.geometry["image_size"]
-        out = {"cond_row": rows, "cond_slot": slots, "cond_masks": torch.zeros(len(rows), size, size),
-               "cond_points": torch.zeros(len(rows), 2, 2), "cond_labels": torch.full((len(rows), 2), PAD_LABEL, dtype=torch.long)}
-        if not len(rows):
-            return out
-        positions = self.frames.positions[indices[rows.unique().numpy()]].tolist()
-        gt = dict(zip(positions, (r["gt_masks"] for r in self.frames.rows.take(positions, columns=["gt_masks"]))))
-        for k, (row, slot) in enumerate(zip(rows.tolist(), slots.tolist())):
-            rle = gt[int(self.frames.positions[indices[row]])][slot]
-            runs = parse_counts(rle["counts"], rle["height"], rle["width"])
-            video = self.video_names[int(self.video_code[indices[row]])]
-            object_id = int(batch["object_ids"][row, slot])
-            prompt = object_prompts(f"sav/{video}", [(0, [runs])], [object_id], size, self.prompt)[0]
-            if prompt.mask is not None:
-                out["cond_masks"][k] = torch.from_numpy(prompt.mask)
-            else:
-                n = len(prompt.labels)
-                out["cond_points"][k, :n] = torch.from_numpy(prompt.points)
-                out["cond_labels"][k, :n] = torch.from_numpy(prompt.labels.astype(np.int64))
-        return out
+        prompts = []
+        if len(rows):
+            positions = self.frames.positions[indices[rows.unique().numpy()]].tolist()
+            gt = dict(zip(positions, (r["gt_masks"] for r in self.frames.rows.take(positions, columns=["gt_masks"]))))
+            for row, slot in zip(rows.tolist(), slots.tolist()):
+                rle = gt[int(self.frames.positions[indices[row]])][slot]
+                runs = parse_counts(rle["counts"], rle["height"], rle["width"])
+                video = self.video_names[int(self.video_code[indices[row]])]
+                prompts += object_prompts(f"sav/{video}", [(0, [runs])], [int(batch["object_ids"][row, slot])], size, self.prompt)
+        return {"cond_row": rows, "cond_slot": slots, **prompt_tensors(prompts, size)}
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
         out = self.frames.to_device({k: v for k, v in batch.items() if k not in ("bank", "pointers")}, device)

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from esam3.pipeline.store import Store
 from esam3.schemas.store import HEADS_DIR, StoreError
 from esam3.workers.heads import HEADS_CONFIG, HEADS_WEIGHTS, TeacherHeads
+
+
+def store_teacher_config(store: Store) -> Any:
+    """The teacher's ``Sam3VideoConfig`` from the store's ``heads.json`` alone (no weights read)."""
+    import json
+
+    from transformers import Sam3VideoConfig
+
+    path = f"{store.path}/{HEADS_DIR}/{HEADS_CONFIG}"
+    if not store.fs.exists(path):
+        raise StoreError(f"store {store.uri} has no heads file ({HEADS_DIR}/{HEADS_CONFIG}); it is written by esam3 cache before any row")
+    return Sam3VideoConfig.from_dict(json.loads(store.fs.cat_file(path))["teacher_config"])
 
 
 def load_store_heads(store: Store, device: torch.device | str = "cpu", detector: bool = False, memory_attention: bool = True) -> TeacherHeads:

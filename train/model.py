@@ -23,6 +23,7 @@ from torch import nn
 from esam3.schemas.errors import first_line
 from esam3.schemas.train import TrainingInputError
 from esam3.train.checkpoint import checkpoint_dir, load_student_weights, read_config
+from esam3.train.frozen_heads import trim
 from esam3.train.students import Student, StudentSpec
 from esam3.workers.heads import TRACKER_PREFIXES, TeacherHeads, check_sizes, save_weights_and_config
 from esam3.workers.preprocess import resize_uint8
@@ -73,6 +74,7 @@ class StudentModel(nn.Module):
     """Student encoder + frozen tracker heads: pixels and prompts in, masks out."""
 
     KIND = "esam3-student"
+    MEMORY_ATTENTION = True  # whether the export keeps SAM3's memory attention (a video student has its own)
 
     def __init__(self, student: Student, heads: TeacherHeads, provenance: dict[str, Any]) -> None:
         super().__init__()
@@ -165,9 +167,7 @@ class StudentModel(nn.Module):
         except (OSError, SafetensorError) as exc:
             raise ModelLoadError(f"model {weights_path}: unreadable ({exc}); export it again") from None
         student = Student(spec)
-        heads = TeacherHeads.build(config, detector=False)
-        if not any(k.startswith("heads.tracker_model.memory_attention.") for k in tensors):  # a video student's export
-            heads.tracker_model.memory_attention = None
+        heads = trim(TeacherHeads.build(config, detector=False), detector=False, memory_attention=cls.MEMORY_ATTENTION)
         load_part(student, tensors, "student.", weights_path)
         load_part(heads, tensors, "heads.", weights_path)
         heads.requires_grad_(False)

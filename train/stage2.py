@@ -92,7 +92,7 @@ def prepare_stage2(config: Stage2Config, world_size: int = 1, device: torch.devi
         student, init = Student(StudentSpec.from_dict(saved["student"])), saved.get("init")
     heads = load_store_heads(store, device, memory_attention=False)  # the student's memory replaces SAM3's
     torch.manual_seed(config.seed)  # the same initial memory on every rank (DDP also broadcasts rank 0's)
-    tracker = StudentTracker(student, heads, StudentMemory(memory_spec(heads, config)), train_encoder=config.train_encoder).to(device)
+    tracker = StudentTracker(student, heads, StudentMemory(memory_spec(heads.config, config)), train_encoder=config.train_encoder).to(device)
     geometry = card["teacher"]["geometry"]
     fields = ("input", "memory") + (("gt",) if config.gt_weight > 0 else ())
     frames = StoreDataset(

@@ -75,11 +75,12 @@ class _Level:
     position: torch.Tensor  # (R, hidden, g, g)
 
 
-def memory_spec(heads: TeacherHeads, config: Any) -> MemorySpec:
-    """The memory's sizes: the config's choices resolved against the heads' geometry and the tracker's config."""
+def memory_spec(teacher: Any, config: Any) -> MemorySpec:
+    """The memory's sizes: the config's choices resolved against the teacher's (``Sam3VideoConfig``) geometry and tracker."""
     from esam3.train.memory import default_window_grid
+    from esam3.workers.heads import Geometry
 
-    g, tracker = heads.geometry, heads.tracker_model.config
+    g, tracker = Geometry.from_config(teacher), teacher.tracker_config
     return MemorySpec(
         grid=g.grid, hidden=g.hidden, memory_dim=g.memory_channels, memory_frames=tracker.num_maskmem,
         max_pointers=tracker.max_object_pointers_in_encoder, global_latents=config.global_latents,
@@ -183,24 +184,27 @@ class StudentTracker(nn.Module):
         outputs: list[Decoded] = []
         for t in range(t_len):
             level = self.levels(batch["input"][torch.arange(clips, device=device) * t_len + t])  # one frame per clip: row = clip
-            active = [(i, clip, slot) for i, (clip, slots) in enumerate(tracks) if (slot := slots[t]) >= 0]
+            active = [(i, clip, slot) for i, (clip, _, slots) in enumerate(tracks) if (slot := slots[t]) >= 0]
             # which of this frame's new memories are the teacher's: drawn first, so no own memory is made for them
             forced = {i: forcing >= 1.0 or (generator is not None and forcing > 0 and float(torch.rand((), generator=generator)) < forcing)
                       for i, _, _ in active}
             frame = _Frame(batch, level, t, t_len, forced, {})
             by_prompt: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # conditioning: mask prompts (0 points), clicks, boxes
-            groups: dict[tuple[Any, ...], list[tuple[int, int, int]]] = defaultdict(list)  # tracked: by the shape of their banks
+            groups: dict[tuple[Any, ...], list[tuple[tuple[int, int, int], Any]]] = defaultdict(list)  # tracked: by the shape of their banks
             for entry in active:
                 i, clip, slot = entry
                 row = clip * t_len + t
                 if bool(batch["is_conditioning"][row, slot]):
                     by_prompt[int((batch["cond_labels"][cond_index[(row, slot)]] != PAD_LABEL).sum())].append(entry)
                 else:
-                    groups[self._selection(memory[i], int(batch["frame_number"][row]))[2]].append(entry)
+                    selection = self._selection(memory[i], int(batch["frame_number"][row]))
+                    groups[selection[2]].append((entry, selection))
+            made: list[Decoded] = []
             for group in by_prompt.values():
-                outputs += self._condition(frame, group, cond_index)
-            for group in groups.values():
-                outputs.append(self._track(frame, group, memory, tracking_multimask))
+                made += self._condition(frame, group, cond_index)
+            for members in groups.values():
+                made.append(self._track(frame, [e for e, _ in members], [sel for _, sel in members], memory, tracking_multimask))
+            outputs += [out.lightened() for out in made] if light else made
             maps, pointers = [], []
             for i, clip, slot in active:  # this frame's memory of each object: the teacher's (forced) or the student's own
                 row = clip * t_len + t
@@ -217,12 +221,10 @@ class StudentTracker(nn.Module):
                 memory[i][number] = _Memory(latents[k], pointers[k], bool(batch["is_conditioning"][clip * t_len + t, slot]))
                 for old in [f for f, m in memory[i].items() if f <= number - window and not m.conditioning]:
                     del memory[i][old]  # out of every window: long videos keep a bounded memory
-            if light:
-                outputs = [out.lightened() if out.conditioned is not None or out.logits.shape[1] > 1 else out for out in outputs]
         return outputs
 
-    def _tracks(self, batch: dict[str, Any], clips: int, t_len: int, objects: int, generator: torch.Generator | None) -> list[tuple[int, list[int]]]:
-        """(clip, slot of the object in each frame row or -1) for up to ``objects`` objects per clip."""
+    def _tracks(self, batch: dict[str, Any], clips: int, t_len: int, objects: int, generator: torch.Generator | None) -> list[tuple[int, int, list[int]]]:
+        """(clip, object id, slot of the object in each frame row or -1) for up to ``objects`` objects per clip."""
         tracks = []
         ids = batch["object_ids"].cpu()
         for clip in range(clips):
@@ -233,14 +235,14 @@ class StudentTracker(nn.Module):
                 present = sorted(present[int(k)] for k in order)
             for object_id in present:
                 slots = [(r == object_id).nonzero().flatten().tolist() for r in rows]
-                tracks.append((clip, [s[0] if s else -1 for s in slots]))
+                tracks.append((clip, object_id, [s[0] if s else -1 for s in slots]))
         return tracks
 
-    def _context(self, batch: dict[str, Any], tracks: list[tuple[int, list[int]]], memory: dict[int, dict[int, _Memory]],
+    def _context(self, batch: dict[str, Any], tracks: list[tuple[int, int, list[int]]], memory: dict[int, dict[int, _Memory]],
                  position: torch.Tensor) -> None:
         """The teacher's memory of frames before each clip (bank rows: maps + pointers; pointer rows: pointers)."""
         by_clip: dict[int, list[int]] = defaultdict(list)
-        for i, (clip, _) in enumerate(tracks):
+        for i, (clip, _, _) in enumerate(tracks):
             by_clip[clip].append(i)
         for name in ("bank", "pointers"):
             rows = batch.get(name)
@@ -249,7 +251,7 @@ class StudentTracker(nn.Module):
             pending = []  # (track, frame, context row, slot)
             for r, (clip, frame) in enumerate(zip(batch[f"{name}_clip"].tolist(), batch[f"{name}_frame"].tolist())):
                 for i in by_clip.get(clip, []):
-                    object_id = self._object_id(batch, tracks[i])
+                    object_id = tracks[i][1]
                     hits = (rows["object_ids"][r] == object_id).nonzero().flatten()
                     if len(hits):
                         pending.append((i, frame, r, int(hits[0])))
@@ -264,13 +266,6 @@ class StudentTracker(nn.Module):
                 memory[i][frame] = _Memory(None if latents is None else latents[k], rows["object_pointer"][r, s],
                                            bool(rows["is_conditioning"][r, s]))
 
-    @staticmethod
-    def _object_id(batch: dict[str, Any], track: tuple[int, list[int]]) -> int:
-        clip, slots = track
-        t_len = len(slots)
-        t = max(k for k, s in enumerate(slots) if s >= 0)
-        return int(batch["object_ids"][clip * t_len + t, slots[t]])
-
     def _selection(self, bank: dict[int, _Memory], frame: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[Any, ...]]:
         """Which memories a frame reads (SAM3's rule for objects prompted once): (slot, frame) spatial memories,
         (distance, frame) pointers, and their signature (objects with equal signatures are batched)."""
@@ -282,13 +277,12 @@ class StudentTracker(nn.Module):
         pointers += [(k, frame - k) for k in range(1, spec.max_pointers) if (m := bank.get(frame - k)) is not None and not m.conditioning]
         return spatial, pointers, (tuple(s for s, _ in spatial), tuple(d for d, _ in pointers))
 
-    def _track(self, frame: _Frame, group: list[tuple[int, int, int]], memory: dict[int, dict[int, _Memory]], multimask: bool) -> Decoded:
-        """Tracked frames of objects whose memory banks have the same shape: memory attention, decoder, new memory.
-
-        Each object reads its own memories (same slots and pointer distances, its own frames)."""
+    def _track(self, frame: _Frame, group: list[tuple[int, int, int]], selections: list[Any], memory: dict[int, dict[int, _Memory]],
+               multimask: bool) -> Decoded:
+        """Tracked frames of objects whose memory banks have the same shape (``selections``: each one's
+        :meth:`_selection`): memory attention, decoder, new memory. Each object reads its own memories."""
         batch, level = frame.batch, frame.level
         rows, local = frame.rows(group), frame.local(group)
-        selections = [self._selection(memory[i], int(batch["frame_number"][int(r)])) for (i, _, _), r in zip(group, rows.tolist())]
         if not selections[0][0]:
             raise ValueError(f"{batch['key'][int(rows[0])]}: a tracked object without a conditioning frame in its memory")
         frames = [(slot, torch.stack([memory[i][sel[0][p][1]].latents for (i, _, _), sel in zip(group, selections)]))  # type: ignore[misc]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from esam3.schemas.train import TrainingInputError
 from esam3.train.checkpoint import checkpoint_dir, load_student_weights, read_config
-from esam3.train.clips import PAD_LABEL
+from esam3.train.clips import prompt_tensors
 from esam3.train.frozen_heads import trim
 from esam3.train.memory import MemorySpec, StudentMemory
 from esam3.train.model import ExportReport, ModelLoadError, StudentModel, load_part
@@ -78,6 +78,7 @@ class VideoStudentModel(StudentModel):
     """Student encoder + frozen tracker heads + trained memory."""
 
     KIND = "esam3-video-student"
+    MEMORY_ATTENTION = False
 
     def __init__(self, student: Student, heads: TeacherHeads, memory: StudentMemory, provenance: dict[str, Any]) -> None:
         heads = trim(heads, detector=False, memory_attention=False)  # neither is used nor exported: the memory is the student's
@@ -160,22 +161,12 @@ class VideoStudentModel(StudentModel):
             raise ValueError(f"a prompt frame is outside the video's {t_len} frames")
         frames = torch.arange(t_len, device=device)[:, None]
         ids = torch.tensor([p.object_id for p in prompts], device=device)
-        size = self.heads.geometry.image_size
-        cond_masks, cond_points = torch.zeros(n, size, size, device=device), torch.zeros(n, 2, 2, device=device)
-        cond_labels = torch.full((n, 2), PAD_LABEL, dtype=torch.long, device=device)
-        for k, prompt in enumerate(prompts):
-            if prompt.mask is not None:
-                cond_masks[k] = torch.as_tensor(prompt.mask, dtype=torch.float32, device=device)
-            else:
-                count = len(prompt.labels)
-                cond_points[k, :count] = torch.as_tensor(prompt.points, dtype=torch.float32, device=device)
-                cond_labels[k, :count] = torch.as_tensor(prompt.labels, dtype=torch.long, device=device)
         return {
             "key": [f"frame/{t}" for t in range(t_len)], "input": pixels,
             "object_ids": torch.where(frames >= start, ids, torch.full_like(ids, -1)), "object_valid": frames >= start,
             "is_conditioning": frames == start, "frame_number": frames[:, 0],
-            "cond_row": start, "cond_slot": torch.arange(n, device=device), "cond_masks": cond_masks,
-            "cond_points": cond_points, "cond_labels": cond_labels, "bank": None, "pointers": None,
+            "cond_row": start, "cond_slot": torch.arange(n, device=device), **prompt_tensors(prompts, self.heads.geometry.image_size, device),
+            "bank": None, "pointers": None,
         }
 
 
