@@ -27,6 +27,7 @@ import pyarrow as pa
 from lance.fragment import write_fragments
 
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.commits import ShardCommit, commit_shard, existing_elsewhere, finished_shards
 from esam3.pipeline.store.snapshots import snapshot_rows, tag_if_complete
 from esam3.schemas.store import IMAGES, LANCE_FILE_VERSION
 
@@ -76,12 +77,13 @@ def main() -> None:
                                     data_storage_version=LANCE_FILE_VERSION)
         t1 = time.perf_counter()
         keys = table.column("key").to_pylist()
+        commit = ShardCommit("images", "sa-1b", table.column("shard")[0].as_py(), "bench", "bench", "bench",
+                             fragments=[f.to_json() for f in fragments], keys=keys, rows=args.rows, samples=args.rows)
         dup_start = time.perf_counter()
-        store._existing("images", "key", keys)  # the cross-shard duplicate check alone (commit_shard runs it too)
+        existing_elsewhere(store, commit, finished_shards(store, "sa-1b", "bench"))  # the cross-shard duplicate check alone (commit_shard runs it too)
         dup = time.perf_counter() - dup_start
         t2 = time.perf_counter()
-        store.commit_shard("images", "sa-1b", table.column("shard")[0].as_py(), "bench", [f.to_json() for f in fragments],
-                           [], args.rows, 0, "bench", "bench", samples=args.rows, keys=keys)
+        commit_shard(store, commit)
         t3 = time.perf_counter()
         store.index_keys("images")
         t4 = time.perf_counter()

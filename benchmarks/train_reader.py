@@ -49,6 +49,7 @@ from esam3.pipeline.demo_data import write_demo_data  # noqa: E402
 from esam3.pipeline.object_store import S3Settings  # noqa: E402
 from esam3.pipeline.shards import DatasetName, select_shards  # noqa: E402
 from esam3.pipeline.store import Store  # noqa: E402
+from esam3.pipeline.store.commits import ShardCommit, commit_shard  # noqa: E402
 from esam3.pipeline.store.snapshots import tag_if_complete  # noqa: E402
 from esam3.schemas.codecs import FeatureCodec, encode_features  # noqa: E402
 from esam3.schemas.demo import DemoDataConfig  # noqa: E402
@@ -93,8 +94,8 @@ def build(out: Path, rows: int, prompts: int, store_uri: str | None = None, s3: 
     encode = EncodeImages(g, FeatureCodec.INT8, "synthetic", "bench", 0)
     write = WriteFragments((ShardWriter(store.table_uri("images"), IMAGES, storage_options=store.storage_options),))
     written = next(e for b in blocks for e in write(encode(b)).to_pylist() if e["final"])
-    store.commit_shard("images", "sa-1b", shard.name, str(source), json.loads(written["fragments"]), [], written["rows"],
-                       written["bytes"], "bench", "bench", samples=len(samples), keys=json.loads(written["keys"]))
+    commit_shard(store, ShardCommit("images", "sa-1b", shard.name, str(source), "bench", "bench", fragments=json.loads(written["fragments"]),
+                                    keys=json.loads(written["keys"]), rows=written["rows"], bytes=written["bytes"], samples=len(samples)))
     store.index_keys("images")
     tag_if_complete(store, "images")
     if store_uri is None:

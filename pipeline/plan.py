@@ -4,12 +4,13 @@
 
 1. the driver loads the teacher once on CPU for its card (checksum, sizes), opens the store (creating it, or
    checking it holds this teacher's targets made the same way), saves the heads there, and reads the ledger;
-2. shards already in the ledger with the same fingerprint are skipped (a rerun of a finished run is a no-op);
-   rows of unfinished shards left by a crash are deleted;
+2. shards already committed with the same fingerprint are skipped (a rerun of a finished run is a no-op);
+   commits a stopped run left half done are finished (``pipeline/store/commits.py``);
 3. the steps run as a Ray Data streaming plan (``executor="ray"``: local Ray by default, or ``--address``; see
    ``pipeline/ray_plan.py``), or as a plain loop in this process (``executor="local"``, for tests and
    debugging): same step objects;
-4. the driver commits each shard when all its rows are written (fragments, failures, then the ledger row).
+4. the driver commits each shard when all its rows are written (fenced: exactly one run's copy of a shard ever
+   becomes visible; see ``pipeline/store/commits.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from esam3.pipeline.store.claims import ShardClaims
+from esam3.pipeline.store.claims import ShardClaims, live_claims
+from esam3.pipeline.store.once import fences
+from esam3.pipeline.store.commits import ShardCommit, commit_shard, finished_shards, is_committed, ledger_entries, recover
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.pipeline.store import Store
@@ -134,12 +137,18 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     store = Store(config.store, s3)
     card = {k: v for k, v in teacher.card.to_dict().items() if k not in ("device", "precision")}
     store.open_for(card, {**config.target_spec(checksum), "fingerprint": fingerprint})
+    if not fences(store.fs, store.path):
+        log.warning("store %s: its server ignores conditional writes (If-None-Match), so two runs caching the same shards "
+                    "at once are not fenced: run one at a time", store.uri)
     _save_heads_once(store, functools.partial(save_heads, teacher))
     del teacher  # the driver needs only the card; actors load their own copy
-    done = store.finished_shards(dataset.value, fingerprint)
+    table = TABLE_OF[dataset.value]
+    if recover(store, table, dataset.value, fingerprint, [s.name for s in shards], {c.run_id for c in live_claims(store)}):
+        store.index_keys(table)
+        tag_if_complete(store, table)
+    done = finished_shards(store, dataset.value, fingerprint)
     todo = [s for s in shards if s.name not in done]
     report = CacheReport(run_id, dataset.value, config.store, checksum, len(shards), len(shards) - len(todo))
-    table = TABLE_OF[dataset.value]
     report.store_version = store.dataset(table).version
     if not todo:
         report.seconds = time.perf_counter() - start
@@ -147,16 +156,15 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
         return report
     with ShardClaims(store, run_id, dataset.value, [s.name for s in todo]) as claims:
         elsewhere = claims.held_elsewhere()
-        # Read the ledger again after claiming: a run that finished a shard meanwhile wrote its ledger row before
-        # it dropped its claim, so every shard is either claimed elsewhere, done, or safe to clean up and run here.
-        done = store.finished_shards(dataset.value, fingerprint)
+        # Read the commits again after claiming: a run that finished a shard meanwhile committed it before it
+        # dropped its claim, so every shard is either claimed elsewhere, done, or left for this run.
+        done = finished_shards(store, dataset.value, fingerprint)
         report.shards_skipped += sum(1 for s in todo if s.name in done)
         todo = [s for s in todo if s.name not in elsewhere and s.name not in done]
         claims.narrow([s.name for s in todo])
         for shard, other in sorted(elsewhere.items()):
             log.warning("%s is being cached by run %s (%s, pid %d): left to it", shard, other.run_id, other.host, other.pid)
         if todo:
-            store.forget_unfinished(table, [s.name for s in todo])
             _run_shards(config, executor, store, table, todo, geometry, checksum, run_id, fingerprint, report, on_progress)
     report.seconds = time.perf_counter() - start
     if elsewhere:
@@ -263,28 +271,30 @@ def absolute(uri: str) -> str:
 
 
 def _commit(store: Store, table: str, dataset: str, state: ShardProgress, *, run_id: str, fingerprint: str, report: CacheReport) -> None:
-    """Commit one complete shard, unless another run already did; keys already stored elsewhere become failures."""
-    if state.name in store.finished_shards(dataset, fingerprint):
+    """Commit one complete shard (fenced: see ``pipeline/store/commits.py``); keys already stored elsewhere become
+    failures."""
+    if is_committed(store, dataset, fingerprint, state.name):
         log.warning("%s was committed by another run meanwhile; this run's copy is dropped", state.name)
         return
-    report.store_version, rows, failures = store.commit_shard(
-        table, dataset, state.name, state.url, state.fragments, state.failures, state.rows, state.bytes,
-        run_id, fingerprint, samples=state.samples, keys=state.keys,
-    )
+    done = commit_shard(store, ShardCommit(
+        table, dataset, state.name, state.url, run_id, fingerprint, fragments=state.fragments, failures=state.failures,
+        keys=state.keys, rows=state.rows, bytes=state.bytes, samples=state.samples,
+    ))
+    report.store_version = done.version
+    if not done.won:
+        return
     store.index_keys(table)
     tag_if_complete(store, table)  # the version a trainer may read, unless another run is mid-commit
     report.shards_committed += 1
-    report.rows += rows
+    report.rows += done.rows
     report.bytes += state.bytes
-    report.failures += failures
+    report.failures += done.failures
     report.failure_samples.extend(state.failures[: max(0, 20 - len(report.failure_samples))])
 
 
 def _failures_exceeded(store: Store, config: CacheConfig, fingerprint: str, shards: set[str]) -> bool:
     """--max-failures over every selected shard in the ledger (this run's and earlier ones'), in samples."""
-    ledger = store.dataset("ledger").to_table(
-        columns=["shard", "samples", "failures"], filter=f"dataset = '{config.dataset}' AND fingerprint = '{fingerprint}'"
-    ).to_pylist()
+    ledger = ledger_entries(store, f"dataset = '{config.dataset}' AND fingerprint = '{fingerprint}'", ["shard", "samples", "failures"])
     rows = [r for r in ledger if r["shard"] in shards]
     return config.max_failures.exceeded(sum(r["failures"] for r in rows), sum(r["samples"] for r in rows))
 

@@ -19,7 +19,8 @@ from esam3.cli import app
 from esam3.pipeline.demo_data import write_tar
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.sources import SA1BSource
-from esam3.pipeline.store import Store
+from esam3.pipeline.store import Store, commits
+from esam3.pipeline.store.commits import ledger_entries
 from esam3.pipeline.store.check import verify_store
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig, MaxFailures
@@ -101,34 +102,46 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(demo_root: Path, tmp_pa
         run_cache(config(demo_root / "sa-1b", store, teacher={"source": "tiny-random", "seed": 3}), executor="local")
 
 
-@pytest.mark.parametrize("crash", ["before-ledger", "after-first-shard"])
+@pytest.mark.parametrize("crash", ["before-commit-point", "before-ledger", "after-first-shard"])
 def test_crash_then_rerun_finishes_only_what_is_missing(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: str) -> None:
-    """A driver dying after the first commit (or between a shard's rows and its ledger row) loses nothing."""
+    """A driver dying after the first commit, after a shard's rows but before its commit point (marker), or after
+    the commit point but before its ledger row loses nothing; the rerun caches again only what was not committed."""
     reference = tmp_path / "reference"
     run_cache(config(demo_root / "sa-1b", reference), executor="local")
     store = tmp_path / "store"
-    calls = {"n": 0}
-    original_append = Store.append
+    calls = {"ledger": 0, "marker": 0}
+    original_append, original_create = Store.append, commits.create_once
 
     def dying_append(self, name, table):
         if name == "ledger":
-            calls["n"] += 1
-            if crash == "before-ledger" and calls["n"] == 2:
-                raise KeyboardInterrupt("driver killed between the rows and the ledger row of shard 2")
+            calls["ledger"] += 1
+            if crash == "before-ledger" and calls["ledger"] == 2:
+                raise KeyboardInterrupt("driver killed between the commit point and the ledger row of shard 2")
         original_append(self, name, table)
-        if name == "ledger" and crash == "after-first-shard" and calls["n"] == 1:
+        if name == "ledger" and crash == "after-first-shard" and calls["ledger"] == 1:
             raise KeyboardInterrupt("driver killed after the first commit")
 
+    def dying_create(fs, path, data):
+        calls["marker"] += 1
+        if crash == "before-commit-point" and calls["marker"] == 2:
+            raise KeyboardInterrupt("driver killed between the rows and the commit marker of shard 2")
+        return original_create(fs, path, data)
+
     monkeypatch.setattr(Store, "append", dying_append)
+    monkeypatch.setattr(commits, "create_once", dying_create)
     with pytest.raises(KeyboardInterrupt):
         run_cache(config(demo_root / "sa-1b", store), executor="local")
     monkeypatch.setattr(Store, "append", original_append)
-    if crash == "before-ledger":
+    monkeypatch.setattr(commits, "create_once", original_create)
+    if crash != "after-first-shard":
         assert len(keys(store)) == 6 and not verify_store(Store(str(store))).ok  # rows of a shard without a ledger row
     report = run_cache(config(demo_root / "sa-1b", store), executor="local")
-    assert (report.shards_skipped, report.shards_committed) == (1, 1)
+    committed_by_the_rerun = 0 if crash == "before-ledger" else 1  # past its commit point: the rerun only finishes it
+    assert (report.shards_skipped, report.shards_committed) == (2 - committed_by_the_rerun, committed_by_the_rerun)
     assert keys(store) == keys(reference)
     assert verify_store(Store(str(store))).ok
+    assert len(ledger_entries(Store(str(store)))) == lance.dataset(str(store / "ledger.lance")).count_rows() == 2
+    assert not list((store / "commits").rglob("pending/*/*")), "every pending note was cleared"
 
 
 def _bad_shard(source: Path, shard: int, case: str) -> None:
@@ -684,33 +697,29 @@ def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
     assert verify_store(Store(str(store))).ok
 
 
-def test_a_writer_waits_for_the_basis_to_settle(tmp_path: Path) -> None:
-    """Two actors may both rename a basis into place; a writer that caches one must not keep the loser's."""
-    import time
-
+def test_actors_racing_to_store_a_basis_all_keep_the_same_one(tmp_path: Path) -> None:
+    """Several actors fitting a basis at once: exactly one is stored (created once), and each gets that one back."""
     from esam3.schemas.codecs import fit_basis
 
     rng = np.random.default_rng(3)
-    first, second = (fit_basis(rng.normal(size=(4, 8, 3, 3)).astype(np.float32), 4) for _ in range(2))
+    candidates = [fit_basis(rng.normal(size=(4, 8, 3, 3)).astype(np.float32), 4) for _ in range(6)]
     store = Store(str(tmp_path / "store"))
     store.fs.makedirs(store.path, exist_ok=True)
-    store.write_basis_once("sa-1b", first)
+    barrier, kept = threading.Barrier(len(candidates)), [None] * len(candidates)
 
-    def late_rename() -> None:  # the other actor's rename lands while the writer waits
-        time.sleep(0.2)
-        staging = f"{store.path}/.basis-late"
-        with store.fs.open(staging, "wb") as handle:
-            handle.write(second.to_bytes())
-        store.fs.mv(staging, store.basis_path("sa-1b"))
+    def actor(i: int) -> None:
+        barrier.wait()
+        kept[i] = store.write_basis_once("sa-1b", candidates[i])
 
-    racer = threading.Thread(target=late_rename)
-    start = time.monotonic()
-    racer.start()
-    read = store.read_basis("sa-1b", settle=2.0)
-    racer.join()
-    assert time.monotonic() - start >= 1.9 and np.array_equal(read.components, second.components)
-    start = time.monotonic()
-    assert store.read_basis("sa-1b", settle=0.5) is not None and time.monotonic() - start < 0.4  # settled: no wait
+    threads = [threading.Thread(target=actor, args=(i,)) for i in range(len(candidates))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = store.read_basis("sa-1b").components
+    assert all(np.array_equal(k.components, stored) for k in kept)
+    assert sum(np.array_equal(c.components, stored) for c in candidates) == 1
+    assert not [p for p in (tmp_path / "store").iterdir() if p.name.endswith(".tmp")], "no staging file left"
 
 
 def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(

@@ -16,8 +16,10 @@ import pytest
 from esam3.pipeline.store.claims import CLAIMS_DIR, STALE_AFTER
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.commits import ledger_entries
 from esam3.pipeline.store.check import verify_store
 from esam3.schemas.cache import RunError
+from esam3.schemas.store import StoreError
 from tests.test_cache import config, keys
 
 
@@ -112,6 +114,17 @@ def test_two_runs_on_the_same_shards_at_once_store_every_key_once(demo_root: Pat
     if len(errors) == 2:  # both started together and left the shard to each other: a rerun does it
         run_cache(config(demo_root / "sa-1b", store), executor="local")
     assert keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
-    ledger = Store(str(store)).ledger().to_pylist()
+    ledger = ledger_entries(Store(str(store)))
     assert sorted(r["shard"] for r in ledger) == ["sa_000000.tar", "sa_000001.tar"]
     assert verify_store(Store(str(store))).ok
+
+
+def test_a_run_id_in_use_by_a_live_run_is_refused(demo_root: Path, tmp_path: Path) -> None:
+    """The claim is created once: a second live run with the same --run-id is refused; a dead one's id is reused."""
+    store = tmp_path / "store"
+    _claim(store, "same-id", ["sa_000001.tar"], pid=1)  # alive
+    with pytest.raises(StoreError, match="run id same-id is in use by a live run .* give this run another --run-id"):
+        run_cache(config(demo_root / "sa-1b", store, shards="1", run_id="same-id"), executor="local")
+    _claim(store, "same-id", ["sa_000001.tar"], pid=_dead_pid())
+    report = run_cache(config(demo_root / "sa-1b", store, shards="1", run_id="same-id"), executor="local")
+    assert report.shards_committed == 1 and not (store / CLAIMS_DIR / "same-id.json").exists()

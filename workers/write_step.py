@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,8 +26,6 @@ from esam3.workers.heads import Geometry
 log = logging.getLogger(__name__)
 #: Low-rank bases read from stores, per worker process.
 _BASES: dict[tuple[str, str, Any], Basis] = {}
-#: A basis file is final once it has been in place this long (see ``Store.read_basis``).
-BASIS_SETTLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -57,7 +54,7 @@ class _EncodeTable:
             from esam3.pipeline.store import Store
 
             uri, dataset, s3 = self.basis_source
-            found = Store(uri, s3).read_basis(dataset, settle=BASIS_SETTLE_SECONDS)
+            found = Store(uri, s3).read_basis(dataset)
             if found is None:
                 raise CodecError("the low-rank basis is not in the store yet (the teacher step writes it first)")
             _BASES[self.basis_source] = found

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.commits import ledger_entries
 from esam3.pipeline.store.snapshots import ledger_rows, snapshot_rows, snapshots
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.codecs import CodecError
@@ -70,7 +71,7 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
         if name == "images" and entry["rows"]:
             entry["codec_task_error"] = codec_task_error(ds)
         tables[name] = entry
-    ledger = store.dataset("ledger").to_table(columns=["dataset", "shard", "rows", "failures", "bytes"]).to_pylist()
+    ledger = ledger_entries(store, columns=["dataset"])
     return {
         "store": store.uri,
         "teacher": card["teacher"],
@@ -97,7 +98,7 @@ def unfinished_shards(store: Store, table: str, head_rows: int) -> list[str]:
     Scans the shard column only when the head's row count differs from the ledger's."""
     if head_rows == ledger_rows(store, table)[1]:
         return []
-    done = set(store.dataset("ledger").to_table(columns=["shard"], filter=f"dataset = '{dataset_of(table)}'").column("shard").to_pylist())
+    done = {r["shard"] for r in ledger_entries(store, f"dataset = '{dataset_of(table)}'", ["shard"])}
     present = set(store.dataset(table).to_table(columns=["shard"]).column("shard").to_pylist())
     return sorted(present - done)
 
@@ -129,13 +130,12 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
     report = VerifyReport(store.uri)
     card = store.require_card()
     teacher = card["teacher"]["checksum"]
-    ledger = store.dataset("ledger").to_table().to_pylist()
     entries: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in ledger:
+    for row in store.dataset("ledger").to_table().to_pylist():  # all of it: a row twice is fine, two runs' rows are not
         entries.setdefault((row["dataset"], row["shard"]), []).append(row)
     for (dataset, shard), rows in entries.items():
-        if len(rows) > 1:
-            report.problem(f"ledger: {dataset} shard {shard} has {len(rows)} entries")
+        if len({(r["run_id"], r["fingerprint"]) for r in rows}) > 1:
+            report.problem(f"ledger: {dataset} shard {shard} has {len(rows)} entries of runs {sorted({r['run_id'] for r in rows})}")
     failed = store.dataset("failures").to_table(columns=["shard", "member"]).to_pylist()
     failures = Counter(shard for shard, _ in {(f["shard"], f["member"]) for f in failed})  # failed samples per shard
     ledger_by_shard = {shard: rows[0] for (_, shard), rows in entries.items()}
@@ -177,13 +177,19 @@ def _verify_table(
     required = frozenset({"trunk"} & set(spec.get("targets", [])))  # prompt and object columns may be empty
     if spec.get("inputs", "store") == "store":
         required |= {"input"}
-    per_shard = _check_rows(StoreRows(store, table, ds.version), table, teacher, required, report, on_rows)
-    for shard, count in per_shard.items():
+    per_run = _check_rows(StoreRows(store, table, ds.version), table, teacher, required, report, on_rows)
+    per_shard: Counter[str] = Counter()
+    for (shard, run), count in per_run.items():
         entry = ledger_by_shard.get(shard)
         if entry is None:
             report.problem(f"{table}: {count} rows of shard {shard}, which has no ledger entry (an unfinished run?)")
-        elif entry["rows"] != count:
-            report.problem(f"{table}: shard {shard} has {count} rows, its ledger entry says {entry['rows']}")
+        elif entry["run_id"] != run:
+            report.problem(f"{table}: {count} rows of shard {shard} from run {run}, which did not commit it (run {entry['run_id']} did)")
+        else:
+            per_shard[shard] += count
+    for shard, count in per_shard.items():
+        if ledger_by_shard[shard]["rows"] != count:
+            report.problem(f"{table}: shard {shard} has {count} rows, its ledger entry says {ledger_by_shard[shard]['rows']}")
     for shard, entry in ledger_by_shard.items():
         if entry["dataset"] == dataset_name and entry["rows"] and shard not in per_shard:
             report.problem(f"ledger: shard {shard} should have {entry['rows']} rows in {table}, found none")
@@ -196,13 +202,13 @@ def _verify_table(
 def _check_rows(
     rows: StoreRows, table: str, teacher: str, required: frozenset[str], report: VerifyReport,
     on_rows: Callable[[int], None] | None,
-) -> Counter[str]:
-    """Every row: its teacher, its required tensors present, every tensor decodes and is finite; rows per shard."""
-    per_shard: Counter[str] = Counter()
+) -> Counter[tuple[str, str]]:
+    """Every row: its teacher, its required tensors present, every tensor decodes and is finite; rows per (shard, run)."""
+    per_shard: Counter[tuple[str, str]] = Counter()
     for batch in rows.batches(batch_size=16):
         for row in batch:
             report.rows_checked += 1
-            per_shard[row["shard"]] += 1
+            per_shard[row["shard"], row["run_id"]] += 1
             if row["teacher"] != teacher:
                 report.problem(f"{table}: {row['key']} was made by teacher {row['teacher']}, the store's is {teacher}")
             objects = len(row["object_ids"]) if table == "frames" else (row["prompt_kinds"] or {"shape": [0]})["shape"][0]

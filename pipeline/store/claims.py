@@ -9,7 +9,10 @@ that run's ledger row lands.
 
 A claim is dead when its heartbeat is older than ``STALE_AFTER`` seconds (machines' clocks must agree to well
 within that, as NTP keeps them), or at once when its process is gone on this host (so a killed driver's rerun
-need not wait). The claim file is removed when the run ends.
+need not wait). The claim file is created once (two live runs cannot share a run id) and removed when the run ends.
+
+Claims only save work: a run that stalls past the expiry (its heartbeats failing) can have its shards taken over,
+and the commits (``commits.py``) make sure that only one copy of a shard ever becomes visible.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.once import create_once
 from esam3.schemas.errors import first_line
 from esam3.schemas.store import StoreError
 
@@ -90,6 +94,7 @@ class ShardClaims:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._beat, name="esam3-claim-heartbeat", daemon=True)
+        self._last_beat = time.monotonic()
 
     @property
     def path(self) -> str:
@@ -97,7 +102,13 @@ class ShardClaims:
 
     def __enter__(self) -> ShardClaims:
         self.store.fs.makedirs(f"{self.store.path}/{CLAIMS_DIR}", exist_ok=True)
-        self._write()
+        if not create_once(self.store.fs, self.path, json.dumps(asdict(self.claim)).encode()):
+            same = next((c for c in read_claims(self.store) if c.run_id == self.claim.run_id), None)
+            if same is not None and same.alive(time.time()):
+                raise StoreError(f"store {self.store.uri}: run id {same.run_id} is in use by a live run ({same.host}, pid "
+                                 f"{same.pid}); give this run another --run-id, or none")
+            self._write()  # a stopped run's claim with this run id: taken over
+        self._last_beat = time.monotonic()
         self._thread.start()
         return self
 
@@ -137,8 +148,16 @@ class ShardClaims:
             self.store.fs.mv(staging, self.path)
 
     def _beat(self) -> None:
+        warned = False
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self._write()
+                self._last_beat, warned = time.monotonic(), False
             except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next beat retries; the run reports outages
-                log.debug("claim heartbeat failed: %s", exc)
+                silent = time.monotonic() - self._last_beat
+                if silent > STALE_AFTER / 2 and not warned:
+                    log.warning("the claim's heartbeat has failed for %.0f s (%s): past %.0f s another run may take this "
+                                "run's shards over (commits stay fenced: no shard is stored twice)", silent, first_line(exc), STALE_AFTER)
+                    warned = True
+                else:
+                    log.debug("claim heartbeat failed: %s", exc)

@@ -1,10 +1,8 @@
-"""One store root: its card, its Lance tables, the ledger, and the commits that make rows visible.
+"""One store root: its card, its Lance tables, and what every part of the store needs to read and write them.
 
-Only the driver commits. Workers write Lance fragments (data files nobody sees yet) and hand back their
-metadata; the driver commits all fragments of a shard in one ``Append``, then that shard's failures, then its
-ledger row. A crash before the ledger row leaves rows of an unfinished shard: :meth:`Store.forget_unfinished`
-deletes them before the shard is run again, so a rerun never duplicates a key. Fragment files written by a
-worker that died before reporting are never committed (``lance`` cleanup can remove them when no writer runs).
+Only drivers commit rows (``commits.py``: fenced shard commits); workers write Lance fragments (data files nobody
+sees until a commit) and hand back their metadata. Fragment files written by a worker that died before reporting
+are never committed (``store cleanup`` removes them when no writer runs).
 """
 
 from __future__ import annotations
@@ -14,30 +12,50 @@ import errno
 import json
 import logging
 import time
-import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import fsspec
 import lance
 import pyarrow as pa
-from lance import LanceDataset, LanceOperation
-from lance.fragment import FragmentMetadata
+from lance import LanceDataset
 
 from esam3.pipeline.object_store import ACCESS_HINT, S3Settings, access_refused
+from esam3.pipeline.store.once import create_once
 from esam3.schemas.codecs import Basis
 from esam3.schemas.errors import first_line
 from esam3.schemas.store import KEY_COLUMNS, LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 #: Index segments (one per commit) a key index collects before a commit merges them into one.
 INDEX_SEGMENTS = 32
 
 
-def _quote(values: Iterable[str]) -> str:
+def quote_sql(values: Iterable[str]) -> str:
+    """String literals for a Lance SQL filter: ``'a', 'b'``."""
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def conflicted(exc: BaseException) -> bool:
+    """Whether a Lance write failed because another writer committed first (retryable)."""
+    text = str(exc).lower()
+    return "conflict" in text or "preempted" in text
+
+
+def retry_conflicts(action: Callable[[], T], what: str, attempts: int = 5) -> T:
+    """Run a Lance write again when another writer's commit made it conflict."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except OSError as exc:
+            if not conflicted(exc) or attempt == attempts:
+                raise
+            log.debug("%s conflicted with another commit (attempt %d): %s", what, attempt, first_line(exc))
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 class Store:
@@ -83,16 +101,12 @@ class Store:
             raise StoreError(f"store {self.uri}: {name} is unreadable ({exc})") from None
 
     def _write_json_once(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
-        """Write ``name`` unless it exists (temp file + rename: readers never see half a file); returns what is
-        there afterwards, which is another run's document if it won a race."""
+        """Create ``name`` unless it exists (see ``once.create_once``); returns what is there afterwards, which is
+        another run's document if that run created it first."""
         existing = self._read_json(name)
         if existing is not None:
             return existing
-        self.fs.makedirs(self.path, exist_ok=True)
-        staging = f"{self.path}/.{name}.{uuid.uuid4().hex}"
-        with self.fs.open(staging, "w") as handle:
-            json.dump(document, handle, indent=2, sort_keys=True)
-        self.fs.mv(staging, f"{self.path}/{name}")
+        create_once(self.fs, f"{self.path}/{name}", json.dumps(document, indent=2, sort_keys=True).encode())
         return self._read_json(name) or document
 
     def read_card(self) -> dict[str, Any] | None:
@@ -159,37 +173,18 @@ class Store:
     def basis_path(self, dataset: str) -> str:
         return f"{self.path}/basis-{dataset}.bin"
 
-    def read_basis(self, dataset: str, settle: float = 0.0) -> Basis | None:
-        """The stored basis, once it has been in place for ``settle`` seconds (waiting if it is newer).
-
-        Two teacher actors that fit a basis at the same moment may both find none and both rename theirs into
-        place (no store here has an atomic create-if-absent); the last rename wins within a moment. A writer
-        that caches the basis for its lifetime passes ``settle`` so that it never keeps the loser's.
-        """
-        path = self.basis_path(dataset)
+    def read_basis(self, dataset: str) -> Basis | None:
+        """The stored basis: created once (``write_basis_once``), so every reader gets the same one."""
         try:
-            for _ in range(3 if settle > 0 else 0):  # again after a wait: a late rename restarts the clock
-                age = time.time() - _modified(self.fs.info(path))
-                if age >= settle:
-                    break
-                time.sleep(min(settle - age, 2 * settle))  # capped: a storage clock ahead of ours
-            with self.fs.open(path, "rb") as handle:
+            with self.fs.open(self.basis_path(dataset), "rb") as handle:
                 return Basis.from_bytes(handle.read())
         except FileNotFoundError:
             return None
 
     def write_basis_once(self, dataset: str, basis: Basis) -> Basis:
-        """Store the run's basis unless one is there (another actor won the race): returns the stored one."""
-        existing = self.read_basis(dataset)
-        if existing is not None:
-            return existing
-        staging = f"{self.path}/.basis-{dataset}.{uuid.uuid4().hex}"
-        with self.fs.open(staging, "wb") as handle:
-            handle.write(basis.to_bytes())
-        if not self.fs.exists(self.basis_path(dataset)):
-            self.fs.mv(staging, self.basis_path(dataset))
-        else:
-            self.fs.rm(staging)
+        """Store the run's basis unless one is there (another actor created it first): returns the stored one."""
+        if create_once(self.fs, self.basis_path(dataset), basis.to_bytes()):
+            return basis
         return self.read_basis(dataset) or basis
 
     def create_table(self, name: str) -> None:
@@ -203,97 +198,6 @@ class Store:
             if "already exists" not in str(exc):
                 raise
 
-    # ---- ledger ---------------------------------------------------------------------------------------
-
-    def ledger(self) -> pa.Table:
-        return self.dataset("ledger").to_table()
-
-    def finished_shards(self, dataset: str, fingerprint: str) -> set[str]:
-        table = self.dataset("ledger").to_table(
-            columns=["shard"], filter=f"dataset = '{dataset}' AND fingerprint = '{fingerprint}'"
-        )
-        return set(table.column("shard").to_pylist())
-
-    def forget_unfinished(self, table: str, shards: Sequence[str]) -> int:
-        """Delete rows of these (unfinished) shards from ``table`` and the failures table; returns rows deleted."""
-        if not shards:
-            return 0
-        removed = 0
-        for name in (table, "failures"):
-            ds = self.dataset(name)
-            where = f"shard IN ({_quote(shards)})"
-            count = ds.count_rows(filter=where)
-            if count:
-                ds.delete(where)
-                removed += count
-        if removed:
-            log.warning("removed %d rows of %d unfinished shard(s) left by an earlier run", removed, len(shards))
-        return removed
-
-    # ---- commits --------------------------------------------------------------------------------------
-
-    def commit_shard(
-        self,
-        table: str,
-        dataset: str,
-        shard: str,
-        source: str,
-        fragments: Sequence[dict[str, Any]],
-        failures: Sequence[dict[str, Any]],
-        rows: int,
-        nbytes: int,
-        run_id: str,
-        fingerprint: str,
-        samples: int = -1,
-        keys: Sequence[str] = (),
-    ) -> tuple[int, int, int]:
-        """Make one shard visible: its fragments, then its failures, then its ledger row.
-
-        Returns (table version, rows stored, failed samples: failure records of distinct members).
-
-        Keys the table already holds (the same image in two shards) are deleted again from this shard's rows
-        and recorded as failures, before the ledger row: a key is never stored twice.
-        """
-        version = self.dataset(table).version
-        key_column = "key" if table == "images" else "video_id"
-        shard_keys = sorted({k if table == "images" else k.split("/")[1] for k in keys})
-        taken = self._existing(table, key_column, shard_keys) if shard_keys else {}
-        if fragments:
-            metadata = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
-            # Appends commute: Lance rebases this commit onto whatever other writers committed since read_version.
-            version = LanceDataset.commit(
-                self.table_uri(table), LanceOperation.Append(metadata), read_version=version,
-                storage_options=self.storage_options or None,
-            ).version
-        if taken:
-            where = f"shard = '{shard.replace(chr(39), chr(39) * 2)}' AND {key_column} IN ({_quote(taken)})"
-            dataset_now = self.dataset(table)
-            removed = dataset_now.count_rows(filter=where)
-            dataset_now.delete(where)
-            version = self.dataset(table).version
-            rows -= removed
-            failures = [*failures, *({"dataset": dataset, "shard": shard, "member": key, "run_id": run_id,
-                                      "reason": f"duplicate key {key}: already stored from {other}"} for key, other in taken.items())]
-        if failures:
-            self.append("failures", pa.Table.from_pylist([{k: f[k] for k in SCHEMAS["failures"].names} for f in failures], schema=SCHEMAS["failures"]))
-        failed = len({f["member"] for f in failures})  # samples: a video with several failed frames counts once
-        ledger_row = {
-            "dataset": dataset, "shard": shard, "source": source, "samples": samples, "rows": rows, "failures": failed, "bytes": nbytes,
-            "run_id": run_id, "fingerprint": fingerprint, "committed_at": _now(),
-        }
-        self.append("ledger", pa.Table.from_pylist([ledger_row], schema=SCHEMAS["ledger"]))
-        return version, rows, failed
-
-    def _existing(self, table: str, column: str, keys: Sequence[str]) -> dict[str, str]:
-        """Which of ``keys`` the table already holds, and from which shard."""
-        found: dict[str, str] = {}
-        ds = self.dataset(table)  # one open (a manifest read) for every chunk
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            rows = ds.to_table(columns=[column, "shard"], filter=f"{column} IN ({_quote(chunk)})")
-            found.update(zip(rows.column(column).to_pylist(), rows.column("shard").to_pylist()))
-        return found
-
     def index_keys(self, table: str, attempts: int = 4, merge: bool = False) -> None:
         """Keep the table's scalar (BTREE) indexes on its key columns up to date after a commit: created on first use,
         then a segment per commit for the new fragments (merged every ``INDEX_SEGMENTS``), so the cross-shard
@@ -303,15 +207,12 @@ class Store:
         that different index segments cover). Another run committing at the same moment makes Lance refuse an index commit (a retryable conflict): tried
         again, then left for the next commit with a warning, since an index only speeds reads up.
         """
-        for attempt in range(attempts):
-            try:
-                self._update_indexes(table, merge)
-                return
-            except OSError as exc:
-                if "conflict" not in str(exc).lower() and "preempted" not in str(exc).lower():
-                    raise
-                time.sleep(0.1 * (attempt + 1))
-        log.warning("%s: indexes not updated after %d tries (other runs committing); the next commit updates them", table, attempts)
+        try:
+            retry_conflicts(lambda: self._update_indexes(table, merge), f"updating {table}'s indexes", attempts)
+        except OSError as exc:
+            if not conflicted(exc):
+                raise
+            log.warning("%s: indexes not updated after %d tries (other runs committing); the next commit updates them", table, attempts)
 
     def _update_indexes(self, table: str, merge_all: bool = False) -> None:
         ds = self.dataset(table)
@@ -338,13 +239,3 @@ class Store:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def _modified(info: dict[str, Any]) -> float:
-    """Last-modified time (epoch seconds) of an fsspec ``info`` entry: local ``mtime`` or S3 ``LastModified``."""
-    if "mtime" in info:
-        return float(info["mtime"])
-    stamp = info.get("LastModified") or info.get("last_modified")
-    if isinstance(stamp, dt.datetime):
-        return stamp.timestamp()
-    return time.time() - 3600.0  # no time known: treat it as settled

@@ -24,6 +24,8 @@ from esam3.pipeline.overlay import draw_prompts, overlay
 from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.commits import ledger_entries
+from esam3.pipeline.store.root import quote_sql
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.errors import first_line
 from esam3.schemas.samples import Failure
@@ -50,8 +52,7 @@ def shard_source(store: Store, row: dict[str, Any], source: str | None) -> str:
     """The folder / URL holding the row's shard: ``source`` if given, else the one the ledger recorded."""
     if source:
         return source
-    quoted = row["shard"].replace("'", "''")
-    ledger = store.dataset("ledger").to_table(filter=f"shard = '{quoted}'").to_pylist()
+    ledger = ledger_entries(store, f"shard = {quote_sql([row['shard']])}")
     if not ledger or not ledger[0].get("source"):
         raise StoreError(f"the ledger does not say where {row['shard']} came from; pass --source")
     return ledger[0]["source"].rsplit("/", 1)[0]

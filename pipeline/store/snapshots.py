@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from esam3.pipeline.store.commits import ledger_entries
 from esam3.pipeline.store.root import Store
 from esam3.schemas.store import StoreError, dataset_of
 
@@ -43,8 +44,8 @@ class Snapshot:
 
 def ledger_rows(store: Store, table: str) -> tuple[int, int]:
     """(ledger entries, rows they hold) of the table's dataset."""
-    ledger = store.dataset("ledger").to_table(columns=["rows"], filter=f"dataset = '{dataset_of(table)}'")
-    return ledger.num_rows, sum(ledger.column("rows").to_pylist())
+    ledger = ledger_entries(store, f"dataset = '{dataset_of(table)}'", ["rows"])
+    return len(ledger), sum(r["rows"] for r in ledger)
 
 
 def tag_if_complete(store: Store, table: str) -> Snapshot | None:  # runs after every commit: no tag listing here
