@@ -62,8 +62,9 @@ def cache_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end."),
 ) -> None:
     """The main job: stream shards through the SAM3 teacher into a resumable Lance store (rerun = resume)."""
-    from esam3.pipeline.object_store import storage_failed
+    from esam3.pipeline.object_store import ACCESS_HINT, access_refused, is_s3, storage_failed
     from esam3.pipeline.plan import run_cache
+    from esam3.schemas.store import StoreError
 
     with user_errors():
         if executor not in ("ray", "local"):
@@ -90,6 +91,9 @@ def cache_command(
             except (OSError, ValueError) as exc:  # storage or network trouble (S3 down, disk full): nothing half-done is visible
                 if not storage_failed(exc):
                     raise
+                if access_refused(exc):  # a rerun would fare no better: the user's to fix (exit 2)
+                    fix = ACCESS_HINT if is_s3(store) else "check that this user may write to the --store folder"
+                    raise StoreError(f"store {store}: writing refused ({first_line(exc)}); {fix}") from None
                 raise RunError(f"storage error: {first_line(exc)}; rerun the same command to resume") from None
             update(report)
     if as_json:

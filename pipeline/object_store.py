@@ -20,10 +20,18 @@ ACCESS_HINT = (
     "check the S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and that they may use this bucket"
 )
 
+#: What to do when an S3 server cannot be reached.
+ENDPOINT_HINT = "check the endpoint (--s3-endpoint, or AWS_ENDPOINT_URL) and that the server is up"
+
+
+#: S3 error codes of a server refusing the caller (any S3-compatible server uses these names; some omit the status).
+REFUSED_CODES = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403 Forbidden")
+
 
 def access_refused(exc: BaseException) -> bool:
-    """Whether a storage error is the server refusing our credentials (s3fs: PermissionError; Lance: a 403 text)."""
-    return isinstance(exc, PermissionError) or "403 Forbidden" in str(exc)
+    """Whether a storage error is the server refusing our credentials (s3fs: PermissionError; Lance and botocore: a
+    403 or one of the S3 error codes that mean it, in the text)."""
+    return isinstance(exc, PermissionError) or any(code in str(exc) for code in REFUSED_CODES)
 
 
 def storage_failed(exc: BaseException) -> bool:
@@ -31,6 +39,14 @@ def storage_failed(exc: BaseException) -> bool:
     Lance raises for its I/O errors (``LanceError(IO): ...``: server down, connection reset), also when it reaches
     us through Arrow's reader (``ArrowInvalid: External error: LanceError(IO): ...``, e.g. from a scan)."""
     return isinstance(exc, OSError) or (isinstance(exc, ValueError) and "LanceError(IO)" in str(exc).split("\n", 1)[0])
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What talking to a store can raise: OSError, and botocore's own errors, which s3fs passes on untranslated
+    for a server it cannot reach (``EndpointConnectionError``)."""
+    from botocore.exceptions import BotoCoreError
+
+    return OSError, BotoCoreError
 
 
 def is_s3(uri: str) -> bool:

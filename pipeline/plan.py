@@ -2,8 +2,10 @@
 
 ``run_cache(config)`` is the whole job, from Python or from ``esam3 cache``:
 
-1. the driver loads the teacher once on CPU for its card (checksum, sizes), opens the store (creating it, or
-   checking it holds this teacher's targets made the same way), saves the heads there, and reads the ledger;
+1. the driver checks that the store can be written and holds the same settings, then gets the teacher's card
+   (checksum, sizes: remembered for the same weight files, else by loading the teacher once on CPU), opens the
+   store (creating it, or checking it holds this teacher's targets made the same way), saves the heads there
+   (loading the teacher if it must), and reads the commits;
 2. shards already committed with the same fingerprint are skipped (a rerun of a finished run is a no-op);
    commits a stopped run left half done are finished (``pipeline/store/commits.py``);
 3. the steps run as a Ray Data streaming plan (``executor="ray"``: local Ray by default, or ``--address``; see
@@ -33,7 +35,6 @@ from typing import Any
 import pyarrow as pa
 
 from esam3.pipeline.store.claims import ShardClaims, live_claims
-from esam3.pipeline.store.once import fences
 from esam3.pipeline.store.commits import ShardCommit, commit_shard, finished_shards, is_committed, ledger_entries, recover
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
@@ -42,7 +43,9 @@ from esam3.pipeline.store.snapshots import tag_if_complete
 from esam3.schemas.cache import CacheConfig, Inputs, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.store import HEADS_DIR, SCHEMAS, TABLE_OF
-from esam3.schemas.teacher import Device
+from esam3.schemas.teacher import Device, TeacherConfig
+from esam3.workers.heads import Geometry
+from esam3.workers.teacher_identity import remember_card, remembered_card
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_step import TeacherImages, TeacherVideos
 from esam3.workers.shard_writer import ShardWriter
@@ -123,24 +126,23 @@ ProgressCallback = Callable[[CacheReport], None]
 
 def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressCallback | None = None) -> CacheReport:
     """Run (or resume) one cache job; see the module docstring."""
-    from esam3.workers.teacher import Sam3Teacher, save_heads
-
     start = time.perf_counter()
     config = config.model_copy(update={"source": absolute(config.source), "store": absolute(config.store)})
     run_id = config.run_id or uuid.uuid4().hex[:12]
     dataset = DatasetName(config.dataset)
     s3 = S3Settings.from_environment(config.s3_endpoint)
     shards = select_shards(config.source, dataset, config.shards, s3.fsspec_options(config.source))
-    teacher = Sam3Teacher.load(config.teacher.model_copy(update={"device": Device.CPU}))
-    checksum, geometry = teacher.card.checksum, teacher.geometry
-    fingerprint = config.fingerprint(checksum)
     store = Store(config.store, s3)
-    card = {k: v for k, v in teacher.card.to_dict().items() if k not in ("device", "precision")}
-    store.open_for(card, {**config.target_spec(checksum), "fingerprint": fingerprint})
-    if not fences(store.fs, store.path):
+    fenced = store.check_writable()  # a store that cannot be written or reached, or other settings: said before
+    store.check_settings(config.target_spec(""))  # the teacher loads (a minute with real weights)
+    card, teacher = driver_card(config.teacher)
+    checksum, geometry = card["checksum"], Geometry.from_dict(card["geometry"])
+    fingerprint = config.fingerprint(checksum)
+    store.open_for({k: v for k, v in card.items() if k not in ("device", "precision")}, {**config.target_spec(checksum), "fingerprint": fingerprint})
+    if not fenced:
         log.warning("store %s: its server ignores conditional writes (If-None-Match), so two runs caching the same shards "
                     "at once are not fenced: run one at a time", store.uri)
-    _save_heads_once(store, functools.partial(save_heads, teacher))
+    _save_heads_once(store, teacher, config.teacher)
     del teacher  # the driver needs only the card; actors load their own copy
     table = TABLE_OF[dataset.value]
     if recover(store, table, dataset.value, fingerprint, [s.name for s in shards], {c.run_id for c in live_claims(store)}):
@@ -345,13 +347,35 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
     )
 
 
-def _save_heads_once(store: Store, save: Callable[[Path], Any]) -> None:
-    """Put the teacher's heads in the store (once): written locally, then copied to the store's filesystem."""
+def _on_cpu(teacher: TeacherConfig) -> TeacherConfig:
+    return teacher.model_copy(update={"device": Device.CPU})
+
+
+def driver_card(teacher: TeacherConfig) -> tuple[dict[str, Any], Any]:
+    """The teacher's card for the driver, and the teacher if it had to be loaded: a card remembered for the same
+    weight files (``workers/teacher_identity.py``) spares the load; else the teacher is loaded on the CPU once."""
+    from esam3.workers.teacher import Sam3Teacher
+
+    cpu = _on_cpu(teacher)
+    card = remembered_card(cpu)
+    if card is not None:
+        return card, None
+    loaded = Sam3Teacher.load(cpu)
+    card = loaded.card.to_dict()
+    remember_card(cpu, card)
+    return card, loaded
+
+
+def _save_heads_once(store: Store, loaded: Any, teacher: TeacherConfig) -> None:
+    """Put the teacher's heads in the store (once; loading the teacher if the driver has not): written locally, then
+    copied to the store's filesystem."""
+    from esam3.workers.teacher import Sam3Teacher, save_heads
+
     target = f"{store.path}/{HEADS_DIR}"
     if store.fs.exists(f"{target}/heads.json"):
         return
     with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp))
+        save_heads(loaded or Sam3Teacher.load(_on_cpu(teacher)), Path(tmp))
         store.fs.makedirs(target, exist_ok=True)
         for name in ("heads.safetensors", "heads.json"):  # the json last: its presence means complete
             store.fs.put_file(str(Path(tmp) / name), f"{target}/{name}")

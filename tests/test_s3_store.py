@@ -262,6 +262,17 @@ def test_lance_io_errors_count_as_storage_failures() -> None:
     assert not storage_failed(pa.lib.ArrowInvalid("External error: schema mismatch\nLanceError(IO) further down"))
 
 
+def test_refusals_are_recognised_from_any_s3_server() -> None:
+    """A refusal is the user's to fix (exit 2, the credentials hint), whatever words the server uses for it."""
+    from esam3.pipeline.object_store import access_refused
+
+    assert access_refused(PermissionError("Access Denied"))
+    assert access_refused(ValueError("LanceError(IO): Generic S3 error: Client error with status 403 Forbidden: <Code>AccessDenied</Code>"))
+    assert access_refused(OSError("An error occurred (ExpiredToken) when calling the PutObject operation: token expired"))
+    assert access_refused(OSError("<Error><Code>SignatureDoesNotMatch</Code></Error>"))
+    assert not access_refused(OSError("An error occurred (SlowDown) when calling the PutObject operation"))
+
+
 def test_a_card_replaced_while_read_is_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two runs creating one S3 store can replace store.json under a reader (s3fs FileExpired, EBUSY): read again."""
     import errno

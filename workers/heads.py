@@ -57,6 +57,11 @@ class Geometry:
     neck_sizes: tuple[int, ...]  # tracker neck levels per side (288, 144, 72)
 
     @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Geometry:
+        """Back from a card's JSON (lists become tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    @classmethod
     def from_config(cls, config: Any) -> Geometry:
         """Sizes of a ``Sam3VideoConfig``; sub-configs that disagree on them are refused, naming the fields."""
         check_sizes(config, "teacher config")

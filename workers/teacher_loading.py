@@ -149,6 +149,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("ESAM3_CACHE", Path.home() / ".cache" / "esam3"))
 
 
+def random_teacher_dir(name: str, seed: int, root: Path | None = None) -> Path:
+    """Where a random teacher is saved (whether or not it is yet)."""
+    return (root or cache_root()) / "teachers" / f"{name}-v{RANDOM_CONFIG_VERSION}-seed{seed}"
+
+
 def materialize_random(name: str, seed: int, root: Path | None = None) -> Path:
     """Save a random teacher (with its tokenizer) once under ``root`` and return its directory.
 
@@ -156,8 +161,8 @@ def materialize_random(name: str, seed: int, root: Path | None = None) -> Path:
     """
     if name == "full-random":
         raise TeacherLoadError("full-random is built in memory only (3.4 GB); load it with load_model('full-random')")
-    base = (root or cache_root()) / "teachers"
-    target = base / f"{name}-v{RANDOM_CONFIG_VERSION}-seed{seed}"
+    target = random_teacher_dir(name, seed, root)
+    base = target.parent
     if (target / "config.json").is_file():
         return target
     base.mkdir(parents=True, exist_ok=True)

@@ -105,9 +105,7 @@ def _create_s3(fs: Any, path: str, data: bytes, attempts: int = 5) -> bool:
 
 def fences(fs: Any, folder: str) -> bool:
     """Whether the storage under ``folder`` refuses a second create of one path (see the module docstring): two
-    writes of a fresh probe object, then the probe is removed. Local disks always fence."""
-    if _protocol(fs) in ("file", "local"):
-        return True
+    writes of a fresh probe object, then the probe is removed (so it also checks that the folder is writable)."""
     probe = f"{folder}/.fence-probe-{uuid.uuid4().hex}"
     try:
         first = create_once(fs, probe, b"1")

@@ -20,8 +20,8 @@ import lance
 import pyarrow as pa
 from lance import LanceDataset
 
-from esam3.pipeline.object_store import ACCESS_HINT, S3Settings, access_refused
-from esam3.pipeline.store.once import create_once
+from esam3.pipeline.object_store import ACCESS_HINT, ENDPOINT_HINT, S3Settings, access_refused, is_s3, storage_errors
+from esam3.pipeline.store.once import create_once, fences
 from esam3.schemas.codecs import Basis
 from esam3.schemas.errors import first_line
 from esam3.schemas.store import KEY_COLUMNS, LANCE_FILE_VERSION, SCHEMAS, STORE_CARD, STORE_FORMAT, TABLES, StoreError
@@ -142,6 +142,35 @@ class Store:
                 "its source): cache into a new --store, or use the esam3 release that wrote it"
             )
 
+    def check_writable(self) -> bool:
+        """Before a run loads anything: the store can be written (a probe file created twice and removed), or a
+        StoreError says why, with the fix for a local folder or for S3. Returns whether the storage fences
+        (see ``once.fences``)."""
+        s3 = is_s3(self.uri)
+        try:
+            self.fs.makedirs(self.path, exist_ok=True)
+            return fences(self.fs, self.path)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"store {self.uri} is a file, not a folder: give --store a new folder or an esam3 store") from None
+        except PermissionError as exc:
+            fix = ACCESS_HINT if s3 else "give --store a folder you can write to"
+            raise StoreError(f"store {self.uri}: cannot write there ({first_line(exc)}); {fix}") from None
+        except FileNotFoundError as exc:
+            fix = "create the bucket first, or check the store URL" if s3 else "check the --store path"
+            raise StoreError(f"store {self.uri}: not found ({first_line(exc)}); {fix}") from None
+        except storage_errors() as exc:
+            if access_refused(exc):
+                raise StoreError(f"store {self.uri}: access refused ({first_line(exc)}); {ACCESS_HINT}") from None
+            fix = f"; {ENDPOINT_HINT}" if s3 else ""
+            raise StoreError(f"store {self.uri}: cannot be written ({first_line(exc)}){fix}") from None
+
+    def check_settings(self, targets: dict[str, Any]) -> None:
+        """Before a run loads its teacher: settings other than the teacher that differ from those the store holds
+        for the dataset are refused (the teacher itself is checked once its checksum is known, in ``open_for``)."""
+        existing = self._read_json(f"targets-{targets['dataset']}.json")
+        if existing is not None:
+            _refuse_other_settings(self.uri, existing, targets, ignore=("teacher", "fingerprint"))
+
     def open_for(self, teacher: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
         """Create the store (card + empty tables) or check that it holds this teacher's targets of this kind.
 
@@ -158,12 +187,7 @@ class Store:
             )
         dataset = targets["dataset"]
         existing = self._write_json_once(f"targets-{dataset}.json", targets)
-        if existing != targets:
-            changed = sorted(k for k in set(existing) | set(targets) if existing.get(k) != targets.get(k))
-            raise StoreError(
-                f"store {self.uri} holds {dataset} targets made with other settings ({', '.join(changed)} differ); "
-                "rerun with the same settings, or use another --store"
-            )
+        _refuse_other_settings(self.uri, existing, targets)
         for name in TABLES:
             self.create_table(name)
         return {**card, "targets": {dataset: targets}}
@@ -235,6 +259,15 @@ class Store:
 
     def append(self, name: str, table: pa.Table) -> None:
         lance.write_dataset(table, self.table_uri(name), mode="append", storage_options=self.storage_options or None)
+
+
+def _refuse_other_settings(uri: str, existing: dict[str, Any], targets: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+    changed = sorted(k for k in set(existing) | set(targets) if k not in ignore and existing.get(k) != targets.get(k))
+    if changed:
+        raise StoreError(
+            f"store {uri} holds {targets['dataset']} targets made with other settings ({', '.join(changed)} differ); "
+            "rerun with the same settings, or use another --store"
+        )
 
 
 def _now() -> dt.datetime:
