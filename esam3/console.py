@@ -14,14 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from esam3.pipeline.shards import SourceError
-from esam3.pipeline.tar_stream import ShardReadError
-from esam3.schemas.cache import RunError
-from esam3.schemas.errors import describe
-from esam3.schemas.shards import ShardSpecError
-from esam3.schemas.store import StoreError
-from esam3.schemas.teacher import HeadsLoadError, TeacherLoadError
-from esam3.schemas.train import TrainingInputError
+from esam3.schemas.errors import Esam3Error, describe
 
 console = Console()
 err_console = Console(stderr=True)
@@ -46,7 +39,7 @@ def human_bytes(n_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-class UsageError(Exception):
+class UsageError(Esam3Error):
     """A mistake in what the user typed; shown as one line, exit code 2."""
 
 
@@ -68,15 +61,11 @@ def build_config(model: type[M], flags: dict[str, str] | None = None, **values: 
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Errors as one line on stderr: the user's input (exit 2), or a run that should be retried (exit 1)."""
+    """esam3's errors as one line on stderr, with the exit code their class carries (2: the user's to fix, 1: rerun)."""
     try:
         yield
-    except (UsageError, ShardSpecError, SourceError, TeacherLoadError, HeadsLoadError, StoreError, TrainingInputError) as exc:
-        _fail(str(exc), 2)
-    except RunError as exc:
-        _fail(str(exc), 1)
-    except ShardReadError as exc:
-        _fail(f"{exc}; rerun to retry", 1)
+    except Esam3Error as exc:
+        _fail(f"{exc}; {exc.advice}" if exc.advice else str(exc), exc.exit_code)
 
 
 def _fail(message: str, code: int) -> None:

@@ -37,11 +37,13 @@ import pyarrow as pa
 from esam3.pipeline.store.claims import ShardClaims, live_claims
 from esam3.pipeline.store.commits import ShardCommit, commit_shard, finished_shards, is_committed, ledger_entries, recover
 from esam3.pipeline.object_store import S3Settings
+from esam3.pipeline import sources
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.snapshots import tag_if_complete
 from esam3.schemas.cache import CacheConfig, Inputs, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.errors import ConfigError
 from esam3.schemas.store import HEADS_DIR, SCHEMAS, TABLE_OF
 from esam3.schemas.teacher import Device, TeacherConfig
 from esam3.workers.heads import Geometry
@@ -137,6 +139,8 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     store.check_settings(config.target_spec(""))  # the teacher loads (a minute with real weights)
     card, teacher = driver_card(config.teacher)
     checksum, geometry = card["checksum"], Geometry.from_dict(card["geometry"])
+    if dataset == DatasetName.SAV:
+        _check_video_memory(config.video.max_frames, geometry.image_size)
     fingerprint = config.fingerprint(checksum)
     store.open_for({k: v for k, v in card.items() if k not in ("device", "precision")}, {**config.target_spec(checksum), "fingerprint": fingerprint})
     if not fenced:
@@ -345,6 +349,18 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
                             basis_source=basis_source),
         writer_args=writer_args,
     )
+
+
+def _check_video_memory(max_frames: int, image_size: int) -> None:
+    """``--max-frames`` sets how many teacher frames (uint8, S x S) one video holds in an actor: bounded like a
+    decoded video (``sources.MAX_VIDEO_BYTES``), before any work."""
+    per_frame = 3 * image_size * image_size
+    if max_frames * per_frame > sources.MAX_VIDEO_BYTES:
+        raise ConfigError(
+            f"--max-frames {max_frames}: as many teacher frames of {image_size}x{image_size} hold "
+            f"{max_frames * per_frame / 1e9:.1f} GB per video, over the {sources.MAX_VIDEO_BYTES / 1e9:.1f} GB a video may "
+            f"take; at most {sources.MAX_VIDEO_BYTES // per_frame} fit"
+        )
 
 
 def _on_cpu(teacher: TeacherConfig) -> TeacherConfig:

@@ -19,12 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from esam3.pipeline.shards import DatasetName, ShardRef, SourceError
-from esam3.pipeline.tar_stream import ShardReadError
+from esam3.pipeline.shards import DatasetName, ShardRef
 from esam3.schemas.cache import CacheConfig, RunError
-from esam3.schemas.errors import first_line
-from esam3.schemas.store import StoreError
-from esam3.schemas.teacher import TeacherLoadError
+from esam3.schemas.errors import Esam3Error, first_line
 from esam3.workers.shard_writer import ShardWriter
 from esam3.workers.write_step import WriteFragments
 
@@ -33,21 +30,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Errors of ours that a step may raise, by class name: Ray Data re-raises them as its own type, with the
-#: original only in the traceback text.
-_STEP_ERRORS: dict[str, type[Exception]] = {
-    cls.__name__: cls for cls in (StoreError, TeacherLoadError, SourceError, ShardReadError, RunError)
-}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
 
 
 @contextmanager
 def ray_errors() -> Iterator[None]:
-    """A step's error reaches the driver as a Ray error holding a traceback; raise it as one line instead.
+    """A step's error reaches the driver wrapped in Ray's errors; raise it as one line instead.
 
-    Our own errors come back as their type (so the CLI's exit codes hold); anything else becomes a RunError
-    naming the original error (exit 1: rerun resumes). The full traceback goes to the log at debug level.
+    Our own errors come back as themselves, so the CLI's exit codes hold: from ``RayTaskError.cause`` where Ray
+    keeps the original (tasks, actors), else by name from the traceback text (Ray Data's ``UserCodeException``
+    keeps only that). Anything else becomes a RunError naming the original error (exit 1: rerun resumes). The full
+    traceback goes to the log at debug level.
     """
     try:
         yield
@@ -57,18 +51,45 @@ def ray_errors() -> Iterator[None]:
         if not isinstance(exc, RayError):
             raise
         log.debug("a pipeline step failed", exc_info=exc)
+        ours = own_cause(exc)
+        if ours is not None:
+            raise ours from None
         raise step_error(str(exc)) from None
 
 
-def step_error(text: str) -> Exception:
-    """The original error in a Ray error's text: its first ``Name: message`` line that Ray did not add."""
+def own_cause(exc: BaseException) -> Esam3Error | None:
+    """The esam3 error a Ray error wraps (through ``cause`` and Python's chaining), as it was raised."""
+    from ray.exceptions import RayError
+
+    seen, stack = set(), [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, Esam3Error) and not isinstance(current, RayError):  # not Ray's dual-class copy
+            return current
+        stack.extend(e for e in (getattr(current, "cause", None), current.__cause__, current.__context__) if isinstance(e, BaseException))
+    return None
+
+
+def _own_classes(base: type[Esam3Error] = Esam3Error) -> dict[str, type[Esam3Error]]:
+    found = {base.__name__: base}
+    for sub in base.__subclasses__():
+        found.update(_own_classes(sub))
+    return found
+
+
+def step_error(text: str) -> Esam3Error:
+    """The original error in a Ray error's text (its first ``Name: message`` line that Ray did not add): ours by
+    its class name, anything else as a RunError naming it."""
     text = _ANSI.sub("", text)
     for match in _ERROR_LINE.finditer(text):
         name, message = match.groups()
         if name in ("RayTaskError", "UserCodeException", "RayError"):
             continue
-        if name in _STEP_ERRORS:
-            return _STEP_ERRORS[name](message)
+        if name in (own := _own_classes()):
+            return own[name](message)
         return RunError(f"a pipeline step failed: {name}: {message}; rerun the same command to resume")
     return RunError(f"a pipeline step failed: {first_line(text)}; rerun the same command to resume")
 

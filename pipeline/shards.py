@@ -12,6 +12,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from esam3.pipeline.object_store import ACCESS_HINT
 from esam3.schemas.shards import ShardSpec, ShardSpecError
+from esam3.schemas.errors import Esam3Error
 
 
 class DatasetName(str, Enum):
@@ -41,7 +42,7 @@ class ShardRef:
         return self.dataset.shard_name(self.shard_id)
 
 
-class SourceError(ValueError):
+class SourceError(Esam3Error, ValueError):
     """The source cannot be listed (unknown protocol, missing folder, refused access); one line for the user.
 
     Messages name the source URL only, never the storage options, so credentials do not leak.

@@ -29,6 +29,15 @@ from esam3.schemas.sav import SAV_ANNOTATION_STRIDE, SAV_FPS, SAVRecord
 from esam3.schemas.shards import ShardSpec
 
 log = logging.getLogger(__name__)
+#: Bounds on what one sample may make a worker hold: beyond them the sample fails (a decompression bomb, a corrupt
+#: header, a video far longer than SA-V's), rather than the worker running out of memory on every retry.
+MAX_IMAGE_PIXELS = 100_000_000  # SA-1B: ~3.4 MP per image; 100 MP is 300 MB of RGB
+MAX_JSON_BYTES = 256 << 20  # SA-1B / SA-V annotation files: a few MB; Python holds ~10x a JSON's size once parsed
+MAX_VIDEO_BYTES = 8 << 30  # decoded RGB frames kept of one video (SA-V at 1080p: 6.2 MB a frame)
+
+
+def _gb(n_bytes: float) -> str:
+    return f"{n_bytes / 1e9:.1f} GB"
 
 
 class SampleError(ValueError):
@@ -92,6 +101,9 @@ class _ShardedSource:
 
 def _parse_json(group: MemberGroup, part: str, model: type) -> Any:
     member = group.member(part)
+    if len(group.data(part)) > MAX_JSON_BYTES:
+        raise SampleError(f"{member} is {_gb(len(group.data(part)))} of JSON, over the {_gb(MAX_JSON_BYTES)} an annotation "
+                          "file may hold (SA-1B and SA-V ones are a few MB)", member)
     try:
         return model.model_validate(json.loads(group.data(part)))
     except ValidationError as exc:
@@ -139,10 +151,16 @@ class SA1BSource(_ShardedSource):
             )
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
-            if self.check_pixels:
-                simplejpeg.decode_jpeg(jpeg, min_height=1, min_width=1)
         except ValueError as exc:
             raise SampleError(f"{jpg_name} is not a readable JPEG: {exc}", member) from None
+        if height * width > MAX_IMAGE_PIXELS:
+            raise SampleError(f"{jpg_name} is {width}x{height} ({height * width / 1e6:.0f} MP), over the "
+                              f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP an image may have (SA-1B's are ~3 MP)", member)
+        if self.check_pixels:
+            try:
+                simplejpeg.decode_jpeg(jpeg, min_height=1, min_width=1)
+            except ValueError as exc:
+                raise SampleError(f"{jpg_name} is not a readable JPEG: {exc}", member) from None
         if (height, width) != (record.image.height, record.image.width):
             raise SampleError(
                 f"{jpg_name} is {width}x{height} but its JSON says {record.image.width}x{record.image.height}", member
@@ -208,6 +226,12 @@ class SAVSource(_ShardedSource):
         )
         stride = SAV_ANNOTATION_STRIDE if self.frames == "annotated" else 1
         size = (record.video_height, record.video_width)
+        kept = -(-record.video_frame_count // stride)
+        if self.max_frames is not None:
+            kept = min(kept, self.max_frames)
+        if kept * size[0] * size[1] * 3 > MAX_VIDEO_BYTES:
+            raise SampleError(f"{name}: {kept} frames of {size[1]}x{size[0]} would hold {_gb(kept * size[0] * size[1] * 3)} "
+                              f"decoded, over the {_gb(MAX_VIDEO_BYTES)} a video may take: lower --max-frames", member)
         try:
             frames, indices, total = _decode_video(group.data(".mp4"), size, stride, self.max_frames)
         except SampleError as exc:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from esam3.schemas.samples import Failure
+from esam3.schemas.errors import Esam3Error
 
 #: Larger members are skipped (SA-1B JPEGs are a few MB, SA-V mp4s tens of MB).
 MAX_MEMBER_BYTES = 2 << 30
@@ -26,8 +27,11 @@ MAX_MEMBER_BYTES = 2 << 30
 MAX_PENDING_BYTES = 4 << 30
 
 
-class ShardReadError(OSError):
+class ShardReadError(OSError, Esam3Error):
     """Reading a shard failed for a reason outside the data (I/O, network); retrying may succeed."""
+
+    exit_code = 1
+    advice = "rerun to retry"
 
 
 class _CorruptTar(tarfile.TarError):

@@ -14,6 +14,7 @@ from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.shards import ShardSpec
 from esam3.schemas.teacher import TeacherConfig, VideoTargetConfig
+from esam3.schemas.errors import Esam3Error
 
 
 def check_s3_endpoint(value: str | None) -> str | None:
@@ -23,8 +24,10 @@ def check_s3_endpoint(value: str | None) -> str | None:
     return value
 
 
-class RunError(Exception):
+class RunError(Esam3Error):
     """A cache run that cannot finish as asked (incomplete shards, inconsistent accounting): rerun to resume."""
+
+    exit_code = 1
 
 
 class Target(str, Enum):

@@ -1,10 +1,24 @@
-"""One-line, field-naming messages for pydantic validation errors (for CLI output and failure reasons)."""
+"""esam3's errors: one base class with the exit code on it, and one-line messages (pydantic's errors included)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from pydantic import ValidationError
+
+
+class Esam3Error(Exception):
+    """An error esam3 reports as one line that says what to do. ``exit_code`` 2: the input or set-up is the user's to
+    fix (flags, config, source, store, teacher); 1: a run to repeat as it is (an outage, a shard to read again).
+    ``advice`` is added to the message where the error is reported."""
+
+    exit_code: ClassVar[int] = 2
+    advice: ClassVar[str] = ""
+
+
+class ConfigError(Esam3Error, ValueError):
+    """Settings that cannot work together, found below the command line (e.g. the memory a setting implies)."""
 
 
 def describe(exc: ValidationError, name: Callable[[str], str] = str, limit: int = 3) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from esam3.schemas.errors import Esam3Error
 
 
-class ShardSpecError(ValueError):
+class ShardSpecError(Esam3Error, ValueError):
     """A ``--shards`` value that cannot be used; the message is one line meant for the user."""
 
 

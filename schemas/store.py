@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from esam3.schemas.codecs import Encoded
+from esam3.schemas.errors import Esam3Error
 
 #: 1: every tensor inline; 2: big tensors' bytes in Lance blob fields (blob v2, Lance file format 2.2);
 #: 3: the student's input and the ground-truth masks in every row, exact (non-DCT) decode by default.
@@ -164,7 +165,7 @@ LEDGER = pa.schema(
     ]
 )
 
-class StoreError(Exception):
+class StoreError(Esam3Error):
     """A store that cannot be used for this run (another teacher or config, unreadable card, not a store)."""
 
 

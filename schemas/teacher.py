@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
+from esam3.schemas.errors import Esam3Error
 
 #: Seeded random teachers that need no download: name -> what it is (see ``esam3.workers.teacher_loading``).
 RANDOM_TEACHERS = {
@@ -14,11 +15,11 @@ RANDOM_TEACHERS = {
 }
 
 
-class TeacherLoadError(Exception):
+class TeacherLoadError(Esam3Error):
     """A teacher checkpoint (or device) that cannot be used, with what was expected instead."""
 
 
-class HeadsLoadError(Exception):
+class HeadsLoadError(Esam3Error):
     """A heads directory that cannot be used, with what was expected."""
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from esam3.schemas.cache import check_s3_endpoint
 from esam3.schemas.teacher import Device  # auto (cuda when there is one), cpu, cuda: the teacher's choice
+from esam3.schemas.errors import Esam3Error
 
 #: The public recipe's learning rate: 1e-3 for 512 images per optimizer step, scaled linearly.
 BASE_LR, BASE_BATCH = 1e-3, 512
@@ -22,7 +23,7 @@ BASE_LR, BASE_BATCH = 1e-3, 512
 RESUMABLE = frozenset({"steps", "epochs", "device", "loader_workers", "address", "resume", "checkpoint_every", "log_every", "keep_checkpoints"})
 
 
-class TrainingInputError(ValueError):
+class TrainingInputError(Esam3Error, ValueError):
     """A trainer, eval, export or predict input that cannot be used as given; the message names the fix (exit 2)."""
 
 

@@ -662,7 +662,7 @@ def test_targets_that_cannot_be_stored_fail_their_row_only(demo_root: Path, tmp_
     assert verify_store(Store(str(store))).ok
 
 
-@pytest.mark.parametrize("fault", ["fails-after-8-frames", "nan-in-2-frames"])
+@pytest.mark.parametrize("fault", ["fails-after-8-frames", "oom-after-8-frames", "nan-in-2-frames"])
 def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
     demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
@@ -679,6 +679,8 @@ def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
         for targets in original(teacher, work):
             if work.key == videos[0] and fault == "fails-after-8-frames" and targets.frame == 8:
                 raise ValueError("the tracker lost its memory")
+            if work.key == videos[0] and fault == "oom-after-8-frames" and targets.frame == 8:  # not a ValueError
+                raise RuntimeError("CUDA out of memory. Tried to allocate 12.00 GiB")
             if work.key == videos[0] and fault == "nan-in-2-frames" and targets.frame in (2, 5):
                 targets = dataclasses.replace(targets, object_score=targets.object_score * float("nan"))
             yield targets
@@ -688,13 +690,50 @@ def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
     report = run_cache(config(demo_root / "sa-v", store, dataset="sa-v", max_failures=MaxFailures.parse("1")), executor="local")
     frames = rows_of(store, "frames")
     stored = sorted(f["frame"] for f in frames if f["video_id"] == videos[0].split("/")[1])
-    expected = list(range(8)) if fault == "fails-after-8-frames" else [f for f in range(9) if f not in (2, 5)]
+    expected = list(range(8)) if fault.endswith("after-8-frames") else [f for f in range(9) if f not in (2, 5)]
     assert stored == expected and report.rows == len(frames) == 9 + len(expected)
     assert report.failures == 1 and report.exit_code == 0, "one video failed, however many of its frames"
     failures = lance.dataset(str(store / "failures.lance")).to_table().to_pylist()
-    assert len(failures) == (1 if fault == "fails-after-8-frames" else 2)
-    assert "after frame 8" in failures[0]["reason"] if fault == "fails-after-8-frames" else "NaN" in failures[0]["reason"]
+    assert len(failures) == (1 if fault.endswith("after-8-frames") else 2)
+    assert "after frame 8" in failures[0]["reason"] if fault.endswith("after-8-frames") else "NaN" in failures[0]["reason"]
+    if fault == "oom-after-8-frames":
+        assert "RuntimeError: CUDA out of memory" in failures[0]["reason"]
     assert verify_store(Store(str(store))).ok
+
+
+@pytest.mark.parametrize("poison", ["trunk", "prompts"])
+def test_a_poison_sample_fails_alone_and_the_run_goes_on(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str) -> None:
+    """Any error of the teacher on one sample (out of memory, a kernel error), not only a ValueError: the batch is
+    run again one sample at a time, the sample that still fails is a failure row with its reason, the rest are
+    stored; a teacher failing on every sample stops the run instead of failing them all."""
+    from esam3.workers import teacher_step
+    from esam3.workers.teacher import Sam3Teacher as Teacher
+
+    name = "trunk_features" if poison == "trunk" else "prompt_targets"
+    original, calls = getattr(Teacher, name), {"n": 0}
+
+    def faulty(self, *args):
+        calls["n"] += 1
+        if calls["n"] <= (2 if poison == "trunk" else 1):  # trunk: the batch of 3, then its first sample alone
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(self, *args)
+
+    monkeypatch.setattr(Teacher, name, faulty)
+    store = tmp_path / "store"
+    report = run_cache(config(demo_root / "sa-1b", store, max_failures=MaxFailures.parse("1")), executor="local")
+    assert (report.rows, report.failures, report.exit_code) == (5, 1, 0)
+    reason = lance.dataset(str(store / "failures.lance")).to_table().column("reason").to_pylist()[0]
+    said = "the teacher failed on it" if poison == "trunk" else "prompt targets failed"
+    assert reason == f"{said}: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert verify_store(Store(str(store))).ok
+
+    def broken(self, *args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Teacher, name, broken)
+    monkeypatch.setattr(teacher_step, "POISON_STREAK", 3)
+    with pytest.raises(RuntimeError, match="failed on 3 samples in a row .* the teacher, not the samples, is failing"):
+        run_cache(config(demo_root / "sa-1b", tmp_path / "broken"), executor="local")
 
 
 def test_actors_racing_to_store_a_basis_all_keep_the_same_one(tmp_path: Path) -> None:

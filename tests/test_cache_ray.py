@@ -20,6 +20,7 @@ from esam3.pipeline.store import Store
 from esam3.pipeline.store.check import verify_store
 from esam3.schemas.cache import CacheConfig, RunError
 from esam3.schemas.store import StoreError
+from esam3.pipeline.tar_stream import ShardReadError
 from tests.conftest import small_config
 
 
@@ -133,11 +134,13 @@ def test_a_shard_that_cannot_be_read_in_a_ray_worker_is_left_for_a_rerun(local_r
     ("error", "expected", "message"),
     [
         (StoreError("store s3://b/x: access refused"), StoreError, "^store s3://b/x: access refused$"),
+        (ShardReadError("cannot open sa_000001.tar: reset"), ShardReadError, "^cannot open sa_000001.tar: reset$"),
         (ZeroDivisionError("division by zero"), RunError, "a pipeline step failed: ZeroDivisionError: division by zero; rerun"),
     ],
 )
-def test_errors_in_ray_steps_reach_the_driver_as_one_line(local_ray, error: Exception, expected: type, message: str) -> None:
-    """Ray Data re-raises a step's error as its own type; the driver gives back ours (exit codes hold) or a RunError."""
+@pytest.mark.parametrize("via", ["ray-data", "ray-task"])
+def test_errors_in_ray_steps_reach_the_driver_as_one_line(local_ray, error: Exception, expected: type, message: str, via: str) -> None:
+    """Ray wraps a step's error in its own types; the driver gives back ours (exit codes hold) or a RunError."""
     import ray
 
     def step(batch):
@@ -145,8 +148,11 @@ def test_errors_in_ray_steps_reach_the_driver_as_one_line(local_ray, error: Exce
 
     with pytest.raises(expected, match=message) as raised:
         with ray_errors():
-            ray.data.from_items([{"a": 1}]).map_batches(step, batch_format="pyarrow").take_all()
-    assert "\n" not in str(raised.value)
+            if via == "ray-data":  # the original survives only as text
+                ray.data.from_items([{"a": 1}]).map_batches(step, batch_format="pyarrow").take_all()
+            else:  # the original is RayTaskError.cause
+                ray.get(ray.remote(step).remote(None))
+    assert "\n" not in str(raised.value) and type(raised.value) is expected
 
 
 @pytest.mark.parametrize(("root_level", "auth_level"), [(logging.WARNING, logging.ERROR), (logging.INFO, logging.NOTSET)])

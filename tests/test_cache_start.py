@@ -99,3 +99,13 @@ def test_a_refusal_during_the_run_is_not_rerun_advice(demo_root: Path, tmp_path:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == code and said in result.output, result.output
         assert "AWS" not in result.output
+
+
+def test_max_frames_beyond_the_video_memory_bound_is_refused_at_the_start(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from esam3.pipeline import sources
+
+    monkeypatch.setattr(sources, "MAX_VIDEO_BYTES", 10 * 3 * 112 * 112)  # ten teacher frames of the tiny teacher
+    result = CliRunner().invoke(app, ["cache", "--dataset", "sa-v", "--source", str(demo_root / "sa-v"), "--store", str(tmp_path / "s"),
+                                      "--executor", "local", "--max-frames", "11"])
+    assert result.exit_code == 2 and "--max-frames 11: as many teacher frames of 112x112 hold" in result.output, result.output
+    assert "at most 10 fit" in result.output and not (tmp_path / "s" / "frames.lance").exists()

@@ -368,3 +368,24 @@ def test_source_reads_through_fsspec_urls(demo_root: Path) -> None:
     samples, failures = _split(list(SA1BSource("memory://shards").iter_samples("all")))
     assert failures == [] and [s.key for s in samples] == ["sa1b/4", "sa1b/5", "sa1b/6"]
     assert samples[0].shard == "sa_000001.tar"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "bound", "value", "said"),
+    [
+        ("sa-1b", "MAX_IMAGE_PIXELS", 1000, "MP an image may have"),
+        ("sa-1b", "MAX_JSON_BYTES", 100, "of JSON, over the"),
+        ("sa-v", "MAX_JSON_BYTES", 100, "of JSON, over the"),
+        ("sa-v", "MAX_VIDEO_BYTES", 100_000, "decoded, over the 0.0 GB a video may take: lower --max-frames"),
+    ],
+)
+def test_samples_beyond_the_memory_bounds_fail_with_the_reason(
+    demo_root: Path, monkeypatch: pytest.MonkeyPatch, dataset: str, bound: str, value: int, said: str
+) -> None:
+    """Bounds lowered to the demo's sizes: each sample fails with a reason, none is loaded whole first."""
+    from esam3.pipeline import sources
+
+    monkeypatch.setattr(sources, bound, value)
+    source = SA1BSource(str(demo_root / dataset)) if dataset == "sa-1b" else SAVSource(str(demo_root / dataset), max_frames=8)
+    items = list(source.iter_samples("all"))
+    assert items and all(isinstance(i, Failure) and said in i.reason for i in items), [getattr(i, "reason", i) for i in items]

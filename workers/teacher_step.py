@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from esam3.schemas.codecs import Basis, FeatureCodec
+from esam3.schemas.errors import first_line
 from esam3.schemas.teacher import TeacherConfig, TeacherLoadError, VideoPrompt
 from esam3.schemas.work import FRAME_TARGET_COLUMNS, FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, TARGETS
 from esam3.workers.preprocess import normalize
@@ -27,6 +28,8 @@ from esam3.workers.teacher import Sam3Teacher
 from esam3.workers.video_targets import ObjectPrompt, VideoWork, run_video
 
 log = logging.getLogger(__name__)
+#: Samples in a row the teacher may fail on before the actor itself fails (see ``TeacherImages.poisoned``).
+POISON_STREAK = 8
 
 
 class TeacherImages:
@@ -53,6 +56,7 @@ class TeacherImages:
         self.basis_ready = basis is None
         self.codec = codec  # the run's trunk codec: its task-level error is measured per row (None: not measured)
         self._stored_basis: Basis | None = None
+        self.streak = 0  # samples in a row the teacher failed on
 
     def ensure_basis(self, trunks: torch.Tensor) -> None:
         """Fit and store the run's low-rank basis on these trunk outputs (N, C, g, g) unless the store has one."""
@@ -82,27 +86,62 @@ class TeacherImages:
         pixels = torch.stack(
             [torch.frombuffer(bytearray(rows[i]["pixels"]), dtype=torch.uint8).reshape(3, size, size) for i in samples]
         )
-        trunk = teacher.trunk_features(normalize(pixels.to(teacher.device)))
-        self.ensure_basis(trunk)
-        for position, index in enumerate(samples):
+        trunks = self._trunks(rows, samples, pixels)
+        if trunks:
+            self.ensure_basis(torch.stack(list(trunks.values())))
+        for index, trunk in trunks.items():
             row = rows[index]
             row["pixels"] = None  # not needed downstream: keep the object store small
             row["precision"] = teacher.card.precision
-            row["trunk"] = target_bytes(trunk[position])
+            row["trunk"] = target_bytes(trunk)
             if self.with_prompts and row["k"]:
                 try:
-                    out = teacher.prompt_targets(trunk[position], prompt_set(row, size))
-                except ValueError as exc:  # a bad prompt set fails this sample only
-                    rows[index] = as_failure(row, f"prompt targets failed: {exc}")
+                    out = teacher.prompt_targets(trunk, prompt_set(row, size))
+                    if self.codec is not None:
+                        decoded = roundtrip(trunk, self.codec, self.trunk_basis())
+                        cost = task_error(out, teacher.prompt_targets(decoded, prompt_set(row, size)))
+                        row["codec_mask_iou"], row["codec_iou_error"] = cost.mask_iou, cost.iou_error
+                except Exception as exc:  # noqa: BLE001 - a bad prompt set, or one that exhausts the device: this sample only
+                    rows[index] = as_failure(row, f"prompt targets failed: {self.poisoned(exc)}")
                     continue
                 for name in ("multi", "single"):
                     row[f"{name}_logits"] = target_bytes(getattr(out, name))
                 for name in ("iou", "object_score", "object_pointer"):
                     row[name] = target_bytes(getattr(out, name))
-                if self.codec is not None:
-                    decoded = roundtrip(trunk[position], self.codec, self.trunk_basis())
-                    cost = task_error(out, teacher.prompt_targets(decoded, prompt_set(row, size)))
-                    row["codec_mask_iou"], row["codec_iou_error"] = cost.mask_iou, cost.iou_error
+            self.streak = 0
+
+    def _trunks(self, rows: list[dict[str, Any]], samples: list[int], pixels: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Trunk outputs by row index: the batch in one pass, or, if the pass fails (out of memory on a large batch,
+        a kernel error on one input), each sample alone; a sample that fails alone becomes a failure row."""
+        teacher = self.teacher
+        try:
+            trunk = teacher.trunk_features(normalize(pixels.to(teacher.device)))
+            return dict(zip(samples, trunk))
+        except Exception as exc:  # noqa: BLE001 - which sample is to blame is found below
+            if len(samples) == 1:
+                rows[samples[0]] = as_failure(rows[samples[0]], f"the teacher failed on it: {self.poisoned(exc)}")
+                return {}
+            log.warning("the teacher failed on a batch of %d (%s); running its samples one at a time", len(samples), first_line(exc))
+        trunks = {}
+        for position, index in enumerate(samples):
+            try:
+                trunks[index] = teacher.trunk_features(normalize(pixels[position : position + 1].to(teacher.device)))[0]
+            except Exception as exc:  # noqa: BLE001 - this sample alone fails: a poison sample
+                rows[index] = as_failure(rows[index], f"the teacher failed on it: {self.poisoned(exc)}")
+        return trunks
+
+    def poisoned(self, exc: BaseException) -> str:
+        """Count a sample the teacher failed on; after ``POISON_STREAK`` in a row it is the teacher that fails (a
+        broken device), and the actor stops so that Ray replaces it. Returns the failure reason."""
+        self.streak += 1
+        reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {first_line(exc)}"
+        if self.teacher.device.type == "cuda":
+            torch.cuda.empty_cache()  # what an out-of-memory sample left allocated
+        if self.streak >= POISON_STREAK:
+            raise RuntimeError(f"the teacher failed on {self.streak} samples in a row (the last: {reason}): the teacher, "
+                               "not the samples, is failing") from exc
+        log.warning("teacher failed on a sample: %s", reason)
+        return reason
 
     def trunk_basis(self) -> Basis | None:
         """The store's low-rank basis (after ``ensure_basis``), for the task-level error of the lowrank codec."""
@@ -173,15 +212,17 @@ class TeacherVideos:
                     if len(block) == 8:
                         yield pa.Table.from_pylist(block, schema=FRAME_TARGETS)
                         sent, block = sent + len(block), []
-            except ValueError as exc:
+            except Exception as exc:  # noqa: BLE001 - bad prompts, or a video that exhausts the device: this video only
                 if sent == row["frames"]:  # every frame already sent: nothing is missing
                     log.warning("%s: video targets raised after its last frame: %s", row["key"], exc)
                     continue
-                failure = as_failure(row, f"video targets failed after frame {sent}: {exc}", count=row["frames"] - sent)
+                reason = self.images.poisoned(exc)
+                failure = as_failure(row, f"video targets failed after frame {sent}: {reason}", count=row["frames"] - sent)
                 yield pa.Table.from_pylist([{name: failure.get(name) for name in FRAME_TARGETS.names}], schema=FRAME_TARGETS)
                 continue
             if block:
                 yield pa.Table.from_pylist(block, schema=FRAME_TARGETS)
+            self.images.streak = 0
 
     def _frames(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
         teacher = self.images.teacher
