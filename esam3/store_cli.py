@@ -167,7 +167,45 @@ def verify_command(
             console.print(Text(f"problem: {problem}"))
         if report.more_problems:
             console.print(Text(f"... and {report.more_problems} more"))
+        for table, shards in report.damaged_shards.items():
+            console.print(Text(f"{table}: {len(shards)} shard(s) lost or damaged rows: {', '.join(sorted(shards)[:10])}"
+                               f"{' ...' if len(shards) > 10 else ''}"))
+        if report.damaged_shards or report.leftover_rows:
+            console.print(Text(f"to mend it: esam3 store repair {uri}, then rerun the esam3 cache command that made it "
+                               "(it caches exactly the removed shards)"))
     raise typer.Exit(0 if report.ok else 1)
+
+
+@store_app.command("repair")
+def repair_command(
+    uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Verify and list what would be removed; change nothing."),
+    s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=S3_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line with what was removed per table."),
+) -> None:
+    """Remove the shards verify finds lost or damaged (and rows runs left), so that a cache rerun redoes exactly them."""
+    from esam3.pipeline.store.check import verify_store
+    from esam3.pipeline.store.repair import repair_store
+
+    with user_errors():
+        store = open_store(uri, s3_endpoint)
+        with progress() as bar:
+            task = bar.add_task("verify", total=None, status="")
+            report = verify_store(store, on_rows=lambda n: bar.update(task, advance=n))
+        repaired = repair_store(store, dry_run, report)
+    if as_json:
+        print_json(repaired)
+        return
+    did = "would remove" if dry_run else "removed"
+    for table, entry in repaired["tables"].items():
+        if entry["shards"] or entry["fragments_dropped"] or entry["leftover_runs"]:
+            console.print(Text(f"{table}: {did} {len(entry['shards'])} shard(s) ({', '.join(entry['shards'])}), "
+                               f"{len(entry['fragments_dropped'])} unreadable fragment(s), rows left by "
+                               f"{len(entry['leftover_runs'])} run(s) that did not commit their shard"))
+    if not repaired["shards"] and not any(e["leftover_runs"] or e["fragments_dropped"] for e in repaired["tables"].values()):
+        console.print(Text("nothing to repair" + ("" if report.ok else ": the problems verify found are not lost or damaged rows")))
+    elif repaired["shards"] and not dry_run:
+        console.print(Text("rerun the esam3 cache command that made the store: it caches exactly the removed shards"))
 
 
 @store_app.command("show")

@@ -6,6 +6,8 @@
 # Any access key / secret works unless S3_CONFIG names a SeaweedFS identities file, e.g.
 #   {"identities": [{"name": "me", "credentials": [{"accessKey": "K", "secretKey": "S"}], "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
 # in which case only those keys are accepted (requests signed with another secret are refused).
+# Each bucket is a SeaweedFS collection that grows several (sparse) volumes of its own: -volume.max leaves room for
+# a few dozen buckets.
 # Point clients at http://127.0.0.1:S3_PORT, e.g.
 #   AWS_ENDPOINT_URL=http://127.0.0.1:8333 AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=y esam3 scan --source s3://bucket/...
 set -euo pipefail
@@ -16,5 +18,5 @@ auth=()
 if [[ -n "${S3_CONFIG:-}" ]]; then auth=(-s3.config="$S3_CONFIG"); fi
 exec weed server -dir="$dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.telemetry=false -master.telemetry.url=http://127.0.0.1:1/ \
-    -master.volumeSizeLimitMB=1024 -volume.max=20 \
+    -master.volumeSizeLimitMB=1024 -volume.max=100 \
     -s3 -s3.port="$port" -s3.port.iceberg=0 -s3.port.lance=0 -master.port="$((port + 1))" -volume.port="$((port + 2))" -filer -filer.port="$((port + 3))" "${auth[@]}"

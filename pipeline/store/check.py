@@ -7,6 +7,7 @@ decodes with its codec and is finite; every row names the store's teacher.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,12 @@ TARGET_TABLES = tuple(TABLE_OF.values())
 #: Columns where NaN is data ("no box"), not corruption: only Inf is a problem there.
 NAN_MEANS_ABSENT = frozenset({"prompt_boxes"})
 _PROBLEM_LIMIT = 50
+_RUST_LOCATION = re.compile(r",? /\S+\.rs:\d+:\d+")
+
+
+def _plain(exc: BaseException) -> str:
+    """An error's first line without the source location Lance's Rust code appends (a path on Lance's build machine)."""
+    return _RUST_LOCATION.sub("", first_line(exc))
 
 
 def _unreadable(exc: Exception) -> bool:
@@ -110,10 +117,20 @@ class VerifyReport:
     tensors_checked: int = 0
     problems: list[str] = field(default_factory=list)
     more_problems: int = 0
+    #: table -> shards whose rows are lost or damaged (``store repair`` removes them so that a cache rerun redoes them)
+    damaged_shards: dict[str, list[str]] = field(default_factory=dict)
+    #: table -> fragments whose data cannot be read at all
+    lost_fragments: dict[str, list[int]] = field(default_factory=dict)
+    #: table -> (shard, run) of rows a run left that did not commit the shard (``store repair`` removes them)
+    leftover_rows: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def damaged(self, table: str, shard: str) -> None:
+        if shard not in self.damaged_shards.setdefault(table, []):
+            self.damaged_shards[table].append(shard)
 
     def problem(self, text: str) -> None:
         if len(self.problems) < _PROBLEM_LIMIT:
@@ -154,7 +171,7 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
         except (OSError, ValueError) as exc:  # a file gone or unreadable, or the storage down: the scan stops
             if not _unreadable(exc):
                 raise
-            report.problem(f"{table}: cannot be read after {report.rows_checked - before} of its rows ({first_line(exc)})")
+            report.problem(f"{table}: cannot be read after {report.rows_checked - before} of its rows ({_plain(exc)})")
     return report
 
 
@@ -169,7 +186,19 @@ def _verify_table(
 ) -> None:
     dataset_name = dataset_of(table)
     ds = store.dataset(table)
-    keys = Counter(ds.to_table(columns=["key"]).column("key").to_pylist())
+    readable, keys, per_run = [], Counter(), Counter()
+    for fragment in ds.get_fragments():  # one by one: a lost data file costs its own rows only, and is named
+        try:
+            small = fragment.to_table(columns=["key", "shard", "run_id"])
+        except (OSError, ValueError) as exc:
+            if not _unreadable(exc):
+                raise
+            report.lost_fragments.setdefault(table, []).append(fragment.fragment_id)
+            report.problem(f"{table}: fragment {fragment.fragment_id} ({fragment.count_rows()} rows) cannot be read ({_plain(exc)})")
+            continue
+        readable.append(fragment)
+        keys.update(small.column("key").to_pylist())
+        per_run.update(zip(small.column("shard").to_pylist(), small.column("run_id").to_pylist()))
     for key, count in keys.items():
         if count > 1:
             report.problem(f"{table}: key {key} appears {count} times")
@@ -177,7 +206,8 @@ def _verify_table(
     required = frozenset({"trunk"} & set(spec.get("targets", [])))  # prompt and object columns may be empty
     if spec.get("inputs", "store") == "store":
         required |= {"input"}
-    per_run = _check_rows(StoreRows(store, table, ds.version), table, teacher, required, report, on_rows)
+    for shard in _check_rows(StoreRows(store, table, ds.version), readable, table, teacher, required, report, on_rows):
+        report.damaged(table, shard)
     per_shard: Counter[str] = Counter()
     for (shard, run), count in per_run.items():
         entry = ledger_by_shard.get(shard)
@@ -185,14 +215,15 @@ def _verify_table(
             report.problem(f"{table}: {count} rows of shard {shard}, which has no ledger entry (an unfinished run?)")
         elif entry["run_id"] != run:
             report.problem(f"{table}: {count} rows of shard {shard} from run {run}, which did not commit it (run {entry['run_id']} did)")
+            report.leftover_rows.setdefault(table, []).append((shard, run))
         else:
             per_shard[shard] += count
-    for shard, count in per_shard.items():
-        if ledger_by_shard[shard]["rows"] != count:
-            report.problem(f"{table}: shard {shard} has {count} rows, its ledger entry says {ledger_by_shard[shard]['rows']}")
     for shard, entry in ledger_by_shard.items():
-        if entry["dataset"] == dataset_name and entry["rows"] and shard not in per_shard:
-            report.problem(f"ledger: shard {shard} should have {entry['rows']} rows in {table}, found none")
+        if entry["dataset"] != dataset_name or per_shard[shard] == entry["rows"]:
+            continue
+        lost = "rows lost" if per_shard[shard] < entry["rows"] else "rows too many"
+        report.problem(f"{table}: shard {shard} has {per_shard[shard]} readable rows, its ledger entry says {entry['rows']} ({lost})")
+        report.damaged(table, shard)
     expected = card["targets"].get(dataset_name, {}).get("fingerprint")
     for shard, entry in ledger_by_shard.items():
         if entry["dataset"] == dataset_name and expected and entry["fingerprint"] != expected:
@@ -200,37 +231,41 @@ def _verify_table(
 
 
 def _check_rows(
-    rows: StoreRows, table: str, teacher: str, required: frozenset[str], report: VerifyReport,
+    rows: StoreRows, fragments: list[Any], table: str, teacher: str, required: frozenset[str], report: VerifyReport,
     on_rows: Callable[[int], None] | None,
-) -> Counter[tuple[str, str]]:
-    """Every row: its teacher, its required tensors present, every tensor decodes and is finite; rows per (shard, run)."""
-    per_shard: Counter[tuple[str, str]] = Counter()
-    for batch in rows.batches(batch_size=16):
+) -> set[str]:
+    """Every row of these fragments: its teacher, its required tensors present, every tensor decodes and is finite;
+    returns the shards of rows that fail (a blob file lost or damaged shows here)."""
+    bad: set[str] = set()
+
+    def problem(row: dict[str, Any], text: str) -> None:
+        report.problem(f"{table}: {row['key']} {text}")
+        bad.add(row["shard"])
+
+    for batch in rows.batches(batch_size=16, fragments=fragments):
         for row in batch:
             report.rows_checked += 1
-            per_shard[row["shard"], row["run_id"]] += 1
             if row["teacher"] != teacher:
-                report.problem(f"{table}: {row['key']} was made by teacher {row['teacher']}, the store's is {teacher}")
+                problem(row, f"was made by teacher {row['teacher']}, the store's is {teacher}")
             objects = len(row["object_ids"]) if table == "frames" else (row["prompt_kinds"] or {"shape": [0]})["shape"][0]
             if len(row["gt_masks"] or []) != objects and (table == "frames" or row["prompt_kinds"] is not None):
-                report.problem(f"{table}: {row['key']} has {len(row['gt_masks'] or [])} ground-truth masks for {objects} "
-                               f"{'objects' if table == 'frames' else 'prompts'}")
+                problem(row, f"has {len(row['gt_masks'] or [])} ground-truth masks for {objects} {'objects' if table == 'frames' else 'prompts'}")
             for column in tensor_columns(table):
                 value = row[column]
                 if value is None:
                     if column in required:
-                        report.problem(f"{table}: {row['key']} has no {column}, which the store's targets include")
+                        problem(row, f"has no {column}, which the store's targets include")
                     continue
                 report.tensors_checked += 1
                 try:
                     array = rows.decode(row, column)
                 except (CodecError, ValueError, TypeError) as exc:  # TypeError: a struct with null fields
-                    report.problem(f"{table}: {row['key']} {column} does not decode ({first_line(exc)})")
+                    problem(row, f"{column} does not decode ({first_line(exc)})")
                     continue
                 if array.dtype.kind == "f":
-                    bad = np.isinf(array) if column in NAN_MEANS_ABSENT else ~np.isfinite(array)
-                    if bad.any():
-                        report.problem(f"{table}: {row['key']} {column} holds NaN or Inf")
+                    bad_values = np.isinf(array) if column in NAN_MEANS_ABSENT else ~np.isfinite(array)
+                    if bad_values.any():
+                        problem(row, f"{column} holds NaN or Inf")
         if on_rows:
             on_rows(len(batch))
-    return per_shard
+    return bad

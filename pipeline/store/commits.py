@@ -276,3 +276,15 @@ def recover(store: Store, table: str, dataset: str, fingerprint: str, shards: Se
             _clear_others(store, entry)
         finished.append(shard)
     return finished
+
+
+def forget_commit(store: Store, dataset: str, shard: str) -> None:
+    """Make a committed shard uncommitted again (``store repair``, after its rows were removed): its failures, ledger
+    rows, commit markers and pending notes go, so that the next cache run of the same settings caches it."""
+    where = f"shard = {quote_sql([shard])}"
+    delete_rows(store, "failures", f"dataset = {quote_sql([dataset])} AND {where}")
+    delete_rows(store, "ledger", f"dataset = {quote_sql([dataset])} AND {where}")
+    folder = f"{store.path}/{COMMITS_DIR}/{dataset}"
+    store.fs.invalidate_cache(folder)
+    for path in store.fs.glob(f"{folder}/*/{quote(shard, safe='')}.json") + store.fs.glob(f"{folder}/*/pending/{quote(shard, safe='')}"):
+        store.fs.rm(path, recursive=True)

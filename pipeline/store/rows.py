@@ -145,10 +145,14 @@ class StoreRows:
         table = self.dataset.to_table(columns=columns, filter=condition, limit=limit, blob_handling=_WITH_BYTES)
         return table.to_pylist()
 
-    def batches(self, batch_size: int = 16, columns: Sequence[str] | None = None) -> Iterator[list[dict[str, Any]]]:
-        """Every row in storage order, ``batch_size`` at a time, tensors with their bytes."""
+    def batches(
+        self, batch_size: int = 16, columns: Sequence[str] | None = None, fragments: Sequence[Any] | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every row (of ``fragments``, default all) in storage order, ``batch_size`` at a time, tensors with their bytes."""
         self._after_fork()
-        for batch in self.dataset.to_batches(columns=columns, batch_size=batch_size, blob_handling=_WITH_BYTES):
+        scanner = self.dataset.scanner(columns=columns, batch_size=batch_size, blob_handling=_WITH_BYTES,
+                                       fragments=list(fragments) if fragments is not None else None)
+        for batch in scanner.to_batches():
             yield batch.to_pylist()
 
     def basis(self) -> Basis | None:
