@@ -144,6 +144,15 @@ def compact_command(
     console.print(table)
 
 
+def _verified(store: Any) -> Any:
+    """``verify_store`` with a progress bar of the rows checked."""
+    from esam3.pipeline.store.check import verify_store
+
+    with progress() as bar:
+        task = bar.add_task("verify", total=None, status="")
+        return verify_store(store, on_rows=lambda n: bar.update(task, advance=n))
+
+
 @store_app.command("verify")
 def verify_command(
     uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
@@ -151,13 +160,8 @@ def verify_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the problems found."),
 ) -> None:
     """Check a store: no duplicate keys, ledger agrees with rows, every tensor decodes and is finite. Exit 1 if not."""
-    from esam3.pipeline.store.check import verify_store
-
     with user_errors():
-        store = open_store(uri, s3_endpoint)
-        with progress() as bar:
-            task = bar.add_task("verify", total=None, status="")
-            report = verify_store(store, on_rows=lambda n: bar.update(task, advance=n))
+        report = _verified(open_store(uri, s3_endpoint))
     if as_json:
         print_json(report.to_json())
     elif report.ok:
@@ -184,14 +188,11 @@ def repair_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with what was removed per table."),
 ) -> None:
     """Remove the shards verify finds lost or damaged (and rows runs left), so that a cache rerun redoes exactly them."""
-    from esam3.pipeline.store.check import verify_store
     from esam3.pipeline.store.repair import repair_store
 
     with user_errors():
         store = open_store(uri, s3_endpoint)
-        with progress() as bar:
-            task = bar.add_task("verify", total=None, status="")
-            report = verify_store(store, on_rows=lambda n: bar.update(task, advance=n))
+        report = _verified(store)
         repaired = repair_store(store, dry_run, report)
     if as_json:
         print_json(repaired)
