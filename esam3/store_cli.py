@@ -69,6 +69,16 @@ def info_command(
             f"{cost['mask_iou_p1']:.4f}, worst {cost['mask_iou_min']:.4f}) and {cost['iou_error_mean']:.4f} of predicted IoU, "
             f"over {cost['rows']} rows"
         ))
+    if info["runs"]:
+        runs = Table(title=Text("runs (runs/<run_id>.json: config, versions)"), title_justify="left")
+        for column in ("run", "dataset", "status", "started", "ended", "host", "shards", "rows", "esam3", "transformers"):
+            runs.add_column(column, justify="right" if column in ("shards", "rows") else "left")
+        for run in info["runs"]:
+            counts, versions = run["counts"] or {}, run["versions"]
+            runs.add_row(run["run_id"], run["dataset"] or "-", run["status"] + (f" ({run['error']})" if run["error"] else ""),
+                         run["started_at"] or "-", run["ended_at"] or "-", run["host"] or "-", str(counts.get("shards_committed", "-")),
+                         str(counts.get("rows", "-")), versions.get("esam3", "-"), versions.get("transformers", "-"))
+        console.print(runs)
     small = [name for name, entry in info["tables"].items() if entry["fragments"] >= COMPACT_HINT_FRAGMENTS
              and entry["rows"] < COMPACT_HINT_ROWS * entry["fragments"]]
     if small:

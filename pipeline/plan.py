@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from esam3.pipeline.store.claims import ShardClaims, live_claims
+from esam3.pipeline.store.runs import RunRecord
 from esam3.pipeline.store.commits import ShardCommit, commit_shard, finished_shards, is_committed, ledger_entries, recover
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline import sources
@@ -171,7 +172,13 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
         for shard, other in sorted(elsewhere.items()):
             log.warning("%s is being cached by run %s (%s, pid %d): left to it", shard, other.run_id, other.host, other.pid)
         if todo:
-            _run_shards(config, executor, store, table, todo, geometry, checksum, run_id, fingerprint, report, on_progress)
+            record = RunRecord(store, run_id, {**config.model_dump(mode="json"), "fingerprint": fingerprint, "teacher_checksum": checksum}, executor)
+            try:
+                _run_shards(config, executor, store, table, todo, geometry, checksum, run_id, fingerprint, report, on_progress)
+            except BaseException as exc:
+                record.end(_counts(report), exc)
+                raise
+            record.end(_counts(report))
     report.seconds = time.perf_counter() - start
     if elsewhere:
         runs = sorted({c.run_id for c in elsewhere.values()})
@@ -349,6 +356,12 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
                             basis_source=basis_source),
         writer_args=writer_args,
     )
+
+
+def _counts(report: CacheReport) -> dict[str, Any]:
+    """What a run record keeps of the report."""
+    return {"shards_committed": report.shards_committed, "rows": report.rows, "failures": report.failures,
+            "bytes": report.bytes, "aborted": sorted(report.aborted)}
 
 
 def _check_video_memory(max_frames: int, image_size: int) -> None:

@@ -21,6 +21,7 @@ from esam3.pipeline.plan import run_cache
 from esam3.pipeline.sources import SA1BSource
 from esam3.pipeline.store import Store, commits
 from esam3.pipeline.store.commits import ledger_entries
+from esam3.pipeline.store.runs import read_runs
 from esam3.pipeline.store.check import verify_store
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig, MaxFailures
@@ -142,6 +143,9 @@ def test_crash_then_rerun_finishes_only_what_is_missing(demo_root: Path, tmp_pat
     assert verify_store(Store(str(store))).ok
     assert len(ledger_entries(Store(str(store)))) == lance.dataset(str(store / "ledger.lance")).count_rows() == 2
     assert not list((store / "commits").rglob("pending/*/*")), "every pending note was cleared"
+    records = read_runs(Store(str(store)))
+    assert [r["status"] for r in records] == ["interrupted"] + ["finished"] * committed_by_the_rerun
+    assert records[0]["error"].startswith("driver killed") and records[0]["ended_at"]
 
 
 def _bad_shard(source: Path, shard: int, case: str) -> None:
@@ -257,11 +261,19 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
     assert info["tables"]["images"]["rows"] == 6 and info["shards"] == {"sa-1b": 2}
     assert info["tables"]["images"]["fragments"] == 2  # one per shard in the in-process loop
     assert info["tables"]["images"]["bytes_per_row"]["trunk"] == 64 * 8 * 8 + 4 * 64
+    [run] = info["runs"]  # the no-op rerun leaves no record
+    assert run["run_id"] == payload["run_id"] and run["status"] == "finished" and run["dataset"] == "sa-1b"
+    assert run["counts"]["shards_committed"] == 2 and run["counts"]["rows"] == 6 and run["started_at"] <= run["ended_at"]
+    assert run["versions"]["esam3"] and run["versions"]["transformers"].startswith("5.") and run["host"]
+    record = json.loads((store / "runs" / f"{payload['run_id']}.json").read_text())
+    assert record["config"]["codec"] == "int8" and record["config"]["teacher"]["source"] == "tiny-random"
+    assert record["config"]["fingerprint"] == info["targets"]["sa-1b"]["fingerprint"] and record["error"] is None
     result = runner.invoke(app, ["store", "info", str(store)], env=WIDE)
     assert result.exit_code == 0 and "bytes per row per column" in result.output
     assert "shards done" in result.output and "{" not in result.output  # a table column, not a Python dict
     images = next(line for line in result.output.splitlines() if line.startswith("│ images"))
     assert [cell.strip() for cell in images.strip("│ ").split("│")][:3] == ["images", "2", "6"]
+    assert "runs (runs/<run_id>.json: config, versions)" in result.output and payload["run_id"] in result.output
     result = runner.invoke(app, ["store", "verify", str(store)], env=WIDE)
     assert result.exit_code == 0 and "ok: 6 rows" in result.output
 

@@ -19,6 +19,7 @@ import pyarrow as pa
 from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.commits import ledger_entries
+from esam3.pipeline.store.runs import read_runs
 from esam3.pipeline.store.snapshots import ledger_rows, snapshot_rows, snapshots
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.codecs import CodecError
@@ -86,6 +87,8 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
         "tables": tables,
         "shards": dict(Counter(row["dataset"] for row in ledger)),
         "failures": tables["failures"]["rows"],
+        "runs": [{k: r.get(k) for k in ("run_id", "status", "started_at", "ended_at", "host", "executor", "counts", "error")}
+                 | {"dataset": r.get("config", {}).get("dataset"), "versions": r.get("versions", {})} for r in read_runs(store)],
     }
 
 
