@@ -20,7 +20,7 @@ S3_HELP = "S3-compatible endpoint (http(s)://HOST:PORT) for s3:// paths; credent
 INPUTS_HELP = "What of the student's input each row keeps: store (SA-1B: the original JPEG; SA-V: each used frame, lossless PNG) or none (targets only; trainers refuse such a store)."
 FAST_DECODE_HELP = "sa-1b: decode JPEGs at a DCT scale (about half size; less CPU) instead of SAM3's own preprocessing of the full image; recorded in every row."
 _FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec", "rank": "--rank",
-          "s3_endpoint": "--s3-endpoint"}
+          "s3_endpoint": "--s3-endpoint", "read_retries": "--read-retries"}
 
 
 def parse_targets(text: str | None) -> tuple[Target, ...]:
@@ -56,6 +56,7 @@ def cache_command(
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames (6 fps) used per video."),
     address: str = typer.Option(None, "--address", help="Join a running Ray cluster: auto, or HOST:PORT. Default: start a local Ray."),
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=S3_HELP),
+    read_retries: int = typer.Option(3, "--read-retries", help="Times a shard is read again after a transient I/O error (reset, 5xx) before it is left for a rerun (0-20)."),
     max_failures: str = typer.Option("0", "--max-failures", help="Bad samples tolerated before exit code 1: a count (10) or a share (0.5%)."),
     executor: str = typer.Option("ray", "--executor", help="ray (default), or local: every step in this process without Ray, for debugging."),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt sampler (and of a random teacher's weights)."),
@@ -83,6 +84,7 @@ def cache_command(
             CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
             targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, rank=rank,
             inputs=inputs, dct_scaling=_fast_decode(fast_decode, dataset), address=address, s3_endpoint=s3_endpoint, max_failures=limit,
+            read_retries=read_retries,
         )
         with progress() as bar:
             update = cache_progress(bar, bar.add_task(f"cache {dataset.value}", total=None, status="starting"))
@@ -135,12 +137,12 @@ def cache_progress(bar: Any, task: Any) -> Any:
 
 def summary_table(report: Any) -> Table:
     table = Table(title=Text(f"cached {report.dataset} into {report.store}"), title_justify="left")
-    for column in ("shards", "rows", "bytes", "rows/s", "failures", "store version"):
+    for column in ("shards", "rows", "bytes", "rows/s", "failures", "read retries", "store version"):
         table.add_column(column, justify="right")
     table.add_row(
         f"{report.shards_committed} new, {report.shards_skipped} already done",
         str(report.rows), human_bytes(report.bytes), f"{report.rows_per_s:.2f}",
-        f"[red]{report.failures}[/]" if report.failures else "0", str(report.store_version),
+        f"[red]{report.failures}[/]" if report.failures else "0", str(report.read_retries), str(report.store_version),
     )
     return table
 

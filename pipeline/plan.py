@@ -105,6 +105,7 @@ class CacheReport:
     rows_written: int = 0  # written to fragments, committed or not (progress)
     rows: int = 0  # committed
     failures: int = 0
+    read_retries: int = 0  # shards read again after a transient I/O error (see workers/read_step.py)
     bytes: int = 0
     seconds: float = 0.0
     store_version: int = 0
@@ -225,6 +226,7 @@ def _run_shards(
                     del progress[name]
                     log.warning("%s stays uncommitted in this run (%s); rerun to finish it", name, entry["aborted"])
                 else:
+                    report.read_retries += entry["read_retries"] or 0
                     state.add(entry, run_id, config.dataset)
                     report.rows_written += entry["rows"] - written_so_far.pop(name, 0)
                     if not state.complete:
@@ -338,7 +340,7 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
         with_prompts = Target.PROMPTS in config.targets
         return Steps(
             read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling,
-                            store_inputs=store_inputs, storage_options=source_options),
+                            store_inputs=store_inputs, storage_options=source_options, read_retries=config.read_retries),
             teacher=TeacherImages,
             teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts, "basis": basis,
                           "codec": config.codec if store_trunk and with_prompts else None},
@@ -348,7 +350,8 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
             writer_args=writer_args,
         )
     return Steps(
-        read=ReadVideos(config.source, geometry.image_size, config.video, store_inputs=store_inputs, storage_options=source_options),
+        read=ReadVideos(config.source, geometry.image_size, config.video, store_inputs=store_inputs, storage_options=source_options,
+                        read_retries=config.read_retries),
         teacher=TeacherVideos,
         teacher_args={"config": config.teacher, "checksum": checksum, "basis": basis},
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
@@ -361,7 +364,7 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
 def _counts(report: CacheReport) -> dict[str, Any]:
     """What a run record keeps of the report."""
     return {"shards_committed": report.shards_committed, "rows": report.rows, "failures": report.failures,
-            "bytes": report.bytes, "aborted": sorted(report.aborted)}
+            "bytes": report.bytes, "read_retries": report.read_retries, "aborted": sorted(report.aborted)}
 
 
 def _check_video_memory(max_frames: int, image_size: int) -> None:

@@ -30,6 +30,7 @@ WORK = pa.schema(
         ("reason", pa.string()),
         ("count", pa.int64()),  # end row: store rows + failure weight of the shard; failure row: its weight (1, or a video's frames)
         ("samples", pa.int64()),  # end row: images / videos read (good or failed)
+        ("retries", pa.int64()),  # end row: times the shard was read again after a transient I/O error
         ("image_id", pa.int64()),
         ("height", pa.int32()),
         ("width", pa.int32()),
@@ -64,7 +65,7 @@ TARGETS = pa.schema([*WORK, ("precision", pa.string()), *[(name, pa.large_binary
 FRAME_TARGET_COLUMNS = ("trunk", "mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")
 FRAME_TARGETS = pa.schema(
     [
-        *[WORK.field(name) for name in ("kind", "dataset", "shard", "key", "member", "reason", "count", "samples", "height", "width", "transform")],
+        *[WORK.field(name) for name in ("kind", "dataset", "shard", "key", "member", "reason", "count", "samples", "retries", "height", "width", "transform")],
         ("video_id", pa.string()),
         ("frame", pa.int32()),
         ("frame_index", pa.int32()),
@@ -90,6 +91,7 @@ WRITTEN = pa.schema(
         ("failures", pa.string()),  # JSON list of {member, reason, weight}: weight = store rows the failure stands for
         ("end_count", pa.int64()),  # -1, or the shard's total row count when its end marker passed
         ("end_samples", pa.int64()),  # -1, or the images / videos the shard held
+        ("read_retries", pa.int64()),  # reads of the shard again after transient I/O errors (with its totals)
         ("aborted", pa.string()),  # null, or why the shard cannot be committed in this run (read or write I/O error)
     ]
 )

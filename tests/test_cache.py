@@ -509,7 +509,12 @@ def unreadable_shard(source: Path, shard: str) -> Path:
     return saved
 
 
-def test_a_shard_that_cannot_be_read_stays_uncommitted_and_the_others_go_on(demo_root: Path, tmp_path: Path) -> None:
+def test_a_shard_that_cannot_be_read_stays_uncommitted_and_the_others_go_on(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from esam3.workers import read_step
+
+    monkeypatch.setattr(read_step, "RETRY_PAUSE_S", 0.0)
     source = tmp_path / "source"
     shutil.copytree(demo_root / "sa-1b", source)
     saved = unreadable_shard(source, "sa_000001.tar")
@@ -517,6 +522,7 @@ def test_a_shard_that_cannot_be_read_stays_uncommitted_and_the_others_go_on(demo
     report = run_cache(config(source, store), executor="local")
     assert report.shards_committed == 1 and report.exit_code == 1 and report.failures == 0
     assert list(report.aborted) == ["sa_000001.tar"] and "cannot open sa_000001.tar" in report.aborted["sa_000001.tar"]
+    assert "(read 4 times)" in report.aborted["sa_000001.tar"], "read again 3 times (--read-retries) before it is left"
     assert {k.split("/")[0] for k in keys(store)} == {"sa1b"} and len(keys(store)) == 3
     result = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(source), "--store", str(tmp_path / "cli"),
                                  "--executor", "local"], env=WIDE)
@@ -748,6 +754,41 @@ def test_a_poison_sample_fails_alone_and_the_run_goes_on(demo_root: Path, tmp_pa
         run_cache(config(demo_root / "sa-1b", tmp_path / "broken"), executor="local")
 
 
+def test_a_transient_read_error_is_retried_and_counted(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection reset mid-shard: the shard is read again from its start, the samples already sent are skipped,
+    and it commits whole; the summary counts the retry."""
+    import fsspec.implementations.local as local
+
+    from esam3.workers import read_step
+
+    monkeypatch.setattr(read_step, "RETRY_PAUSE_S", 0.0)
+    broken = demo_root / "sa-1b" / "sa_000001.tar"
+    reads = {"bytes": 0, "limit": int(0.6 * broken.stat().st_size), "resets": 0}
+    original_read = local.LocalFileOpener.read
+
+    def read_then_reset_once(self, *args, **kwargs):
+        data = original_read(self, *args, **kwargs)
+        if self.path.endswith(broken.name) and not reads["resets"]:
+            reads["bytes"] += len(data)
+            if reads["bytes"] > reads["limit"]:
+                reads["resets"] += 1
+                raise ConnectionResetError("connection reset by peer")
+        return data
+
+    monkeypatch.setattr(local.LocalFileOpener, "read", read_then_reset_once)
+    store = tmp_path / "store"
+    result = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(store),
+                                 "--executor", "local", "--codec", "int8"], env=WIDE)
+    assert result.exit_code == 0 and reads["resets"] == 1, result.output
+    assert "read retries" in result.output and keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
+    assert verify_store(Store(str(store))).ok
+    [run] = read_runs(Store(str(store)))
+    assert run["counts"]["read_retries"] == 1
+    bad = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(store),
+                              "--executor", "local", "--read-retries", "21"], env=WIDE)
+    assert bad.exit_code == 2 and "--read-retries" in bad.output
+
+
 def test_actors_racing_to_store_a_basis_all_keep_the_same_one(tmp_path: Path) -> None:
     """Several actors fitting a basis at once: exactly one is stored (created once), and each gets that one back."""
     from esam3.schemas.codecs import fit_basis
@@ -810,7 +851,7 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
     monkeypatch.setattr(local.LocalFileOpener, "read", read_then_reset)
     monkeypatch.setattr(shard_writer, "write_fragments", write_refused_for_shard_2)
     store = tmp_path / "store"
-    report = run_cache(config(source, store), executor="local")
+    report = run_cache(config(source, store, read_retries=0), executor="local")  # a reset that lasts: retries in the next test
     assert sorted(report.aborted) == ["sa_000001.tar", "sa_000002.tar"] and report.exit_code == 1
     assert "connection reset" in report.aborted["sa_000001.tar"] and "writing its rows failed" in report.aborted["sa_000002.tar"]
     assert report.rows_written >= 18 and report.rows == 10  # shard 1's first batch was written, never committed

@@ -125,7 +125,7 @@ def test_a_shard_that_cannot_be_read_in_a_ray_worker_is_left_for_a_rerun(local_r
     shutil.copytree(demo_root / "sa-1b", source)
     unreadable_shard(source, "sa_000000.tar")
     store = tmp_path / "store"
-    report = run_cache(CacheConfig(dataset="sa-1b", source=str(source), store=str(store)), executor="ray")
+    report = run_cache(CacheConfig(dataset="sa-1b", source=str(source), store=str(store), read_retries=0), executor="ray")
     assert list(report.aborted) == ["sa_000000.tar"] and report.shards_committed == 1 and report.exit_code == 1
     assert len(_keys(store, "images")) == 3 and verify_store(Store(str(store))).ok
 

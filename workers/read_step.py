@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from esam3.pipeline.object_store import access_refused
 from esam3.pipeline.shards import ShardRef
 from esam3.pipeline.tar_stream import ShardReadError
 from esam3.pipeline.sources import SA1BSource, SAVSource
@@ -33,12 +35,16 @@ from esam3.workers.prompts import sample_prompts
 from esam3.workers.video_targets import prepare_video
 
 log = logging.getLogger(__name__)
+#: The pause before the first read of a shard again (doubling each time): a reset connection or a 5xx must not
+#: cost an 11k-image shard (``--read-retries`` sets how many times).
+RETRY_PAUSE_S = 2.0
 
 
 class _ReadShard:
     """Shared loop: items of one shard -> WORK tables of at most ``batch_rows`` rows, then the end row."""
 
     batch_rows: int
+    read_retries: int
 
     def __call__(self, shard: ShardRef) -> Iterator[pa.Table]:
         try:
@@ -48,11 +54,36 @@ class _ReadShard:
             abort = {"kind": KIND_ABORT, "dataset": shard.dataset.value, "shard": shard.name, "reason": first_line(exc)}
             yield pa.Table.from_pylist([abort], schema=WORK)
 
+    def _retried(self, shard: ShardRef, retries: list[int]) -> Iterator[Any]:
+        """The shard's items; on a transient I/O error the shard is read again from its start (a tar stream has no
+        random access) and the items already given are skipped, ``read_retries`` times at most; ``retries`` counts.
+        A refusal or a missing file is not transient: no retry."""
+        given, attempts = 0, self.read_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                for position, item in enumerate(self.items(shard)):
+                    if position >= given:
+                        given += 1
+                        yield item
+                return
+            except ShardReadError as exc:
+                if isinstance(exc.__cause__, (PermissionError, FileNotFoundError)) or access_refused(exc):
+                    raise
+                if attempt == attempts == 1:
+                    raise
+                if attempt == attempts:
+                    raise ShardReadError(f"{exc} (read {attempts} times)") from exc
+                pause = RETRY_PAUSE_S * 2 ** (attempt - 1)
+                log.warning("%s: %s; reading it again in %.0f s (attempt %d of %d)", shard.name, first_line(exc), pause, attempt + 1, attempts)
+                retries[0] += 1
+                time.sleep(pause)
+
     def _batches(self, shard: ShardRef) -> Iterator[pa.Table]:
         rows: list[dict[str, Any]] = []
         store_rows = samples = 0
         seen: set[str] = set()
-        for item in self.items(shard):
+        retries = [0]
+        for item in self._retried(shard, retries):
             samples += 1
             if not isinstance(item, Failure) and item.key in seen:
                 item = Failure(shard.dataset.value, shard.name, item.member, f"duplicate key {item.key} in the shard; kept the first")
@@ -65,7 +96,7 @@ class _ReadShard:
                 yield pa.Table.from_pylist(rows, schema=WORK)
                 rows = []
         rows.append({"kind": KIND_END, "dataset": shard.dataset.value, "shard": shard.name, "count": store_rows,
-                     "samples": samples})
+                     "samples": samples, "retries": retries[0]})
         yield pa.Table.from_pylist(rows, schema=WORK)
 
     def _checked_row(self, shard: ShardRef, item: Any) -> dict[str, Any]:
@@ -95,6 +126,7 @@ class ReadImages(_ReadShard):
     dct_scaling: bool = False
     store_inputs: bool = True
     batch_rows: int = 8
+    read_retries: int = 3
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
     def items(self, shard: ShardRef) -> Iterator[Failure | ImageSample]:
@@ -157,6 +189,7 @@ class ReadVideos(_ReadShard):
     video: VideoTargetConfig
     store_inputs: bool = True
     batch_rows: int = 1
+    read_retries: int = 3
     storage_options: dict[str, Any] | None = field(default=None, repr=False)  # may hold credentials
 
     def items(self, shard: ShardRef) -> Iterator[Failure | VideoSample]:

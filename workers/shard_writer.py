@@ -49,6 +49,7 @@ class _Shard:
     bytes: int = 0
     end_count: int = -1
     end_samples: int = -1
+    retries: int = 0
     aborted: str | None = None
     pieces: queue.Queue | None = None
     thread: threading.Thread | None = None
@@ -74,7 +75,7 @@ class ShardWriter:
         if shard in self._finished:  # a retried task re-delivering a piece of a finished shard
             return self._finished[shard]
         state = self._shards.setdefault(shard, _Shard(shard))
-        small = piece.select(["kind", "key", "member", "reason", "weight", "end_count", "end_samples", "stored_bytes"]).to_pylist()
+        small = piece.select(["kind", "key", "member", "reason", "weight", "end_count", "end_samples", "end_retries", "stored_bytes"]).to_pylist()
         new_rows = [i for i, r in enumerate(small) if r["kind"] == KIND_SAMPLE and r["key"] not in state.keys]
         new_bytes = 0
         for i in new_rows:
@@ -85,7 +86,7 @@ class ShardWriter:
             if r["kind"] == KIND_FAILURE:
                 state.failures.setdefault((r["member"], r["reason"]), r["weight"] if r["weight"] is not None else 1)
             elif r["kind"] == KIND_END:
-                state.end_count, state.end_samples = r["end_count"], r["end_samples"]
+                state.end_count, state.end_samples, state.retries = r["end_count"], r["end_samples"], r["end_retries"] or 0
             elif r["kind"] == KIND_ABORT and state.aborted is None:
                 state.aborted = r["reason"]
         if new_rows and state.aborted is None:
@@ -96,7 +97,7 @@ class ShardWriter:
         if state.aborted is not None or state.complete:
             return self._finish(state)
         return {"shard": shard, "final": False, "rows": len(new_rows), "fragments": "[]", "keys": "[]", "bytes": 0,
-                "failures": "[]", "end_count": -1, "end_samples": -1, "aborted": None}
+                "failures": "[]", "end_count": -1, "end_samples": -1, "read_retries": 0, "aborted": None}
 
     def _stream(self, state: _Shard, rows: pa.Table) -> None:
         if state.thread is None:
@@ -165,7 +166,7 @@ class ShardWriter:
             "fragments": json.dumps(state.fragments if state.aborted is None else []),
             "keys": json.dumps(state.key_order), "bytes": state.bytes,
             "failures": json.dumps([{"member": m, "reason": r, "weight": w} for (m, r), w in state.failures.items()]),
-            "end_count": state.end_count, "end_samples": state.end_samples, "aborted": state.aborted,
+            "end_count": state.end_count, "end_samples": state.end_samples, "read_retries": state.retries, "aborted": state.aborted,
         }
         self._finished[state.name] = entry
         return entry

@@ -90,7 +90,7 @@ class _EncodeTable:
             elif kind == KIND_FAILURE:
                 out.append({**control, "weight": 1 if row.get("count") is None else row["count"]})
             elif kind == KIND_END:
-                out.append({**control, "end_count": row["count"], "end_samples": row["samples"]})
+                out.append({**control, "end_count": row["count"], "end_samples": row["samples"], "end_retries": row.get("retries") or 0})
             elif kind == KIND_ABORT:
                 out.append(control)
         return pa.Table.from_pylist(out, schema=encoded_schema(self.schema))
@@ -98,7 +98,7 @@ class _EncodeTable:
 
 #: What the encode step adds to a store row, or holds alone in a control row (failure / end / abort of a shard).
 CONTROL = [("kind", pa.string()), ("reason", pa.string()), ("weight", pa.int64()), ("end_count", pa.int64()),
-           ("end_samples", pa.int64()), ("stored_bytes", pa.int64())]
+           ("end_samples", pa.int64()), ("end_retries", pa.int64()), ("stored_bytes", pa.int64())]
 
 
 def encoded_schema(table_schema: pa.Schema) -> pa.Schema:
