@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -17,7 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from esam3.schemas.errors import Esam3Error, describe
 
 console = Console()
-err_console = Console(stderr=True)
+#: Whether stderr is a terminal is decided now: during a cache run its fd may go through a filter's pipe
+#: (``pipeline/stderr_filter.py``) and the progress bar must stay live.
+err_console = Console(stderr=True, force_terminal=True if sys.stderr.isatty() else None)
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from esam3.pipeline.shards import DatasetName, ShardRef
+from esam3.pipeline.stderr_filter import hide_lines
 from esam3.schemas.cache import CacheConfig, RunError
 from esam3.schemas.errors import Esam3Error, first_line
 from esam3.workers.shard_writer import ShardWriter
@@ -122,7 +123,7 @@ def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterat
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    with ray_session(config.address):
+    with ray_session(config.address), hide_lines():
         context = DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False

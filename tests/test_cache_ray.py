@@ -174,3 +174,27 @@ def test_rays_token_auth_notice_shows_only_with_verbose(monkeypatch: pytest.Monk
     finally:
         root.setLevel(before[0])
         auth.setLevel(before[1])
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_rays_actor_argument_notice_is_hidden_unless_verbose(verbose: bool) -> None:
+    """Ray's C++ core writes its notice to fd 2 (out of logging's reach); a normal run drops just that line."""
+    import subprocess
+    import sys
+
+    script = f"""
+import logging, os, sys
+logging.basicConfig(level={logging.INFO if verbose else logging.WARNING})
+from esam3.pipeline.stderr_filter import hide_lines
+with hide_lines():
+    os.write(2, b"[2026-12-07 17:38:11,562 E 1369 1369] core_worker.cc:2465: Actor with class name: 'MapWorker' and ID: 'x' "
+                b"has constructor arguments in the object store and max_restarts > 0. If the arguments ...\\n")
+    os.write(2, b"progress 1/3\\r")
+    print("a line of ours", file=sys.stderr)
+print("after", file=sys.stderr)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)  # bytes: \r kept
+    said = result.stderr.decode()
+    assert result.returncode == 0, said
+    assert "progress 1/3\ra line of ours\nafter\n" in said
+    assert ("has constructor arguments in the object store" in said) is verbose
