@@ -76,8 +76,12 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     actor_threads = max(1, cpus - 1)
     config = CacheConfig(
-        dataset="sa-1b", source=str(source), store=str(out / "store"), codec=args.codec,
-        teacher=TeacherConfig(source=args.teacher, batch_size=4), prompts=PromptConfig(num_prompts=16),
+        dataset="sa-1b",
+        source=str(source),
+        store=str(out / "store"),
+        codec=args.codec,
+        teacher=TeacherConfig(source=args.teacher, batch_size=4),
+        prompts=PromptConfig(num_prompts=16),
     )
     import ray
 
@@ -95,8 +99,13 @@ def main() -> None:
     # Marginal rate: the extra rows of the full run over its extra time (start-up costs cancel out).
     steady = (rows - half.rows) / (total - t_half)
     result: dict[str, Any] = {
-        "benchmark": "cache", "cpus": cpus, "teacher": args.teacher, "codec": args.codec, "rows": rows,
-        "shards": report.shards_committed, "teacher_actor_threads": actor_threads,
+        "benchmark": "cache",
+        "cpus": cpus,
+        "teacher": args.teacher,
+        "codec": args.codec,
+        "rows": rows,
+        "shards": report.shards_committed,
+        "teacher_actor_threads": actor_threads,
         "teacher_only_rows_per_s": round(teacher_same_threads, 3),
         "teacher_only_all_cores_rows_per_s": round(teacher_all_cores, 3),
         "end_to_end_rows_per_s": round(rows / total, 3),

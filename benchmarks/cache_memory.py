@@ -66,7 +66,9 @@ def main() -> None:
     for shards, label in (("0", "1_shard"), ("0-3", "4_shards")):
         run = subprocess.run(
             [sys.executable, "-c", CHILD, str(out / "data" / "sa-1b"), str(out / f"store-{label}"), shards],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         result[label] = json.loads(run.stdout.strip().splitlines()[-1])
     print(json.dumps(result))

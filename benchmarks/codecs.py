@@ -30,7 +30,9 @@ from esam3.schemas.codecs import FeatureCodec, decode_features, encode_features,
 PUBLIC_BYTES_PER_IMAGE = 10.6e6
 
 
-def synthetic_trunk(rng: np.random.Generator, rows: int, channels: int, side: int, alpha: float, shards: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_trunk(
+    rng: np.random.Generator, rows: int, channels: int, side: int, alpha: float, shards: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """(rows, C, side, side) float32 with a power-law spectrum, smooth maps, noise and 4 outlier channels; row i is
     from shard ``i % shards`` (each shard shifted its own way). Returns the features and each row's shard."""
     latent = channels  # full rank: a rank-r basis must drop real energy
@@ -45,7 +47,9 @@ def synthetic_trunk(rng: np.random.Generator, rows: int, channels: int, side: in
         subspace = np.linalg.qr(rng.normal(size=(channels, 32)))[0]
         offset = 0.3 * std * rng.normal(size=(channels, 1))
         mine = shard_of == shard
-        x[mine] += offset + 0.5 * np.einsum("cl,nlp->ncp", subspace, smooth[mine, :32].reshape(int(mine.sum()), 32, -1)) * np.sqrt(channels) * std
+        x[mine] += (
+            offset + 0.5 * np.einsum("cl,nlp->ncp", subspace, smooth[mine, :32].reshape(int(mine.sum()), 32, -1)) * np.sqrt(channels) * std
+        )
     outliers = rng.choice(channels, 4, replace=False)
     x[:, outliers] = x[:, outliers] * 100 + 50 * std
     return x.reshape(rows, channels, side, side).astype(np.float32), shard_of
@@ -129,8 +133,13 @@ def main() -> None:
     one_shard_basis = fit_basis(one_shard[: min(args.fit_rows, len(one_shard) - 1)], min(args.rank, args.channels))
     massive, massive_mask = with_massive_tokens(rng, held_out, args.massive_tokens)
     result: dict[str, object] = {
-        "benchmark": "codecs", "shape": list(features.shape[1:]), "rows_measured": len(held_out), "shards": args.shards,
-        "fit_rows": args.fit_rows, "public_fp16_mb_per_image": PUBLIC_BYTES_PER_IMAGE / 1e6, "alpha": args.alpha,
+        "benchmark": "codecs",
+        "shape": list(features.shape[1:]),
+        "rows_measured": len(held_out),
+        "shards": args.shards,
+        "fit_rows": args.fit_rows,
+        "public_fp16_mb_per_image": PUBLIC_BYTES_PER_IMAGE / 1e6,
+        "alpha": args.alpha,
         "massive_tokens": args.massive_tokens,
     }
     for codec in FeatureCodec:
@@ -141,9 +150,15 @@ def main() -> None:
         entry["with_massive_tokens"]["rel_rms_error_other_tokens"] = float(f"{other_token_error(codec, massive, massive_mask, extra):.3g}")
         if codec == FeatureCodec.LOWRANK:
             lone = measure(codec, held_out[shard_of[args.fit_rows :] != 0], one_shard_basis)
-            entry.update(rank=args.rank, basis_mb=round(len(basis.to_bytes()) / 1e6, 2), fit_s=round(fit_s, 2),
-                         fitted_on_one_shard={"rel_rms_error_mean_other_shards": lone["rel_rms_error_mean"],
-                                              "rel_rms_error_max_other_shards": lone["rel_rms_error_max"]})
+            entry.update(
+                rank=args.rank,
+                basis_mb=round(len(basis.to_bytes()) / 1e6, 2),
+                fit_s=round(fit_s, 2),
+                fitted_on_one_shard={
+                    "rel_rms_error_mean_other_shards": lone["rel_rms_error_mean"],
+                    "rel_rms_error_max_other_shards": lone["rel_rms_error_max"],
+                },
+            )
         result[codec.value] = entry
     print(json.dumps(result))
 

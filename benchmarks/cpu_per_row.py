@@ -95,8 +95,12 @@ def write_cost(encode: Any, write: Any, rows: list[dict[str, Any]], schema: pa.S
     batches = [pa.Table.from_pylist(rows[i : i + 4], schema=schema) for i in range(0, len(rows), 4)]
     written, write_s = cpu_seconds(lambda: [write(encode(batch)) for batch in batches])
     finals = [e for table in written for e in table.to_pylist() if e["final"]]
-    return {"encode": encode_s / units, "write_total": write_s / units, "rows_stored": sum(e["rows"] for e in finals),
-            "stored_mb": sum(stored_bytes(r) for r in encoded) / units / 1e6}
+    return {
+        "encode": encode_s / units,
+        "write_total": write_s / units,
+        "rows_stored": sum(e["rows"] for e in finals),
+        "stored_mb": sum(stored_bytes(r) for r in encoded) / units / 1e6,
+    }
 
 
 def image_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) -> dict[str, Any]:
@@ -115,37 +119,64 @@ def image_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
     store.create_table("images")
     encode = EncodeImages(g, FeatureCodec(args.codec), "synthetic", "bench", 0)
     cost = write_cost(encode, WriteFragments((ShardWriter(store.table_uri("images"), IMAGES),)), rows, TARGETS, len(samples))
-    return {"unit": "image", "units": len(samples), "prompts_per_image": round(sum(r["k"] for r in samples) / len(samples), 1),
-            "read": read_s / len(samples), "teacher_host": teacher_host_s / len(samples), **cost}
+    return {
+        "unit": "image",
+        "units": len(samples),
+        "prompts_per_image": round(sum(r["k"] for r in samples) / len(samples), 1),
+        "read": read_s / len(samples),
+        "teacher_host": teacher_host_s / len(samples),
+        **cost,
+    }
 
 
-def frame_rows(video: dict[str, Any], objects: int, g: Geometry, rng: np.random.Generator) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
+def frame_rows(
+    video: dict[str, Any], objects: int, g: Geometry, rng: np.random.Generator
+) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
     """FRAME_TARGETS rows of one read video, and full-size synthetic targets for each of its frames."""
     rows, tensors = [], []
     masks = json.loads(video["frame_masks"])
     for t in range(video["frames"]):
         real = list(masks[t].values())  # the video's tracked objects' RLEs, repeated up to ``objects``
-        rows.append({
-            **{name: video[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
-            "key": f"{video['key']}/{t:05d}", "video_id": video["key"].split("/", 1)[1], "frame": t, "frame_index": 4 * t,
-            "prompt_kind": "mask", "object_ids": list(range(objects)), "is_conditioning": [t == 0] * objects,
-            "has_memory_conditioned": [t > 0] * objects,
-            "input": video["frame_inputs"][t] if video["frame_inputs"] else None,
-            "gt_masks": json.dumps([real[i % len(real)] for i in range(objects)] if real else []),
-        })
-        tensors.append({
-            "trunk": torch.randn(g.trunk_width, g.grid, g.grid),
-            "mask_logits": smooth_logits(rng, objects, g.mask_size),
-            "object_score": torch.randn(objects), "object_pointer": torch.randn(objects, g.hidden),
-            "maskmem_features": torch.randn(objects, g.memory_channels, g.grid, g.grid),
-            "pix_feat_with_mem": torch.randn(objects, g.hidden, g.grid, g.grid),
-        })
+        rows.append(
+            {
+                **{name: video[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
+                "key": f"{video['key']}/{t:05d}",
+                "video_id": video["key"].split("/", 1)[1],
+                "frame": t,
+                "frame_index": 4 * t,
+                "prompt_kind": "mask",
+                "object_ids": list(range(objects)),
+                "is_conditioning": [t == 0] * objects,
+                "has_memory_conditioned": [t > 0] * objects,
+                "input": video["frame_inputs"][t] if video["frame_inputs"] else None,
+                "gt_masks": json.dumps([real[i % len(real)] for i in range(objects)] if real else []),
+            }
+        )
+        tensors.append(
+            {
+                "trunk": torch.randn(g.trunk_width, g.grid, g.grid),
+                "mask_logits": smooth_logits(rng, objects, g.mask_size),
+                "object_score": torch.randn(objects),
+                "object_pointer": torch.randn(objects, g.hidden),
+                "maskmem_features": torch.randn(objects, g.memory_channels, g.grid, g.grid),
+                "pix_feat_with_mem": torch.randn(objects, g.hidden, g.grid, g.grid),
+            }
+        )
     return rows, tensors
 
 
 def frame_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) -> dict[str, Any]:
-    write_demo_data(DemoDataConfig(out=out / "data", sa1b_shards=0, sav_shards=1, videos_per_shard=args.videos,
-                                   video_width=1344, video_height=1008, video_seconds=args.seconds))
+    write_demo_data(
+        DemoDataConfig(
+            out=out / "data",
+            sa1b_shards=0,
+            sav_shards=1,
+            videos_per_shard=args.videos,
+            video_width=1344,
+            video_height=1008,
+            video_seconds=args.seconds,
+        )
+    )
     source = out / "data" / "sa-v"
     shard = select_shards(str(source), DatasetName.SAV, "all")[0]
     read = ReadVideos(str(source), g.image_size, VideoTargetConfig(max_objects=args.objects))
@@ -163,10 +194,21 @@ def frame_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
     tensors.clear()  # the row bytes hold the targets now
     store.create_table("frames")
     encode = EncodeFrames(g, FeatureCodec(args.codec), "synthetic", "bench", 0)
-    cost = write_cost(encode, WriteFragments((ShardWriter(store.table_uri("frames"), FRAMES),)), rows + [row for row in work if row["kind"] != KIND_SAMPLE],
-                      FRAME_TARGETS, len(rows))
-    return {"unit": "frame", "units": len(rows), "objects": args.objects, "read": read_s / len(rows),
-            "teacher_host": teacher_host_s / len(rows), **cost}
+    cost = write_cost(
+        encode,
+        WriteFragments((ShardWriter(store.table_uri("frames"), FRAMES),)),
+        rows + [row for row in work if row["kind"] != KIND_SAMPLE],
+        FRAME_TARGETS,
+        len(rows),
+    )
+    return {
+        "unit": "frame",
+        "units": len(rows),
+        "objects": args.objects,
+        "read": read_s / len(rows),
+        "teacher_host": teacher_host_s / len(rows),
+        **cost,
+    }
 
 
 def main() -> None:
@@ -177,12 +219,20 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=2, help="sa-v: demo videos at 1344x1008 (>= 1)")
     parser.add_argument("--seconds", type=float, default=2.0, help="sa-v: video length (every 4th of 24 fps is annotated)")
     parser.add_argument("--objects", type=int, default=8, help="sa-v: objects tracked per frame")
-    parser.add_argument("--codec", choices=[c.value for c in FeatureCodec if c != FeatureCodec.LOWRANK], default="int8",
-                        help="feature codec of the trunk and the per-object maps")
+    parser.add_argument(
+        "--codec",
+        choices=[c.value for c in FeatureCodec if c != FeatureCodec.LOWRANK],
+        default="int8",
+        help="feature codec of the trunk and the per-object maps",
+    )
     parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temp dir)")
     args = parser.parse_args()
-    for flag, value, least in (("--images", args.images, 4), ("--prompts", args.prompts, 1), ("--videos", args.videos, 1),
-                               ("--objects", args.objects, 1)):
+    for flag, value, least in (
+        ("--images", args.images, 4),
+        ("--prompts", args.prompts, 1),
+        ("--videos", args.videos, 1),
+        ("--objects", args.objects, 1),
+    ):
         if value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
     if not 0.5 <= args.seconds <= 60:
@@ -196,10 +246,13 @@ def main() -> None:
     unit = cost.pop("unit")
     ms = {name: round(1000 * cost.pop(name), 1) for name in ("read", "teacher_host", "encode", "write_total")}
     result: dict[str, Any] = {
-        "benchmark": "cpu_per_row", "dataset": args.dataset, "codec": args.codec,
+        "benchmark": "cpu_per_row",
+        "dataset": args.dataset,
+        "codec": args.codec,
         "geometry": {"image": g.image_size, "trunk": [g.trunk_width, g.grid, g.grid], "mask": g.mask_size},
         **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in cost.items()},
-        f"cpu_ms_per_{unit}": ms, f"cpu_ms_per_{unit}_total": round(1000 * total, 1),
+        f"cpu_ms_per_{unit}": ms,
+        f"cpu_ms_per_{unit}_total": round(1000 * total, 1),
         "cores_per_gpu_at": {f"{rate}_{unit}s_per_s": round(total * rate, 1) for rate in GPU_RATES},
     }
     print(json.dumps(result))

@@ -40,8 +40,12 @@ def cpu_ms(fn, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=8, help="full-size demo images (>= 1)")
-    parser.add_argument("--teacher", choices=[t for t in RANDOM_TEACHERS if t != "full-random"], default="small-random",
-                        help="random teacher whose trunk is compared")
+    parser.add_argument(
+        "--teacher",
+        choices=[t for t in RANDOM_TEACHERS if t != "full-random"],
+        default="small-random",
+        help="random teacher whose trunk is compared",
+    )
     parser.add_argument("--short-side", type=int, default=1500, help="demo image short side (SA-1B: 1500)")
     args = parser.parse_args()
     if args.images < 1 or args.short_side < 64:
@@ -63,8 +67,11 @@ def main() -> None:
             diffs.append(float(delta.float().mean()))
             maxes.append(int(delta.max()))
         entry: dict[str, object] = {
-            "decoded_at": list(decoded), "cpu_ms_exact": round(float(exact_ms), 1), "cpu_ms_fast": round(float(fast_ms), 1),
-            "cpu_saving_ms": round(float(exact_ms - fast_ms), 1), "mean_abs_grey_levels": round(float(np.mean(diffs)), 3),
+            "decoded_at": list(decoded),
+            "cpu_ms_exact": round(float(exact_ms), 1),
+            "cpu_ms_fast": round(float(fast_ms), 1),
+            "cpu_saving_ms": round(float(exact_ms - fast_ms), 1),
+            "mean_abs_grey_levels": round(float(np.mean(diffs)), 3),
             "max_abs_grey_levels": max(maxes),
         }
         if size == teacher.geometry.image_size:
@@ -75,8 +82,12 @@ def main() -> None:
                     exact_trunk, fast_trunk = teacher.trunk_features(normalize(pair)).float()
                 errors.append(float((fast_trunk - exact_trunk).norm() / exact_trunk.norm()))
                 cosines.append(float(torch.nn.functional.cosine_similarity(fast_trunk.flatten(), exact_trunk.flatten(), dim=0)))
-            entry.update(teacher=args.teacher, trunk_rel_rms_mean=round(float(np.mean(errors)), 4),
-                         trunk_rel_rms_max=round(float(np.max(errors)), 4), trunk_cosine_min=round(float(np.min(cosines)), 5))
+            entry.update(
+                teacher=args.teacher,
+                trunk_rel_rms_mean=round(float(np.mean(errors)), 4),
+                trunk_rel_rms_max=round(float(np.max(errors)), 4),
+                trunk_cosine_min=round(float(np.min(cosines)), 5),
+            )
         result[f"S={size}"] = entry
     print(json.dumps(result))
 

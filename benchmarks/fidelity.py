@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=24, help="training steps of each run (>= 1)")
     parser.add_argument("--batch", type=int, default=4, help="images per step (>= 1)")
     parser.add_argument("--images", type=int, default=16, help="demo images to cache, in shards of 8 (>= 8)")
-    parser.add_argument("--codecs", default="fp16,int8,lowrank", help=f"comma-separated store codecs ({', '.join(CODECS)}); fp16 always runs")
+    parser.add_argument(
+        "--codecs", default="fp16,int8,lowrank", help=f"comma-separated store codecs ({', '.join(CODECS)}); fp16 always runs"
+    )
     parser.add_argument("--rank", type=int, default=64, help="lowrank codec: basis size (>= 1)")
     parser.add_argument("--val-percent", type=float, default=25.0, help="held-out share for the eval (0 < P < 100)")
     parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temp dir)")
@@ -76,17 +78,41 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = DemoDataConfig(out=work / "data", sa1b_shards=shards, images_per_shard=8, sav_shards=0, image_short_side=320)
     write_demo_data(data)
     teacher = Sam3Teacher.load(TeacherConfig(source=args.teacher, batch_size=args.batch))
-    result: dict[str, Any] = {"teacher": args.teacher, "student": args.student, "steps": args.steps, "batch": args.batch,
-                              "images": shards * 8, "codecs": {}}
+    result: dict[str, Any] = {
+        "teacher": args.teacher,
+        "student": args.student,
+        "steps": args.steps,
+        "batch": args.batch,
+        "images": shards * 8,
+        "codecs": {},
+    }
     stores = {}
     for codec in args.codecs:
         started = time.perf_counter()
         stores[codec] = work / f"store-{codec}"
-        run_cache(CacheConfig(dataset="sa-1b", source=str(data.out / "sa-1b"), store=str(stores[codec]), codec=codec, rank=args.rank,
-                              teacher=TeacherConfig(source=args.teacher, batch_size=args.batch)), executor="local")
+        run_cache(
+            CacheConfig(
+                dataset="sa-1b",
+                source=str(data.out / "sa-1b"),
+                store=str(stores[codec]),
+                codec=codec,
+                rank=args.rank,
+                teacher=TeacherConfig(source=args.teacher, batch_size=args.batch),
+            ),
+            executor="local",
+        )
         cache_seconds = time.perf_counter() - started
-        base = dict(store=str(stores[codec]), student=args.student, steps=args.steps, batch_size=args.batch, lr=1e-3,
-                    val_percent=args.val_percent, loader_workers=0, checkpoint_every=args.steps, seed=1)
+        base = dict(
+            store=str(stores[codec]),
+            student=args.student,
+            steps=args.steps,
+            batch_size=args.batch,
+            lr=1e-3,
+            val_percent=args.val_percent,
+            loader_workers=0,
+            checkpoint_every=args.steps,
+            seed=1,
+        )
         cached_terms: list[dict[str, float]] = []
         live_terms: list[dict[str, float]] = []
         started = time.perf_counter()
@@ -98,8 +124,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         live_seconds = time.perf_counter() - started
         total = [abs(a["total"] - b["total"]) / abs(b["total"]) for a, b in zip(cached_terms, live_terms)]
         terms = {k: max(abs(a[k] - b[k]) for a, b in zip(cached_terms, live_terms)) for k in cached_terms[0]}
-        evals = {arm: evaluate_store(StudentModel.from_checkpoint(work / f"{arm}-{codec}"), str(stores["fp16"]), split="val",
-                                     val_percent=args.val_percent) for arm in ("cached", "live")}
+        evals = {
+            arm: evaluate_store(
+                StudentModel.from_checkpoint(work / f"{arm}-{codec}"), str(stores["fp16"]), split="val", val_percent=args.val_percent
+            )
+            for arm in ("cached", "live")
+        }
         epochs = args.steps / (cached.train_rows // args.batch)  # whole batches per epoch (drop_last)
         result["codecs"][codec] = {
             "loss_relative_difference": {"first_step": total[0], "max": max(total), "last_step": total[-1]},
@@ -110,8 +140,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "feature_cosine": {arm: e.feature_cosine for arm, e in evals.items()},
             "epochs": epochs,
             "teacher_trunk_forwards": {"cache_once": shards * 8, "online_per_epoch": live.trunk_forwards / epochs},
-            "seconds": {"cache": cache_seconds, "train_from_cache": cached_seconds, "train_online": live_seconds,
-                        "online_teacher_share": live.seconds / live_seconds},
+            "seconds": {
+                "cache": cache_seconds,
+                "train_from_cache": cached_seconds,
+                "train_online": live_seconds,
+                "online_teacher_share": live.seconds / live_seconds,
+            },
         }
     return result
 

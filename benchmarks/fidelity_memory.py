@@ -68,27 +68,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     os.environ["ESAM3_CACHE"] = str(work / "teachers")
-    data = DemoDataConfig(out=work / "data", sa1b_shards=1, images_per_shard=8, sav_shards=1, videos_per_shard=args.videos,
-                          image_short_side=320, video_width=320, video_height=240, video_seconds=1.5)
+    data = DemoDataConfig(
+        out=work / "data",
+        sa1b_shards=1,
+        images_per_shard=8,
+        sav_shards=1,
+        videos_per_shard=args.videos,
+        image_short_side=320,
+        video_width=320,
+        video_height=240,
+        video_seconds=1.5,
+    )
     write_demo_data(data)
     teacher_config = TeacherConfig(source=args.teacher, batch_size=4)
     teacher = Sam3Teacher.load(teacher_config)
     images = work / "store-sa1b"
     run_cache(CacheConfig(dataset="sa-1b", source=str(data.out / "sa-1b"), store=str(images), teacher=teacher_config), executor="local")
     stage1 = work / "stage1"
-    run_stage1(Stage1Config(store=str(images), out=stage1, student=args.student, steps=args.stage1_steps, batch_size=4, val_percent=0,
-                            loader_workers=0, lr=1e-3))
-    result: dict[str, Any] = {"teacher": args.teacher, "student": args.student, "steps": args.steps, "clip_length": args.clip_length,
-                              "batch": args.batch, "videos": args.videos, "codecs": {}}
+    run_stage1(
+        Stage1Config(
+            store=str(images),
+            out=stage1,
+            student=args.student,
+            steps=args.stage1_steps,
+            batch_size=4,
+            val_percent=0,
+            loader_workers=0,
+            lr=1e-3,
+        )
+    )
+    result: dict[str, Any] = {
+        "teacher": args.teacher,
+        "student": args.student,
+        "steps": args.steps,
+        "clip_length": args.clip_length,
+        "batch": args.batch,
+        "videos": args.videos,
+        "codecs": {},
+    }
     stores: dict[str, Path] = {}
     for codec in args.codecs:
         started = time.perf_counter()
         stores[codec] = work / f"store-{codec}"
-        run_cache(CacheConfig(dataset="sa-v", source=str(data.out / "sa-v"), store=str(stores[codec]), codec=codec, teacher=teacher_config),
-                  executor="local")
+        run_cache(
+            CacheConfig(dataset="sa-v", source=str(data.out / "sa-v"), store=str(stores[codec]), codec=codec, teacher=teacher_config),
+            executor="local",
+        )
         cache_seconds = time.perf_counter() - started
-        base = dict(store=str(stores[codec]), init=stage1, steps=args.steps, batch_size=args.batch, clip_length=args.clip_length,
-                    val_percent=0, loader_workers=0, checkpoint_every=args.steps, seed=1, lr=1e-3, global_latents=16, memory_ffn=512)
+        base = dict(
+            store=str(stores[codec]),
+            init=stage1,
+            steps=args.steps,
+            batch_size=args.batch,
+            clip_length=args.clip_length,
+            val_percent=0,
+            loader_workers=0,
+            checkpoint_every=args.steps,
+            seed=1,
+            lr=1e-3,
+            global_latents=16,
+            memory_ffn=512,
+        )
         arms: dict[str, list[dict[str, float]]] = {"cached": [], "live": []}
         seconds: dict[str, float] = {}
         lives: list[LiveVideoTargets] = []
@@ -99,12 +139,16 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
         for arm, targets in (("cached", None), ("live", live_targets)):
             started = time.perf_counter()
-            run_stage2(Stage2Config(out=work / f"{arm}-{codec}", **base), on_step=lambda r, arm=arm: arms[arm].append(r.terms), targets=targets)
+            run_stage2(
+                Stage2Config(out=work / f"{arm}-{codec}", **base), on_step=lambda r, arm=arm: arms[arm].append(r.terms), targets=targets
+            )
             seconds[arm] = time.perf_counter() - started
         cached, live = arms["cached"], arms["live"]
         total = [abs(a["total"] - b["total"]) / abs(b["total"]) for a, b in zip(cached, live)]
-        evals = {arm: evaluate_video_store(VideoStudentModel.from_checkpoint(work / f"{arm}-{codec}"), str(stores["fp16"]), split="all")
-                 for arm in arms}
+        evals = {
+            arm: evaluate_video_store(VideoStudentModel.from_checkpoint(work / f"{arm}-{codec}"), str(stores["fp16"]), split="all")
+            for arm in arms
+        }
         result["codecs"][codec] = {
             "loss_relative_difference": {"first_step": total[0], "max": max(total), "last_step": total[-1]},
             "term_max_absolute_difference": {k: max(abs(a[k] - b[k]) for a, b in zip(cached, live)) for k in cached[0]},
@@ -113,8 +157,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "jf_vs_teacher": {arm: e.jf_teacher["J&F"] for arm, e in evals.items()},
             "memory_cosine": {arm: e.memory_cosine for arm, e in evals.items()},
             "teacher_frame_passes": {"cache_once": evals["cached"].frames, "online": lives[0].frame_forwards},
-            "seconds": {"cache": cache_seconds, "train_from_cache": seconds["cached"], "train_online": seconds["live"],
-                        "online_teacher_share": lives[0].seconds / seconds["live"]},
+            "seconds": {
+                "cache": cache_seconds,
+                "train_from_cache": seconds["cached"],
+                "train_online": seconds["live"],
+                "online_teacher_share": lives[0].seconds / seconds["live"],
+            },
         }
     return result
 

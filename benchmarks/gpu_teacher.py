@@ -162,7 +162,10 @@ def bench_video(teacher: Any, frames: int, objects: int, warmup: int) -> dict[st
             frame_masks.append(Runs.from_mask(mask))
         masks.append(tuple(frame_masks))
     video = SimpleNamespace(
-        key="sav/synthetic", frames=pixels, frame_indices=np.arange(frames) * 4, masks=tuple(masks),
+        key="sav/synthetic",
+        frames=pixels,
+        frame_indices=np.arange(frames) * 4,
+        masks=tuple(masks),
         record=SimpleNamespace(masklet_id=list(range(objects))),
     )
     config = VideoTargetConfig(prompt=VideoPrompt.MASK, max_objects=objects, max_frames=frames)
@@ -175,7 +178,9 @@ def bench_video(teacher: Any, frames: int, objects: int, warmup: int) -> dict[st
     seconds = time.perf_counter() - start
     frame_objects = sum(len(f.object_ids) for f in done)
     return {
-        "frames": len(done), "objects": objects, "frames_per_s": round(len(done) / seconds, 2),
+        "frames": len(done),
+        "objects": objects,
+        "frames_per_s": round(len(done) / seconds, 2),
         "frame_objects_per_s": round(frame_objects / seconds, 1),
     }
 
@@ -203,8 +208,14 @@ def main() -> None:
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
         parser.error(f"--batches takes comma-separated integers like 1,4,8, not {args.batches!r}")
-    counts = {"--repeats": args.repeats, "--prompt-images": args.prompt_images, "--prompts": args.prompts,
-              "--video-frames": args.video_frames, "--objects": args.objects, "batch sizes": min(batches)}
+    counts = {
+        "--repeats": args.repeats,
+        "--prompt-images": args.prompt_images,
+        "--prompts": args.prompts,
+        "--video-frames": args.video_frames,
+        "--objects": args.objects,
+        "batch sizes": min(batches),
+    }
     for flag, value in counts.items():
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
@@ -218,9 +229,14 @@ def main() -> None:
     peak = peak_flops(name)
     flops = trunk_flops(teacher)
     result: dict[str, Any] = {
-        "benchmark": "gpu_teacher", "gpu": name, "torch": torch.__version__, "teacher": args.teacher,
-        "load_s": round(time.perf_counter() - start, 1), "parameters": teacher.card.parameters,
-        "trunk_gflops_per_image": round(flops / 1e9, 1), "peak_bf16_tflops": peak and peak / 1e12,
+        "benchmark": "gpu_teacher",
+        "gpu": name,
+        "torch": torch.__version__,
+        "teacher": args.teacher,
+        "load_s": round(time.perf_counter() - start, 1),
+        "parameters": teacher.card.parameters,
+        "trunk_gflops_per_image": round(flops / 1e9, 1),
+        "peak_bf16_tflops": peak and peak / 1e12,
     }
     result["trunk_autocast" if args.device == "cuda" else "trunk_fp32"] = bench_trunk(teacher, batches, timing, flops, peak)
     result["prompts"] = bench_prompts(teacher, args.prompts, args.prompt_images, args.warmup)

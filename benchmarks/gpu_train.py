@@ -60,15 +60,36 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     heads = TeacherHeads.build(random_config(args.teacher), detector=False)
     heads.save(work / "store" / HEADS_DIR, {"teacher": f"{args.teacher} (random heads)"})
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    result: dict[str, Any] = {"device": device, "teacher_geometry": args.teacher, "rows": info["rows"], "batch": args.batch,
-                              "prompts": args.prompts, "loader_workers": args.loader_workers, "students": {}}
+    result: dict[str, Any] = {
+        "device": device,
+        "teacher_geometry": args.teacher,
+        "rows": info["rows"],
+        "batch": args.batch,
+        "prompts": args.prompts,
+        "loader_workers": args.loader_workers,
+        "students": {},
+    }
     for name in args.students:
-        config = Stage1Config(store=str(work / "store"), out=work / f"run-{name}", student=name, steps=args.steps, batch_size=args.batch,
-                              val_percent=0, loader_workers=args.loader_workers, device=args.device, log_every=args.steps,
-                              checkpoint_every=args.steps, lr=1e-4)
+        config = Stage1Config(
+            store=str(work / "store"),
+            out=work / f"run-{name}",
+            student=name,
+            steps=args.steps,
+            batch_size=args.batch,
+            val_percent=0,
+            loader_workers=args.loader_workers,
+            device=args.device,
+            log_every=args.steps,
+            checkpoint_every=args.steps,
+            lr=1e-4,
+        )
         trained = run_stage1(config)
-        result["students"][name] = {"rows_per_s": trained.samples_per_sec, "steps_per_s": trained.samples_per_sec / args.batch,
-                                    "data_wait_share": trained.data_wait, "final_loss": trained.terms["total"]}
+        result["students"][name] = {
+            "rows_per_s": trained.samples_per_sec,
+            "steps_per_s": trained.samples_per_sec / args.batch,
+            "data_wait_share": trained.data_wait,
+            "final_loss": trained.terms["total"],
+        }
     return result
 
 

@@ -31,8 +31,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write the shards (default: a temp dir)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="esam3-bench-"))
-    config = DemoDataConfig(out=out, sa1b_shards=1, images_per_shard=args.images, sav_shards=1,
-                            videos_per_shard=args.videos, video_seconds=10.0)
+    config = DemoDataConfig(
+        out=out, sa1b_shards=1, images_per_shard=args.images, sav_shards=1, videos_per_shard=args.videos, video_seconds=10.0
+    )
     write_demo_data(config)
     results: dict[str, object] = {"benchmark": "sources", "images": args.images, "videos": args.videos}
     for check in (False, True):

@@ -70,7 +70,9 @@ def drop_from_page_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def timed(read: Reader, order: np.ndarray, batch: int, record: int, passes: int, before: Callable[[], None] = lambda: None) -> dict[str, float]:
+def timed(
+    read: Reader, order: np.ndarray, batch: int, record: int, passes: int, before: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     best = 0.0
     for _ in range(passes):
         before()
@@ -165,7 +167,10 @@ def main() -> None:
         "fixed_record_threads": threaded_fixed_record_reader(out / "values.bin", record, args.batch),
     }
     result: dict[str, Any] = {
-        "benchmark": "store_read", "rows": args.rows, "batch": args.batch, "codec": args.codec,
+        "benchmark": "store_read",
+        "rows": args.rows,
+        "batch": args.batch,
+        "codec": args.codec,
         "mb_per_row": round(record / 1e6, 3),
     }
     for name, read in layouts.items():
@@ -205,9 +210,13 @@ def s3_part(out: Path, rows: list[dict[str, Any]], record: int, order: np.ndarra
             return fs.cat_ranges(["bench/values.bin"] * len(starts), starts, [s + record for s in starts])
 
         fixed_concurrent = timed(concurrent, order, batch, record, passes)
-        return {"s3_store_reused_buffers": store, "s3_fixed_record": fixed, "s3_fixed_record_concurrent": fixed_concurrent,
-                "s3_store_vs_fixed_record": round(store["rows_per_s"] / fixed["rows_per_s"], 2),
-                "s3_store_vs_fixed_record_concurrent": round(store["rows_per_s"] / fixed_concurrent["rows_per_s"], 2)}
+        return {
+            "s3_store_reused_buffers": store,
+            "s3_fixed_record": fixed,
+            "s3_fixed_record_concurrent": fixed_concurrent,
+            "s3_store_vs_fixed_record": round(store["rows_per_s"] / fixed["rows_per_s"], 2),
+            "s3_store_vs_fixed_record_concurrent": round(store["rows_per_s"] / fixed_concurrent["rows_per_s"], 2),
+        }
 
 
 if __name__ == "__main__":

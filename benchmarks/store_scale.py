@@ -37,10 +37,17 @@ def synthetic_shard(shard: int, rows: int) -> pa.Table:
     ids = np.arange(shard * rows, (shard + 1) * rows, dtype=np.int64)
     name = f"sa_{shard:06d}.tar"
     values: dict[str, pa.Array] = {
-        "key": pa.array([f"sa1b/{i}" for i in ids]), "shard": pa.array([name] * rows), "member": pa.array([f"sa_{i}.jpg" for i in ids]),
-        "run_id": pa.array(["bench"] * rows), "teacher": pa.array(["synthetic"] * rows), "precision": pa.array(["fp32"] * rows),
-        "codec": pa.array(["int8"] * rows), "preprocess": pa.array(["{}"] * rows), "image_id": pa.array(ids),
-        "height": pa.array(np.full(rows, 1500, np.int32)), "width": pa.array(np.full(rows, 2250, np.int32)),
+        "key": pa.array([f"sa1b/{i}" for i in ids]),
+        "shard": pa.array([name] * rows),
+        "member": pa.array([f"sa_{i}.jpg" for i in ids]),
+        "run_id": pa.array(["bench"] * rows),
+        "teacher": pa.array(["synthetic"] * rows),
+        "precision": pa.array(["fp32"] * rows),
+        "codec": pa.array(["int8"] * rows),
+        "preprocess": pa.array(["{}"] * rows),
+        "image_id": pa.array(ids),
+        "height": pa.array(np.full(rows, 1500, np.int32)),
+        "width": pa.array(np.full(rows, 2250, np.int32)),
         "prompt_seed": pa.array(np.zeros(rows, np.int64)),
     }
     return pa.table([values.get(f.name, pa.nulls(rows, f.type)) for f in IMAGES], schema=IMAGES)
@@ -64,8 +71,10 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     out = args.out or Path(tempfile.mkdtemp(prefix="esam3-bench-scale-"))
     store = Store(str(out / "store"))
-    store.open_for({"checksum": "synthetic", "source": "bench", "geometry": {}},
-                   {"dataset": "sa-1b", "targets": ["trunk"], "codec": "int8", "fingerprint": "bench"})
+    store.open_for(
+        {"checksum": "synthetic", "source": "bench", "geometry": {}},
+        {"dataset": "sa-1b", "targets": ["trunk"], "codec": "int8", "fingerprint": "bench"},
+    )
     uri = store.table_uri("images")
     checkpoints = sorted({1, *(c for c in (10, 30, 100, 300, 1000, 3000) if c <= args.shards), args.shards})
     rng = np.random.default_rng(0)
@@ -73,14 +82,27 @@ def main() -> None:
     for shard in range(args.shards):
         table = synthetic_shard(shard, args.rows)
         t0 = time.perf_counter()
-        fragments = write_fragments(table, uri, schema=IMAGES, max_rows_per_file=args.fragment_rows or args.rows,
-                                    data_storage_version=LANCE_FILE_VERSION)
+        fragments = write_fragments(
+            table, uri, schema=IMAGES, max_rows_per_file=args.fragment_rows or args.rows, data_storage_version=LANCE_FILE_VERSION
+        )
         t1 = time.perf_counter()
         keys = table.column("key").to_pylist()
-        commit = ShardCommit("images", "sa-1b", table.column("shard")[0].as_py(), "bench", "bench", "bench",
-                             fragments=[f.to_json() for f in fragments], keys=keys, rows=args.rows, samples=args.rows)
+        commit = ShardCommit(
+            "images",
+            "sa-1b",
+            table.column("shard")[0].as_py(),
+            "bench",
+            "bench",
+            "bench",
+            fragments=[f.to_json() for f in fragments],
+            keys=keys,
+            rows=args.rows,
+            samples=args.rows,
+        )
         dup_start = time.perf_counter()
-        existing_elsewhere(store, commit, finished_shards(store, "sa-1b", "bench"))  # the cross-shard duplicate check alone (commit_shard runs it too)
+        existing_elsewhere(
+            store, commit, finished_shards(store, "sa-1b", "bench")
+        )  # the cross-shard duplicate check alone (commit_shard runs it too)
         dup = time.perf_counter() - dup_start
         t2 = time.perf_counter()
         commit_shard(store, commit)
@@ -96,20 +118,36 @@ def main() -> None:
             take_start = time.perf_counter()
             ds.take(rng.integers(0, ds.count_rows(), 32).tolist(), columns=["key"])
             take = time.perf_counter() - take_start
-            samples.append({
-                "shards": shard + 1, "rows": (shard + 1) * args.rows, "fragments": len(ds.get_fragments()),
-                "write_s": round(t1 - t0, 3), "duplicate_check_s": round(dup, 4), "commit_s": round(t3 - t2, 3),
-                "index_s": round(t4 - t3, 3), "tag_s": round(t5 - t4, 3), "manifest_bytes": manifest_bytes(uri),
-                "take_32_ms": round(1000 * take, 2), "snapshot_rows": snapshot_rows(store, "images", snapshot) if snapshot else None,
-            })
+            samples.append(
+                {
+                    "shards": shard + 1,
+                    "rows": (shard + 1) * args.rows,
+                    "fragments": len(ds.get_fragments()),
+                    "write_s": round(t1 - t0, 3),
+                    "duplicate_check_s": round(dup, 4),
+                    "commit_s": round(t3 - t2, 3),
+                    "index_s": round(t4 - t3, 3),
+                    "tag_s": round(t5 - t4, 3),
+                    "manifest_bytes": manifest_bytes(uri),
+                    "take_32_ms": round(1000 * take, 2),
+                    "snapshot_rows": snapshot_rows(store, "images", snapshot) if snapshot else None,
+                }
+            )
     first, last = samples[0], samples[-1]
     per_shard = lambda s: s["commit_s"] + s["index_s"] + s["tag_s"]  # noqa: E731 - the driver's work per shard
-    print(json.dumps({
-        "benchmark": "store_scale", "shards": args.shards, "rows_per_shard": args.rows, "fragment_rows": args.fragment_rows,
-        "checkpoints": samples,
-        "driver_s_per_shard_growth": round(per_shard(last) / max(per_shard(first), 1e-9), 2),
-        "shards_growth": last["shards"] / first["shards"],
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "store_scale",
+                "shards": args.shards,
+                "rows_per_shard": args.rows,
+                "fragment_rows": args.fragment_rows,
+                "checkpoints": samples,
+                "driver_s_per_shard_growth": round(per_shard(last) / max(per_shard(first), 1e-9), 2),
+                "shards_growth": last["shards"] / first["shards"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

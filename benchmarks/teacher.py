@@ -43,8 +43,14 @@ def _timed(fn: Any, device: torch.device) -> float:
 
 def demo_inputs(args: argparse.Namespace, out: Path) -> tuple[list[Any], list[np.ndarray], Any]:
     config = DemoDataConfig(
-        out=out, sa1b_shards=1, images_per_shard=args.images, sav_shards=1, videos_per_shard=1,
-        image_short_side=args.image_short_side, video_width=640, video_height=480,
+        out=out,
+        sa1b_shards=1,
+        images_per_shard=args.images,
+        sav_shards=1,
+        videos_per_shard=1,
+        image_short_side=args.image_short_side,
+        video_width=640,
+        video_height=480,
         video_seconds=args.video_frames * 4 / 24 + 0.5,
     )
     write_demo_data(config)
@@ -67,9 +73,7 @@ def bench_teacher(name: str, args: argparse.Namespace, samples: list[Any], image
     result["trunk_ms_per_image"] = round(1000 * seconds / len(images), 1)
     trunks = teacher.image_targets(images).trunk
     prompt_config = PromptConfig(num_prompts=args.prompts)
-    prompt_sets = [
-        sample_prompts(s.key, s.masks, (s.record.image.height, s.record.image.width), size, prompt_config) for s in samples
-    ]
+    prompt_sets = [sample_prompts(s.key, s.masks, (s.record.image.height, s.record.image.width), size, prompt_config) for s in samples]
     teacher.prompt_targets(trunks[0], prompt_sets[0])
     seconds = _timed(lambda: [teacher.prompt_targets(t, p) for t, p in zip(trunks, prompt_sets)], device)
     n_prompts = sum(len(p) for p in prompt_sets)
@@ -103,7 +107,10 @@ def main() -> None:
         parser.error(f"--teachers: unknown {unknown}; choose from {', '.join(RANDOM_TEACHERS)}")
     samples, images, video = demo_inputs(args, args.out or Path(tempfile.mkdtemp(prefix="esam3-bench-")))
     results: dict[str, Any] = {
-        "benchmark": "teacher", "threads": torch.get_num_threads(), "images": len(images), "prompts": args.prompts,
+        "benchmark": "teacher",
+        "threads": torch.get_num_threads(),
+        "images": len(images),
+        "prompts": args.prompts,
         "batch_size": args.batch_size,
     }
     for name in names:

@@ -71,8 +71,9 @@ GPU_RATE = 60  # rows/s one GPU trains on (the project's throughput aim)
 # ---- the data, in each layout ----------------------------------------------------------------------------
 
 
-def build(out: Path, rows: int, prompts: int, store_uri: str | None = None, s3: S3Settings | None = None,
-          teacher: str = "full-random") -> dict[str, Any]:
+def build(
+    out: Path, rows: int, prompts: int, store_uri: str | None = None, s3: S3Settings | None = None, teacher: str = "full-random"
+) -> dict[str, Any]:
     """The esam3 store (at ``store_uri``, default ``out/store``) and, locally, the public and fixed-record layouts;
     rows at the geometry of ``teacher`` (SAM3's full size by default)."""
     g = Geometry.from_config(random_config(teacher))
@@ -88,14 +89,36 @@ def build(out: Path, rows: int, prompts: int, store_uri: str | None = None, s3: 
     trunks = [t["trunk"].numpy() for t in targets]
     blocks = to_row_bytes(work, [targets[samples.index(r)] if r["kind"] == KIND_SAMPLE else {} for r in work], TARGETS)
     store = Store(store_uri or str(out / "store"), s3)
-    store.open_for({"checksum": "synthetic", "source": "bench", "geometry": g.__dict__},
-                   {"dataset": "sa-1b", "targets": ["prompts", "trunk"], "codec": "int8", "inputs": "store",
-                    "prompts": PromptConfig(num_prompts=prompts).model_dump(mode="json"), "fingerprint": "bench"})
+    store.open_for(
+        {"checksum": "synthetic", "source": "bench", "geometry": g.__dict__},
+        {
+            "dataset": "sa-1b",
+            "targets": ["prompts", "trunk"],
+            "codec": "int8",
+            "inputs": "store",
+            "prompts": PromptConfig(num_prompts=prompts).model_dump(mode="json"),
+            "fingerprint": "bench",
+        },
+    )
     encode = EncodeImages(g, FeatureCodec.INT8, "synthetic", "bench", 0)
     write = WriteFragments((ShardWriter(store.table_uri("images"), IMAGES, storage_options=store.storage_options),))
     written = next(e for b in blocks for e in write(encode(b)).to_pylist() if e["final"])
-    commit_shard(store, ShardCommit("images", "sa-1b", shard.name, str(source), "bench", "bench", fragments=json.loads(written["fragments"]),
-                                    keys=json.loads(written["keys"]), rows=written["rows"], bytes=written["bytes"], samples=len(samples)))
+    commit_shard(
+        store,
+        ShardCommit(
+            "images",
+            "sa-1b",
+            shard.name,
+            str(source),
+            "bench",
+            "bench",
+            fragments=json.loads(written["fragments"]),
+            keys=json.loads(written["keys"]),
+            rows=written["rows"],
+            bytes=written["bytes"],
+            samples=len(samples),
+        ),
+    )
     store.index_keys("images")
     tag_if_complete(store, "images")
     if store_uri is None:
@@ -229,10 +252,12 @@ def loaders(out: Path, info: dict[str, Any], args: argparse.Namespace, store: St
         "esam3_input_trunk_prompts": esam3(("input", "trunk", "prompts"), "device"),
     }
     if (out / "keys.json").exists():
-        made["public_recipe"] = DataLoader(PublicLoaderData(out, g.image_size, g.trunk_width, g.grid), batch_size=args.batch,
-                                           sampler=Shuffled(rows), **spawn)
-        made["fixed_record_threads"] = DataLoader(FixedRecordBatches(out, g.image_size, g.trunk_width, g.grid),
-                                                  sampler=EpochSampler(rows, args.batch), batch_size=None, **spawn)
+        made["public_recipe"] = DataLoader(
+            PublicLoaderData(out, g.image_size, g.trunk_width, g.grid), batch_size=args.batch, sampler=Shuffled(rows), **spawn
+        )
+        made["fixed_record_threads"] = DataLoader(
+            FixedRecordBatches(out, g.image_size, g.trunk_width, g.grid), sampler=EpochSampler(rows, args.batch), batch_size=None, **spawn
+        )
     return made
 
 
@@ -244,11 +269,21 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per image (K)")
     parser.add_argument("--passes", type=int, default=2, help="measured epochs per loader (the best is reported)")
     parser.add_argument("--no-s3", action="store_true", help="skip the SeaweedFS part")
-    parser.add_argument("--rss-epochs", type=int, default=0,
-                        help="only measure the esam3 loader's worker RSS after each of this many epochs (0: the full benchmark)")
+    parser.add_argument(
+        "--rss-epochs",
+        type=int,
+        default=0,
+        help="only measure the esam3 loader's worker RSS after each of this many epochs (0: the full benchmark)",
+    )
     args = parser.parse_args()
-    for flag, value, least in (("--rows", args.rows, 4), ("--batch", args.batch, 1), ("--workers", args.workers, 1),
-                               ("--prompts", args.prompts, 1), ("--passes", args.passes, 1), ("--rss-epochs", args.rss_epochs, 0)):
+    for flag, value, least in (
+        ("--rows", args.rows, 4),
+        ("--batch", args.batch, 1),
+        ("--workers", args.workers, 1),
+        ("--prompts", args.prompts, 1),
+        ("--passes", args.passes, 1),
+        ("--rss-epochs", args.rss_epochs, 0),
+    ):
         if value < least:
             parser.error(f"{flag} must be at least {least}, got {value}")
     torch.set_num_threads(1)
@@ -258,8 +293,14 @@ def main() -> None:
     if args.rss_epochs:
         print(json.dumps(rss_over_epochs(Store(str(out / "store")), info["rows"], args)))
         return
-    result: dict[str, Any] = {"benchmark": "train_reader", "rows": info["rows"], "batch": args.batch, "workers": args.workers,
-                              "prompts": args.prompts, "mb_per_row_store": round(info["mb_per_row_store"], 2)}
+    result: dict[str, Any] = {
+        "benchmark": "train_reader",
+        "rows": info["rows"],
+        "batch": args.batch,
+        "workers": args.workers,
+        "prompts": args.prompts,
+        "mb_per_row_store": round(info["mb_per_row_store"], 2),
+    }
     for name, loader in loaders(out, info, args, Store(str(out / "store"))).items():
         for temperature in ("cold", "warm"):
             before = (lambda: drop_from_page_cache(out)) if temperature == "cold" else (lambda: None)
@@ -270,7 +311,10 @@ def main() -> None:
         del loader
     for temperature in ("cold", "warm"):
         result[f"{temperature}_esam3_vs_public"] = round(
-            result[f"local_{temperature}_esam3_input_trunk_codes"]["rows_per_s"] / result[f"local_{temperature}_public_recipe"]["rows_per_s"], 2)
+            result[f"local_{temperature}_esam3_input_trunk_codes"]["rows_per_s"]
+            / result[f"local_{temperature}_public_recipe"]["rows_per_s"],
+            2,
+        )
     if not args.no_s3:
         result.update(s3_part(out, info, args))
     print(json.dumps(result))
@@ -280,15 +324,27 @@ def rss_over_epochs(store: Store, rows: int, args: argparse.Namespace) -> dict[s
     """Each worker's RSS after every epoch of the esam3 loader (input + trunk + prompts, codes for the device)."""
     data = StoreDataset(store, fields=("input", "trunk", "prompts"), split="all", decode_on="device")
     sampler = EpochSampler(rows, args.batch)
-    loader = DataLoader(data, sampler=sampler, batch_size=None, num_workers=args.workers, multiprocessing_context="spawn",
-                        persistent_workers=True, prefetch_factor=2)
+    loader = DataLoader(
+        data,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=args.workers,
+        multiprocessing_context="spawn",
+        persistent_workers=True,
+        prefetch_factor=2,
+    )
     per_epoch = []
     for epoch in range(args.rss_epochs):
         sampler.set_epoch(epoch)
         assert sum(len(batch["input"]) for batch in loader) == rows
         per_epoch.append(worker_rss(loader))
-    return {"benchmark": "train_reader_rss", "rows_per_epoch": rows, "workers": args.workers, "rows_read": rows * args.rss_epochs,
-            "worker_rss_mb_per_epoch": per_epoch}
+    return {
+        "benchmark": "train_reader_rss",
+        "rows_per_epoch": rows,
+        "workers": args.workers,
+        "rows_read": rows * args.rss_epochs,
+        "worker_rss_mb_per_epoch": per_epoch,
+    }
 
 
 def s3_part(out: Path, info: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -306,10 +362,18 @@ def s3_part(out: Path, info: dict[str, Any], args: argparse.Namespace) -> dict[s
         fs.put_file(str(out / "trunk_fp16.bin"), "bench/public/trunk_fp16.bin")
         g, rows = info["geometry"], info["rows"]
         spawn = {"num_workers": args.workers, "multiprocessing_context": "spawn", "persistent_workers": True, "prefetch_factor": 2}
-        store = DataLoader(StoreDataset(Store("s3://bench/store", settings), fields=("input", "trunk"), split="all", decode_on="device"),
-                           sampler=EpochSampler(rows, args.batch), batch_size=None, **spawn)
-        public = DataLoader(PublicLoaderData(out, g.image_size, g.trunk_width, g.grid, fs=fs, prefix="bench/public"),
-                            batch_size=args.batch, sampler=Shuffled(rows), **spawn)
+        store = DataLoader(
+            StoreDataset(Store("s3://bench/store", settings), fields=("input", "trunk"), split="all", decode_on="device"),
+            sampler=EpochSampler(rows, args.batch),
+            batch_size=None,
+            **spawn,
+        )
+        public = DataLoader(
+            PublicLoaderData(out, g.image_size, g.trunk_width, g.grid, fs=fs, prefix="bench/public"),
+            batch_size=args.batch,
+            sampler=Shuffled(rows),
+            **spawn,
+        )
         found = {"s3_esam3_input_trunk_codes": measure(store, rows, args.passes), "s3_public_recipe": measure(public, rows, args.passes)}
         for entry in found.values():
             entry["rows_per_s_per_core"] = round(entry["rows_per_s"] / args.workers, 2)

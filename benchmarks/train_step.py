@@ -34,8 +34,12 @@ from esam3.workers.teacher_loading import teacher_config  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--students", default="es-ev-s,es-rv-m,es-tv-m", help="comma-separated students")
-    parser.add_argument("--teacher", default="full-random", choices=["tiny-random", "small-random", "full-random"],
-                        help="whose geometry (sizes only; its heads are built with random weights)")
+    parser.add_argument(
+        "--teacher",
+        default="full-random",
+        choices=["tiny-random", "small-random", "full-random"],
+        help="whose geometry (sizes only; its heads are built with random weights)",
+    )
     parser.add_argument("--batch", type=int, default=2, help="images per step (>= 1)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per image (>= 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 0)")
@@ -66,13 +70,19 @@ def synthetic_batch(geometry: Any, batch: int, prompts: int, generator: torch.Ge
     return {
         "input": torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=generator),
         "trunk": torch.randn(batch, c, g, g, generator=generator),
-        "prompt_valid": torch.ones(batch, prompts, dtype=torch.bool), "prompt_points": points, "prompt_labels": labels,
-        "prompt_boxes": boxes, "multi_logits": torch.randn(batch, prompts, 3, m, m, generator=generator) * 4,
-        "single_logits": torch.randn(batch, prompts, 1, m, m, generator=generator) * 4, "iou": torch.rand(batch, prompts, 4, generator=generator),
+        "prompt_valid": torch.ones(batch, prompts, dtype=torch.bool),
+        "prompt_points": points,
+        "prompt_labels": labels,
+        "prompt_boxes": boxes,
+        "multi_logits": torch.randn(batch, prompts, 3, m, m, generator=generator) * 4,
+        "single_logits": torch.randn(batch, prompts, 1, m, m, generator=generator) * 4,
+        "iou": torch.rand(batch, prompts, 4, generator=generator),
     }
 
 
-def time_steps(student: Student, heads: TeacherHeads | None, batch: dict[str, torch.Tensor], weights: LossWeights, warmup: int, repeats: int) -> float:
+def time_steps(
+    student: Student, heads: TeacherHeads | None, batch: dict[str, torch.Tensor], weights: LossWeights, warmup: int, repeats: int
+) -> float:
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     times = []
     for step in range(warmup + repeats):
@@ -93,8 +103,15 @@ def main(argv: list[str] | None = None) -> None:
     heads.requires_grad_(False)
     geometry = heads.geometry
     batch = synthetic_batch(geometry, args.batch, args.prompts, torch.Generator().manual_seed(0))
-    result: dict[str, Any] = {"teacher_geometry": args.teacher, "image_size": geometry.image_size, "mask_size": geometry.mask_size,
-                              "batch": args.batch, "prompts": args.prompts, "threads": torch.get_num_threads(), "students": {}}
+    result: dict[str, Any] = {
+        "teacher_geometry": args.teacher,
+        "image_size": geometry.image_size,
+        "mask_size": geometry.mask_size,
+        "batch": args.batch,
+        "prompts": args.prompts,
+        "threads": torch.get_num_threads(),
+        "students": {},
+    }
     for name in args.students:
         torch.manual_seed(0)
         student = Student(StudentSpec(name, geometry.trunk_width, geometry.grid, geometry.image_size)).train()
@@ -102,8 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         features = time_steps(student, None, batch, LossWeights(prompt=0, iou=0), args.warmup, args.repeats)
         result["students"][name] = {
             "backbone_parameters_m": round(student.backbone_parameters() / 1e6, 2),
-            "step_seconds": with_prompts, "rows_per_s": args.batch / with_prompts,
-            "features_only_step_seconds": features, "features_only_rows_per_s": args.batch / features,
+            "step_seconds": with_prompts,
+            "rows_per_s": args.batch / with_prompts,
+            "features_only_step_seconds": features,
+            "features_only_rows_per_s": args.batch / features,
         }
     print(json.dumps(result))
 

@@ -73,13 +73,22 @@ def main(argv: list[str] | None = None) -> None:
     attention = attention_cost(spec)
     layers = tracker.config.memory_attention_num_layers
     result: dict[str, Any] = {
-        "teacher_geometry": args.teacher, "image_size": g.image_size, "grid": g.grid, "threads": torch.get_num_threads(),
-        "memory_frames": spec.memory_frames, "object_pointers": spec.max_pointers,
-        "sam3": {"parts_ms": sam3_parts, "frame_ms": sum(sam3_parts.values()), "trunk_included": not args.skip_sam3_trunk,
-                 "memory_tokens_per_frame": attention["dense_tokens_per_frame"], "memory_keys": attention["dense_memory_keys"],
-                 "cross_attention_gmacs": attention["dense_cross_attention_macs"] / 1e9 * layers,
-                 "memory_attention_parameters_m": sum(p.numel() for p in tracker.memory_attention.parameters()) / 1e6,
-                 "trunk_parameters_m": trunk_parameters(config) / 1e6},
+        "teacher_geometry": args.teacher,
+        "image_size": g.image_size,
+        "grid": g.grid,
+        "threads": torch.get_num_threads(),
+        "memory_frames": spec.memory_frames,
+        "object_pointers": spec.max_pointers,
+        "sam3": {
+            "parts_ms": sam3_parts,
+            "frame_ms": sum(sam3_parts.values()),
+            "trunk_included": not args.skip_sam3_trunk,
+            "memory_tokens_per_frame": attention["dense_tokens_per_frame"],
+            "memory_keys": attention["dense_memory_keys"],
+            "cross_attention_gmacs": attention["dense_cross_attention_macs"] / 1e9 * layers,
+            "memory_attention_parameters_m": sum(p.numel() for p in tracker.memory_attention.parameters()) / 1e6,
+            "trunk_parameters_m": trunk_parameters(config) / 1e6,
+        },
         "students": {},
     }
     memory = StudentMemory(spec).eval()
@@ -88,10 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         student = Student(StudentSpec(name, g.trunk_width, g.grid, g.image_size)).eval()
         parts = dict(shared, **cost.student(student, memory))
         result["students"][name] = {
-            "parts_ms": parts, "frame_ms": sum(parts.values()), "encoder_parameters_m": sum(p.numel() for p in student.parameters()) / 1e6,
-            "memory_tokens_per_frame": spec.tokens_per_frame, "memory_keys": attention["memory_keys"],
+            "parts_ms": parts,
+            "frame_ms": sum(parts.values()),
+            "encoder_parameters_m": sum(p.numel() for p in student.parameters()) / 1e6,
+            "memory_tokens_per_frame": spec.tokens_per_frame,
+            "memory_keys": attention["memory_keys"],
             "cross_attention_gmacs": attention["cross_attention_macs"] / 1e9 * spec.attention_layers,
-            "memory_parameters_m": counts["total"] / 1e6, "perceiver_parameters_m": counts["perceiver"] / 1e6,
+            "memory_parameters_m": counts["total"] / 1e6,
+            "perceiver_parameters_m": counts["perceiver"] / 1e6,
             "memory_attention_speedup": sam3_parts["memory_attention"] / parts["memory_attention"],
             "frame_speedup": sum(sam3_parts.values()) / sum(parts.values()),
         }

@@ -19,8 +19,16 @@ from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, V
 S3_HELP = "S3-compatible endpoint (http(s)://HOST:PORT) for s3:// paths; credentials come from the usual AWS variables."
 INPUTS_HELP = "What of the student's input each row keeps: store (SA-1B: the original JPEG; SA-V: each used frame, lossless PNG) or none (targets only; trainers refuse such a store)."
 FAST_DECODE_HELP = "sa-1b: decode JPEGs at a DCT scale (about half size; less CPU) instead of SAM3's own preprocessing of the full image; recorded in every row."
-_FLAGS = {"source": "--source", "store": "--store", "teacher": "--teacher", "targets": "--targets", "codec": "--codec", "rank": "--rank",
-          "s3_endpoint": "--s3-endpoint", "read_retries": "--read-retries"}
+_FLAGS = {
+    "source": "--source",
+    "store": "--store",
+    "teacher": "--teacher",
+    "targets": "--targets",
+    "codec": "--codec",
+    "rank": "--rank",
+    "s3_endpoint": "--s3-endpoint",
+    "read_retries": "--read-retries",
+}
 
 
 def parse_targets(text: str | None) -> tuple[Target, ...]:
@@ -38,27 +46,36 @@ def cache_command(
     source: str = typer.Option(..., "--source", help="Folder or fsspec URL (s3://...) holding the tar shards."),
     shards: str = typer.Option("all", "--shards", help="Shards to cache: all, 7, 0-99, 0,3,7-9."),
     store: str = typer.Option(..., "--store", help="Store root: a folder (created if missing) or s3://bucket/prefix."),
-    teacher: str = typer.Option(
-        "tiny-random", "--teacher", help=f"SAM3 checkpoint directory, or one of: {', '.join(RANDOM_TEACHERS)}."
-    ),
+    teacher: str = typer.Option("tiny-random", "--teacher", help=f"SAM3 checkpoint directory, or one of: {', '.join(RANDOM_TEACHERS)}."),
     targets: str = typer.Option(None, "--targets", help="Comma-separated: trunk,prompts (sa-1b) or trunk,memory (sa-v). Default: both."),
     prompts: int = typer.Option(16, "--prompts", help="Prompts sampled per image (K) for the prompt targets."),
     codec: FeatureCodec = typer.Option(
-        FeatureCodec.FP16, "--codec",
+        FeatureCodec.FP16,
+        "--codec",
         help="Codec of feature maps: fp16, bf16, int8 (per-channel scales) or lowrank (trunk on a basis fitted on the run's first rows; other maps int8).",
     ),
     rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size (capped at the trunk width)."),
     inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
     fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per teacher forward."),
-    video_prompt: VideoPrompt = typer.Option(VideoPrompt.MASK, "--video-prompt", help="sa-v: how each object is prompted on its first frame."),
+    video_prompt: VideoPrompt = typer.Option(
+        VideoPrompt.MASK, "--video-prompt", help="sa-v: how each object is prompted on its first frame."
+    ),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: masklets tracked per video."),
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames (6 fps) used per video."),
     address: str = typer.Option(None, "--address", help="Join a running Ray cluster: auto, or HOST:PORT. Default: start a local Ray."),
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=S3_HELP),
-    read_retries: int = typer.Option(3, "--read-retries", help="Times a shard is read again after a transient I/O error (reset, 5xx) before it is left for a rerun (0-20)."),
-    max_failures: str = typer.Option("0", "--max-failures", help="Bad samples tolerated before exit code 1: a count (10) or a share (0.5%)."),
-    executor: str = typer.Option("ray", "--executor", help="ray (default), or local: every step in this process without Ray, for debugging."),
+    read_retries: int = typer.Option(
+        3,
+        "--read-retries",
+        help="Times a shard is read again after a transient I/O error (reset, 5xx) before it is left for a rerun (0-20).",
+    ),
+    max_failures: str = typer.Option(
+        "0", "--max-failures", help="Bad samples tolerated before exit code 1: a count (10) or a share (0.5%)."
+    ),
+    executor: str = typer.Option(
+        "ray", "--executor", help="ray (default), or local: every step in this process without Ray, for debugging."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the prompt sampler (and of a random teacher's weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end."),
 ) -> None:
@@ -77,13 +94,31 @@ def cache_command(
         teacher_config = build_config(TeacherConfig, {"source": "--teacher"}, source=teacher, batch_size=batch_size, seed=seed)
         prompt_config = build_config(PromptConfig, {"num_prompts": "--prompts", "seed": "--seed"}, num_prompts=prompts, seed=seed)
         video_config = build_config(
-            VideoTargetConfig, {"prompt": "--video-prompt", "seed": "--seed"}, prompt=video_prompt,
-            max_objects=max_objects, max_frames=max_frames, seed=seed,
+            VideoTargetConfig,
+            {"prompt": "--video-prompt", "seed": "--seed"},
+            prompt=video_prompt,
+            max_objects=max_objects,
+            max_frames=max_frames,
+            seed=seed,
         )
         config = build_config(
-            CacheConfig, _FLAGS, dataset=dataset.value, source=source, shards=shards, store=store, teacher=teacher_config,
-            targets=parse_targets(targets), prompts=prompt_config, video=video_config, codec=codec, rank=rank,
-            inputs=inputs, dct_scaling=_fast_decode(fast_decode, dataset), address=address, s3_endpoint=s3_endpoint, max_failures=limit,
+            CacheConfig,
+            _FLAGS,
+            dataset=dataset.value,
+            source=source,
+            shards=shards,
+            store=store,
+            teacher=teacher_config,
+            targets=parse_targets(targets),
+            prompts=prompt_config,
+            video=video_config,
+            codec=codec,
+            rank=rank,
+            inputs=inputs,
+            dct_scaling=_fast_decode(fast_decode, dataset),
+            address=address,
+            s3_endpoint=s3_endpoint,
+            max_failures=limit,
             read_retries=read_retries,
         )
         with progress() as bar:
@@ -101,19 +136,25 @@ def cache_command(
     if as_json:
         print_json({**report.to_json(), "aborted": {shard: redact(reason) for shard, reason in report.aborted.items()}})
     elif report.nothing_to_do:
-        console.print(Text(f"nothing to do: all {report.shards_selected} selected shard(s) are already in {store} (same teacher and settings)"))
+        console.print(
+            Text(f"nothing to do: all {report.shards_selected} selected shard(s) are already in {store} (same teacher and settings)")
+        )
     else:
         console.print(summary_table(report))
     if report.failures:
         err_console.print(Text(f"{report.failures} bad sample(s) (limit {limit}); see the store's failures table"))
     elif report.exit_code and not report.aborted:  # a rerun: the failures are from earlier runs
-        err_console.print(Text(f"the selected shards' failed samples in the store exceed --max-failures {limit}; see the store's failures table"))
+        err_console.print(
+            Text(f"the selected shards' failed samples in the store exceed --max-failures {limit}; see the store's failures table")
+        )
     if report.aborted:
         first, reason = next(iter(sorted(report.aborted.items())))
-        err_console.print(Text(
-            f"{len(report.aborted)} shard(s) hit a storage or network error and stay uncommitted ({first}: "
-            f"{redact(reason)}); the others are committed: rerun the same command to finish them"
-        ))
+        err_console.print(
+            Text(
+                f"{len(report.aborted)} shard(s) hit a storage or network error and stay uncommitted ({first}: "
+                f"{redact(reason)}); the others are committed: rerun the same command to finish them"
+            )
+        )
     raise typer.Exit(report.exit_code)
 
 
@@ -128,7 +169,9 @@ def cache_progress(bar: Any, task: Any) -> Any:
 
     def update(report: Any) -> None:
         bar.update(
-            task, total=report.shards_selected - report.shards_skipped, completed=report.shards_committed,
+            task,
+            total=report.shards_selected - report.shards_skipped,
+            completed=report.shards_committed,
             status=f"{report.rows_written} rows written, {report.rows} committed, {report.failures} failed",
         )
 
@@ -141,8 +184,12 @@ def summary_table(report: Any) -> Table:
         table.add_column(column, justify="right")
     table.add_row(
         f"{report.shards_committed} new, {report.shards_skipped} already done",
-        str(report.rows), human_bytes(report.bytes), f"{report.rows_per_s:.2f}",
-        f"[red]{report.failures}[/]" if report.failures else "0", str(report.read_retries), str(report.store_version),
+        str(report.rows),
+        human_bytes(report.bytes),
+        f"{report.rows_per_s:.2f}",
+        f"[red]{report.failures}[/]" if report.failures else "0",
+        str(report.read_retries),
+        str(report.store_version),
     )
     return table
 
@@ -172,10 +219,14 @@ def plan_command(
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: objects per video."),
     max_frames: int = typer.Option(64, "--max-frames", help="sa-v: annotated frames per video."),
     measured_in: str = typer.Option(
-        None, "--measured-in", help="sa-1b: a store cached with the same codec (a pilot run on a few shards): show what the codec cost its heads' masks there.",
+        None,
+        "--measured-in",
+        help="sa-1b: a store cached with the same codec (a pilot run on a few shards): show what the codec cost its heads' masks there.",
     ),
     rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Override the rows per shard estimate (images, or video frames)."),
-    rows_per_sec: float = typer.Option(None, "--rows-per-sec", help="Measured teacher rows/s per GPU (benchmarks/gpu_teacher.py), for GPU-hours."),
+    rows_per_sec: float = typer.Option(
+        None, "--rows-per-sec", help="Measured teacher rows/s per GPU (benchmarks/gpu_teacher.py), for GPU-hours."
+    ),
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=S3_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
@@ -200,9 +251,19 @@ def plan_command(
             count = sum(hi - lo + 1 for lo, hi in spec.ranges)
         video = build_config(VideoTargetConfig, {}, max_objects=max_objects, max_frames=max_frames)
         config = build_config(
-            CacheConfig, _FLAGS, dataset=dataset.value, source=source or "-", shards=shards, store="-",
-            targets=parse_targets(targets), prompts=build_config(PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts),
-            video=video, codec=codec, rank=rank, inputs=inputs, dct_scaling=_fast_decode(fast_decode, dataset),
+            CacheConfig,
+            _FLAGS,
+            dataset=dataset.value,
+            source=source or "-",
+            shards=shards,
+            store="-",
+            targets=parse_targets(targets),
+            prompts=build_config(PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts),
+            video=video,
+            codec=codec,
+            rank=rank,
+            inputs=inputs,
+            dct_scaling=_fast_decode(fast_decode, dataset),
         )
         geometry = Geometry.from_config(teacher_config(teacher))
         plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec)
@@ -222,7 +283,10 @@ def plan_command(
         table.add_row("public recipe (trunk fp16 files)", human_bytes(plan.to_json()["public_recipe_bytes"]))
     table.add_row("GPU-hours", f"{plan.gpu_hours:,.1f}" if plan.gpu_hours is not None else "pass --rows-per-sec")
     if measured and measured.get("rows"):
-        table.add_row(f"codec {codec.value}: heads' mask IoU, decoded vs exact trunk", f"{measured['mask_iou_mean']:.4f} (worst {measured['mask_iou_min']:.4f})")
+        table.add_row(
+            f"codec {codec.value}: heads' mask IoU, decoded vs exact trunk",
+            f"{measured['mask_iou_mean']:.4f} (worst {measured['mask_iou_min']:.4f})",
+        )
         table.add_row(f"codec {codec.value}: predicted-IoU error", f"{measured['iou_error_mean']:.4f} (over {measured['rows']} rows)")
     elif dataset == DatasetName.SA1B:
         table.add_row("codec cost on the heads' masks", "measured per row while caching: --measured-in a pilot store")

@@ -76,8 +76,14 @@ def scan_table(report: ScanReport) -> Table:
         table.add_column(column, justify="right")
     sizes = "-" if report.min_size is None else f"{report.min_size[0]}x{report.min_size[1]} .. {report.max_size[0]}x{report.max_size[1]}"
     frames = str(report.frames) if report.dataset == "sa-v" else "-"
-    table.add_row(str(len(report.shards)), str(report.samples), str(report.masks), frames, sizes,
-                  f"[red]{len(report.failures)}[/]" if report.failures else "0")
+    table.add_row(
+        str(len(report.shards)),
+        str(report.samples),
+        str(report.masks),
+        frames,
+        sizes,
+        f"[red]{len(report.failures)}[/]" if report.failures else "0",
+    )
     return table
 
 
@@ -121,9 +127,17 @@ def demo_data(
     """Write small SA-1B / SA-V shards in the released formats: real JPEGs and H.264 mp4s, exact JSON schemas."""
     with user_errors():
         config = build_config(
-            DemoDataConfig, out=out, seed=seed, sa1b_shards=sa1b_shards, images_per_shard=images_per_shard,
-            sav_shards=sav_shards, videos_per_shard=videos_per_shard, image_short_side=image_short_side,
-            video_width=video_width, video_height=video_height, video_seconds=video_seconds,
+            DemoDataConfig,
+            out=out,
+            seed=seed,
+            sa1b_shards=sa1b_shards,
+            images_per_shard=images_per_shard,
+            sav_shards=sav_shards,
+            videos_per_shard=videos_per_shard,
+            image_short_side=image_short_side,
+            video_width=video_width,
+            video_height=video_height,
+            video_seconds=video_seconds,
         )
     write_demo(config)
 
@@ -206,8 +220,12 @@ def demo(
         verified = verify_store(Store(str(store)))
     for result in results:
         console.print(summary_table(result))
-    console.print(Text(f"store {store}: {verified.rows_checked} rows, {verified.tensors_checked} tensors verified"
-                       + ("" if verified.ok else f"; PROBLEMS: {verified.problems[:3]}")))
+    console.print(
+        Text(
+            f"store {store}: {verified.rows_checked} rows, {verified.tensors_checked} tensors verified"
+            + ("" if verified.ok else f"; PROBLEMS: {verified.problems[:3]}")
+        )
+    )
     if not verified.ok:
         raise typer.Exit(1)
     images, videos = _demo_students(store, config.out, out)
@@ -218,9 +236,11 @@ def _demo_students(store: Path, data: Path, out: Path) -> tuple[Any, Any]:
     from esam3.train.demo import DEMO_STAGE2_STEPS, DEMO_STEPS, DEMO_STUDENT, demo_student, demo_video_student
 
     with user_errors(), progress() as bar:
+
         def updater(task: Any) -> Any:
             def update(report: Any) -> None:
                 bar.update(task, completed=report.step, status=f"loss {report.terms['total']:.4g}, {report.samples_per_sec:.1f} samples/s")
+
             return update
 
         first = bar.add_task(f"train stage 1: {DEMO_STUDENT}", total=DEMO_STEPS, status="opening the store")
@@ -236,22 +256,42 @@ def student_table(demo: Any, video: Any) -> Table:
     for column in ("step", "result", "written to"):
         table.add_column(column, overflow="fold")
     loss = demo.train.terms.get("total", float("nan"))
-    table.add_row("esam3 train stage1", f"{demo.train.steps} steps of {demo.train.train_rows} train rows, final loss {loss:.4g}",
-                  str(demo.train.checkpoint))
-    table.add_row("esam3 eval", f"val split ({demo.eval.rows} rows, {demo.eval.prompts} prompts): mask mIoU vs the teacher "
-                  f"{demo.eval.miou_teacher:.3f}, vs GT {demo.eval.miou_gt:.3f}; feature cosine {demo.eval.feature_cosine:.3f}", "-")
+    table.add_row(
+        "esam3 train stage1",
+        f"{demo.train.steps} steps of {demo.train.train_rows} train rows, final loss {loss:.4g}",
+        str(demo.train.checkpoint),
+    )
+    table.add_row(
+        "esam3 eval",
+        f"val split ({demo.eval.rows} rows, {demo.eval.prompts} prompts): mask mIoU vs the teacher "
+        f"{demo.eval.miou_teacher:.3f}, vs GT {demo.eval.miou_gt:.3f}; feature cosine {demo.eval.feature_cosine:.3f}",
+        "-",
+    )
     table.add_row("esam3 export", f"{demo.export.parameters / 1e6:.2f}M parameters, {human_bytes(demo.export.bytes)}", str(demo.export.out))
     table.add_row("esam3 eval (COCO format)", f"box-prompt mIoU {demo.coco.miou:.3f} over {demo.coco.annotations} objects", "-")
     table.add_row("esam3 predict", f"a click and a box, {demo.predict_ms:.0f} ms", str(demo.picture))
     loss = video.train.terms.get("total", float("nan"))
-    table.add_row("esam3 train stage2", f"{video.train.steps} steps on {video.train.train_rows} frames, final loss {loss:.4g}; {video.memory}",
-                  str(video.train.checkpoint))
+    table.add_row(
+        "esam3 train stage2",
+        f"{video.train.steps} steps on {video.train.train_rows} frames, final loss {loss:.4g}; {video.memory}",
+        str(video.train.checkpoint),
+    )
     gt, teacher = video.eval.jf_gt, video.eval.jf_teacher
-    table.add_row("esam3 eval (video)", f"J&F vs GT {gt['J&F']:.3f}, vs the teacher {teacher['J&F']:.3f} on the demo's "
-                  f"{video.eval.videos} videos (trained on; random-weight teacher: a plumbing check)", "-")
-    table.add_row("esam3 export (video)", f"{video.export.parameters / 1e6:.2f}M parameters, {human_bytes(video.export.bytes)}", str(video.export.out))
-    table.add_row("esam3 predict --video", f"{video.frames} frames tracked from first-frame masks, {video.ms_per_frame:.0f} ms per frame "
-                  f"(SAM3's tracker at this size: {video.sam3_ms_per_frame:.0f} ms)", str(video.strip))
+    table.add_row(
+        "esam3 eval (video)",
+        f"J&F vs GT {gt['J&F']:.3f}, vs the teacher {teacher['J&F']:.3f} on the demo's "
+        f"{video.eval.videos} videos (trained on; random-weight teacher: a plumbing check)",
+        "-",
+    )
+    table.add_row(
+        "esam3 export (video)", f"{video.export.parameters / 1e6:.2f}M parameters, {human_bytes(video.export.bytes)}", str(video.export.out)
+    )
+    table.add_row(
+        "esam3 predict --video",
+        f"{video.frames} frames tracked from first-frame masks, {video.ms_per_frame:.0f} ms per frame "
+        f"(SAM3's tracker at this size: {video.sam3_ms_per_frame:.0f} ms)",
+        str(video.strip),
+    )
     return table
 
 

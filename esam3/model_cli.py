@@ -58,10 +58,18 @@ def eval_command(
     version: int = typer.Option(None, "--version", help="Store table version (a snapshot; default: the training run's, else the newest)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per batch."),
     coco_images: Path = typer.Option(None, "--coco-images", help="COCO-format eval: folder of the images."),
-    coco_annotations: Path = typer.Option(None, "--coco-annotations", help="COCO-format eval: instances JSON (e.g. instances_val2017.json)."),
-    prompt: str = typer.Option("box", "--prompt", help="COCO eval prompt per annotation: box (its GT box) or point (a click at its centre)."),
+    coco_annotations: Path = typer.Option(
+        None, "--coco-annotations", help="COCO-format eval: instances JSON (e.g. instances_val2017.json)."
+    ),
+    prompt: str = typer.Option(
+        "box", "--prompt", help="COCO eval prompt per annotation: box (its GT box) or point (a click at its centre)."
+    ),
     limit: int = typer.Option(None, "--limit", help="COCO / DAVIS / store video eval: only the first N images or videos."),
-    davis: Path = typer.Option(None, "--davis", help="DAVIS-format folder (JPEGImages/<video>/*.jpg, Annotations/<video>/*.png) to score a stage-2 student's J&F on."),
+    davis: Path = typer.Option(
+        None,
+        "--davis",
+        help="DAVIS-format folder (JPEGImages/<video>/*.jpg, Annotations/<video>/*.png) to score a stage-2 student's J&F on.",
+    ),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help="S3-compatible endpoint (http(s)://HOST:PORT) for an s3:// store."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
@@ -102,21 +110,30 @@ def eval_command(
         _print_video_eval(result, davis)
         return
     if coco_images is not None:
-        console.print(Text(
-            f"COCO mIoU ({result.prompt} prompts): {result.miou:.4f} over {result.annotations} objects in {result.images} images "
-            f"({result.seconds_per_image * 1000:.0f} ms per image; {result.skipped_crowd} crowd annotations skipped)"
-        ))
+        console.print(
+            Text(
+                f"COCO mIoU ({result.prompt} prompts): {result.miou:.4f} over {result.annotations} objects in {result.images} images "
+                f"({result.seconds_per_image * 1000:.0f} ms per image; {result.skipped_crowd} crowd annotations skipped)"
+            )
+        )
         return
-    table = Table(title=Text(f"{result.split} split: {result.rows} rows, {result.prompts} prompts (store version {result.store_version})"),
-                  title_justify="left")
+    table = Table(
+        title=Text(f"{result.split} split: {result.rows} rows, {result.prompts} prompts (store version {result.store_version})"),
+        title_justify="left",
+    )
     for column in ("prompt kind", "count", "mIoU vs teacher", "mIoU vs GT", "teacher mIoU vs GT", "IoU-score error"):
         table.add_column(column, justify="right")
     rows = [("all", result.prompts, result.miou_teacher, result.miou_gt, result.teacher_miou_gt, result.iou_score_error)]
-    rows += [(kind, v["prompts"], v["miou_teacher"], v["miou_gt"], v["teacher_miou_gt"], v["iou_score_error"]) for kind, v in result.per_kind.items()]
+    rows += [
+        (kind, v["prompts"], v["miou_teacher"], v["miou_gt"], v["teacher_miou_gt"], v["iou_score_error"])
+        for kind, v in result.per_kind.items()
+    ]
     for kind, count, *values in rows:
         table.add_row(kind, str(count), *(f"{v:.4f}" for v in values))
     console.print(table)
-    console.print(Text(f"features vs the teacher's trunk: MSE {result.feature_mse:.4g} (summed over channels), cosine {result.feature_cosine:.4f}"))
+    console.print(
+        Text(f"features vs the teacher's trunk: MSE {result.feature_mse:.4g} (summed over channels), cosine {result.feature_cosine:.4f}")
+    )
 
 
 def _print_video_eval(result: Any, davis: Path | None) -> None:
@@ -126,11 +143,17 @@ def _print_video_eval(result: Any, davis: Path | None) -> None:
     if davis is not None:
         console.print(Text(f"DAVIS {davis}: {jf(result.jf)} over {result.videos} videos; {result.ms_per_frame:.1f} ms per frame"))
         return
-    console.print(Text(f"{result.split} split: {result.videos} videos, {result.objects} objects, {result.frames} frames (store version {result.store_version})"))
+    console.print(
+        Text(
+            f"{result.split} split: {result.videos} videos, {result.objects} objects, {result.frames} frames (store version {result.store_version})"
+        )
+    )
     console.print(Text(f"student vs ground truth: {jf(result.jf_gt)}"))
     console.print(Text(f"student vs the teacher's masks: {jf(result.jf_teacher)}"))
     console.print(Text(f"the teacher vs ground truth (for scale): {jf(result.teacher_jf_gt)}"))
-    console.print(Text(f"memory-conditioned map vs the teacher's: cosine {result.memory_cosine:.4f}; {result.ms_per_frame:.1f} ms per frame"))
+    console.print(
+        Text(f"memory-conditioned map vs the teacher's: cosine {result.memory_cosine:.4f}; {result.ms_per_frame:.1f} ms per frame")
+    )
 
 
 def export_command(
@@ -147,9 +170,17 @@ def export_command(
     teacher_parameters = (student.provenance["store"].get("teacher_parameters") or {}).get("total")
     sam3_parameters = architecture_parameters("full-random")
     if as_json:
-        print_json({"out": str(report.out), "bytes": report.bytes, "parameters": report.parameters,
-                    "student_parameters": report.student_parameters, "heads_parameters": report.heads_parameters,
-                    "teacher_parameters": teacher_parameters, "sam3_parameters": sam3_parameters})
+        print_json(
+            {
+                "out": str(report.out),
+                "bytes": report.bytes,
+                "parameters": report.parameters,
+                "student_parameters": report.student_parameters,
+                "heads_parameters": report.heads_parameters,
+                "teacher_parameters": teacher_parameters,
+                "sam3_parameters": sam3_parameters,
+            }
+        )
         return
     table = Table(title=Text(f"exported to {report.out}"), title_justify="left")
     for column in ("", "parameters", "size (fp32)"):
@@ -166,15 +197,31 @@ def export_command(
 def predict_command(
     model: Path = typer.Option(..., "--model", help="Model folder written by esam3 export."),
     image: Path = typer.Option(None, "--image", help="JPEG or PNG image to segment."),
-    video: Path = typer.Option(None, "--video", help="Video (e.g. MP4) to track objects through, from their prompts on its first frame (a stage-2 model)."),
-    point: list[str] = typer.Option(None, "--point", help="A click x,y in image (first-frame) pixels: one object per --point (repeatable)."),
-    box: list[str] = typer.Option(None, "--box", help="A box x0,y0,x1,y1 in image (first-frame) pixels: one object per --box (repeatable)."),
-    mask: Path = typer.Option(None, "--mask", help="--video: a PNG of the first frame's objects (palette or grey: each non-zero value one object; 255 ignored)."),
-    out: Path = typer.Option(None, "--out", help="PNG to write: the image (or a strip of video frames) with each mask tinted and the prompts drawn."),
+    video: Path = typer.Option(
+        None, "--video", help="Video (e.g. MP4) to track objects through, from their prompts on its first frame (a stage-2 model)."
+    ),
+    point: list[str] = typer.Option(
+        None, "--point", help="A click x,y in image (first-frame) pixels: one object per --point (repeatable)."
+    ),
+    box: list[str] = typer.Option(
+        None, "--box", help="A box x0,y0,x1,y1 in image (first-frame) pixels: one object per --box (repeatable)."
+    ),
+    mask: Path = typer.Option(
+        None, "--mask", help="--video: a PNG of the first frame's objects (palette or grey: each non-zero value one object; 255 ignored)."
+    ),
+    out: Path = typer.Option(
+        None, "--out", help="PNG to write: the image (or a strip of video frames) with each mask tinted and the prompts drawn."
+    ),
     max_frames: int = typer.Option(None, "--max-frames", help="--video: track only the first N frames (default: all)."),
     strip: int = typer.Option(None, "--strip", help="--video: frames drawn into the --out strip, evenly spaced (default 8)."),
-    vs_sam3: bool = typer.Option(False, "--vs-sam3", help="--video: also time SAM3's tracker per frame at the same input size (random weights, trunk included; about a minute per frame on a CPU at full size)."),
-    repeats: int = typer.Option(None, "--repeats", help="--image: timed runs after one warm-up; the median is the latency printed (default 3)."),
+    vs_sam3: bool = typer.Option(
+        False,
+        "--vs-sam3",
+        help="--video: also time SAM3's tracker per frame at the same input size (random weights, trunk included; about a minute per frame on a CPU at full size).",
+    ),
+    repeats: int = typer.Option(
+        None, "--repeats", help="--image: timed runs after one warm-up; the median is the latency printed (default 3)."
+    ),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line with each mask as COCO RLE (per frame for a video)."),
 ) -> None:
@@ -189,8 +236,16 @@ def predict_command(
             raise UsageError("give --image (segment) or --video (track), one of them")
         if video is None and mask is not None:
             raise UsageError("--mask prompts a video's first frame; for an image give --point or --box")
-        wrong = [flag for flag, value, video_only in (("--strip", strip, True), ("--max-frames", max_frames, True), ("--vs-sam3", vs_sam3 or None, True),
-                                                       ("--repeats", repeats, False)) if value is not None and video_only == (video is None)]
+        wrong = [
+            flag
+            for flag, value, video_only in (
+                ("--strip", strip, True),
+                ("--max-frames", max_frames, True),
+                ("--vs-sam3", vs_sam3 or None, True),
+                ("--repeats", repeats, False),
+            )
+            if value is not None and video_only == (video is None)
+        ]
         if wrong:
             raise UsageError(f"{', '.join(wrong)}: only with {'--video' if video is None else '--image'}")
         strip, repeats = 8 if strip is None else strip, 3 if repeats is None else repeats
@@ -225,19 +280,48 @@ def predict_command(
         masks = []
         for prompt, mask, score in zip(prompts, result.masks, result.scores):
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            masks.append({**prompt, "score": float(score), "area": int(mask.sum()),
-                          "rle": {"size": list(rle["size"]), "counts": rle["counts"].decode()}})
-        print_json({"image": str(image), "height": pixels.shape[0], "width": pixels.shape[1], "latency_ms": 1000 * latency,
-                    "device": str(next(student.parameters()).device), "out": str(out) if out else None, "masks": masks})
+            masks.append(
+                {
+                    **prompt,
+                    "score": float(score),
+                    "area": int(mask.sum()),
+                    "rle": {"size": list(rle["size"]), "counts": rle["counts"].decode()},
+                }
+            )
+        print_json(
+            {
+                "image": str(image),
+                "height": pixels.shape[0],
+                "width": pixels.shape[1],
+                "latency_ms": 1000 * latency,
+                "device": str(next(student.parameters()).device),
+                "out": str(out) if out else None,
+                "masks": masks,
+            }
+        )
         return
     for prompt, mask, score in zip(prompts, result.masks, result.scores):
         console.print(Text(f"{prompt}: {int(mask.sum())} pixels, predicted IoU {score:.3f}"))
-    console.print(Text(f"{len(prompts)} mask(s) drawn into {out}; {1000 * latency:.1f} ms per image on "
-                       f"{next(student.parameters()).device} ({pixels.shape[1]}x{pixels.shape[0]}, median of {repeats})"))
+    console.print(
+        Text(
+            f"{len(prompts)} mask(s) drawn into {out}; {1000 * latency:.1f} ms per image on "
+            f"{next(student.parameters()).device} ({pixels.shape[1]}x{pixels.shape[0]}, median of {repeats})"
+        )
+    )
 
 
-def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndarray, mask: Path | None, out: Path | None,
-                   max_frames: int | None, strip: int, as_json: bool, vs_sam3: bool) -> None:
+def _predict_video(
+    student: Any,
+    video: Path,
+    points: np.ndarray,
+    boxes: np.ndarray,
+    mask: Path | None,
+    out: Path | None,
+    max_frames: int | None,
+    strip: int,
+    as_json: bool,
+    vs_sam3: bool,
+) -> None:
     """``predict --video``: track each prompted object from the first frame; a strip of frames and / or RLE per frame.
     Frames are squashed as they are decoded (the full-size video is never held); the strip's frames are read again."""
     from pycocotools import mask as mask_utils
@@ -252,7 +336,9 @@ def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndar
     pixels, (height, width), _ = read_video(video, student.student.spec.image_size, max_frames)
     labels = None if mask is None else read_palette_mask(mask, "--mask takes")
     if labels is not None and labels.shape != (height, width):
-        raise UsageError(f"--mask {mask} is {labels.shape[1]}x{labels.shape[0]} but the video is {width}x{height}; draw it on the first frame at its size")
+        raise UsageError(
+            f"--mask {mask} is {labels.shape[1]}x{labels.shape[0]} but the video is {width}x{height}; draw it on the first frame at its size"
+        )
     prompts, names = first_frame_prompts((height, width), student.image_size, points, boxes, labels)
     if not prompts:
         raise UsageError(f"--mask {mask} marks no object (every pixel is 0 or 255)")
@@ -266,8 +352,11 @@ def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndar
         _, _, kept = read_video(video, 1, max(chosen) + 1, keep=lambda t: t in chosen)
         out.parent.mkdir(parents=True, exist_ok=True)
         draw_video_strip(kept, {t: tracks.frame_masks(t, height, width) for t in kept}, points, boxes).save(out, format="PNG")
-    parameters = sum(p.numel() for part in (student.student, student.heads.tracker_model, student.heads.tracker_neck, student.memory)
-                     for p in part.parameters())
+    parameters = sum(
+        p.numel()
+        for part in (student.student, student.heads.tracker_model, student.heads.tracker_neck, student.memory)
+        for p in part.parameters()
+    )
     sam3 = architecture_parameters("full-random")
     sam3_ms = None
     if vs_sam3:
@@ -280,17 +369,36 @@ def _predict_video(student: Any, video: Path, points: np.ndarray, boxes: np.ndar
             for j, m in enumerate(tracks.frame_masks(t, height, width)):
                 rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
                 objects[j]["masks"].append({"size": list(rle["size"]), "counts": rle["counts"].decode(), "area": int(m.sum())})
-        print_json({"video": str(video), "frames": frames, "height": height, "width": width, "ms_per_frame": ms,
-                    "sam3_ms_per_frame": sam3_ms, "parameters": parameters, "sam3_parameters": sam3, "out": str(out) if out else None,
-                    "objects": objects})
+        print_json(
+            {
+                "video": str(video),
+                "frames": frames,
+                "height": height,
+                "width": width,
+                "ms_per_frame": ms,
+                "sam3_ms_per_frame": sam3_ms,
+                "parameters": parameters,
+                "sam3_parameters": sam3,
+                "out": str(out) if out else None,
+                "objects": objects,
+            }
+        )
         return
     seen = np.zeros(len(names), int)
     for t in range(frames):
         seen += tracks.frame_masks(t, height, width).any(axis=(1, 2))
     for name, count in zip(names, seen.tolist()):
         console.print(Text(f"{name}: on {count} of {frames} frames"))
-    console.print(Text(
-        f"{len(names)} object(s) tracked through {frames} frames ({width}x{height}): {ms:.1f} ms per frame on {device}, all objects"
-        + (f"; SAM3's tracker at the same input size ({student.image_size} px, random weights, on {device}): {sam3_ms:.1f} ms per frame "
-           f"for {len(names)} object(s)" if sam3_ms is not None else "")
-        + f"; {parameters / 1e6:.2f}M parameters in this model (SAM3 in all: {sam3 / 1e6:.1f}M)" + (f"; strip in {out}" if out else "")))
+    console.print(
+        Text(
+            f"{len(names)} object(s) tracked through {frames} frames ({width}x{height}): {ms:.1f} ms per frame on {device}, all objects"
+            + (
+                f"; SAM3's tracker at the same input size ({student.image_size} px, random weights, on {device}): {sam3_ms:.1f} ms per frame "
+                f"for {len(names)} object(s)"
+                if sam3_ms is not None
+                else ""
+            )
+            + f"; {parameters / 1e6:.2f}M parameters in this model (SAM3 in all: {sam3 / 1e6:.1f}M)"
+            + (f"; strip in {out}" if out else "")
+        )
+    )

@@ -48,39 +48,65 @@ def info_command(
     for name, entry in info["tables"].items():
         per_row = entry.get("bytes_per_row_total")
         done = info["shards"].get(dataset_of(name), 0) if name in TABLE_OF.values() else None
-        table.add_row(name, "-" if done is None else str(done), str(entry["rows"]), str(entry["fragments"]), str(entry["version"]),
-                      human_bytes(per_row) if per_row else "-")
+        table.add_row(
+            name,
+            "-" if done is None else str(done),
+            str(entry["rows"]),
+            str(entry["fragments"]),
+            str(entry["version"]),
+            human_bytes(per_row) if per_row else "-",
+        )
     console.print(table)
     for name, entry in info["tables"].items():
         if entry.get("snapshots"):
             newest = entry["snapshots"][0]
             older = ", ".join(s["tag"] for s in entry["snapshots"][1:])
-            console.print(Text(f"{name}: trainers read snapshot {newest['tag']} ({newest['rows']} rows)" + (f"; older: {older}" if older else "")))
+            console.print(
+                Text(f"{name}: trainers read snapshot {newest['tag']} ({newest['rows']} rows)" + (f"; older: {older}" if older else ""))
+            )
         elif entry.get("rows"):
             console.print(Text(f"{name}: no complete snapshot yet"))
         if entry.get("unfinished_shards"):
             shards = entry["unfinished_shards"]
-            console.print(Text(f"{name}: {len(shards)} shard(s) have rows but no ledger row ({', '.join(shards[:5])}): trainers do not "
-                               "see them; if no run is caching them now, rerun the same esam3 cache command to finish them"))
+            console.print(
+                Text(
+                    f"{name}: {len(shards)} shard(s) have rows but no ledger row ({', '.join(shards[:5])}): trainers do not "
+                    "see them; if no run is caching them now, rerun the same esam3 cache command to finish them"
+                )
+            )
     cost = info["tables"]["images"].get("codec_task_error", {})
     if cost.get("rows"):
-        console.print(Text(
-            f"images: the trunk codec costs the heads' masks a mean IoU of {cost['mask_iou_mean']:.4f} (1st percentile "
-            f"{cost['mask_iou_p1']:.4f}, worst {cost['mask_iou_min']:.4f}) and {cost['iou_error_mean']:.4f} of predicted IoU, "
-            f"over {cost['rows']} rows"
-        ))
+        console.print(
+            Text(
+                f"images: the trunk codec costs the heads' masks a mean IoU of {cost['mask_iou_mean']:.4f} (1st percentile "
+                f"{cost['mask_iou_p1']:.4f}, worst {cost['mask_iou_min']:.4f}) and {cost['iou_error_mean']:.4f} of predicted IoU, "
+                f"over {cost['rows']} rows"
+            )
+        )
     if info["runs"]:
         runs = Table(title=Text("runs (runs/<run_id>.json: config, versions)"), title_justify="left")
         for column in ("run", "dataset", "status", "started", "ended", "host", "shards", "rows", "esam3", "transformers"):
             runs.add_column(column, justify="right" if column in ("shards", "rows") else "left")
         for run in info["runs"]:
             counts, versions = run["counts"] or {}, run["versions"]
-            runs.add_row(run["run_id"], run["dataset"] or "-", run["status"] + (f" ({run['error']})" if run["error"] else ""),
-                         run["started_at"] or "-", run["ended_at"] or "-", run["host"] or "-", str(counts.get("shards_committed", "-")),
-                         str(counts.get("rows", "-")), versions.get("esam3", "-"), versions.get("transformers", "-"))
+            runs.add_row(
+                run["run_id"],
+                run["dataset"] or "-",
+                run["status"] + (f" ({run['error']})" if run["error"] else ""),
+                run["started_at"] or "-",
+                run["ended_at"] or "-",
+                run["host"] or "-",
+                str(counts.get("shards_committed", "-")),
+                str(counts.get("rows", "-")),
+                versions.get("esam3", "-"),
+                versions.get("transformers", "-"),
+            )
         console.print(runs)
-    small = [name for name, entry in info["tables"].items() if entry["fragments"] >= COMPACT_HINT_FRAGMENTS
-             and entry["rows"] < COMPACT_HINT_ROWS * entry["fragments"]]
+    small = [
+        name
+        for name, entry in info["tables"].items()
+        if entry["fragments"] >= COMPACT_HINT_FRAGMENTS and entry["rows"] < COMPACT_HINT_ROWS * entry["fragments"]
+    ]
     if small:
         console.print(Text(f"{', '.join(small)}: many small fragments; `esam3 store compact {uri}` between runs merges them"))
     for name, entry in info["tables"].items():
@@ -96,10 +122,13 @@ def info_command(
 @store_app.command("cleanup")
 def cleanup_command(
     uri: str = typer.Argument(..., help="Store root (folder or s3://...)."),
-    older_than: str = typer.Option("14d", "--older-than", help="Remove table versions replaced by a newer one more than this long ago: 90s, 30m, 12h, 14d."),
+    older_than: str = typer.Option(
+        "14d", "--older-than", help="Remove table versions replaced by a newer one more than this long ago: 90s, 30m, 12h, 14d."
+    ),
     keep_versions: int = typer.Option(None, "--keep-versions", help="Keep at least the newest N versions of every table."),
     unverified: bool = typer.Option(
-        False, "--unverified",
+        False,
+        "--unverified",
         help="Also delete files no version references that are younger than 7 days (a killed worker's); refused while a cache run writes to the store.",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be removed; delete nothing."),
@@ -120,8 +149,13 @@ def cleanup_command(
     for column in ("table", "old versions", "data files", "bytes", "versions left"):
         table.add_column(column, justify="right" if column != "table" else "left")
     for name, entry in report["tables"].items():
-        table.add_row(name, str(entry["old_versions"]), str(entry["data_files_removed"]), human_bytes(entry["bytes_removed"]),
-                      str(entry["versions_left"]))
+        table.add_row(
+            name,
+            str(entry["old_versions"]),
+            str(entry["data_files_removed"]),
+            human_bytes(entry["bytes_removed"]),
+            str(entry["versions_left"]),
+        )
     console.print(table)
 
 
@@ -182,11 +216,19 @@ def verify_command(
         if report.more_problems:
             console.print(Text(f"... and {report.more_problems} more"))
         for table, shards in report.damaged_shards.items():
-            console.print(Text(f"{table}: {len(shards)} shard(s) lost or damaged rows: {', '.join(sorted(shards)[:10])}"
-                               f"{' ...' if len(shards) > 10 else ''}"))
+            console.print(
+                Text(
+                    f"{table}: {len(shards)} shard(s) lost or damaged rows: {', '.join(sorted(shards)[:10])}"
+                    f"{' ...' if len(shards) > 10 else ''}"
+                )
+            )
         if report.damaged_shards or report.leftover_rows:
-            console.print(Text(f"to mend it: esam3 store repair {uri}, then rerun the esam3 cache command that made it "
-                               "(it caches exactly the removed shards)"))
+            console.print(
+                Text(
+                    f"to mend it: esam3 store repair {uri}, then rerun the esam3 cache command that made it "
+                    "(it caches exactly the removed shards)"
+                )
+            )
     raise typer.Exit(0 if report.ok else 1)
 
 
@@ -210,9 +252,13 @@ def repair_command(
     did = "would remove" if dry_run else "removed"
     for table, entry in repaired["tables"].items():
         if entry["shards"] or entry["fragments_dropped"] or entry["leftover_runs"]:
-            console.print(Text(f"{table}: {did} {len(entry['shards'])} shard(s) ({', '.join(entry['shards'])}), "
-                               f"{len(entry['fragments_dropped'])} unreadable fragment(s), rows left by "
-                               f"{len(entry['leftover_runs'])} run(s) that did not commit their shard"))
+            console.print(
+                Text(
+                    f"{table}: {did} {len(entry['shards'])} shard(s) ({', '.join(entry['shards'])}), "
+                    f"{len(entry['fragments_dropped'])} unreadable fragment(s), rows left by "
+                    f"{len(entry['leftover_runs'])} run(s) that did not commit their shard"
+                )
+            )
     if not repaired["shards"] and not any(e["leftover_runs"] or e["fragments_dropped"] for e in repaired["tables"].values()):
         console.print(Text("nothing to repair" + ("" if report.ok else ": the problems verify found are not lost or damaged rows")))
     elif repaired["shards"] and not dry_run:

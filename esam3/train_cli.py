@@ -60,7 +60,10 @@ def config_command(model: type[TrainerConfig], run: Callable[[Any, bool], None])
         parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
         annotations[name] = kind
     extra = {
-        "config_file": (Path, typer.Option(None, "--config", help="JSON or TOML file of these settings (keys as the flags, without --); flags win.")),
+        "config_file": (
+            Path,
+            typer.Option(None, "--config", help="JSON or TOML file of these settings (keys as the flags, without --); flags win."),
+        ),
         "as_json": (bool, typer.Option(False, "--json", help="Print one JSON line with the run's figures at the end.")),
     }
     for name, (kind, option) in extra.items():
@@ -89,25 +92,40 @@ def _train(config: TrainerConfig, as_json: bool, title: str) -> None:
 
             def update(report: Any) -> None:
                 shown = ", ".join(f"{k} {v:.4g}" for k, v in report.terms.items() if k != "total")
-                bar.update(task, total=report.total, completed=report.step,
-                           status=f"loss {report.terms['total']:.4g} ({shown}), {report.samples_per_sec:.1f} samples/s")
+                bar.update(
+                    task,
+                    total=report.total,
+                    completed=report.step,
+                    status=f"loss {report.terms['total']:.4g} ({shown}), {report.samples_per_sec:.1f} samples/s",
+                )
 
             result = train(config, on_step=update)
     if as_json:
-        print_json({
-            "out": str(result.out), "checkpoint": str(result.checkpoint), "steps": result.steps, "store_version": result.store_version,
-            "train_rows": result.train_rows, "terms": result.terms, "samples_per_sec": result.samples_per_sec,
-            "data_wait": result.data_wait, "seconds": result.seconds,
-        })
+        print_json(
+            {
+                "out": str(result.out),
+                "checkpoint": str(result.checkpoint),
+                "steps": result.steps,
+                "store_version": result.store_version,
+                "train_rows": result.train_rows,
+                "terms": result.terms,
+                "samples_per_sec": result.samples_per_sec,
+                "data_wait": result.data_wait,
+                "seconds": result.seconds,
+            }
+        )
         return
     table = Table(title=Text(f"{title} from {config.store}"), title_justify="left", show_header=False)
     table.add_column("", style="bold")
     table.add_column("", overflow="fold")
     for name, value in (
-        ("steps", str(result.steps)), ("train rows", str(result.train_rows)), ("store version", str(result.store_version)),
+        ("steps", str(result.steps)),
+        ("train rows", str(result.train_rows)),
+        ("store version", str(result.store_version)),
         ("final loss", ", ".join(f"{k} {v:.4g}" for k, v in result.terms.items())),
         ("samples/s", f"{result.samples_per_sec:.1f} ({100 * result.data_wait:.0f}% of the time waiting for data)"),
-        ("checkpoint", str(result.checkpoint)), ("TensorBoard", f"tensorboard --logdir {result.out / 'tensorboard'}"),
+        ("checkpoint", str(result.checkpoint)),
+        ("TensorBoard", f"tensorboard --logdir {result.out / 'tensorboard'}"),
     ):
         table.add_row(name, Text(value))
     console.print(table)
@@ -138,6 +156,7 @@ def _memory_summary(config: Stage2Config) -> str:
 train_app.command("stage1", help="Stage 1: the student's encoder learns the cached trunk, with prompts through the store's frozen heads.")(
     config_command(Stage1Config, _stage1)
 )
-train_app.command("stage2", help="Stage 2: a Perceiver memory and a light memory attention learn SAM3's memory on the store's video clips, on a stage-1 encoder.")(
-    config_command(Stage2Config, _stage2)
-)
+train_app.command(
+    "stage2",
+    help="Stage 2: a Perceiver memory and a light memory attention learn SAM3's memory on the store's video clips, on a stage-1 encoder.",
+)(config_command(Stage2Config, _stage2))

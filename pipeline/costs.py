@@ -91,7 +91,10 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         public = self.rows * PUBLIC_BYTES_PER_IMAGE if self.dataset == "sa-1b" else None
         return {
-            **self.__dict__, "row_bytes": self.row_bytes, "total_bytes": self.total_bytes, "gpu_hours": self.gpu_hours,
+            **self.__dict__,
+            "row_bytes": self.row_bytes,
+            "total_bytes": self.total_bytes,
+            "gpu_hours": self.gpu_hours,
             "public_recipe_bytes": public,
         }
 

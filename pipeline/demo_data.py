@@ -81,8 +81,7 @@ def sa1b_scene(rng: np.random.Generator, short_side: int) -> tuple[np.ndarray, l
         for _ in range(int(rng.integers(4, 10)))
     ]
     placed += [
-        (random_shape(rng, rng.uniform(2, 5)), (rng.uniform(0, width), rng.uniform(0, height)))
-        for _ in range(int(rng.integers(0, 3)))
+        (random_shape(rng, rng.uniform(2, 5)), (rng.uniform(0, width), rng.uniform(0, height))) for _ in range(int(rng.integers(0, 3)))
     ]
     img, visible = compose(background(rng, height, width), placed)
     masks = list(visible)
@@ -295,11 +294,17 @@ def write_demo_coco(sa1b: Path, out: Path, limit: int | None = None) -> tuple[Pa
         (images_dir / info.file_name).write_bytes(sample.jpeg)
         images.append({"id": info.image_id, "file_name": info.file_name, "height": info.height, "width": info.width})
         for annotation in sample.record.annotations:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": info.image_id, "category_id": 1, "iscrowd": 0,
-                "bbox": list(annotation.bbox), "area": annotation.area,
-                "segmentation": {"size": list(annotation.segmentation.size), "counts": annotation.segmentation.counts},
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": info.image_id,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "bbox": list(annotation.bbox),
+                    "area": annotation.area,
+                    "segmentation": {"size": list(annotation.segmentation.size), "counts": annotation.segmentation.counts},
+                }
+            )
     document = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
     (out / "instances.json").write_text(json.dumps(document))
     return images_dir, out / "instances.json"

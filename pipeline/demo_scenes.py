@@ -86,9 +86,7 @@ def paint(img: np.ndarray, mask: np.ndarray, shape: Shape) -> None:
     img[r0:r1, c0:c1][region] = patch[region]
 
 
-def compose(
-    base: np.ndarray, placed: list[tuple[Shape, tuple[float, float]]]
-) -> tuple[np.ndarray, list[np.ndarray]]:
+def compose(base: np.ndarray, placed: list[tuple[Shape, tuple[float, float]]]) -> tuple[np.ndarray, list[np.ndarray]]:
     """Draw shapes back to front on a copy of ``base``; return the image and each shape's visible mask."""
     height, width = base.shape[:2]
     img = base.copy()

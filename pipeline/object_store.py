@@ -16,9 +16,7 @@ from typing import Any
 
 
 #: What to do when a server refuses our requests (HTTP 403: wrong secret, unknown key, no permission).
-ACCESS_HINT = (
-    "check the S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and that they may use this bucket"
-)
+ACCESS_HINT = "check the S3 credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and that they may use this bucket"
 
 #: What to do when an S3 server cannot be reached.
 ENDPOINT_HINT = "check the endpoint (--s3-endpoint, or AWS_ENDPOINT_URL) and that the server is up"

@@ -5,8 +5,20 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40)]
+COLOURS = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+]
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray]) -> Image.Image:
@@ -45,8 +57,9 @@ def strip_indices(frames: int, count: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, frames - 1, min(count, frames))})
 
 
-def draw_video_strip(frames: dict[int, np.ndarray], masks: dict[int, np.ndarray], points: np.ndarray, boxes: np.ndarray,
-                     height: int = 240) -> Image.Image:
+def draw_video_strip(
+    frames: dict[int, np.ndarray], masks: dict[int, np.ndarray], points: np.ndarray, boxes: np.ndarray, height: int = 240
+) -> Image.Image:
     """Frames (by index; RGB (H, W, 3)) side by side in index order, each with its masks (N, H, W) tinted; frame 0's
     prompts drawn on it; frames scaled to ``height`` pixels."""
     tiles = []

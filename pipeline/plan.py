@@ -144,10 +144,15 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     if dataset == DatasetName.SAV:
         _check_video_memory(config.video.max_frames, geometry.image_size)
     fingerprint = config.fingerprint(checksum)
-    store.open_for({k: v for k, v in card.items() if k not in ("device", "precision")}, {**config.target_spec(checksum), "fingerprint": fingerprint})
+    store.open_for(
+        {k: v for k, v in card.items() if k not in ("device", "precision")}, {**config.target_spec(checksum), "fingerprint": fingerprint}
+    )
     if not fenced:
-        log.warning("store %s: its server ignores conditional writes (If-None-Match), so two runs caching the same shards "
-                    "at once are not fenced: run one at a time", store.uri)
+        log.warning(
+            "store %s: its server ignores conditional writes (If-None-Match), so two runs caching the same shards "
+            "at once are not fenced: run one at a time",
+            store.uri,
+        )
     _save_heads_once(store, teacher, config.teacher)
     del teacher  # the driver needs only the card; actors load their own copy
     table = TABLE_OF[dataset.value]
@@ -173,7 +178,9 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
         for shard, other in sorted(elsewhere.items()):
             log.warning("%s is being cached by run %s (%s, pid %d): left to it", shard, other.run_id, other.host, other.pid)
         if todo:
-            record = RunRecord(store, run_id, {**config.model_dump(mode="json"), "fingerprint": fingerprint, "teacher_checksum": checksum}, executor)
+            record = RunRecord(
+                store, run_id, {**config.model_dump(mode="json"), "fingerprint": fingerprint, "teacher_checksum": checksum}, executor
+            )
             try:
                 _run_shards(config, executor, store, table, todo, geometry, checksum, run_id, fingerprint, report, on_progress)
             except BaseException as exc:
@@ -193,8 +200,17 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
 
 
 def _run_shards(
-    config: CacheConfig, executor: str, store: Store, table: str, todo: list[ShardRef], geometry: Any, checksum: str,
-    run_id: str, fingerprint: str, report: CacheReport, on_progress: ProgressCallback | None,
+    config: CacheConfig,
+    executor: str,
+    store: Store,
+    table: str,
+    todo: list[ShardRef],
+    geometry: Any,
+    checksum: str,
+    run_id: str,
+    fingerprint: str,
+    report: CacheReport,
+    on_progress: ProgressCallback | None,
 ) -> None:
     """Stream the shards through the steps; commit each shard as soon as all of its rows are written."""
     steps = build_steps(config, store, geometry, checksum, run_id)
@@ -230,8 +246,10 @@ def _run_shards(
                     state.add(entry, run_id, config.dataset)
                     report.rows_written += entry["rows"] - written_so_far.pop(name, 0)
                     if not state.complete:
-                        raise RunError(f"{name}: its writer finished it with {state.accounted} rows and failures of "
-                                       f"{state.expected}; rerun the command")
+                        raise RunError(
+                            f"{name}: its writer finished it with {state.accounted} rows and failures of "
+                            f"{state.expected}; rerun the command"
+                        )
                     committer.submit(state)
                     del progress[name]
                     done.add(name)
@@ -291,10 +309,23 @@ def _commit(store: Store, table: str, dataset: str, state: ShardProgress, *, run
     if is_committed(store, dataset, fingerprint, state.name):
         log.warning("%s was committed by another run meanwhile; this run's copy is dropped", state.name)
         return
-    done = commit_shard(store, ShardCommit(
-        table, dataset, state.name, state.url, run_id, fingerprint, fragments=state.fragments, failures=state.failures,
-        keys=state.keys, rows=state.rows, bytes=state.bytes, samples=state.samples,
-    ))
+    done = commit_shard(
+        store,
+        ShardCommit(
+            table,
+            dataset,
+            state.name,
+            state.url,
+            run_id,
+            fingerprint,
+            fragments=state.fragments,
+            failures=state.failures,
+            keys=state.keys,
+            rows=state.rows,
+            bytes=state.bytes,
+            samples=state.samples,
+        ),
+    )
     report.store_version = done.version
     if not done.won:
         return
@@ -339,32 +370,59 @@ def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str,
     if config.dataset == DatasetName.SA1B.value:
         with_prompts = Target.PROMPTS in config.targets
         return Steps(
-            read=ReadImages(config.source, geometry.image_size, config.prompts, with_prompts, config.dct_scaling,
-                            store_inputs=store_inputs, storage_options=source_options, read_retries=config.read_retries),
+            read=ReadImages(
+                config.source,
+                geometry.image_size,
+                config.prompts,
+                with_prompts,
+                config.dct_scaling,
+                store_inputs=store_inputs,
+                storage_options=source_options,
+                read_retries=config.read_retries,
+            ),
             teacher=TeacherImages,
-            teacher_args={"config": config.teacher, "checksum": checksum, "with_prompts": with_prompts, "basis": basis,
-                          "codec": config.codec if store_trunk and with_prompts else None},
+            teacher_args={
+                "config": config.teacher,
+                "checksum": checksum,
+                "with_prompts": with_prompts,
+                "basis": basis,
+                "codec": config.codec if store_trunk and with_prompts else None,
+            },
             teacher_batch=config.teacher.batch_size,
-            encode=EncodeImages(geometry, config.codec, checksum, run_id, config.prompts.seed, store_trunk=store_trunk,
-                                basis_source=basis_source),
+            encode=EncodeImages(
+                geometry, config.codec, checksum, run_id, config.prompts.seed, store_trunk=store_trunk, basis_source=basis_source
+            ),
             writer_args=writer_args,
         )
     return Steps(
-        read=ReadVideos(config.source, geometry.image_size, config.video, store_inputs=store_inputs, storage_options=source_options,
-                        read_retries=config.read_retries),
+        read=ReadVideos(
+            config.source,
+            geometry.image_size,
+            config.video,
+            store_inputs=store_inputs,
+            storage_options=source_options,
+            read_retries=config.read_retries,
+        ),
         teacher=TeacherVideos,
         teacher_args={"config": config.teacher, "checksum": checksum, "basis": basis},
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
-        encode=EncodeFrames(geometry, config.codec, checksum, run_id, config.video.seed, store_trunk=store_trunk,
-                            basis_source=basis_source),
+        encode=EncodeFrames(
+            geometry, config.codec, checksum, run_id, config.video.seed, store_trunk=store_trunk, basis_source=basis_source
+        ),
         writer_args=writer_args,
     )
 
 
 def _counts(report: CacheReport) -> dict[str, Any]:
     """What a run record keeps of the report."""
-    return {"shards_committed": report.shards_committed, "rows": report.rows, "failures": report.failures,
-            "bytes": report.bytes, "read_retries": report.read_retries, "aborted": sorted(report.aborted)}
+    return {
+        "shards_committed": report.shards_committed,
+        "rows": report.rows,
+        "failures": report.failures,
+        "bytes": report.bytes,
+        "read_retries": report.read_retries,
+        "aborted": sorted(report.aborted),
+    }
 
 
 def _check_video_memory(max_frames: int, image_size: int) -> None:

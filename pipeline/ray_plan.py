@@ -115,8 +115,9 @@ def teacher_pool(gpus: int, node_cpus: Sequence[int]) -> TeacherPool:
     side_cpus = 0.5 if cpus >= 2 else 0.25
     if gpus:
         return TeacherPool(actors=gpus, per_actor=1, threads=None, side_cpus=side_cpus)
-    return TeacherPool(actors=max(1, len(cpu_nodes)), per_actor=cpus - 1 if cpus >= 2 else 0.5,
-                       threads=max(1, cpus - 1), side_cpus=side_cpus)
+    return TeacherPool(
+        actors=max(1, len(cpu_nodes)), per_actor=cpus - 1 if cpus >= 2 else 0.5, threads=max(1, cpus - 1), side_cpus=side_cpus
+    )
 
 
 def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
@@ -133,7 +134,8 @@ def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterat
         pool = teacher_pool(gpus, node_cpus)
         threads = pool.threads
         teacher_resources: dict[str, Any] = {
-            "num_gpus" if gpus else "num_cpus": pool.per_actor, "compute": ActorPoolStrategy(size=pool.actors),
+            "num_gpus" if gpus else "num_cpus": pool.per_actor,
+            "compute": ActorPoolStrategy(size=pool.actors),
         }
         if not gpus and pool.actors > 1:
             teacher_resources["scheduling_strategy"] = "SPREAD"  # one per node, not two on the biggest
@@ -149,8 +151,11 @@ def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterat
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(read_shard, batch_size=1, batch_format="pyarrow", num_cpus=side_cpus)
         ds = ds.map_batches(
-            steps.teacher, fn_constructor_kwargs={**steps.teacher_args, "threads": threads},
-            batch_size=steps.teacher_batch, batch_format="pyarrow", **teacher_resources,
+            steps.teacher,
+            fn_constructor_kwargs={**steps.teacher_args, "threads": threads},
+            batch_size=steps.teacher_batch,
+            batch_format="pyarrow",
+            **teacher_resources,
         )
         ds = ds.map_batches(steps.encode, batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)
         # One ShardWriter actor per teacher actor (each streams the shards hashed to it into one fragment each);

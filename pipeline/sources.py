@@ -102,8 +102,11 @@ class _ShardedSource:
 def _parse_json(group: MemberGroup, part: str, model: type) -> Any:
     member = group.member(part)
     if len(group.data(part)) > MAX_JSON_BYTES:
-        raise SampleError(f"{member} is {_gb(len(group.data(part)))} of JSON, over the {_gb(MAX_JSON_BYTES)} an annotation "
-                          "file may hold (SA-1B and SA-V ones are a few MB)", member)
+        raise SampleError(
+            f"{member} is {_gb(len(group.data(part)))} of JSON, over the {_gb(MAX_JSON_BYTES)} an annotation "
+            "file may hold (SA-1B and SA-V ones are a few MB)",
+            member,
+        )
     try:
         return model.model_validate(json.loads(group.data(part)))
     except ValidationError as exc:
@@ -146,28 +149,31 @@ class SA1BSource(_ShardedSource):
         member = group.member(".jpg")
         jpg_name = member.rsplit("/", 1)[-1]
         if record.image.file_name != jpg_name:
-            raise SampleError(
-                f"JSON file_name {record.image.file_name!r} does not match tar member {jpg_name!r}", group.member(".json")
-            )
+            raise SampleError(f"JSON file_name {record.image.file_name!r} does not match tar member {jpg_name!r}", group.member(".json"))
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(jpeg)
         except ValueError as exc:
             raise SampleError(f"{jpg_name} is not a readable JPEG: {exc}", member) from None
         if height * width > MAX_IMAGE_PIXELS:
-            raise SampleError(f"{jpg_name} is {width}x{height} ({height * width / 1e6:.0f} MP), over the "
-                              f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP an image may have (SA-1B's are ~3 MP)", member)
+            raise SampleError(
+                f"{jpg_name} is {width}x{height} ({height * width / 1e6:.0f} MP), over the "
+                f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP an image may have (SA-1B's are ~3 MP)",
+                member,
+            )
         if self.check_pixels:
             try:
                 simplejpeg.decode_jpeg(jpeg, min_height=1, min_width=1)
             except ValueError as exc:
                 raise SampleError(f"{jpg_name} is not a readable JPEG: {exc}", member) from None
         if (height, width) != (record.image.height, record.image.width):
-            raise SampleError(
-                f"{jpg_name} is {width}x{height} but its JSON says {record.image.width}x{record.image.height}", member
-            )
+            raise SampleError(f"{jpg_name} is {width}x{height} but its JSON says {record.image.width}x{record.image.height}", member)
         masks = tuple(_runs(ann.segmentation, f"annotation {ann.id}", group.member(".json")) for ann in record.annotations)
         return ImageSample(
-            key=f"sa1b/{record.image.image_id}", shard=shard.name, member=member, jpeg=jpeg, record=record,
+            key=f"sa1b/{record.image.image_id}",
+            shard=shard.name,
+            member=member,
+            jpeg=jpeg,
+            record=record,
             masks=masks,
         )
 
@@ -214,9 +220,7 @@ class SAVSource(_ShardedSource):
         member = group.member(".mp4")
         name = member.rsplit("/", 1)[-1]
         if record.video_id != group.stem:
-            raise SampleError(
-                f"JSON video_id {record.video_id!r} does not match tar member {member!r}", group.member("_manual.json")
-            )
+            raise SampleError(f"JSON video_id {record.video_id!r} does not match tar member {member!r}", group.member("_manual.json"))
         masks = tuple(
             tuple(
                 _runs(rle, f"masklet[{t}][{j}] (object {record.masklet_id[j]})", group.member("_manual.json"))
@@ -230,8 +234,11 @@ class SAVSource(_ShardedSource):
         if self.max_frames is not None:
             kept = min(kept, self.max_frames)
         if kept * size[0] * size[1] * 3 > MAX_VIDEO_BYTES:
-            raise SampleError(f"{name}: {kept} frames of {size[1]}x{size[0]} would hold {_gb(kept * size[0] * size[1] * 3)} "
-                              f"decoded, over the {_gb(MAX_VIDEO_BYTES)} a video may take: lower --max-frames", member)
+            raise SampleError(
+                f"{name}: {kept} frames of {size[1]}x{size[0]} would hold {_gb(kept * size[0] * size[1] * 3)} "
+                f"decoded, over the {_gb(MAX_VIDEO_BYTES)} a video may take: lower --max-frames",
+                member,
+            )
         try:
             frames, indices, total = _decode_video(group.data(".mp4"), size, stride, self.max_frames)
         except SampleError as exc:
@@ -239,17 +246,21 @@ class SAVSource(_ShardedSource):
         if total is not None and total != record.video_frame_count:
             raise SampleError(
                 f"{name} has {total} frames but its JSON video_frame_count is "
-                f"{record.video_frame_count} (masklet covers {len(record.masklet)} annotated frames)", member,
+                f"{record.video_frame_count} (masklet covers {len(record.masklet)} annotated frames)",
+                member,
             )
         return VideoSample(
-            key=f"sav/{record.video_id}", shard=shard.name, member=member,
-            frames=frames, frame_indices=indices, record=record, masks=masks,
+            key=f"sav/{record.video_id}",
+            shard=shard.name,
+            member=member,
+            frames=frames,
+            frame_indices=indices,
+            record=record,
+            masks=masks,
         )
 
 
-def _decode_video(
-    data: bytes, size: tuple[int, int], stride: int, max_frames: int | None
-) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _decode_video(data: bytes, size: tuple[int, int], stride: int, max_frames: int | None) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Decode every ``stride``-th frame as RGB; returns (frames, indices, total frame count or None if stopped early).
 
     H.264 must be decoded in order, so frames in between are decoded and dropped. Every frame must be
@@ -270,9 +281,7 @@ def _decode_video(
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
                 if (frame.height, frame.width) != size:
-                    raise SampleError(
-                        f"frame {count} is {frame.width}x{frame.height} but the JSON says {size[1]}x{size[0]}"
-                    )
+                    raise SampleError(f"frame {count} is {frame.width}x{frame.height} but the JSON says {size[1]}x{size[0]}")
                 if count % stride == 0:
                     if max_frames is not None and len(kept) == max_frames:
                         return np.stack(kept), np.asarray(indices, dtype=np.int64), None

@@ -37,8 +37,9 @@ def hide_lines(patterns: Sequence[str] = RAY_NOTICES) -> Iterator[None]:
     def pump() -> None:
         with os.fdopen(read_end, "rb", buffering=0) as reader:
             while chunk := reader.read(1 << 20):  # a C++ log line is one write, whole in one read
-                kept = b"".join(line for line in chunk.splitlines(keepends=True)
-                                if not (line.endswith(b"\n") and any(n in line for n in needles)))
+                kept = b"".join(
+                    line for line in chunk.splitlines(keepends=True) if not (line.endswith(b"\n") and any(n in line for n in needles))
+                )
                 if kept:
                     os.write(saved, kept)
 

@@ -124,7 +124,9 @@ def iter_member_groups(
         where = f"at or after member {last}" if last else "at the start"
         lost = f"; incomplete samples lost: {', '.join(pending)}" if pending else ""
         yield Failure(
-            dataset, shard, last or "(tar header)",
+            dataset,
+            shard,
+            last or "(tar header)",
             f"truncated or corrupt tar {where}: {exc}; the rest of the shard is lost{lost}",
         )
         return

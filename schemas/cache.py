@@ -100,14 +100,15 @@ class CacheConfig(BaseModel):
     inputs: Inputs = Inputs.STORE
     dct_scaling: bool = False  # --fast-decode: JPEGs decoded at a DCT scale (cheaper; not the teacher's own preprocessing)
     run_id: str = ""
-    read_retries: int = Field(3, ge=0, le=20, description="reads of a shard again after a transient I/O error, before it is left for a rerun")
+    read_retries: int = Field(
+        3, ge=0, le=20, description="reads of a shard again after a transient I/O error, before it is left for a rerun"
+    )
 
     @field_validator("shards")
     @classmethod
     def _shards(cls, value: str) -> str:
         ShardSpec.parse(value)
         return value
-
 
     @field_validator("address")
     @classmethod

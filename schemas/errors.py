@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -33,9 +34,14 @@ def describe(exc: ValidationError, name: Callable[[str], str] = str, limit: int 
     return "; ".join(parts) + (f" (+{extra} more)" if extra > 0 else "")
 
 
+#: The source location Lance's Rust code appends to its errors: a path on Lance's build machine, not the user's.
+_RUST_LOCATION = re.compile(r",? /\S+\.rs:\d+:\d+")
+
+
 def first_line(exc: BaseException) -> str:
-    """The informative first line of an exception's message (skipping a bare "...:" header), or its type name."""
+    """The informative first line of an exception's message (skipping a bare "...:" header, and without a Rust
+    source location), or its type name."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return _RUST_LOCATION.sub("", lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0])

@@ -35,14 +35,10 @@ class PromptConfig(BaseModel):
         default_factory=lambda: {"point": 1.0, "box": 1.0, "point+box": 1.0},
         description="Relative frequency of each prompt kind: point, box, point+box.",
     )
-    max_negative_points: int = Field(
-        2, ge=0, le=16, description="Up to this many negative points (0..N, uniform) on point prompts."
-    )
+    max_negative_points: int = Field(2, ge=0, le=16, description="Up to this many negative points (0..N, uniform) on point prompts.")
     box_jitter: float = Field(0.1, ge=0, le=1, description="Box noise std as a fraction of the box side.")
     box_jitter_max_px: float = Field(20.0, ge=0, description="Box noise bound per coordinate, original pixels.")
-    min_area_model_px: float = Field(
-        64.0, ge=0, description="Skip masks whose area in the teacher frame is below this many pixels."
-    )
+    min_area_model_px: float = Field(64.0, ge=0, description="Skip masks whose area in the teacher frame is below this many pixels.")
     seed: int = Field(0, ge=0, description="Prompt seed; with the image key it fixes every prompt.")
 
     @field_validator("mix")

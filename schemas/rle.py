@@ -129,4 +129,3 @@ def parse_counts(counts: str | bytes, height: int, width: int) -> Runs:
     if runs.sum() != height * width:
         raise RLEError(f"RLE runs cover {int(runs.sum())} pixels but size [{height}, {width}] has {height * width}")
     return Runs(height=height, width=width, counts=runs)
-

@@ -57,8 +57,5 @@ class SAVRecord(BaseModel):
                 raise ValueError(f"masklet[{t}] has {len(objects)} objects but masklet_num is {n}")
             for j, rle in enumerate(objects):
                 if tuple(rle.size) != want:
-                    raise ValueError(
-                        f"masklet[{t}][{j}] size {list(rle.size)} does not match [video_height, video_width] "
-                        f"{list(want)}"
-                    )
+                    raise ValueError(f"masklet[{t}][{j}] size {list(rle.size)} does not match [video_height, video_width] {list(want)}")
         return self

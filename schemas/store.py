@@ -45,6 +45,8 @@ HEADS_DIR = "heads"
 TABLES = ("images", "frames", "failures", "ledger")
 #: The table holding each dataset's target rows.
 TABLE_OF = {"sa-1b": "images", "sa-v": "frames"}
+
+
 def dataset_of(table: str) -> str:
     """The dataset whose rows a target table holds (``images`` -> ``sa-1b``)."""
     return next(name for name, t in TABLE_OF.items() if t == table)
@@ -164,6 +166,7 @@ LEDGER = pa.schema(
         ("committed_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
 
 class StoreError(Esam3Error):
     """A store that cannot be used for this run (another teacher or config, unreadable card, not a store)."""

@@ -20,7 +20,9 @@ from esam3.schemas.errors import Esam3Error
 #: The public recipe's learning rate: 1e-3 for 512 images per optimizer step, scaled linearly.
 BASE_LR, BASE_BATCH = 1e-3, 512
 #: Fields that may change when a run is resumed (the rest must match the checkpoint's config).
-RESUMABLE = frozenset({"steps", "epochs", "device", "loader_workers", "address", "resume", "checkpoint_every", "log_every", "keep_checkpoints"})
+RESUMABLE = frozenset(
+    {"steps", "epochs", "device", "loader_workers", "address", "resume", "checkpoint_every", "log_every", "keep_checkpoints"}
+)
 
 
 class TrainingInputError(Esam3Error, ValueError):
@@ -51,7 +53,9 @@ class TrainerConfig(BaseModel):
     device: Device = Field(Device.AUTO, description="where to train: auto (cuda if present), cpu or cuda")
     loader_workers: int = Field(2, ge=0, description="DataLoader processes (spawned) reading the store")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks; one GPU each when there are GPUs)")
-    address: str | None = Field(None, min_length=1, description="Ray to train on: auto or HOST:PORT (default: a local Ray when --workers > 1)")
+    address: str | None = Field(
+        None, min_length=1, description="Ray to train on: auto or HOST:PORT (default: a local Ray when --workers > 1)"
+    )
     seed: int = Field(0, ge=0, description="seed of the initial weights, the data order and every random draw")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (and one at the end)")
     keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept")
@@ -101,15 +105,25 @@ class Stage1Config(TrainerConfig):
 
     student: str = Field("es-rv-m", description="student: es-{ev,rv,tv}-{s,m,l} (EfficientViT / RepViT / TinyViT; small, medium, large)")
     batch_size: int = Field(8, ge=1, description="images per micro-batch per worker")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default: the public recipe's 1e-3 x images per optimizer step / 512)")
-    feature_weight: float = Field(1.0, ge=0, description="weight of the per-pixel feature MSE, summed over channels (the public prompt-in-the-loop fine-tune uses 0.0015)")
+    lr: float | None = Field(
+        None, gt=0, description="peak learning rate (default: the public recipe's 1e-3 x images per optimizer step / 512)"
+    )
+    feature_weight: float = Field(
+        1.0,
+        ge=0,
+        description="weight of the per-pixel feature MSE, summed over channels (the public prompt-in-the-loop fine-tune uses 0.0015)",
+    )
     cosine_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine on features")
-    prompt_weight: float = Field(1.0, ge=0, description="weight of BCE + Dice vs the teacher's masks through the frozen heads (0: no prompt-in-the-loop)")
+    prompt_weight: float = Field(
+        1.0, ge=0, description="weight of BCE + Dice vs the teacher's masks through the frozen heads (0: no prompt-in-the-loop)"
+    )
     iou_weight: float = Field(1.0, ge=0, description="weight of the IoU-head L1 vs the teacher's")
     gt_weight: float = Field(0.0, ge=0, description="weight of BCE + Dice vs the stored ground-truth masks")
     max_prompts: int | None = Field(None, ge=1, description="prompts decoded per image per step, drawn from the cached ones (default: all)")
     image_size: int | None = Field(None, ge=32, description="student input size in pixels (default: the teacher's frame)")
-    init: Path | None = Field(None, description="local timm checkpoint (.safetensors / .pth) to start the backbone from; nothing is downloaded")
+    init: Path | None = Field(
+        None, description="local timm checkpoint (.safetensors / .pth) to start the backbone from; nothing is downloaded"
+    )
 
     @field_validator("student")
     @classmethod
@@ -140,7 +154,11 @@ class Stage2Config(TrainerConfig):
     objects: int = Field(3, ge=1, le=64, description="objects tracked per clip (drawn from those in it)")
     train_encoder: bool = Field(False, description="also train the stage-1 encoder (default: frozen)")
     global_latents: int = Field(256, ge=0, le=4096, description="Perceiver latents that read the whole memory map")
-    window_grid: int | None = Field(None, ge=1, description="window latents per side; must divide the memory grid (default: windows of 6 x 6 tokens, 12 x 12 at SAM3's 72)")
+    window_grid: int | None = Field(
+        None,
+        ge=1,
+        description="window latents per side; must divide the memory grid (default: windows of 6 x 6 tokens, 12 x 12 at SAM3's 72)",
+    )
     perceiver_depth: int = Field(2, ge=1, le=12, description="Perceiver layers")
     perceiver_heads: int = Field(1, ge=1, le=16, description="Perceiver attention heads")
     memory_layers: int = Field(2, ge=1, le=12, description="memory-attention layers (SAM3: 4)")
@@ -149,7 +167,9 @@ class Stage2Config(TrainerConfig):
     forcing_start: float = Field(1.0, ge=0, le=1, description="chance that a frame's memory is the teacher's at the start")
     forcing_end: float = Field(0.0, ge=0, le=1, description="that chance once --forcing-until of the steps have passed")
     forcing_until: float = Field(0.5, ge=0, le=1, description="share of the steps over which the chance moves linearly from start to end")
-    feature_weight: float = Field(1.0, ge=0, description="weight of the MSE (summed over channels) of the memory-conditioned map vs the teacher's")
+    feature_weight: float = Field(
+        1.0, ge=0, description="weight of the MSE (summed over channels) of the memory-conditioned map vs the teacher's"
+    )
     cosine_weight: float = Field(1.0, ge=0, description="weight of 1 - cosine of the memory-conditioned map vs the teacher's")
     mask_weight: float = Field(1.0, ge=0, description="weight of BCE + Dice vs the teacher's masks")
     score_weight: float = Field(1.0, ge=0, description="weight of the object-score BCE vs the teacher's")

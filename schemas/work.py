@@ -65,7 +65,23 @@ TARGETS = pa.schema([*WORK, ("precision", pa.string()), *[(name, pa.large_binary
 FRAME_TARGET_COLUMNS = ("trunk", "mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")
 FRAME_TARGETS = pa.schema(
     [
-        *[WORK.field(name) for name in ("kind", "dataset", "shard", "key", "member", "reason", "count", "samples", "retries", "height", "width", "transform")],
+        *[
+            WORK.field(name)
+            for name in (
+                "kind",
+                "dataset",
+                "shard",
+                "key",
+                "member",
+                "reason",
+                "count",
+                "samples",
+                "retries",
+                "height",
+                "width",
+                "transform",
+            )
+        ],
         ("video_id", pa.string()),
         ("frame", pa.int32()),
         ("frame_index", pa.int32()),

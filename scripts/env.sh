@@ -13,6 +13,7 @@ set -euo pipefail
 ESAM3_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ESAM3_PYTHON="${ESAM3_PYTHON:-python3}"
 TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
+RUFF_VERSION="0.17.6"  # the linter / formatter scripts/test runs; its own small venv, outside the dependency set
 
 _esam3_log() { printf '[esam3 setup] %s\n' "$*" >&2; }
 
@@ -92,4 +93,19 @@ esam3_env() {
     _esam3_overlay "$shared"
     export PATH="$ESAM3_ROOT/.venv/bin:$shared/bin:$PATH"
     export VIRTUAL_ENV="$ESAM3_ROOT/.venv"
+}
+
+# Prints the path of a ruff of RUFF_VERSION, installed once into its own venv next to the shared ones.
+esam3_ruff() {
+    local root="${ESAM3_VENV_ROOT:-$HOME/.cache/esam3/venvs}/ruff-$RUFF_VERSION"
+    mkdir -p "$(dirname "$root")"
+    exec 8>"$root.lock"
+    flock 8  # one installer at a time (clones testing side by side)
+    if [[ ! -x "$root/bin/ruff" ]]; then
+        _esam3_log "installing ruff $RUFF_VERSION into $root"
+        rm -rf "$root"
+        "$ESAM3_PYTHON" -m venv "$root"
+        "$root/bin/python" -m pip install -q "ruff==$RUFF_VERSION" 2> >(grep -v "is ignored: it is neither" >&2)
+    fi
+    echo "$root/bin/ruff"
 }

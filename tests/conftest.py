@@ -20,8 +20,16 @@ from esam3.schemas.demo import DemoDataConfig  # noqa: E402
 def small_config(out: Path, **overrides) -> DemoDataConfig:
     """Demo data small enough for unit tests (images ~240 px, videos 160x128, 1.5 s)."""
     values = dict(
-        out=out, seed=7, sa1b_shards=2, images_per_shard=3, sav_shards=1, videos_per_shard=2,
-        image_short_side=240, video_width=160, video_height=128, video_seconds=1.5,
+        out=out,
+        seed=7,
+        sa1b_shards=2,
+        images_per_shard=3,
+        sav_shards=1,
+        videos_per_shard=2,
+        image_short_side=240,
+        video_width=160,
+        video_height=128,
+        video_seconds=1.5,
     )
     values.update(overrides)
     return DemoDataConfig(**values)

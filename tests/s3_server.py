@@ -30,14 +30,17 @@ class S3Server:
     @property
     def storage_options(self) -> dict:
         """fsspec / s3fs options (a server started without credentials accepts any key)."""
-        return {"key": self.key, "secret": self.secret,
-                "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
+        return {"key": self.key, "secret": self.secret, "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
 
     @property
     def env(self) -> dict[str, str]:
         """The standard AWS variables a user would set for the CLI."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key,
-                "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
 
 def _free(port: int) -> bool:
@@ -72,14 +75,24 @@ def s3_server(
     env = dict(os.environ)
     if credentials:
         identities = data_dir / "identities.json"
-        identities.write_text(json.dumps({"identities": [{
-            "name": "esam3-test", "credentials": [{"accessKey": credentials[0], "secretKey": credentials[1]}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }]}))
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "esam3-test",
+                            "credentials": [{"accessKey": credentials[0], "secretKey": credentials[1]}],
+                            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                        }
+                    ]
+                }
+            )
+        )
         env["S3_CONFIG"] = str(identities)
     with open(data_dir / "weed.log", "ab") as log:
-        proc = subprocess.Popen([str(SCRIPT), str(data_dir / "data"), str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=env)
+        proc = subprocess.Popen(
+            [str(SCRIPT), str(data_dir / "data"), str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

@@ -86,9 +86,12 @@ def track(checkpoint_dir: str, pixels: torch.Tensor, prompts: list[Any], size: i
                 )
             elif starting:
                 processor.add_inputs_to_inference_session(
-                    session, frame, [p.object_id for p in starting],
+                    session,
+                    frame,
+                    [p.object_id for p in starting],
                     input_points=[[p.points.tolist() for p in starting]],
-                    input_labels=[[p.labels.tolist() for p in starting]], original_size=(size, size),
+                    input_labels=[[p.labels.tolist() for p in starting]],
+                    original_size=(size, size),
                 )
             conditioned.clear()
             if session.get_obj_num() == 0:

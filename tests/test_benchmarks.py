@@ -12,8 +12,24 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "gpu_teacher.py"
-SMALL = ["--device", "cpu", "--teacher", "tiny-random", "--repeats", "1", "--warmup", "1", "--prompt-images", "2",
-         "--prompts", "3", "--video-frames", "2", "--objects", "2"]
+SMALL = [
+    "--device",
+    "cpu",
+    "--teacher",
+    "tiny-random",
+    "--repeats",
+    "1",
+    "--warmup",
+    "1",
+    "--prompt-images",
+    "2",
+    "--prompts",
+    "3",
+    "--video-frames",
+    "2",
+    "--objects",
+    "2",
+]
 
 
 def run_script(*args: str, script: Path = SCRIPT) -> subprocess.CompletedProcess[str]:
@@ -64,14 +80,18 @@ def test_gpu_teacher_runs_on_cpu_and_writes_its_json(tmp_path: Path) -> None:
         (["--device", "tpu"], "invalid choice"),
     ],
 )
-def test_gpu_teacher_rejects_bad_flags(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_gpu_teacher_rejects_bad_flags(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     assert message in rejected("gpu_teacher", ["--device", "cpu", *args], monkeypatch, capsys)
 
 
 @pytest.mark.parametrize(
     ("args", "unit"),
-    [(["--dataset", "sa-1b", "--images", "4", "--prompts", "2"], "image"),
-     (["--dataset", "sa-v", "--videos", "1", "--seconds", "0.5", "--objects", "1"], "frame")],
+    [
+        (["--dataset", "sa-1b", "--images", "4", "--prompts", "2"], "image"),
+        (["--dataset", "sa-v", "--videos", "1", "--seconds", "0.5", "--objects", "1"], "frame"),
+    ],
 )
 def test_cpu_per_row_measures_each_step_at_full_size(tmp_path: Path, args: list[str], unit: str) -> None:
     done = run_script(*args, "--out", str(tmp_path), script=BENCHMARKS / "cpu_per_row.py")
@@ -85,15 +105,23 @@ def test_cpu_per_row_measures_each_step_at_full_size(tmp_path: Path, args: list[
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--images", "3"], "--images must be at least 4"), (["--objects", "0"], "--objects must be at least 1"),
-     (["--seconds", "0.1"], "--seconds must be within 0.5-60"), (["--dataset", "pcs"], "invalid choice")],
+    [
+        (["--images", "3"], "--images must be at least 4"),
+        (["--objects", "0"], "--objects must be at least 1"),
+        (["--seconds", "0.1"], "--seconds must be within 0.5-60"),
+        (["--dataset", "pcs"], "invalid choice"),
+    ],
 )
-def test_cpu_per_row_rejects_bad_flags(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_cpu_per_row_rejects_bad_flags(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     assert message in rejected("cpu_per_row", args, monkeypatch, capsys)
 
 
 def test_store_scale_grows_a_store_and_reports_each_checkpoint(tmp_path: Path) -> None:
-    done = run_script("--shards", "12", "--rows", "50", "--fragment-rows", "16", "--out", str(tmp_path), script=BENCHMARKS / "store_scale.py")
+    done = run_script(
+        "--shards", "12", "--rows", "50", "--fragment-rows", "16", "--out", str(tmp_path), script=BENCHMARKS / "store_scale.py"
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     points = result["checkpoints"]
@@ -111,24 +139,35 @@ def test_fast_decode_measures_cpu_and_feature_error() -> None:
     assert result["S=1008"]["cpu_ms_exact"] > 0 and "trunk_rel_rms_mean" not in result["S=1008"]
 
 
-@pytest.mark.parametrize(("script", "args", "message"), [
-    ("store_scale.py", ["--shards", "1"], "--shards must be at least 2"),
-    ("store_scale.py", ["--fragment-rows", "-1"], "--fragment-rows must be at least 0"),
-    ("fast_decode.py", ["--images", "0"], "--images must be at least 1"),
-    ("fast_decode.py", ["--teacher", "full-random"], "invalid choice"),
-])
-def test_new_benchmarks_reject_bad_flags(script: str, args: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("store_scale.py", ["--shards", "1"], "--shards must be at least 2"),
+        ("store_scale.py", ["--fragment-rows", "-1"], "--fragment-rows must be at least 0"),
+        ("fast_decode.py", ["--images", "0"], "--images must be at least 1"),
+        ("fast_decode.py", ["--teacher", "full-random"], "invalid choice"),
+    ],
+)
+def test_new_benchmarks_reject_bad_flags(
+    script: str, args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     assert message in rejected(script.removesuffix(".py"), args, monkeypatch, capsys)
 
 
 def test_train_reader_runs_every_loader_at_full_size() -> None:
-    done = run_script("--rows", "4", "--batch", "2", "--workers", "1", "--passes", "1", "--prompts", "2", "--no-s3",
-                      script=BENCHMARKS / "train_reader.py")
+    done = run_script(
+        "--rows", "4", "--batch", "2", "--workers", "1", "--passes", "1", "--prompts", "2", "--no-s3", script=BENCHMARKS / "train_reader.py"
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows"] == 4 and result["mb_per_row_store"] > 5  # int8 trunk 5.3 MB + JPEG + prompt targets
-    for name in ("esam3_input_trunk_codes", "esam3_input_trunk_float", "esam3_input_trunk_prompts", "public_recipe", "fixed_record_threads"):
+    for name in (
+        "esam3_input_trunk_codes",
+        "esam3_input_trunk_float",
+        "esam3_input_trunk_prompts",
+        "public_recipe",
+        "fixed_record_threads",
+    ):
         for temperature in ("cold", "warm"):
             entry = result[f"local_{temperature}_{name}"]
             assert entry["rows_per_s"] > 0 and len(entry["worker_rss_mb_end"]) == 1, (name, entry)
@@ -141,15 +180,32 @@ def test_train_reader_rejects_bad_flags(monkeypatch: pytest.MonkeyPatch, capsys:
 
 
 def test_train_reader_tracks_worker_memory_per_epoch() -> None:
-    done = run_script("--rows", "4", "--batch", "2", "--workers", "1", "--prompts", "2", "--rss-epochs", "2", script=BENCHMARKS / "train_reader.py")
+    done = run_script(
+        "--rows", "4", "--batch", "2", "--workers", "1", "--prompts", "2", "--rss-epochs", "2", script=BENCHMARKS / "train_reader.py"
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows_read"] == 8 and len(result["worker_rss_mb_per_epoch"]) == 2 and result["worker_rss_mb_per_epoch"][0][0] > 100
 
 
 def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> None:
-    done = run_script("--rows", "8", "--shards", "2", "--fit-rows", "4", "--rank", "8", "--channels", "32", "--side", "8",
-                      "--massive-tokens", "2", script=BENCHMARKS / "codecs.py")
+    done = run_script(
+        "--rows",
+        "8",
+        "--shards",
+        "2",
+        "--fit-rows",
+        "4",
+        "--rank",
+        "8",
+        "--channels",
+        "32",
+        "--side",
+        "8",
+        "--massive-tokens",
+        "2",
+        script=BENCHMARKS / "codecs.py",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["shape"] == [32, 8, 8] and result["rows_measured"] == 4
@@ -164,8 +220,19 @@ def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> No
 def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path: Path) -> None:
     """benchmarks/fidelity.py at its smallest: per-step losses from an fp16 store equal the live teacher's within
     1e-3 (relative), and an int8 store's student scores the live-teacher student's mIoU within 0.02."""
-    done = run_script("--teacher", "tiny-random", "--steps", "4", "--images", "8", "--codecs", "int8", "--out", str(tmp_path),
-                      script=BENCHMARKS / "fidelity.py")
+    done = run_script(
+        "--teacher",
+        "tiny-random",
+        "--steps",
+        "4",
+        "--images",
+        "8",
+        "--codecs",
+        "int8",
+        "--out",
+        str(tmp_path),
+        script=BENCHMARKS / "fidelity.py",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     fp16, int8 = result["codecs"]["fp16"], result["codecs"]["int8"]
@@ -177,19 +244,25 @@ def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path:
         assert codec["seconds"]["train_online"] > 0 and 0 < codec["seconds"]["online_teacher_share"] < 1
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--codecs", "fp8"], "--codecs: expected"), (["--steps", "0"], "--steps must be at least 1"),
-    (["--images", "4"], "--images must be at least 8"), (["--val-percent", "100"], "--val-percent must be in"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--codecs", "fp8"], "--codecs: expected"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--images", "4"], "--images must be at least 8"),
+        (["--val-percent", "100"], "--val-percent must be in"),
+    ],
+)
 def test_fidelity_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark("fidelity").parse_args(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-
 def test_train_step_times_students_with_and_without_prompts(capsys: pytest.CaptureFixture) -> None:
-    load_benchmark("train_step").main(["--teacher", "tiny-random", "--students", "es-ev-s,es-tv-s", "--warmup", "0", "--repeats", "1", "--prompts", "4"])
+    load_benchmark("train_step").main(
+        ["--teacher", "tiny-random", "--students", "es-ev-s,es-tv-s", "--warmup", "0", "--repeats", "1", "--prompts", "4"]
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["image_size"] == 112 and result["mask_size"] == 32 and set(result["students"]) == {"es-ev-s", "es-tv-s"}
     for student in result["students"].values():
@@ -197,10 +270,14 @@ def test_train_step_times_students_with_and_without_prompts(capsys: pytest.Captu
     assert result["students"]["es-ev-s"]["backbone_parameters_m"] == 0.68
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--students", "es-xx-m"], "--students: expected names from"), (["--repeats", "0"], "--repeats must be at least 1"),
-    (["--teacher", "sam9"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--students", "es-xx-m"], "--students: expected names from"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--teacher", "sam9"], "invalid choice"),
+    ],
+)
 def test_train_step_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark("train_step").parse_args(args)
@@ -209,8 +286,26 @@ def test_train_step_rejects_bad_flags(args: list[str], message: str, capsys: pyt
 
 def test_gpu_train_runs_on_cpu_from_a_store_it_makes(capsys: pytest.CaptureFixture) -> None:
     """benchmarks/gpu_train.py with --device cpu at the tiny geometry: the store, the heads file and the loop work."""
-    load_benchmark("gpu_train").main(["--device", "cpu", "--teacher", "tiny-random", "--students", "es-ev-s", "--rows", "6",
-                                      "--steps", "3", "--batch", "2", "--prompts", "4", "--loader-workers", "1"])
+    load_benchmark("gpu_train").main(
+        [
+            "--device",
+            "cpu",
+            "--teacher",
+            "tiny-random",
+            "--students",
+            "es-ev-s",
+            "--rows",
+            "6",
+            "--steps",
+            "3",
+            "--batch",
+            "2",
+            "--prompts",
+            "4",
+            "--loader-workers",
+            "1",
+        ]
+    )
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["device"] == "CPU" and result["rows"] == 6
     student = result["students"]["es-ev-s"]
@@ -229,21 +324,30 @@ def test_video_student_times_both_trackers_part_by_part(capsys: pytest.CaptureFi
     assert student["memory_parameters_m"] > 0 and sam3["trunk_parameters_m"] > 0
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--students", "es-xx-m"], "--students: expected names from"), (["--repeats", "0"], "--repeats must be at least 1"),
-    (["--trunk-repeats", "0"], "--trunk-repeats must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--students", "es-xx-m"], "--students: expected names from"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--trunk-repeats", "0"], "--trunk-repeats must be at least 1"),
+    ],
+)
 def test_video_student_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark("video_student").parse_args(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--codecs", "lowrank"], "--codecs: expected a comma-separated list of fp16, bf16, int8"), (["--steps", "0"], "--steps must be at least 1"),
-    (["--clip-length", "1"], "--clip-length must be at least 2"), (["--stage1-steps", "0"], "--stage1-steps must be at least 1"),
-    (["--student", "es-xx-m"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--codecs", "lowrank"], "--codecs: expected a comma-separated list of fp16, bf16, int8"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--clip-length", "1"], "--clip-length must be at least 2"),
+        (["--stage1-steps", "0"], "--stage1-steps must be at least 1"),
+        (["--student", "es-xx-m"], "invalid choice"),
+    ],
+)
 def test_fidelity_memory_rejects_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     """benchmarks/fidelity_memory.py (its mechanics run in tests/test_stage2.py at the tiny size): flags checked."""
     with pytest.raises(SystemExit) as exit_info:

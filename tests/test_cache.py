@@ -87,7 +87,9 @@ def test_images_end_to_end_rows_decode_to_the_teachers_targets(tiny_teacher: Sam
     assert k > 0 and decode_tensor(row["multi_logits"]).shape == (k, 3, 32, 32)
     assert decode_tensor(row["object_pointer"]).shape == (k, 128) and row["multi_logits"]["error"] < 0.01
     heads = store / "heads"
-    assert (heads / "heads.safetensors").is_file() and json.loads((heads / "heads.json").read_text())["teacher"]["checksum"] == tiny_teacher.card.checksum
+    assert (heads / "heads.safetensors").is_file() and json.loads((heads / "heads.json").read_text())["teacher"][
+        "checksum"
+    ] == tiny_teacher.card.checksum
 
 
 def test_rerun_is_a_no_op_and_other_settings_are_refused(demo_root: Path, tmp_path: Path) -> None:
@@ -104,7 +106,9 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(demo_root: Path, tmp_pa
 
 
 @pytest.mark.parametrize("crash", ["before-commit-point", "before-ledger", "after-first-shard"])
-def test_crash_then_rerun_finishes_only_what_is_missing(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: str) -> None:
+def test_crash_then_rerun_finishes_only_what_is_missing(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: str
+) -> None:
     """A driver dying after the first commit, after a shard's rows but before its commit point (marker), or after
     the commit point but before its ledger row loses nothing; the rerun caches again only what was not committed."""
     reference = tmp_path / "reference"
@@ -153,7 +157,9 @@ def _bad_shard(source: Path, shard: int, case: str) -> None:
     members = []
     for image_id in (1, 2, 3):
         jpeg, record = _good_sa1b(image_id)
-        members += make(jpeg, record) if image_id == 2 else [(f"sa_{image_id}.jpg", jpeg), (f"sa_{image_id}.json", json.dumps(record).encode())]
+        members += (
+            make(jpeg, record) if image_id == 2 else [(f"sa_{image_id}.jpg", jpeg), (f"sa_{image_id}.json", json.dumps(record).encode())]
+        )
     renamed = [(name.replace("sa_", f"sa_{shard}0"), data) for name, data in members]
     fixed = []
     for name, data in renamed:  # keep file_name and image_id consistent with the renamed members
@@ -201,10 +207,29 @@ def test_runs_over_different_shards_give_the_union(demo_root: Path, tmp_path: Pa
 
 def test_video_flags_reach_the_rows(demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    result = runner.invoke(app, [
-        "cache", "--dataset", "sa-v", "--source", str(demo_root / "sa-v"), "--store", str(store), "--executor", "local",
-        "--video-prompt", "box", "--max-objects", "2", "--max-frames", "4", "--codec", "int8",
-    ], env=WIDE)
+    result = runner.invoke(
+        app,
+        [
+            "cache",
+            "--dataset",
+            "sa-v",
+            "--source",
+            str(demo_root / "sa-v"),
+            "--store",
+            str(store),
+            "--executor",
+            "local",
+            "--video-prompt",
+            "box",
+            "--max-objects",
+            "2",
+            "--max-frames",
+            "4",
+            "--codec",
+            "int8",
+        ],
+        env=WIDE,
+    )
     assert result.exit_code == 0, result.output
     frames = rows_of(store, "frames")
     assert len(frames) == 8 and {f["prompt_kind"] for f in frames} == {"box"}
@@ -221,7 +246,10 @@ def test_videos_end_to_end(tiny_teacher: Sam3Teacher, demo_root: Path, tmp_path:
     n = len(first["object_ids"])
     assert decode_tensor(first["maskmem_features"]).shape == (n, 64, 8, 8)
     assert decode_tensor(first["pix_feat_with_mem"]).shape == (n, 128, 8, 8) and first["pix_feat_with_mem"]["error"] < 5e-3
-    assert verify_store(Store(str(store))).ok and run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="bf16"), executor="local").nothing_to_do
+    assert (
+        verify_store(Store(str(store))).ok
+        and run_cache(config(demo_root / "sa-v", store, dataset="sa-v", codec="bf16"), executor="local").nothing_to_do
+    )
 
 
 def test_verify_finds_duplicates_and_bad_tensors(demo_root: Path, tmp_path: Path) -> None:
@@ -335,17 +363,41 @@ def test_store_copy_is_self_contained(demo_root: Path, tmp_path: Path) -> None:
 
 
 def test_plan_command(demo_root: Path) -> None:
-    result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0-9", "--codec", "int8", "--rows-per-sec", "60", "--json"], env=WIDE)
+    result = runner.invoke(
+        app, ["plan", "--dataset", "sa-1b", "--shards", "0-9", "--codec", "int8", "--rows-per-sec", "60", "--json"], env=WIDE
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["rows"] == 111_860 and plan["bytes_per_row"]["trunk"] == 1024 * 72 * 72 + 4 * 1024  # SAM3's sizes
     assert plan["gpu_hours"] == pytest.approx(111_860 / 60 / 3600)
     assert plan["total_bytes"] == plan["rows"] * plan["row_bytes"]
-    result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "all", "--source", str(demo_root / "sa-1b"),
-                                 "--teacher", "tiny-random", "--targets", "trunk", "--rows-per-shard", "3", "--inputs", "none", "--json"], env=WIDE)
+    result = runner.invoke(
+        app,
+        [
+            "plan",
+            "--dataset",
+            "sa-1b",
+            "--shards",
+            "all",
+            "--source",
+            str(demo_root / "sa-1b"),
+            "--teacher",
+            "tiny-random",
+            "--targets",
+            "trunk",
+            "--rows-per-shard",
+            "3",
+            "--inputs",
+            "none",
+            "--json",
+        ],
+        env=WIDE,
+    )
     plan = json.loads(result.output)
     assert plan["shards"] == 2 and plan["rows"] == 6 and plan["bytes_per_row"] == {"trunk": 2 * 64 * 8 * 8}
-    result = runner.invoke(app, ["plan", "--dataset", "sa-v", "--shards", "0", "--max-frames", "10", "--max-objects", "2", "--json"], env=WIDE)
+    result = runner.invoke(
+        app, ["plan", "--dataset", "sa-v", "--shards", "0", "--max-frames", "10", "--max-objects", "2", "--json"], env=WIDE
+    )
     plan = json.loads(result.output)
     assert plan["rows"] == 9030 and plan["bytes_per_row"]["maskmem_features"] == 2 * 2 * 64 * 72 * 72
     assert plan["bytes_per_row"]["input"] == int(0.46 * 3 * 1008 * 1008) and plan["bytes_per_row"]["gt_masks"] == 2 * 2000
@@ -438,8 +490,24 @@ def test_driver_sigkilled_after_first_commit_then_rerun(tmp_path: Path) -> None:
 
     write_demo_data(small_config(tmp_path / "data", sa1b_shards=4, images_per_shard=3, sav_shards=0))
     source, store = tmp_path / "data" / "sa-1b", tmp_path / "store"
-    command = [sys.executable, "-m", "esam3.cli", "cache", "--dataset", "sa-1b", "--source", str(source),
-               "--store", str(store), "--executor", "local", "--teacher", "small-random", "--batch-size", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "esam3.cli",
+        "cache",
+        "--dataset",
+        "sa-1b",
+        "--source",
+        str(source),
+        "--store",
+        str(store),
+        "--executor",
+        "local",
+        "--teacher",
+        "small-random",
+        "--batch-size",
+        "1",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     ledger = store / "ledger.lance"
     deadline = time.monotonic() + 120
@@ -493,8 +561,25 @@ def test_exit_code_counts_failures_of_earlier_runs(tmp_path: Path) -> None:
     assert run_cache(config(source, store, shards="0-1", max_failures=MaxFailures.parse("4")), executor="local").exit_code == 0
     again = run_cache(config(source, store, shards="0"), executor="local")
     assert again.nothing_to_do and again.exit_code == 1, "a no-op rerun exits like the run it repeats"
-    cli = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(source), "--store", str(store), "--shards", "0",
-                              "--codec", "int8", "--executor", "local"], env=WIDE)
+    cli = runner.invoke(
+        app,
+        [
+            "cache",
+            "--dataset",
+            "sa-1b",
+            "--source",
+            str(source),
+            "--store",
+            str(store),
+            "--shards",
+            "0",
+            "--codec",
+            "int8",
+            "--executor",
+            "local",
+        ],
+        env=WIDE,
+    )
     assert cli.exit_code == 1 and "nothing to do" in cli.output and "exceed --max-failures 0" in cli.output
 
 
@@ -524,8 +609,9 @@ def test_a_shard_that_cannot_be_read_stays_uncommitted_and_the_others_go_on(
     assert list(report.aborted) == ["sa_000001.tar"] and "cannot open sa_000001.tar" in report.aborted["sa_000001.tar"]
     assert "(read 4 times)" in report.aborted["sa_000001.tar"], "read again 3 times (--read-retries) before it is left"
     assert {k.split("/")[0] for k in keys(store)} == {"sa1b"} and len(keys(store)) == 3
-    result = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(source), "--store", str(tmp_path / "cli"),
-                                 "--executor", "local"], env=WIDE)
+    result = runner.invoke(
+        app, ["cache", "--dataset", "sa-1b", "--source", str(source), "--store", str(tmp_path / "cli"), "--executor", "local"], env=WIDE
+    )
     assert result.exit_code == 1 and "1 shard(s) hit a storage or network error and stay uncommitted (sa_000001.tar" in result.output
     assert "Traceback" not in result.output
     (source / "sa_000001.tar").unlink()
@@ -543,9 +629,22 @@ def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) 
     g = tiny_teacher.geometry
     write = EncodeFrames(g, FeatureCodec.INT8, "checksum", "run", 0)
     row = {
-        "key": "sav/x/00000", "shard": "sav_000.tar", "member": "sav_000/x.mp4", "height": 10, "width": 12,
-        "transform": "{}", "precision": "fp32", "video_id": "x", "frame": 0, "frame_index": 0, "prompt_kind": "mask", "object_ids": [],
-        "is_conditioning": [], "has_memory_conditioned": [], "input": None, "gt_masks": "[]",
+        "key": "sav/x/00000",
+        "shard": "sav_000.tar",
+        "member": "sav_000/x.mp4",
+        "height": 10,
+        "width": 12,
+        "transform": "{}",
+        "precision": "fp32",
+        "video_id": "x",
+        "frame": 0,
+        "frame_index": 0,
+        "prompt_kind": "mask",
+        "object_ids": [],
+        "is_conditioning": [],
+        "has_memory_conditioned": [],
+        "input": None,
+        "gt_masks": "[]",
         "trunk": np.zeros((g.trunk_width, g.grid, g.grid), np.float32).tobytes(),
         **{name: b"" for name in ("mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")},
     }
@@ -564,8 +663,25 @@ def test_two_datasets_create_one_store_at_the_same_time(demo_root: Path, tmp_pat
 
 def test_lowrank_codec_fits_a_basis_once_and_stores_it(demo_root: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    result = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(store),
-                                 "--executor", "local", "--codec", "lowrank", "--rank", "16"], env=WIDE)
+    result = runner.invoke(
+        app,
+        [
+            "cache",
+            "--dataset",
+            "sa-1b",
+            "--source",
+            str(demo_root / "sa-1b"),
+            "--store",
+            str(store),
+            "--executor",
+            "local",
+            "--codec",
+            "lowrank",
+            "--rank",
+            "16",
+        ],
+        env=WIDE,
+    )
     assert result.exit_code == 0, result.output
     basis = Store(str(store)).read_basis("sa-1b")
     assert basis is not None and basis.components.shape == (64, 16)
@@ -588,7 +704,6 @@ def test_lowrank_codec_on_videos(demo_root: Path, tmp_path: Path) -> None:
     row = rows_of(store, "frames", limit=1)[0]
     assert row["trunk"]["codec"] == "lowrank" and row["maskmem_features"]["codec"] == "int8"
     assert verify_store(Store(str(store))).ok
-
 
 
 def test_every_kind_of_bad_sample_becomes_a_failure_row(tmp_path: Path) -> None:
@@ -631,15 +746,26 @@ def test_address_with_nothing_listening_fails_at_once(demo_root: Path, tmp_path:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # free once closed: nothing listens there
-    args = ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(tmp_path / "s"),
-            "--address", f"127.0.0.1:{port}"]
+    args = [
+        "cache",
+        "--dataset",
+        "sa-1b",
+        "--source",
+        str(demo_root / "sa-1b"),
+        "--store",
+        str(tmp_path / "s"),
+        "--address",
+        f"127.0.0.1:{port}",
+    ]
     result = runner.invoke(app, args, env=WIDE)
     assert result.exit_code == 1, result.output
     assert f"--address 127.0.0.1:{port}: no Ray cluster answers (Connection refused)" in result.output
 
 
 @pytest.mark.parametrize("fault", ["nan-iou", "fp16-overflow"])
-def test_targets_that_cannot_be_stored_fail_their_row_only(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+def test_targets_that_cannot_be_stored_fail_their_row_only(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
     """Non-finite targets (or values the codec cannot hold) are a failure row, never a stored Inf/NaN."""
     import dataclasses
 
@@ -720,7 +846,9 @@ def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
 
 
 @pytest.mark.parametrize("poison", ["trunk", "prompts"])
-def test_a_poison_sample_fails_alone_and_the_run_goes_on(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str) -> None:
+def test_a_poison_sample_fails_alone_and_the_run_goes_on(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str
+) -> None:
     """Any error of the teacher on one sample (out of memory, a kernel error), not only a ValueError: the batch is
     run again one sample at a time, the sample that still fails is a failure row with its reason, the rest are
     stored; a teacher failing on every sample stops the run instead of failing them all."""
@@ -777,15 +905,45 @@ def test_a_transient_read_error_is_retried_and_counted(demo_root: Path, tmp_path
 
     monkeypatch.setattr(local.LocalFileOpener, "read", read_then_reset_once)
     store = tmp_path / "store"
-    result = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(store),
-                                 "--executor", "local", "--codec", "int8"], env=WIDE)
+    result = runner.invoke(
+        app,
+        [
+            "cache",
+            "--dataset",
+            "sa-1b",
+            "--source",
+            str(demo_root / "sa-1b"),
+            "--store",
+            str(store),
+            "--executor",
+            "local",
+            "--codec",
+            "int8",
+        ],
+        env=WIDE,
+    )
     assert result.exit_code == 0 and reads["resets"] == 1, result.output
     assert "read retries" in result.output and keys(store) == [f"sa1b/{i}" for i in range(1, 7)]
     assert verify_store(Store(str(store))).ok
     [run] = read_runs(Store(str(store)))
     assert run["counts"]["read_retries"] == 1
-    bad = runner.invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(store),
-                              "--executor", "local", "--read-retries", "21"], env=WIDE)
+    bad = runner.invoke(
+        app,
+        [
+            "cache",
+            "--dataset",
+            "sa-1b",
+            "--source",
+            str(demo_root / "sa-1b"),
+            "--store",
+            str(store),
+            "--executor",
+            "local",
+            "--read-retries",
+            "21",
+        ],
+        env=WIDE,
+    )
     assert bad.exit_code == 2 and "--read-retries" in bad.output
 
 
@@ -814,9 +972,7 @@ def test_actors_racing_to_store_a_basis_all_keep_the_same_one(tmp_path: Path) ->
     assert not [p for p in (tmp_path / "store").iterdir() if p.name.endswith(".tmp")], "no staging file left"
 
 
-def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An I/O error after some of a shard's rows were written (read side), or while writing them (write side):
     the shard is left uncommitted (its fragments stay invisible), the other shards commit; a 403 stops the run."""
     import fsspec.implementations.local as local
@@ -841,12 +997,15 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
 
     original_write = shard_writer.write_fragments
 
-    def write_refused_for_shard_2(reader, *args, **kwargs):  # the stream of one shard: its first rows tell which
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("in the way")
+
+    def write_refused_for_shard_2(reader, uri, *args, **kwargs):  # the stream of one shard: its first rows tell which
         first = reader.read_next_batch()
         if "sa_000002.tar" in first.column(first.schema.get_field_index("shard")).to_pylist():
-            raise OSError("LanceError-like: disk full")
+            uri = str(not_a_folder / "images.lance")  # Lance's own error: LanceError(IO) ... Not a directory
         rest = pa.RecordBatchReader.from_batches(reader.schema, [first, *reader])
-        return original_write(rest, *args, **kwargs)
+        return original_write(rest, uri, *args, **kwargs)
 
     monkeypatch.setattr(local.LocalFileOpener, "read", read_then_reset)
     monkeypatch.setattr(shard_writer, "write_fragments", write_refused_for_shard_2)
@@ -854,6 +1013,7 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
     report = run_cache(config(source, store, read_retries=0), executor="local")  # a reset that lasts: retries in the next test
     assert sorted(report.aborted) == ["sa_000001.tar", "sa_000002.tar"] and report.exit_code == 1
     assert "connection reset" in report.aborted["sa_000001.tar"] and "writing its rows failed" in report.aborted["sa_000002.tar"]
+    assert "LanceError(IO)" in report.aborted["sa_000002.tar"] and ".rs:" not in report.aborted["sa_000002.tar"]
     assert report.rows_written >= 18 and report.rows == 10  # shard 1's first batch was written, never committed
     assert {r["shard"] for r in rows_of(store, "images")} == {"sa_000000.tar"} and verify_store(Store(str(store))).ok
 

@@ -28,8 +28,14 @@ from tests.conftest import small_config
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20, logging_level="WARNING",
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 2**20,
+        logging_level="WARNING",
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
 
@@ -71,8 +77,9 @@ def test_sigkilled_teacher_actor_is_replaced_and_every_key_lands_once(local_ray,
     source = tmp_path / "data"
     write_demo_data(small_config(source, sa1b_shards=6, images_per_shard=3, sav_shards=0))
     store = tmp_path / "store"
-    config = CacheConfig(dataset="sa-1b", source=str(source / "sa-1b"), store=str(store),
-                         teacher={"source": "small-random", "batch_size": 1})
+    config = CacheConfig(
+        dataset="sa-1b", source=str(source / "sa-1b"), store=str(store), teacher={"source": "small-random", "batch_size": 1}
+    )
     done: dict[str, object] = {}
     thread = threading.Thread(target=lambda: done.update(report=run_cache(config, executor="ray")))
     thread.start()

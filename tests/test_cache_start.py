@@ -58,8 +58,9 @@ def test_a_store_that_is_a_file_or_unreachable_is_an_error_before_the_teacher_lo
     loads.append("refuse")
     a_file = tmp_path / "store.tar"
     a_file.write_bytes(b"not a store")
-    result = CliRunner().invoke(app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(a_file),
-                                      "--executor", "local"])
+    result = CliRunner().invoke(
+        app, ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(a_file), "--executor", "local"]
+    )
     assert result.exit_code == 2 and "is a file, not a folder: give --store a new folder" in result.output, result.output
     assert "S3" not in result.output and "AWS" not in result.output, "a local path gets no S3 advice"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
@@ -90,8 +91,11 @@ def test_a_refusal_during_the_run_is_not_rerun_advice(demo_root: Path, tmp_path:
     import esam3.pipeline.plan as plan
 
     args = ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(tmp_path / "store"), "--executor", "local"]
-    for error, code, said in ((PermissionError(13, "Permission denied"), 2, "check that this user may write to the --store folder"),
-                              (ConnectionResetError("connection reset by peer"), 1, "rerun the same command to resume")):
+    for error, code, said in (
+        (PermissionError(13, "Permission denied"), 2, "check that this user may write to the --store folder"),
+        (ConnectionResetError("connection reset by peer"), 1, "rerun the same command to resume"),
+    ):
+
         def failing(*_args, error=error, **_kwargs):
             raise error
 
@@ -101,11 +105,27 @@ def test_a_refusal_during_the_run_is_not_rerun_advice(demo_root: Path, tmp_path:
         assert "AWS" not in result.output
 
 
-def test_max_frames_beyond_the_video_memory_bound_is_refused_at_the_start(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_frames_beyond_the_video_memory_bound_is_refused_at_the_start(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from esam3.pipeline import sources
 
     monkeypatch.setattr(sources, "MAX_VIDEO_BYTES", 10 * 3 * 112 * 112)  # ten teacher frames of the tiny teacher
-    result = CliRunner().invoke(app, ["cache", "--dataset", "sa-v", "--source", str(demo_root / "sa-v"), "--store", str(tmp_path / "s"),
-                                      "--executor", "local", "--max-frames", "11"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "cache",
+            "--dataset",
+            "sa-v",
+            "--source",
+            str(demo_root / "sa-v"),
+            "--store",
+            str(tmp_path / "s"),
+            "--executor",
+            "local",
+            "--max-frames",
+            "11",
+        ],
+    )
     assert result.exit_code == 2 and "--max-frames 11: as many teacher frames of 112x112 hold" in result.output, result.output
     assert "at most 10 fit" in result.output and not (tmp_path / "s" / "frames.lance").exists()

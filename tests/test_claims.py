@@ -26,10 +26,18 @@ from tests.test_cache import config, keys
 def _claim(store: Path, run_id: str, shards: list[str], pid: int, host: str | None = None, age: float = 0.0) -> None:
     folder = store / CLAIMS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{run_id}.json").write_text(json.dumps({
-        "run_id": run_id, "host": host or socket.gethostname(), "pid": pid, "dataset": "sa-1b", "shards": shards,
-        "heartbeat": time.time() - age,
-    }))
+    (folder / f"{run_id}.json").write_text(
+        json.dumps(
+            {
+                "run_id": run_id,
+                "host": host or socket.gethostname(),
+                "pid": pid,
+                "dataset": "sa-1b",
+                "shards": shards,
+                "heartbeat": time.time() - age,
+            }
+        )
+    )
 
 
 def _dead_pid() -> int:

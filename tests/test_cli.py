@@ -46,9 +46,29 @@ def test_every_subcommand_has_help() -> None:
 
 
 def test_demo_data_then_scan(tmp_path: Path) -> None:
-    args = ["demo-data", "--out", str(tmp_path), "--sa1b-shards", "2", "--images-per-shard", "2", "--sav-shards", "1",
-            "--videos-per-shard", "1", "--image-short-side", "128", "--video-width", "96", "--video-height", "64",
-            "--video-seconds", "1", "--seed", "5"]
+    args = [
+        "demo-data",
+        "--out",
+        str(tmp_path),
+        "--sa1b-shards",
+        "2",
+        "--images-per-shard",
+        "2",
+        "--sav-shards",
+        "1",
+        "--videos-per-shard",
+        "1",
+        "--image-short-side",
+        "128",
+        "--video-width",
+        "96",
+        "--video-height",
+        "64",
+        "--video-seconds",
+        "1",
+        "--seed",
+        "5",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "sa-1b").iterdir()) == ["sa_000000.tar", "sa_000001.tar"]
@@ -65,8 +85,25 @@ def test_demo_data_then_scan(tmp_path: Path) -> None:
 
 
 def test_scan_reports_failures_with_exit_code_1(tmp_path: Path) -> None:
-    assert runner.invoke(app, ["demo-data", "--out", str(tmp_path), "--sav-shards", "0", "--sa1b-shards", "1",
-                               "--images-per-shard", "2", "--image-short-side", "96"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "demo-data",
+                "--out",
+                str(tmp_path),
+                "--sav-shards",
+                "0",
+                "--sa1b-shards",
+                "1",
+                "--images-per-shard",
+                "2",
+                "--image-short-side",
+                "96",
+            ],
+        ).exit_code
+        == 0
+    )
     shard = tmp_path / "sa-1b" / "sa_000000.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b"), "--json"])
@@ -79,8 +116,25 @@ def test_scan_reports_failures_with_exit_code_1(tmp_path: Path) -> None:
 
 def test_failure_text_is_printed_verbatim(tmp_path: Path) -> None:
     """Reasons hold things like [height, width]; rich must not eat them as markup."""
-    assert runner.invoke(app, ["demo-data", "--out", str(tmp_path), "--sav-shards", "0", "--sa1b-shards", "1",
-                               "--images-per-shard", "1", "--image-short-side", "96"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "demo-data",
+                "--out",
+                str(tmp_path),
+                "--sav-shards",
+                "0",
+                "--sa1b-shards",
+                "1",
+                "--images-per-shard",
+                "1",
+                "--image-short-side",
+                "96",
+            ],
+        ).exit_code
+        == 0
+    )
     import tarfile
 
     shard = tmp_path / "sa-1b" / "sa_000000.tar"
@@ -111,8 +165,7 @@ def test_failure_text_is_printed_verbatim(tmp_path: Path) -> None:
     ],
 )
 def test_bad_shards_are_one_line_exit_2(demo_root: Path, args: list[str], message: str) -> None:
-    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), *args],
-                           terminal_width=100_000)
+    result = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), *args], terminal_width=100_000)
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr  # no progress bar, no traceback
     assert "Traceback" not in result.output
@@ -150,8 +203,12 @@ def test_missing_source_and_bad_dataset(tmp_path: Path) -> None:
 def test_installed_entry_point(demo_root: Path) -> None:
     """The real console script: exit code 2 and a single line on stderr, no traceback."""
     exe = Path(sys.executable).with_name("esam3")
-    result = subprocess.run([str(exe), "scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"),
-                             "--shards", "9-1"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    result = subprocess.run(
+        [str(exe), "scan", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--shards", "9-1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["esam3: error: shard spec '9-1': reversed range 9-1 (write 1-9)"]
     assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout.strip() == f"esam3 {__version__}"
@@ -175,9 +232,14 @@ def test_demo_command_caches_then_resumes(tmp_path: Path) -> None:
 
     checkpoint = tmp_path / "stage1" / "checkpoints" / f"step-{DEMO_STEPS:08d}"
     video_checkpoint = tmp_path / "stage2" / "checkpoints" / f"step-{DEMO_STAGE2_STEPS:08d}"
-    for step, written in (("esam3 train stage1", checkpoint), ("esam3 export ", tmp_path / "model"), ("esam3 predict ", tmp_path / "predict.png"),
-                          ("esam3 train stage2", video_checkpoint), ("esam3 export (video)", tmp_path / "video-model"),
-                          ("esam3 predict --video", tmp_path / "predict-video.png")):
+    for step, written in (
+        ("esam3 train stage1", checkpoint),
+        ("esam3 export ", tmp_path / "model"),
+        ("esam3 predict ", tmp_path / "predict.png"),
+        ("esam3 train stage2", video_checkpoint),
+        ("esam3 export (video)", tmp_path / "video-model"),
+        ("esam3 predict --video", tmp_path / "predict-video.png"),
+    ):
         line = next(line for line in result.stdout.splitlines() if step in line)
         assert str(written) in line and written.exists(), line
     assert "J&F vs GT" in result.stdout and "tokens per memory frame (SAM3: 64)" in result.stdout
@@ -195,8 +257,25 @@ def test_demo_command_caches_then_resumes(tmp_path: Path) -> None:
 
 
 def test_verbose_logs_each_bad_sample(tmp_path: Path) -> None:
-    assert runner.invoke(app, ["demo-data", "--out", str(tmp_path), "--sav-shards", "0", "--sa1b-shards", "1",
-                               "--images-per-shard", "2", "--image-short-side", "96"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "demo-data",
+                "--out",
+                str(tmp_path),
+                "--sav-shards",
+                "0",
+                "--sa1b-shards",
+                "1",
+                "--images-per-shard",
+                "2",
+                "--image-short-side",
+                "96",
+            ],
+        ).exit_code
+        == 0
+    )
     shard = tmp_path / "sa-1b" / "sa_000000.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     quiet = runner.invoke(app, ["scan", "--dataset", "sa-1b", "--source", str(tmp_path / "sa-1b")])

@@ -106,7 +106,9 @@ def test_logit_codec() -> None:
     assert np.abs(decoded - np.clip(smooth, -LOGIT_LIMIT, LOGIT_LIMIT)).max() <= LOGIT_LIMIT / 127 / 2 + 1e-6
     assert error < 0.01 and encoded.nbytes < smooth.size / 4, "smooth masks compress well below int8"
     assert np.array_equal((decoded > 0), (smooth > 0))
-    assert error == pytest.approx(float64_rms(decoded, np.clip(smooth, -LOGIT_LIMIT, LOGIT_LIMIT)), rel=1e-6), "the stored error is the decoded one"
+    assert error == pytest.approx(float64_rms(decoded, np.clip(smooth, -LOGIT_LIMIT, LOGIT_LIMIT)), rel=1e-6), (
+        "the stored error is the decoded one"
+    )
     small = 1e-3 * rng.normal(size=(3, 32, 32)).astype(np.float32)  # a random teacher's logits: tiny
     encoded, error = encode_logits(small)
     assert decode_logits(encoded).shape == small.shape and error < 0.01, "each map gets its own scale"

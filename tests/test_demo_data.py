@@ -21,10 +21,25 @@ from tests.conftest import small_config
 SA1B_IMAGE_KEYS = {"image_id", "width", "height", "file_name"}
 SA1B_ANN_KEYS = {"id", "bbox", "area", "segmentation", "point_coords", "predicted_iou", "stability_score", "crop_box"}
 SAV_KEYS = {
-    "video_id", "video_duration", "video_frame_count", "video_height", "video_width", "video_resolution",
-    "video_environment", "video_split", "masklet", "masklet_id", "masklet_size_rel", "masklet_size_abs",
-    "masklet_size_bucket", "masklet_visibility_changes", "masklet_first_appeared_frame", "masklet_frame_count",
-    "masklet_edited_frame_count", "masklet_type", "masklet_num",
+    "video_id",
+    "video_duration",
+    "video_frame_count",
+    "video_height",
+    "video_width",
+    "video_resolution",
+    "video_environment",
+    "video_split",
+    "masklet",
+    "masklet_id",
+    "masklet_size_rel",
+    "masklet_size_abs",
+    "masklet_size_bucket",
+    "masklet_visibility_changes",
+    "masklet_first_appeared_frame",
+    "masklet_frame_count",
+    "masklet_edited_frame_count",
+    "masklet_type",
+    "masklet_num",
 }
 
 
@@ -71,7 +86,7 @@ def test_sa1b_format(demo_root: Path) -> None:
             mask = mask_utils.decode(rle).astype(bool)
             assert ann["area"] == int(mask.sum())
             np.testing.assert_allclose(ann["bbox"], mask_utils.toBbox(rle))
-            (x, y), = ann["point_coords"]
+            ((x, y),) = ann["point_coords"]
             assert mask[int(y), int(x)]
             assert 0 <= ann["predicted_iou"] <= 1 and 0 <= ann["stability_score"] <= 1
             assert ann["crop_box"] == [0.0, 0.0, float(width), float(height)]
@@ -85,8 +100,7 @@ def test_sa1b_masks_overlap(demo_root: Path) -> None:
         if not member.endswith(".json"):
             continue
         anns = json.loads(data)["annotations"]
-        masks = [mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()})
-                 for a in anns]
+        masks = [mask_utils.decode({"size": a["segmentation"]["size"], "counts": a["segmentation"]["counts"].encode()}) for a in anns]
         stacked = np.stack(masks).astype(int).sum(axis=0)
         overlapping += int((stacked > 1).any())
     assert overlapping >= 1
@@ -103,8 +117,10 @@ def test_full_size_images_are_sa1b_sized(tmp_path: Path) -> None:
 def test_sav_format(demo_root: Path) -> None:
     members = _members(demo_root / "sa-v" / "sav_000.tar")
     assert list(members) == [
-        "sav_000/sav_000001.mp4", "sav_000/sav_000001_manual.json",
-        "sav_000/sav_000002.mp4", "sav_000/sav_000002_manual.json",
+        "sav_000/sav_000001.mp4",
+        "sav_000/sav_000001_manual.json",
+        "sav_000/sav_000002.mp4",
+        "sav_000/sav_000002_manual.json",
     ]
     late_arrival = False
     for stem in ("sav_000001", "sav_000002"):
@@ -127,13 +143,19 @@ def test_sav_format(demo_root: Path) -> None:
             for rle in objects:
                 assert rle["size"] == [128, 160]
         for j in range(n):
-            areas = [int(mask_utils.area({"size": [128, 160], "counts": step[j]["counts"].encode()}))
-                     for step in record["masklet"]]
+            areas = [int(mask_utils.area({"size": [128, 160], "counts": step[j]["counts"].encode()})) for step in record["masklet"]]
             first = next(t for t, a in enumerate(areas) if a >= 16) * 4
             assert record["masklet_first_appeared_frame"][j] == first
             late_arrival |= first > 0
-        for key in ("masklet_size_rel", "masklet_size_abs", "masklet_size_bucket", "masklet_visibility_changes",
-                    "masklet_frame_count", "masklet_edited_frame_count", "masklet_type"):
+        for key in (
+            "masklet_size_rel",
+            "masklet_size_abs",
+            "masklet_size_bucket",
+            "masklet_visibility_changes",
+            "masklet_frame_count",
+            "masklet_edited_frame_count",
+            "masklet_type",
+        ):
             assert len(record[key]) == n
     assert late_arrival, "an object should enter after the first frame"
 

@@ -34,7 +34,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def run(sa1b_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "run"
-    run_stage1(Stage1Config(store=str(sa1b_store), out=out, student="es-ev-s", steps=2, batch_size=2, loader_workers=0, val_percent=40, lr=1e-3))
+    run_stage1(
+        Stage1Config(store=str(sa1b_store), out=out, student="es-ev-s", steps=2, batch_size=2, loader_workers=0, val_percent=40, lr=1e-3)
+    )
     return out
 
 
@@ -87,8 +89,20 @@ def test_prompts_in_image_pixels_decode_like_the_cache(oracle: StudentModel, sa1
     store = Store(str(sa1b_store))
     rows = StoreRows(store, "images")
     checked = 0
-    for row in rows.take(list(range(6)), columns=["trunk", "preprocess", "prompt_kinds", "prompt_points", "prompt_labels", "prompt_boxes",
-                                                  "single_logits", "multi_logits", "iou"]):
+    for row in rows.take(
+        list(range(6)),
+        columns=[
+            "trunk",
+            "preprocess",
+            "prompt_kinds",
+            "prompt_points",
+            "prompt_labels",
+            "prompt_boxes",
+            "single_logits",
+            "multi_logits",
+            "iou",
+        ],
+    ):
         t = json.loads(row["preprocess"])
         scale = np.array([t["size"] / t["original_width"], t["size"] / t["original_height"]])
         kinds, labels = decode_tensor(row["prompt_kinds"]), decode_tensor(row["prompt_labels"])
@@ -98,7 +112,9 @@ def test_prompts_in_image_pixels_decode_like_the_cache(oracle: StudentModel, sa1
         if not clicks and not framed:
             continue
         trunk = torch.from_numpy(rows.decode(row, "trunk"))[None]
-        result = oracle.decode(trunk, (t["original_height"], t["original_width"]), points[clicks, 0] / scale, boxes[framed] / np.tile(scale, 2))
+        result = oracle.decode(
+            trunk, (t["original_height"], t["original_width"]), points[clicks, 0] / scale, boxes[framed] / np.tile(scale, 2)
+        )
         teacher = np.concatenate([decode_tensor(row["single_logits"]), decode_tensor(row["multi_logits"])], axis=1)[clicks + framed]
         iou = decode_tensor(row["iou"])[clicks + framed]
         pick = [1 + int(np.argmax(iou[i, 1:])) if i < len(clicks) else 0 for i in range(len(iou))]  # one click: multimask
@@ -121,23 +137,27 @@ def test_eval_cli_on_the_val_split(run: Path) -> None:
     assert empty.exit_code == 2 and "the val split of" in empty.output and "--split all" in empty.output
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([], "give --checkpoint"),
-    (["--checkpoint", "CKPT", "--model", "CKPT"], "one of them"),
-    (["--checkpoint", "CKPT", "--split", "test"], "--split: expected val, train or all"),
-    (["--checkpoint", "CKPT", "--coco-images", "x"], "needs both --coco-images and --coco-annotations"),
-    (["--checkpoint", "CKPT", "--batch-size", "0"], "must be at least 1"),
-    (["--checkpoint", "CKPT", "--device", "tpu"], "--device: expected cpu or cuda"),
-    (["--checkpoint", "NOWHERE"], "not a checkpoint"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give --checkpoint"),
+        (["--checkpoint", "CKPT", "--model", "CKPT"], "one of them"),
+        (["--checkpoint", "CKPT", "--split", "test"], "--split: expected val, train or all"),
+        (["--checkpoint", "CKPT", "--coco-images", "x"], "needs both --coco-images and --coco-annotations"),
+        (["--checkpoint", "CKPT", "--batch-size", "0"], "must be at least 1"),
+        (["--checkpoint", "CKPT", "--device", "tpu"], "--device: expected cpu or cuda"),
+        (["--checkpoint", "NOWHERE"], "not a checkpoint"),
+    ],
+)
 def test_eval_flags_are_checked(run: Path, args: list[str], message: str) -> None:
     args = [str(run) if a == "CKPT" else a for a in args]
     result = runner.invoke(app, ["eval", *args])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
 
 
-def test_an_exported_model_loads_alone_and_segments_like_its_checkpoint(run: Path, exported: Path, sa1b_store: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_an_exported_model_loads_alone_and_segments_like_its_checkpoint(
+    run: Path, exported: Path, sa1b_store: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     image = np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8)
     before = StudentModel.from_checkpoint(run).segment(image, points=[[40, 30]], boxes=[[10, 5, 90, 70]])
     document = json.loads((exported / "config.json").read_text())
@@ -173,8 +193,9 @@ def test_export_cli_reports_sizes_next_to_the_teachers(run: Path, tmp_path: Path
     assert runner.invoke(app, ["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x")]).exit_code == 2
 
 
-def test_coco_eval_scores_masks_against_the_annotations(oracle: StudentModel, coco: tuple[Path, Path], tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_coco_eval_scores_masks_against_the_annotations(
+    oracle: StudentModel, coco: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     images, annotations = coco
     document = json.loads(annotations.read_text())
     box = evaluate_coco(oracle, images, annotations, "box")
@@ -202,7 +223,9 @@ def test_coco_eval_scores_masks_against_the_annotations(oracle: StudentModel, co
     size = first["segmentation"]["size"]
     dense = mask_utils.decode({"size": size, "counts": first["segmentation"]["counts"].encode()}).flatten(order="F")
     changes = np.flatnonzero(np.diff(np.concatenate([[0], dense, [1 - dense[-1]]])))  # COCO's uncompressed RLE: runs from 0s
-    edited["annotations"].append({**first, "id": 10_002, "segmentation": {"size": size, "counts": np.diff(np.concatenate([[0], changes])).tolist()}})
+    edited["annotations"].append(
+        {**first, "id": 10_002, "segmentation": {"size": size, "counts": np.diff(np.concatenate([[0], changes])).tolist()}}
+    )
     edited["annotations"].append({**first, "id": 10_003, "segmentation": {"size": size, "counts": [size[0] * size[1]]}})  # empty
     path = tmp_path / "edited.json"
     path.write_text(json.dumps(edited))
@@ -247,15 +270,47 @@ def test_centre_click_lies_on_the_object() -> None:
 
 def test_coco_cli_and_predict_cli(exported: Path, coco: tuple[Path, Path], tmp_path: Path) -> None:
     images, annotations = coco
-    result = runner.invoke(app, ["eval", "--model", str(exported), "--coco-images", str(images), "--coco-annotations", str(annotations),
-                                 "--prompt", "point", "--limit", "2", "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(exported),
+            "--coco-images",
+            str(images),
+            "--coco-annotations",
+            str(annotations),
+            "--prompt",
+            "point",
+            "--limit",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
     assert line["images"] == 2 and line["prompt"] == "point" and 0 <= line["miou"] <= 1
     picture = sorted(images.iterdir())[0]
     out = tmp_path / "overlay.png"
-    result = runner.invoke(app, ["predict", "--model", str(exported), "--image", str(picture), "--point", "50,40", "--box", "5,5,120,90",
-                                 "--out", str(out), "--json", "--repeats", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            str(exported),
+            "--image",
+            str(picture),
+            "--point",
+            "50,40",
+            "--box",
+            "5,5,120,90",
+            "--out",
+            str(out),
+            "--json",
+            "--repeats",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
     from PIL import Image
@@ -269,13 +324,16 @@ def test_coco_cli_and_predict_cli(exported: Path, coco: tuple[Path, Path], tmp_p
     assert text.exit_code == 0 and "ms per image on cpu" in " ".join(text.output.split())
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([], "give at least one --point"),
-    (["--point", "1,2,3"], "--point: expected 2 comma-separated numbers"),
-    (["--box", "10,10,5,20"], "x1 > x0 and y1 > y0"),
-    (["--point", "nan,1"], "--point: expected 2"),
-    (["--point", "1,2", "--repeats", "0"], "--repeats must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "give at least one --point"),
+        (["--point", "1,2,3"], "--point: expected 2 comma-separated numbers"),
+        (["--box", "10,10,5,20"], "x1 > x0 and y1 > y0"),
+        (["--point", "nan,1"], "--point: expected 2"),
+        (["--point", "1,2", "--repeats", "0"], "--repeats must be at least 1"),
+    ],
+)
 def test_predict_flags_are_checked(exported: Path, coco: tuple[Path, Path], tmp_path: Path, args: list[str], message: str) -> None:
     picture = sorted(coco[0].iterdir())[0]
     result = runner.invoke(app, ["predict", "--model", str(exported), "--image", str(picture), "--out", str(tmp_path / "o.png"), *args])

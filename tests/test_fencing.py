@@ -75,8 +75,14 @@ def test_a_stalled_run_cannot_undo_or_double_the_commit_of_the_run_that_took_its
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run_a = subprocess.Popen([sys.executable, "-c", RUN_A, str(demo_root / "sa-1b"), uri], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_a = subprocess.Popen(
+        [sys.executable, "-c", RUN_A, str(demo_root / "sa-1b"), uri],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait(lambda: run_a.poll() is not None or _stopped(run_a.pid), "run A to stall after appending its rows")
         assert run_a.poll() is None, run_a.communicate()[1][-3000:]

@@ -67,7 +67,9 @@ def test_heads_load_without_trunk_and_reproduce_prompt_targets(tiny_teacher: Sam
     torch.testing.assert_close(neck[0], tiny_teacher.image_targets(IMAGES[:1], neck=True).neck[0], rtol=0, atol=1e-6)
 
 
-def test_heads_reproduce_video_targets_from_cached_trunks(tiny_teacher: Sam3Teacher, exported: Path, demo_root: Path, no_trunk: None) -> None:
+def test_heads_reproduce_video_targets_from_cached_trunks(
+    tiny_teacher: Sam3Teacher, exported: Path, demo_root: Path, no_trunk: None
+) -> None:
     from esam3.pipeline.sources import SAVSource
 
     video = max(SAVSource(str(demo_root / "sa-v")).iter_samples("0"), key=lambda s: s.record.masklet_num)
@@ -171,7 +173,9 @@ def test_a_batch_of_images_decodes_like_each_image_alone(exported: Path) -> None
     with torch.no_grad():
         alone = [heads.decode_prompts(heads.image_embeddings(trunks[b : b + 1]), points, labels, boxes) for b in range(2)]
         image = torch.tensor([0] * len(labels) + [1] * len(labels))
-        together = heads.decode_prompts(heads.image_embeddings(trunks), points.repeat(2, 1, 1), labels.repeat(2, 1), boxes.repeat(2, 1), image=image)
+        together = heads.decode_prompts(
+            heads.image_embeddings(trunks), points.repeat(2, 1, 1), labels.repeat(2, 1), boxes.repeat(2, 1), image=image
+        )
     for name in ("multi", "single", "iou", "object_score", "object_pointer"):
         assert torch.allclose(together[name], torch.cat([a[name] for a in alone]), atol=1e-5), name
     pick = heads.picked_output(labels, boxes, alone[0]["iou"])

@@ -35,8 +35,13 @@ def _entrypoint_is_a_valid_cache_command(entrypoint: str) -> dict[str, str]:
     known = {opt for param in get_command(app).commands["cache"].params for opt in getattr(param, "opts", [])}
     assert set(flags) <= known, set(flags) - known
     CacheConfig(
-        dataset=flags["--dataset"], source=flags["--source"], store=flags["--store"], shards=flags.get("--shards", "all"),
-        teacher=TeacherConfig(source=flags["--teacher"]), codec=flags.get("--codec", "fp16"), address=flags.get("--address"),
+        dataset=flags["--dataset"],
+        source=flags["--source"],
+        store=flags["--store"],
+        shards=flags.get("--shards", "all"),
+        teacher=TeacherConfig(source=flags["--teacher"]),
+        codec=flags.get("--codec", "fp16"),
+        address=flags.get("--address"),
     )
     return flags
 

@@ -109,8 +109,9 @@ def test_image_rows_hold_the_file_and_the_prompted_masks(fast: bool, sized_sourc
     the source's RLEs of the prompted masks, in prompt order."""
     store = tmp_path / "store"
     run_cache(CacheConfig(dataset="sa-1b", source=str(sized_source), store=str(store), codec="int8", dct_scaling=fast), executor="local")
-    read = ReadImages(str(sized_source), tiny_teacher.geometry.image_size, CacheConfig(dataset="sa-1b", source="-", store="-").prompts,
-                      dct_scaling=fast)
+    read = ReadImages(
+        str(sized_source), tiny_teacher.geometry.image_size, CacheConfig(dataset="sa-1b", source="-", store="-").prompts, dct_scaling=fast
+    )
     shard = ShardRef(DatasetName.SA1B, 0, str(sized_source / "sa_000000.tar"))
     seen = {r["key"]: r for table in read(shard) for r in table.to_pylist() if r["kind"] == "sample"}
     samples = {s.key: s for s in SA1BSource(str(sized_source)).iter_samples("all")}
@@ -148,7 +149,9 @@ def test_frame_rows_hold_the_teachers_frame_and_each_objects_mask(demo_root: Pat
 def test_inputs_none_keeps_targets_only(demo_root: Path, tmp_path: Path) -> None:
     for dataset in ("sa-1b", "sa-v"):
         store = tmp_path / dataset
-        run_cache(CacheConfig(dataset=dataset, source=str(demo_root / dataset), store=str(store), codec="int8", inputs="none"), executor="local")
+        run_cache(
+            CacheConfig(dataset=dataset, source=str(demo_root / dataset), store=str(store), codec="int8", inputs="none"), executor="local"
+        )
         table = "images" if dataset == "sa-1b" else "frames"
         rows = StoreRows(Store(str(store)), table).where(columns=["key", "input", "gt_masks"])
         assert rows and all(r["input"] is None for r in rows) and any(r["gt_masks"] for r in rows)
@@ -169,14 +172,29 @@ def test_input_flag_errors(args: list[str], message: str, tmp_path: Path) -> Non
 
 def test_fast_decode_flag_reaches_the_rows(sized_source: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    args = ["cache", "--dataset", "sa-1b", "--source", str(sized_source), "--store", str(store), "--executor", "local",
-            "--targets", "trunk", "--fast-decode"]
+    args = [
+        "cache",
+        "--dataset",
+        "sa-1b",
+        "--source",
+        str(sized_source),
+        "--store",
+        str(store),
+        "--executor",
+        "local",
+        "--targets",
+        "trunk",
+        "--fast-decode",
+    ]
     result = runner.invoke(app, args, env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     assert json.loads((store / "targets-sa-1b.json").read_text())["dct_scaling"] is True
     rows = StoreRows(Store(str(store)), "images").where(columns=["key", "preprocess"])
     assert {r["key"]: json.loads(r["preprocess"])["decoded_width"] < json.loads(r["preprocess"])["original_width"] for r in rows} == {
-        "sa1b/1": False, "sa1b/2": True, "sa1b/3": True}
+        "sa1b/1": False,
+        "sa1b/2": True,
+        "sa1b/3": True,
+    }
 
 
 def test_a_store_of_the_earlier_format_is_refused_with_the_fix(demo_root: Path, tmp_path: Path) -> None:
@@ -192,8 +210,10 @@ def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path,
     means = {}
     for codec, rank in (("fp16", 256), ("int8", 256), ("lowrank", 2)):
         store = tmp_path / codec
-        run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(store), codec=codec, rank=rank, shards="0"),
-                  executor="local")
+        run_cache(
+            CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(store), codec=codec, rank=rank, shards="0"),
+            executor="local",
+        )
         rows = StoreRows(Store(str(store)), "images").where(columns=["key", "codec_mask_iou", "codec_iou_error"])
         assert all(0 < r["codec_mask_iou"] <= 1 and r["codec_iou_error"] >= 0 for r in rows)
         means[codec] = float(np.mean([r["codec_mask_iou"] for r in rows]))
@@ -205,11 +225,15 @@ def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path,
     assert said.exit_code == 0, said.output
     assert json.loads(said.output)["codec_task_error"]["mask_iou_mean"] == pytest.approx(means["int8"], abs=1e-4)
     assert "heads' mask IoU, decoded vs exact trunk" in runner.invoke(app, plan, env={"COLUMNS": "400"}).output
-    for args, message in ((["--codec", "fp16", "--measured-in", str(tmp_path / "int8")], "was cached with --codec int8, this plan is for fp16"),
-                          (["--measured-in", str(tmp_path / "nowhere")], "is not an esam3 store")):
+    for args, message in (
+        (["--codec", "fp16", "--measured-in", str(tmp_path / "int8")], "was cached with --codec int8, this plan is for fp16"),
+        (["--measured-in", str(tmp_path / "nowhere")], "is not an esam3 store"),
+    ):
         bad = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0", *args], env={"COLUMNS": "400"})
         assert bad.exit_code == 2 and message in bad.output, bad.output
     untouched = tmp_path / "trunk-only"
-    run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(untouched), codec="int8", targets=("trunk",),
-                          shards="0"), executor="local")
+    run_cache(
+        CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(untouched), codec="int8", targets=("trunk",), shards="0"),
+        executor="local",
+    )
     assert all(r["codec_mask_iou"] is None for r in StoreRows(Store(str(untouched)), "images").where(columns=["codec_mask_iou"]))

@@ -6,14 +6,33 @@ import pytest
 import torch
 
 from esam3.train.memory import (
-    MemorySpec, StudentMemory, attention_cost, axial_rope, by_window, default_window_grid, describe, expected_parameters,
+    MemorySpec,
+    StudentMemory,
+    attention_cost,
+    axial_rope,
+    by_window,
+    default_window_grid,
+    describe,
+    expected_parameters,
     rotate,
 )
 
 
 def spec(**overrides: object) -> MemorySpec:
-    values = dict(grid=8, hidden=128, memory_dim=64, memory_frames=7, max_pointers=16, global_latents=4, window_grid=2,
-                  perceiver_depth=2, perceiver_heads=1, attention_layers=2, attention_heads=1, attention_ffn=256)
+    values = dict(
+        grid=8,
+        hidden=128,
+        memory_dim=64,
+        memory_frames=7,
+        max_pointers=16,
+        global_latents=4,
+        window_grid=2,
+        perceiver_depth=2,
+        perceiver_heads=1,
+        attention_layers=2,
+        attention_heads=1,
+        attention_ffn=256,
+    )
     values.update(overrides)
     return MemorySpec(**values)  # type: ignore[arg-type]
 
@@ -29,9 +48,11 @@ def test_parameter_count_follows_the_config(overrides: dict) -> None:
     memory = StudentMemory(s)
     counts = expected_parameters(s)
     assert sum(p.numel() for p in memory.perceiver.parameters()) == counts["perceiver"]
-    assert sum(p.numel() for p in memory.layers.parameters()) + sum(p.numel() for p in memory.norm.parameters()) == counts["memory_attention"]
+    assert (
+        sum(p.numel() for p in memory.layers.parameters()) + sum(p.numel() for p in memory.norm.parameters()) == counts["memory_attention"]
+    )
     assert sum(p.numel() for p in memory.parameters()) == counts["total"]
-    assert f"{s.tokens_per_frame} tokens per memory frame (SAM3: {s.grid ** 2})" in describe(s)
+    assert f"{s.tokens_per_frame} tokens per memory frame (SAM3: {s.grid**2})" in describe(s)
 
 
 def test_window_grid_must_divide_the_memory_grid() -> None:

@@ -84,9 +84,9 @@ def test_deterministic_per_key_and_seed(images) -> None:
     other_seed = _sample(images[1], seed=1)
     assert not np.array_equal(a.points, other_seed.points)
     # The key, not the position in a stream, drives the draw: same masks under another key differ.
-    moved = sample_prompts("sa1b/999999", images[1].masks,
-                           (images[1].record.image.height, images[1].record.image.width), MODEL,
-                           PromptConfig(num_prompts=64))
+    moved = sample_prompts(
+        "sa1b/999999", images[1].masks, (images[1].record.image.height, images[1].record.image.width), MODEL, PromptConfig(num_prompts=64)
+    )
     assert not np.array_equal(a.points, moved.points)
     assert prompt_rng("sa1b/1", 0).integers(0, 2**31) == prompt_rng("sa1b/1", 0).integers(0, 2**31)
 
@@ -145,8 +145,9 @@ def test_negative_points_fill_from_a_tiny_background() -> None:
     mask[3, 7] = mask[90, 2] = False
     points = negative_points(_runs(mask), prompt_rng("k", 0), 8)
     assert sorted(map(tuple, points.tolist())) == [(2.5, 90.5), (7.5, 3.5)]
-    full = sample_prompts("k", [_runs(np.ones((20, 20), bool))], (20, 20), MODEL,
-                          PromptConfig(num_prompts=1, mix={"point": 1}, max_negative_points=4, seed=3))
+    full = sample_prompts(
+        "k", [_runs(np.ones((20, 20), bool))], (20, 20), MODEL, PromptConfig(num_prompts=1, mix={"point": 1}, max_negative_points=4, seed=3)
+    )
     assert (full.labels[0][1:] == PAD).all()  # nothing outside the mask: padding, not bogus negatives
 
 
@@ -184,8 +185,13 @@ def test_same_prompts_in_another_process(images) -> None:
     )
     ann = images[0].record.annotations[0].segmentation
     outputs = {
-        subprocess.run([sys.executable, "-c", code, ann.counts, str(ann.size[0]), str(ann.size[1])],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-c", code, ann.counts, str(ann.size[0]), str(ann.size[1])],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            check=True,
+        ).stdout
         for seed in ("1", "2")
     }
     assert len(outputs) == 1

@@ -72,8 +72,9 @@ def test_resume_gives_the_batches_of_an_uninterrupted_epoch() -> None:
     assert all(len(b) == 4 for b in dropped) and dropped.steps_per_epoch == 5
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"batch_size": 0}, "batch_size"), ({"rank": 2, "world_size": 2}, "rank"),
-                                                 ({"epoch": -1}, "epoch")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"batch_size": 0}, "batch_size"), ({"rank": 2, "world_size": 2}, "rank"), ({"epoch": -1}, "epoch")]
+)
 def test_sampler_arguments_are_checked(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EpochSampler(10, **{"batch_size": 2, **kwargs})
@@ -98,7 +99,13 @@ def test_clips_are_consecutive_frames_of_one_video() -> None:
     frames = [1, 0, 1, 2, 0, 4, 2, 3]
     got = clips(videos, frames, 2, 1)
     assert [[(videos[p], frames[p]) for p in clip] for clip in got.tolist()] == [
-        [("a", 0), ("a", 1)], [("a", 1), ("a", 2)], [("a", 2), ("a", 3)], [("a", 3), ("a", 4)], [("b", 0), ("b", 1)], [("b", 1), ("b", 2)]]
+        [("a", 0), ("a", 1)],
+        [("a", 1), ("a", 2)],
+        [("a", 2), ("a", 3)],
+        [("a", 3), ("a", 4)],
+        [("b", 0), ("b", 1)],
+        [("b", 1), ("b", 2)],
+    ]
     assert clips(["a", "a", "a"], [0, 1, 3], 3, 1).shape == (0, 3)  # a gap breaks the clip
     sampler = ClipSampler(videos, frames, clip_length=2, batch_size=2, stride=2, seed=1)
     batches = list(sampler)
@@ -108,7 +115,9 @@ def test_clips_are_consecutive_frames_of_one_video() -> None:
 # ---- snapshots ------------------------------------------------------------------------------------------
 
 
-def test_each_commit_is_a_snapshot_and_a_run_killed_mid_shard_is_never_read(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_commit_is_a_snapshot_and_a_run_killed_mid_shard_is_never_read(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "store"
     config = CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(path), codec="int8", targets=("trunk",))
     original = Store.append
@@ -134,7 +143,9 @@ def test_each_commit_is_a_snapshot_and_a_run_killed_mid_shard_is_never_read(demo
     run_cache(config, executor="local")  # the rerun removes the unfinished shard's rows and commits it
     assert len(StoreDataset(store, split="all", fields=("trunk",))) == 6
     found = snapshots(store, "images")
-    assert [snapshot_rows(store, "images", s) for s in (found[0], found[-1])] == [6, 3] and resolve(store, "images", found[-1].tag) == found[-1].version
+    assert [snapshot_rows(store, "images", s) for s in (found[0], found[-1])] == [6, 3] and resolve(
+        store, "images", found[-1].tag
+    ) == found[-1].version
     assert [i.field_names for i in store.dataset("images").describe_indices()] == [["key"]]
     info = store_info(store)["tables"]["images"]
     assert info["snapshots"][0]["rows"] == 6 and len(info["snapshots"]) == 2 and info["indexes"] == ["key"]
@@ -205,8 +216,12 @@ def test_frame_batches_pad_objects_and_decode_codes_on_the_device(store: Path) -
 def test_device_decode_of_lowrank_bf16_and_fp16_trunks(demo_root: Path, tmp_path: Path) -> None:
     for codec in ("lowrank", "bf16", "fp16"):
         path = tmp_path / codec
-        run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(path), codec=codec, rank=8,
-                              targets=("trunk",), shards="0"), executor="local")
+        run_cache(
+            CacheConfig(
+                dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(path), codec=codec, rank=8, targets=("trunk",), shards="0"
+            ),
+            executor="local",
+        )
         cpu = StoreDataset(str(path), fields=("trunk",), split="all")[[0, 1, 2]]
         device = StoreDataset(str(path), fields=("trunk",), split="all", decode_on="device")
         moved = device.to_device(device[[0, 1, 2]], "cpu")
@@ -215,8 +230,12 @@ def test_device_decode_of_lowrank_bf16_and_fp16_trunks(demo_root: Path, tmp_path
 
 def test_a_targets_only_store_is_refused_for_inputs(demo_root: Path, tmp_path: Path) -> None:
     path = tmp_path / "targets-only"
-    run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(path), codec="int8", inputs="none",
-                          targets=("trunk",), shards="0"), executor="local")
+    run_cache(
+        CacheConfig(
+            dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(path), codec="int8", inputs="none", targets=("trunk",), shards="0"
+        ),
+        executor="local",
+    )
     with pytest.raises(StoreError, match="--inputs none.*re-cache with --inputs store"):
         StoreDataset(str(path))
     assert len(StoreDataset(str(path), fields=("trunk",), split="all")) == 3
@@ -226,9 +245,16 @@ def test_a_targets_only_store_is_refused_for_inputs(demo_root: Path, tmp_path: P
         StoreDataset(str(path), table="frames")
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"table": "ledger"}, "images or frames"), ({"split": "test"}, "split"),
-                                                 ({"decode_on": "gpu"}, "decode_on"), ({"fields": ("memory",)}, "not in images"),
-                                                 ({"input_size": 0}, "input_size")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"table": "ledger"}, "images or frames"),
+        ({"split": "test"}, "split"),
+        ({"decode_on": "gpu"}, "decode_on"),
+        ({"fields": ("memory",)}, "not in images"),
+        ({"input_size": 0}, "input_size"),
+    ],
+)
 def test_dataset_arguments_are_checked(store: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         StoreDataset(str(store), **kwargs)

@@ -34,8 +34,7 @@ def test_cache_into_an_s3_store_then_resume_info_verify(s3, shards_bucket: str) 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env = base_env | s3.env  # endpoint from AWS_ENDPOINT_URL
     store = "s3://cache-store/run1"
-    args = ["cache", "--dataset", "sa-1b", "--source", shards_bucket, "--store", store, "--executor", "local",
-            "--codec", "int8", "--json"]
+    args = ["cache", "--dataset", "sa-1b", "--source", shards_bucket, "--store", store, "--executor", "local", "--codec", "int8", "--json"]
     first = _esam3(args, env)
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout.strip().splitlines()[-1])
@@ -73,8 +72,23 @@ def test_s3_errors_are_one_line(s3, shards_bucket: str) -> None:
 def test_ray_plan_writes_an_s3_store(s3, shards_bucket: str) -> None:
     """The default executor: Ray workers get the store's options from the plan, not from their environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3.env
-    result = _esam3(["cache", "--dataset", "sa-1b", "--source", shards_bucket, "--store", "s3://cache-store/run2",
-                     "--codec", "lowrank", "--rank", "8", "--json"], env)
+    result = _esam3(
+        [
+            "cache",
+            "--dataset",
+            "sa-1b",
+            "--source",
+            shards_bucket,
+            "--store",
+            "s3://cache-store/run2",
+            "--codec",
+            "lowrank",
+            "--rank",
+            "8",
+            "--json",
+        ],
+        env,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["rows"] == 6
     verify = _esam3(["store", "verify", "s3://cache-store/run2", "--json"], env)
@@ -113,8 +127,22 @@ def test_driver_lost_mid_run_resumes_from_the_ledger_on_s3(s3, shards_bucket: st
     import time
 
     store = "s3://cache-store/resume"
-    args = ["cache", "--dataset", "sa-1b", "--source", shards_bucket, "--store", store, "--executor", "local",
-            "--teacher", "small-random", "--batch-size", "1", "--json"]
+    args = [
+        "cache",
+        "--dataset",
+        "sa-1b",
+        "--source",
+        shards_bucket,
+        "--store",
+        store,
+        "--executor",
+        "local",
+        "--teacher",
+        "small-random",
+        "--batch-size",
+        "1",
+        "--json",
+    ]
     exe = Path(sys.executable).with_name("esam3")
     process = subprocess.Popen([str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_s3_env(s3))
     deadline = time.monotonic() + 180
@@ -135,9 +163,26 @@ def test_driver_lost_mid_run_resumes_from_the_ledger_on_s3(s3, shards_bucket: st
 def test_concurrent_runs_on_different_shards_into_one_s3_store(s3, shards_bucket: str) -> None:
     store = "s3://cache-store/together"
     runs = [
-        subprocess.Popen([str(Path(sys.executable).with_name("esam3")), "cache", "--dataset", "sa-1b", "--source",
-                          shards_bucket, "--store", store, "--executor", "local", "--shards", shard],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_s3_env(s3))
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("esam3")),
+                "cache",
+                "--dataset",
+                "sa-1b",
+                "--source",
+                shards_bucket,
+                "--store",
+                store,
+                "--executor",
+                "local",
+                "--shards",
+                shard,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_s3_env(s3),
+        )
         for shard in ("0", "1")
     ]
     for run in runs:
@@ -148,8 +193,9 @@ def test_concurrent_runs_on_different_shards_into_one_s3_store(s3, shards_bucket
 
 
 def test_s3_server_down_mid_run_then_back(tmp_path: Path, demo_root: Path) -> None:
-    """The store's S3 server dies after the first commit and comes back: the run fails cleanly (one line, exit 1)
-    or finishes; the same command rerun completes, with every key once."""
+    """The store's S3 server dies after the first commit, while the second shard still needs it, and stays down: the
+    run fails cleanly (one line, exit 1, the first shard committed); with the server back, the same command finishes
+    the rest, with every key once."""
     import time
 
     from tests.s3_server import s3_server
@@ -162,8 +208,23 @@ def test_s3_server_down_mid_run_then_back(tmp_path: Path, demo_root: Path) -> No
         for path in sorted((demo_root / "sa-1b").glob("*.tar")):
             fs.put_file(str(path), f"flaky/shards/{path.name}")
         store = "s3://flaky/store"
-        args = ["cache", "--dataset", "sa-1b", "--source", "s3://flaky/shards", "--store", store, "--executor", "local",
-                "--teacher", "small-random", "--batch-size", "1"]
+        args = [
+            "cache",
+            "--dataset",
+            "sa-1b",
+            "--source",
+            "s3://flaky/shards",
+            "--store",
+            store,
+            "--executor",
+            "local",
+            "--teacher",
+            "small-random",
+            "--batch-size",
+            "1",
+            "--read-retries",
+            "0",
+        ]
         exe = Path(sys.executable).with_name("esam3")
         run = subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_s3_env(server))
         deadline = time.monotonic() + 180
@@ -171,15 +232,16 @@ def test_s3_server_down_mid_run_then_back(tmp_path: Path, demo_root: Path) -> No
             time.sleep(0.05)
         assert run.poll() is None, "the run ended before the server could be killed under it"
         port = server.port
-    # The server is down now (killed); bring it back on the same ports and data after a pause.
-    time.sleep(2)
+    # The server is down now (killed), and stays down until the run has ended: the outage is always hit.
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert "rerun" in err and SECRET not in out + err
     with s3_server(data, port=port) as server:
-        out, err = run.communicate(timeout=600)
-        if run.returncode != 0:
-            assert run.returncode == 1 and "rerun" in err and "Traceback" not in err, err[-2000:]
-        assert SECRET not in out + err
+        assert _ledger_rows(server, store) == 1, "the first shard stayed committed"
         rerun = _esam3([*args, "--json"], _s3_env(server))
         assert rerun.returncode == 0, rerun.stderr
+        report = json.loads(rerun.stdout.strip().splitlines()[-1])
+        assert (report["shards_skipped"], report["shards_committed"]) == (1, 1)
         assert _keys(server, store) == [f"sa1b/{i}" for i in range(1, 7)]
         assert _esam3(["store", "verify", store], _s3_env(server)).returncode == 0
 
@@ -257,8 +319,12 @@ def test_lance_io_errors_count_as_storage_failures() -> None:
     # a scan's error comes through Arrow's reader (seen when the server died during the ledger read after a commit)
     import pyarrow as pa
 
-    assert storage_failed(pa.lib.ArrowInvalid("External error: LanceError(IO): Generic N/A error: LanceError(IO): Generic S3 error: "
-                                              "Error performing GET http://127.0.0.1:1/flaky/store/ledger.lance/data/x.lance"))
+    assert storage_failed(
+        pa.lib.ArrowInvalid(
+            "External error: LanceError(IO): Generic N/A error: LanceError(IO): Generic S3 error: "
+            "Error performing GET http://127.0.0.1:1/flaky/store/ledger.lance/data/x.lance"
+        )
+    )
     assert not storage_failed(pa.lib.ArrowInvalid("External error: schema mismatch\nLanceError(IO) further down"))
 
 

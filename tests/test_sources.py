@@ -137,8 +137,11 @@ def _file_name(jpeg: bytes, record: dict) -> list[tuple[str, bytes]]:
 
 # case -> (make the bad members of image 2, words of the reason, the member blamed)
 SA1B_BAD = {
-    "corrupt JPEG": (lambda j, r: [("sa_2.jpg", b"\xff\xd8 not a jpeg"), ("sa_2.json", json.dumps(r).encode())],
-                     "sa_2.jpg is not a readable JPEG", "sa_2.jpg"),
+    "corrupt JPEG": (
+        lambda j, r: [("sa_2.jpg", b"\xff\xd8 not a jpeg"), ("sa_2.json", json.dumps(r).encode())],
+        "sa_2.jpg is not a readable JPEG",
+        "sa_2.jpg",
+    ),
     "truncated JPEG": (_jpeg_truncated, "sa_2.jpg is not a readable JPEG: Premature end", "sa_2.jpg"),
     "missing JSON": (lambda j, r: [("sa_2.jpg", j)], "sample sa_2 has no .json member", "sa_2.jpg"),
     "missing JPEG": (lambda j, r: [("sa_2.json", json.dumps(r).encode())], "sample sa_2 has no .jpg member", "sa_2.json"),
@@ -161,7 +164,9 @@ def test_sa1b_bad_sample_is_a_failure(tmp_path: Path, case: str) -> None:
     members = []
     for image_id in (1, 2, 3):
         jpeg, record = _good_sa1b(image_id)
-        members += make(jpeg, record) if image_id == 2 else [(f"sa_{image_id}.jpg", jpeg), (f"sa_{image_id}.json", json.dumps(record).encode())]
+        members += (
+            make(jpeg, record) if image_id == 2 else [(f"sa_{image_id}.jpg", jpeg), (f"sa_{image_id}.json", json.dumps(record).encode())]
+        )
     write_tar(tmp_path / "sa_000004.tar", members)
     samples, failures = _split(list(SA1BSource(str(tmp_path)).iter_samples("4")))
     assert [s.key for s in samples] == ["sa1b/1", "sa1b/3"]
@@ -209,8 +214,7 @@ def test_damaged_tar_keeps_earlier_samples(tmp_path: Path, damage: str, keys: li
         "cut at a sample boundary": data[: at["sa_3.jpg"][0]],
         "cut inside a header": data[: at["sa_3.jpg"][0] + 200],
         "garbage header mid-archive": data[: at["sa_2.json"][0]] + b"\x07" * 512 + data[at["sa_2.json"][0] + 512 :],
-        "no end-of-archive marker": data[:end_of_data].rstrip(b"\0")
-        + b"\0" * (-len(data[:end_of_data].rstrip(b"\0")) % 512),
+        "no end-of-archive marker": data[:end_of_data].rstrip(b"\0") + b"\0" * (-len(data[:end_of_data].rstrip(b"\0")) % 512),
     }[damage]
     path.write_bytes(broken)
     samples, failures = _split(list(SA1BSource(str(tmp_path)).iter_samples("0")))
@@ -320,16 +324,24 @@ def _other_rate(parts, record):
 
 
 SAV_BAD = {
-    "unreadable mp4": (lambda p, r: [(p[0][0], b"\x00\x00\x00\x18ftypmp42 garbage"), p[1]],
-                       "sav_000002.mp4: not a readable video", "sav_000/sav_000002.mp4"),
-    "truncated mp4": (lambda p, r: [(p[0][0], p[0][1][: len(p[0][1]) // 3]), p[1]],
-                      "sav_000002.mp4: not a readable video", "sav_000/sav_000002.mp4"),
+    "unreadable mp4": (
+        lambda p, r: [(p[0][0], b"\x00\x00\x00\x18ftypmp42 garbage"), p[1]],
+        "sav_000002.mp4: not a readable video",
+        "sav_000/sav_000002.mp4",
+    ),
+    "truncated mp4": (
+        lambda p, r: [(p[0][0], p[0][1][: len(p[0][1]) // 3]), p[1]],
+        "sav_000002.mp4: not a readable video",
+        "sav_000/sav_000002.mp4",
+    ),
     "missing JSON": (lambda p, r: [p[0]], "sample sav_000002 has no _manual.json member", "sav_000/sav_000002.mp4"),
     "JSON not valid": (lambda p, r: [p[0], (p[1][0], b"\x00\x01")], "is not valid JSON", "sav_000/sav_000002_manual.json"),
-    "frame count does not match the video": (_extra_frames, "has 24 frames but its JSON video_frame_count is 32",
-                                             "sav_000/sav_000002.mp4"),
-    "masklet frame count": (_masklet_short, "masklet has 5 annotated frames but video_frame_count 24 implies 6",
-                            "sav_000/sav_000002_manual.json"),
+    "frame count does not match the video": (_extra_frames, "has 24 frames but its JSON video_frame_count is 32", "sav_000/sav_000002.mp4"),
+    "masklet frame count": (
+        _masklet_short,
+        "masklet has 5 annotated frames but video_frame_count 24 implies 6",
+        "sav_000/sav_000002_manual.json",
+    ),
     "masklet RLE": (_masklet_rle, "masklet[2][0] (object 0): bad RLE", "sav_000/sav_000002_manual.json"),
     "video_id mismatch": (_video_id, "JSON video_id 'sav_000009' does not match", "sav_000/sav_000002_manual.json"),
     "video size differs from JSON": (_other_size, "frame 0 is 160x128 but the JSON says 162x128", "sav_000/sav_000002.mp4"),
@@ -352,8 +364,7 @@ def test_resolution_change_mid_stream_is_caught(monkeypatch: pytest.MonkeyPatch)
     guesses 25 fps), so the rate check is aligned to that guess to reach the per-frame size check."""
     from esam3.pipeline import sources
 
-    data = b"".join(encode_h264([np.zeros(size, np.uint8)] * 6, 24, container_format="h264")
-                    for size in ((128, 160, 3), (96, 128, 3)))
+    data = b"".join(encode_h264([np.zeros(size, np.uint8)] * 6, 24, container_format="h264") for size in ((128, 160, 3), (96, 128, 3)))
     monkeypatch.setattr(sources, "SAV_FPS", 25)
     with pytest.raises(sources.SampleError, match="frame 6 is 128x96 but the JSON says 160x128"):
         sources._decode_video(data, (128, 160), 4, None)

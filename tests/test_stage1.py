@@ -30,8 +30,16 @@ def test_stage1_learns_from_the_store_alone_and_logs_it(sa1b_store: Path, tmp_pa
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     reports = []
-    config = Stage1Config(store=str(sa1b_store), out=tmp_path / "run", steps=8, checkpoint_every=4, log_every=2, gt_weight=0.5, max_prompts=4,
-                          **{**BASE, "batch_size": 6})  # the whole train split every step: the loss must fall
+    config = Stage1Config(
+        store=str(sa1b_store),
+        out=tmp_path / "run",
+        steps=8,
+        checkpoint_every=4,
+        log_every=2,
+        gt_weight=0.5,
+        max_prompts=4,
+        **{**BASE, "batch_size": 6},
+    )  # the whole train split every step: the loss must fall
     result = run_stage1(config, on_step=reports.append)
     assert [r.step for r in reports] == list(range(1, 9)) and result.steps == 8 and result.train_rows == 6
     first, last = reports[0].terms, reports[-1].terms
@@ -45,8 +53,18 @@ def test_stage1_learns_from_the_store_alone_and_logs_it(sa1b_store: Path, tmp_pa
     assert saved["config"]["gt_weight"] == 0.5 and {"torch", "timm", "transformers", "lance", "esam3"} <= set(saved["versions"])
     events = EventAccumulator(str(config.out / "tensorboard")).Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"loss/mse", "loss/cosine", "loss/mask_bce", "loss/mask_dice", "loss/iou_l1", "loss/total", "train/lr",
-            "train/grad_norm", "train/samples_per_sec", "train/data_wait_share"} <= scalars
+    assert {
+        "loss/mse",
+        "loss/cosine",
+        "loss/mask_bce",
+        "loss/mask_dice",
+        "loss/iou_l1",
+        "loss/total",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_sec",
+        "train/data_wait_share",
+    } <= scalars
     assert [e.step for e in events.Scalars("loss/total")] == [2, 4, 6, 8]
     assert events.Tags()["images"] == ["masks/input_teacher_student"]
 
@@ -112,8 +130,10 @@ def test_lr_warms_up_then_follows_the_cosine() -> None:
 def bare_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One demo shard cached with trunk targets only and no inputs."""
     root = tmp_path_factory.mktemp("bare") / "store"
-    run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), shards="0", store=str(root), targets=("trunk",),
-                          inputs="none"), executor="local")
+    run_cache(
+        CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), shards="0", store=str(root), targets=("trunk",), inputs="none"),
+        executor="local",
+    )
     return root
 
 
@@ -126,28 +146,35 @@ def test_the_cli_refuses_stores_a_student_cannot_train_from(bare_store: Path, tm
     assert result.exit_code == 2 and "--inputs none" in result.output and "re-cache with --inputs store" in result.output
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--steps", "2", "--epochs", "1"], "give --steps or --epochs, not both"),
-    (["--student", "es-xx-m"], "--student: unknown student 'es-xx-m'"),
-    (["--warmup", "1.5"], "--warmup: Input should be less than 1"),
-    (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
-    (["--prompt-weight", "0", "--iou-weight", "0", "--feature-weight", "0", "--cosine-weight", "0"], "every loss weight is 0"),
-    (["--lr", "1e-6", "--min-lr", "1e-5"], "min_lr 1e-05 is above lr 1e-06"),
-    (["--version", "3", "--tag", "x"], "give --version or --tag, not both"),
-    (["--s3-endpoint", "http://user:pw@host:1"], "--s3-endpoint: expected http(s)://HOST[:PORT]"),
-    (["--batch-size", "8"], "fewer than one step of 8 x 1"),
-    (["--workers", "0"], "--workers: Input should be greater than or equal to 1"),
-    (["--address", "ray://head:10001"], "Ray Client (ray://) cannot run Ray Train"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "2", "--epochs", "1"], "give --steps or --epochs, not both"),
+        (["--student", "es-xx-m"], "--student: unknown student 'es-xx-m'"),
+        (["--warmup", "1.5"], "--warmup: Input should be less than 1"),
+        (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
+        (["--prompt-weight", "0", "--iou-weight", "0", "--feature-weight", "0", "--cosine-weight", "0"], "every loss weight is 0"),
+        (["--lr", "1e-6", "--min-lr", "1e-5"], "min_lr 1e-05 is above lr 1e-06"),
+        (["--version", "3", "--tag", "x"], "give --version or --tag, not both"),
+        (["--s3-endpoint", "http://user:pw@host:1"], "--s3-endpoint: expected http(s)://HOST[:PORT]"),
+        (["--batch-size", "8"], "fewer than one step of 8 x 1"),
+        (["--workers", "0"], "--workers: Input should be greater than or equal to 1"),
+        (["--address", "ray://head:10001"], "Ray Client (ray://) cannot run Ray Train"),
+    ],
+)
 def test_stage1_flags_are_checked(sa1b_store: Path, tmp_path: Path, flags: list[str], message: str) -> None:
-    result = CliRunner().invoke(app, ["train", "stage1", "--store", str(sa1b_store), "--out", str(tmp_path / "r"), "--val-percent", "0", *flags])
+    result = CliRunner().invoke(
+        app, ["train", "stage1", "--store", str(sa1b_store), "--out", str(tmp_path / "r"), "--val-percent", "0", *flags]
+    )
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
 
 
 def test_the_cli_reads_a_config_file_and_flags_win(sa1b_store: Path, tmp_path: Path) -> None:
     config = tmp_path / "stage1.toml"
-    config.write_text(f'store = "{sa1b_store}"\nstudent = "es-rv-s"\nbatch-size = 2\nsteps = 5\nval_percent = 0\nloader_workers = 0\nlr = 1e-3\n')
+    config.write_text(
+        f'store = "{sa1b_store}"\nstudent = "es-rv-s"\nbatch-size = 2\nsteps = 5\nval_percent = 0\nloader_workers = 0\nlr = 1e-3\n'
+    )
     result = CliRunner().invoke(app, ["train", "stage1", "--config", str(config), "--out", str(tmp_path / "run"), "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     line = json.loads(result.output.strip().splitlines()[-1])
@@ -180,11 +207,14 @@ def test_two_ray_train_workers_take_the_steps_of_one_worker_with_their_joint_bat
 
     def outputs(run: Path) -> torch.Tensor:
         with torch.no_grad():
-            return StudentModel.from_checkpoint(run).trunk(torch.arange(2 * 3 * 112 * 112).reshape(2, 3, 112, 112).remainder(251).to(torch.uint8))
+            return StudentModel.from_checkpoint(run).trunk(
+                torch.arange(2 * 3 * 112 * 112).reshape(2, 3, 112, 112).remainder(251).to(torch.uint8)
+            )
 
     reference = outputs(tmp_path / "one")
     assert float((outputs(tmp_path / "two") - reference).norm() / reference.norm()) < 1e-3
     assert float((outputs(tmp_path / "alone") - reference).norm() / reference.norm()) > 1e-2
+
     def distance(run: TrainResult) -> torch.Tensor:
         a, b = weights(one.checkpoint), weights(run.checkpoint)
         return torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in a if a[k].is_floating_point()])

@@ -51,8 +51,9 @@ def test_cleanup_removes_old_versions_and_orphans_and_keeps_the_rows(cached: Pat
     victim = keys_before[0]
     store.dataset("images").delete(f"key = '{victim}'")  # a new version; the old one still references the row
     rows = StoreRows(store, "images").where(condition=f"key = '{keys_before[1]}'")
-    orphan = write_fragments(pa.Table.from_pylist(rows, schema=IMAGES), str(images), schema=IMAGES,
-                             data_storage_version=LANCE_FILE_VERSION)  # written, never committed
+    orphan = write_fragments(
+        pa.Table.from_pylist(rows, schema=IMAGES), str(images), schema=IMAGES, data_storage_version=LANCE_FILE_VERSION
+    )  # written, never committed
     stem = orphan[0].files[0].path.removesuffix(".lance")  # its data file, and its blob files if any
     orphan_files = {p for p in _files(images) if stem in str(p)}
     assert orphan_files
@@ -69,7 +70,9 @@ def test_cleanup_removes_old_versions_and_orphans_and_keeps_the_rows(cached: Pat
     report = json.loads(kept.output)
     # every version but the latest (the delete) and the newest snapshot, which trainers read; older snapshots dropped
     newest = snapshots(store, "images")
-    assert [snapshot_rows(store, "images", s) for s in newest] == [len(keys_before)] and report["tables"]["images"]["snapshots_removed"] == 1
+    assert [snapshot_rows(store, "images", s) for s in newest] == [len(keys_before)] and report["tables"]["images"][
+        "snapshots_removed"
+    ] == 1
     assert report["tables"]["images"]["old_versions"] == versions_before - 2 and report["tables"]["images"]["versions_left"] == 2
     assert report["total"]["bytes_removed"] > 0
     assert all(p.exists() for p in orphan_files)  # younger than 7 days: could be a commit in flight

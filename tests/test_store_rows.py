@@ -170,12 +170,16 @@ def test_verify_and_show_report_a_missing_data_file(stores: dict[str, Path], tmp
 
     store_path = tmp_path / "store"
     shutil.copytree(stores["images"], store_path)
-    holding = next(f for f in lance.dataset(str(store_path / "images.lance")).get_fragments()
-                   if f.to_table(columns=["key"], filter="key = 'sa1b/1'").num_rows)  # the first fragment: shard 0's rows
+    holding = next(
+        f
+        for f in lance.dataset(str(store_path / "images.lance")).get_fragments()
+        if f.to_table(columns=["key"], filter="key = 'sa1b/1'").num_rows
+    )  # the first fragment: shard 0's rows
     (store_path / "images.lance" / "data" / holding.data_files()[0].path).unlink()
     report = verify_store(Store(str(store_path)))
-    assert not report.ok and any(p.startswith(f"images: fragment {holding.fragment_id} (3 rows) cannot be read") and "Not found" in p
-                                 for p in report.problems), report.problems
+    assert not report.ok and any(
+        p.startswith(f"images: fragment {holding.fragment_id} (3 rows) cannot be read") and "Not found" in p for p in report.problems
+    ), report.problems
     assert report.damaged_shards == {"images": ["sa_000000.tar"]} and report.lost_fragments == {"images": [holding.fragment_id]}
     shown = CliRunner().invoke(app, ["store", "show", str(store_path), "sa1b/1", "--out", str(tmp_path / "row.png")])
     assert shown.exit_code == 2 and "cannot read images" in shown.output and shown.exception.__class__ is SystemExit

@@ -88,7 +88,9 @@ def test_prompt_draws_are_seeded_and_capped() -> None:
 
 
 def test_total_loss_weights_each_term() -> None:
-    terms = {k: torch.tensor(v) for k, v in dict(mse=2.0, cosine=0.5, mask_bce=0.25, mask_dice=0.75, iou_l1=0.1, gt_bce=1.0, gt_dice=1.0).items()}
+    terms = {
+        k: torch.tensor(v) for k, v in dict(mse=2.0, cosine=0.5, mask_bce=0.25, mask_dice=0.75, iou_l1=0.1, gt_bce=1.0, gt_dice=1.0).items()
+    }
     weights = LossWeights(feature=0.5, cosine=2.0, prompt=3.0, iou=10.0, gt=0.5)
     assert float(total_loss(terms, weights)) == pytest.approx(0.5 * 2 + 2 * 0.5 + 3 * 1.0 + 10 * 0.1 + 0.5 * 2.0)
     assert not LossWeights(prompt=0, iou=0, gt=0).needs_prompts

@@ -27,15 +27,28 @@ IMAGES = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((150, 230, 3
 def prompt_set(size: int) -> PromptSet:
     """Five prompts covering every shape: 1 click, click + negative, box, box + click, click + 2 negatives."""
     points = np.array(
-        [[[50, 60], [0, 0], [0, 0]], [[20, 30], [70, 80], [0, 0]], [[0, 0]] * 3, [[40, 40], [0, 0], [0, 0]],
-         [[10, 10], [90, 90], [100, 20]]], np.float32,
+        [
+            [[50, 60], [0, 0], [0, 0]],
+            [[20, 30], [70, 80], [0, 0]],
+            [[0, 0]] * 3,
+            [[40, 40], [0, 0], [0, 0]],
+            [[10, 10], [90, 90], [100, 20]],
+        ],
+        np.float32,
     )
     labels = np.array([[1, -1, -1], [1, 0, -1], [-1, -1, -1], [1, -1, -1], [1, 0, 0]], np.int8)
     boxes = np.full((5, 4), np.nan, np.float32)
     boxes[2], boxes[3] = [10, 20, 60, 90], [30, 30, 80, 70]
     return PromptSet(
-        mask_index=np.arange(5, dtype=np.int32), kinds=np.zeros(5, np.int8), points=points, labels=labels, boxes=boxes,
-        points_model=points, boxes_model=boxes, image_size=(size, size), model_size=size,
+        mask_index=np.arange(5, dtype=np.int32),
+        kinds=np.zeros(5, np.int8),
+        points=points,
+        labels=labels,
+        boxes=boxes,
+        points_model=points,
+        boxes_model=boxes,
+        image_size=(size, size),
+        model_size=size,
     )
 
 
@@ -123,9 +136,25 @@ def test_prompt_targets_from_sampled_prompts_and_empty(tiny_teacher: Sam3Teacher
     trunk = tiny_teacher.image_targets([image]).trunk
     out = tiny_teacher.prompt_targets(trunk, prompts)
     assert out.multi.shape[0] == len(prompts) == 6 and torch.isfinite(out.multi).all()
-    empty = tiny_teacher.prompt_targets(trunk, PromptSet(*(np.zeros((0, *a.shape[1:]), a.dtype) for a in (
-        prompts.mask_index, prompts.kinds, prompts.points, prompts.labels, prompts.boxes, prompts.points_model,
-        prompts.boxes_model)), image_hw, size))
+    empty = tiny_teacher.prompt_targets(
+        trunk,
+        PromptSet(
+            *(
+                np.zeros((0, *a.shape[1:]), a.dtype)
+                for a in (
+                    prompts.mask_index,
+                    prompts.kinds,
+                    prompts.points,
+                    prompts.labels,
+                    prompts.boxes,
+                    prompts.points_model,
+                    prompts.boxes_model,
+                )
+            ),
+            image_hw,
+            size,
+        ),
+    )
     assert empty.multi.shape == (0, 3, tiny_teacher.geometry.mask_size, tiny_teacher.geometry.mask_size)
     wrong = PromptSet(**{**prompts.__dict__, "model_size": size * 2})
     with pytest.raises(ValueError, match="frame"):
@@ -207,7 +236,10 @@ def test_a_prefix_of_a_video_gets_the_targets_of_a_whole_video_run(tiny_teacher:
     # the difference is there to see: the same prefix in a session of 3 frames moves frame 2's memory-conditioned map
     frames = annotated_masks(video, 3)
     prompts = object_prompts(video.key, frames, video.record.masklet_id, tiny_teacher.geometry.image_size, VideoTargetConfig(prompt=kind))
-    trunks = [tiny_teacher.trunk_features(normalize(resize_uint8(video.frames[p], tiny_teacher.geometry.image_size)[None]))[0][None] for p, _ in frames]
+    trunks = [
+        tiny_teacher.trunk_features(normalize(resize_uint8(video.frames[p], tiny_teacher.geometry.image_size)[None]))[0][None]
+        for p, _ in frames
+    ]
     short = [outputs for _, outputs in track(tiny_teacher.heads, iter(trunks), 3, prompts, tiny_teacher.device)]
     tracked = [i for i, c in enumerate(short[2]["conditioned"]) if c is not None]
     assert tracked and not torch.allclose(short[2]["conditioned"][tracked[0]][0].float(), prefix[2].pix_feat_with_mem[tracked[0]])
@@ -298,10 +330,16 @@ def test_video_prompts_follow_the_ground_truth(video) -> None:
                 np.testing.assert_allclose(prompt.points + 0.5, [[x0 * sx, y0 * sy], [x1 * sx, y1 * sy]], rtol=1e-5)
                 assert prompt.labels.tolist() == [2, 3]
             else:  # SAM3's video processor resize: antialiased bilinear, then >= 0.5
-                expected = torch.nn.functional.interpolate(
-                    torch.from_numpy(runs.to_mask().astype(np.float32))[None, None], size=(size, size),
-                    mode="bilinear", align_corners=False, antialias=True,
-                )[0, 0] >= 0.5
+                expected = (
+                    torch.nn.functional.interpolate(
+                        torch.from_numpy(runs.to_mask().astype(np.float32))[None, None],
+                        size=(size, size),
+                        mode="bilinear",
+                        align_corners=False,
+                        antialias=True,
+                    )[0, 0]
+                    >= 0.5
+                )
                 np.testing.assert_array_equal(prompt.mask, expected.float().numpy())
                 assert prompt.mask.sum() > 0
 

@@ -149,7 +149,13 @@ def test_full_size_geometry_is_read_from_sam3s_default_config() -> None:
 
     geometry = Geometry.from_config(random_config("full-random"))
     assert geometry == Geometry(
-        image_size=1008, patch_size=14, grid=72, trunk_width=1024, hidden=256, mask_size=288, memory_channels=64,
+        image_size=1008,
+        patch_size=14,
+        grid=72,
+        trunk_width=1024,
+        hidden=256,
+        mask_size=288,
+        memory_channels=64,
         neck_sizes=(288, 144, 72),
     )
 

@@ -60,7 +60,9 @@ def test_frozen_steps_give_back_the_cached_targets(clips: ClipDataset, oracle_tr
         # conditioning frames: the mask prompt rebuilt from the ground truth -> the cached memory
         rows, slots = batch["cond_row"], batch["cond_slot"]
         assert len(rows) >= 3
-        out = tracker.heads.tracker_model._use_mask_as_output(level.top[rows], [h[rows] for h in level.high_res], batch["cond_masks"][:, None])
+        out = tracker.heads.tracker_model._use_mask_as_output(
+            level.top[rows], [h[rows] for h in level.high_res], batch["cond_masks"][:, None]
+        )
         memory = tracker.encode_memory(level, rows, out.high_res_masks, out.object_score_logits.reshape(-1), tracker.binarized(batch, rows))
         assert ref.close(memory, batch["maskmem_features"][rows, slots], rel=2e-2)
         # tracked frames: the teacher's memory-conditioned map through the frozen decoder -> the cached outputs
@@ -90,8 +92,9 @@ def student_tracker(sav_store: Path) -> StudentTracker:
     heads = load_store_heads(Store(str(sav_store)))
     g = heads.geometry
     torch.manual_seed(0)
-    return StudentTracker(Student(StudentSpec("es-ev-s", g.trunk_width, g.grid, g.image_size)), heads,
-                          StudentMemory(memory_spec(heads.config, MemoryOptions)))
+    return StudentTracker(
+        Student(StudentSpec("es-ev-s", g.trunk_width, g.grid, g.image_size)), heads, StudentMemory(memory_spec(heads.config, MemoryOptions))
+    )
 
 
 def test_a_clip_starting_mid_video_reads_the_teachers_memory_before_it(clips: ClipDataset) -> None:
@@ -140,8 +143,10 @@ def test_tracked_objects_batched_together_each_read_their_own_memories(clips: Cl
     torch.manual_seed(3)
 
     def memory(start: int) -> dict[int, _Memory]:
-        return {start: _Memory(torch.randn(tracker.spec.tokens_per_frame, d), torch.randn(128), True),
-                start + 7: _Memory(torch.randn(tracker.spec.tokens_per_frame, d), torch.randn(128), False)}
+        return {
+            start: _Memory(torch.randn(tracker.spec.tokens_per_frame, d), torch.randn(128), True),
+            start + 7: _Memory(torch.randn(tracker.spec.tokens_per_frame, d), torch.randn(128), False),
+        }
 
     memories = {0: memory(0), 1: memory(8)}
     assert tracker._selection(memories[0], 8)[2] == tracker._selection(memories[1], 16)[2]
@@ -150,6 +155,8 @@ def test_tracked_objects_batched_together_each_read_their_own_memories(clips: Cl
         frame = _Frame(batch, level, 0, 1, {0: True, 1: True}, {})
         selections = [tracker._selection(memories[0], 8), tracker._selection(memories[1], 16)]
         together = tracker._track(frame, [(0, 0, 0), (1, 1, 0)], selections, memories, True)
-        alone = [tracker._track(frame, [entry], [selection], memories, True) for entry, selection in zip([(0, 0, 0), (1, 1, 0)], selections)]
+        alone = [
+            tracker._track(frame, [entry], [selection], memories, True) for entry, selection in zip([(0, 0, 0), (1, 1, 0)], selections)
+        ]
     for k, one in enumerate(alone):
         assert torch.allclose(together.conditioned[k], one.conditioned[0], atol=1e-5)

@@ -28,8 +28,22 @@ from esam3.train.video_model import VideoStudentModel
 @pytest.fixture(scope="module")
 def stage2_run(sav_store: Path, stage1_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stage2") / "run"
-    run_stage2(Stage2Config(store=str(sav_store), out=out, init=stage1_run, steps=2, batch_size=2, clip_length=3, loader_workers=0,
-                            val_percent=0, global_latents=4, perceiver_depth=1, memory_layers=1, memory_ffn=128))
+    run_stage2(
+        Stage2Config(
+            store=str(sav_store),
+            out=out,
+            init=stage1_run,
+            steps=2,
+            batch_size=2,
+            clip_length=3,
+            loader_workers=0,
+            val_percent=0,
+            global_latents=4,
+            perceiver_depth=1,
+            memory_layers=1,
+            memory_ffn=128,
+        )
+    )
     return out
 
 
@@ -76,8 +90,18 @@ def test_store_eval_scores_the_teachers_own_masks_as_a_perfect_match(stage2_run:
     def teacher(batch, clip_length, objects, forcing, generator=None):  # the cached teacher outputs of every tracked frame
         rows, slots = torch.nonzero(batch["object_valid"] & ~batch["is_conditioning"], as_tuple=True)
         k = len(rows)
-        return [Decoded(rows, slots, torch.zeros_like(rows), batch["mask_logits"][rows, slots][:, None], torch.zeros(k, 1),
-                        batch["object_score"][rows, slots], torch.zeros(k, dtype=torch.long), batch["pix_feat_with_mem"][rows, slots])]
+        return [
+            Decoded(
+                rows,
+                slots,
+                torch.zeros_like(rows),
+                batch["mask_logits"][rows, slots][:, None],
+                torch.zeros(k, 1),
+                batch["object_score"][rows, slots],
+                torch.zeros(k, dtype=torch.long),
+                batch["pix_feat_with_mem"][rows, slots],
+            )
+        ]
 
     monkeypatch.setattr(model.tracker, "forward", teacher)
     perfect = evaluate_video_store(model, split="all")
@@ -142,21 +166,59 @@ def test_eval_export_and_predict_on_the_cli(stage2_run: Path, stage1_run: Path, 
     first_mask = next((davis / "Annotations").iterdir()) / "00000.png"
     for prompt in (["--mask", str(first_mask)], ["--point", "80,64"], ["--box", "40,30,120,100"]):
         out = tmp_path / f"strip-{prompt[0][2:]}.png"
-        result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), *prompt, "--out", str(out),
-                                     "--max-frames", "12", "--json"])
+        result = runner.invoke(
+            app,
+            [
+                "predict",
+                "--model",
+                str(tmp_path / "model"),
+                "--video",
+                str(mp4),
+                *prompt,
+                "--out",
+                str(out),
+                "--max-frames",
+                "12",
+                "--json",
+            ],
+        )
         assert result.exit_code == 0, result.output
         line = json.loads(result.output.strip().splitlines()[-1])
         assert line["frames"] == 12 and len(line["objects"]) >= 1 and len(line["objects"][0]["masks"]) == 12
         assert out.is_file() and Image.open(out).size[0] > Image.open(out).size[1]  # a strip of frames
         assert line["ms_per_frame"] > 0 and line["sam3_ms_per_frame"] is None
-    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), "--point", "80,64", "--max-frames", "3", "--vs-sam3", "--out", str(tmp_path / "s.png")])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            str(tmp_path / "model"),
+            "--video",
+            str(mp4),
+            "--point",
+            "80,64",
+            "--max-frames",
+            "3",
+            "--vs-sam3",
+            "--out",
+            str(tmp_path / "s.png"),
+        ],
+    )
     assert result.exit_code == 0 and "SAM3's tracker at the same input size (112 px" in " ".join(result.output.split()), result.output
-    for args, message in (([], "--point"), (["--mask", str(first_mask), "--strip", "0"], "--strip must be at least 1"),
-                          (["--mask", str(first_mask), "--max-frames", "0"], "--max-frames must be at least 1"),
-                          (["--mask", str(tmp_path / "none.png")], "not a readable PNG")):
-        result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), "--out", str(tmp_path / "x.png"), *args])
+    for args, message in (
+        ([], "--point"),
+        (["--mask", str(first_mask), "--strip", "0"], "--strip must be at least 1"),
+        (["--mask", str(first_mask), "--max-frames", "0"], "--max-frames must be at least 1"),
+        (["--mask", str(tmp_path / "none.png")], "not a readable PNG"),
+    ):
+        result = runner.invoke(
+            app, ["predict", "--model", str(tmp_path / "model"), "--video", str(mp4), "--out", str(tmp_path / "x.png"), *args]
+        )
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
-    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "model"), "--image", str(mp4), "--mask", str(first_mask), "--out", str(tmp_path / "x.png")])
+    result = runner.invoke(
+        app,
+        ["predict", "--model", str(tmp_path / "model"), "--image", str(mp4), "--mask", str(first_mask), "--out", str(tmp_path / "x.png")],
+    )
     assert result.exit_code == 2 and "--mask prompts a video's first frame" in result.output
 
 

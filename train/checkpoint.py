@@ -61,7 +61,12 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
 
 
 def save_checkpoint(
-    run: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainerState, config: dict[str, Any], keep: int,
+    run: Path,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    config: dict[str, Any],
+    keep: int,
 ) -> Path:
     """Write checkpoint ``step-<step>`` under ``run``, point ``latest`` at it, keep the newest ``keep``.
 
@@ -111,7 +116,9 @@ def latest_checkpoint(run: Path) -> Path | None:
         return None
     target = run / CHECKPOINTS / pointer.read_text().strip()
     if not (target / STUDENT_WEIGHTS).is_file():
-        raise CheckpointError(f"{pointer} names {target.name}, which is missing or incomplete; restore it, or point {LATEST} at an older step folder")
+        raise CheckpointError(
+            f"{pointer} names {target.name}, which is missing or incomplete; restore it, or point {LATEST} at an older step folder"
+        )
     return target
 
 

@@ -42,8 +42,11 @@ def prompt_tensors(prompts: Sequence[ObjectPrompt], size: int, device: torch.dev
     """Conditioning prompts as the tracker reads them: ``cond_masks`` (K, S, S) for mask prompts, ``cond_points``
     (K, 2, 2) / ``cond_labels`` (K, 2; ``PAD_LABEL`` for an empty slot) for clicks and boxes."""
     k = len(prompts)
-    out = {"cond_masks": torch.zeros(k, size, size, device=device), "cond_points": torch.zeros(k, 2, 2, device=device),
-           "cond_labels": torch.full((k, 2), PAD_LABEL, dtype=torch.long, device=device)}
+    out = {
+        "cond_masks": torch.zeros(k, size, size, device=device),
+        "cond_points": torch.zeros(k, 2, 2, device=device),
+        "cond_labels": torch.full((k, 2), PAD_LABEL, dtype=torch.long, device=device),
+    }
     for j, prompt in enumerate(prompts):
         if prompt.mask is not None:
             out["cond_masks"][j] = torch.as_tensor(prompt.mask, dtype=torch.float32, device=device)

@@ -46,8 +46,19 @@ class StudentDemo:
 def demo_student(store: Path, sa1b: Path, out: Path, on_step: Callable[[StepReport], None] | None = None) -> StudentDemo:
     """Train ``DEMO_STEPS`` stage-1 steps from ``store`` into ``out/stage1``, then eval, export to ``out/model``,
     COCO-eval on the demo images (``out/coco``) and draw one prediction into ``out/predict.png``."""
-    config = Stage1Config(store=str(store), out=out / "stage1", student=DEMO_STUDENT, steps=DEMO_STEPS, batch_size=4, lr=2e-3,
-                          val_percent=25, checkpoint_every=10, log_every=5, loader_workers=1, resume=True)
+    config = Stage1Config(
+        store=str(store),
+        out=out / "stage1",
+        student=DEMO_STUDENT,
+        steps=DEMO_STEPS,
+        batch_size=4,
+        lr=2e-3,
+        val_percent=25,
+        checkpoint_every=10,
+        log_every=5,
+        loader_workers=1,
+        resume=True,
+    )
     trained = run_stage1(config, on_step=on_step)
     student = StudentModel.from_checkpoint(config.out)
     report = evaluate_store(student, split="val")
@@ -84,9 +95,22 @@ def demo_video_student(store: Path, sav: Path, out: Path, on_step: Callable[[Ste
     """Train ``DEMO_STAGE2_STEPS`` stage-2 steps from ``out/stage1`` into ``out/stage2``, J&F on the demo's videos,
     export to ``out/video-model`` and track the first demo video's objects (from its first frame's masks) into
     ``out/predict-video.png`` (the same calls as ``esam3 predict --video``)."""
-    config = Stage2Config(store=str(store), out=out / "stage2", init=out / "stage1", steps=DEMO_STAGE2_STEPS, batch_size=2,
-                          clip_length=4, val_percent=0, global_latents=16, memory_ffn=512, lr=1e-3, checkpoint_every=5, log_every=5,
-                          loader_workers=1, resume=True)
+    config = Stage2Config(
+        store=str(store),
+        out=out / "stage2",
+        init=out / "stage1",
+        steps=DEMO_STAGE2_STEPS,
+        batch_size=2,
+        clip_length=4,
+        val_percent=0,
+        global_latents=16,
+        memory_ffn=512,
+        lr=1e-3,
+        checkpoint_every=5,
+        log_every=5,
+        loader_workers=1,
+        resume=True,
+    )
     trained = run_stage2(config, on_step=on_step)
     student = VideoStudentModel.from_checkpoint(config.out)
     report = evaluate_video_store(student, split="all")  # the demo has 2 videos: both are trained on and scored
@@ -99,7 +123,9 @@ def demo_video_student(store: Path, sav: Path, out: Path, on_step: Callable[[Ste
     tracks = model.track(pixels, prompts)
     ms = 1000 * (time.perf_counter() - started) / len(pixels)
     chosen = {t: frames[t] for t in strip_indices(len(pixels), 8)}
-    draw_video_strip(chosen, {t: tracks.frame_masks(t, *size) for t in chosen}, np.zeros((0, 2)), np.zeros((0, 4))).save(out / "predict-video.png", format="PNG")
+    draw_video_strip(chosen, {t: tracks.frame_masks(t, *size) for t in chosen}, np.zeros((0, 2)), np.zeros((0, 4))).save(
+        out / "predict-video.png", format="PNG"
+    )
     sam3 = sam3_frame_ms(model.heads.config, model.memory.spec) * len(prompts)  # SAM3 tracks each object on its own
     return VideoDemo(trained, report, exported, describe(model.memory.spec), out / "predict-video.png", ms, len(pixels), sam3)
 

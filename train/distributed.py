@@ -98,7 +98,9 @@ def _worker(loop: dict[str, Any]) -> None:
     wrap = functools.partial(_ddp, find_unused=loop["stage"] == "stage2")
     result = run(config, on_step=report if rank == 0 else None, rank=rank, world_size=world, wrap=wrap, device=get_device())
     if rank == 0:
-        queue.put({"result": {**asdict(result), "out": str(result.out), "checkpoint": str(result.checkpoint) if result.checkpoint else None}})
+        queue.put(
+            {"result": {**asdict(result), "out": str(result.out), "checkpoint": str(result.checkpoint) if result.checkpoint else None}}
+        )
 
 
 def train_on_ray(config: TrainerConfig, on_step: Callable[[StepReport], None] | None = None) -> TrainResult:
@@ -117,7 +119,9 @@ def train_on_ray(config: TrainerConfig, on_step: Callable[[StepReport], None] | 
         gpus, cpus_total = resources.get("GPU", 0), resources.get("CPU", 1)
         use_gpu = config.device.value == "cuda" or (config.device.value == "auto" and gpus > 0)
         if use_gpu and gpus < config.workers:
-            raise TrainError(f"--workers {config.workers} with GPUs: the Ray cluster has {gpus:g} GPU(s); use --workers {int(gpus)} or --device cpu")
+            raise TrainError(
+                f"--workers {config.workers} with GPUs: the Ray cluster has {gpus:g} GPU(s); use --workers {int(gpus)} or --device cpu"
+            )
         share = cpus_total // config.workers
         if share < 1:
             raise TrainError(f"--workers {config.workers}: the Ray cluster has {cpus_total:g} CPU(s), fewer than one per worker")

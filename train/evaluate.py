@@ -57,7 +57,11 @@ class StoreEval:
 
 
 def eval_source(
-    model: StudentModel, store_uri: str | None, version: int | None, val_percent: float | None, s3_endpoint: str | None,
+    model: StudentModel,
+    store_uri: str | None,
+    version: int | None,
+    val_percent: float | None,
+    s3_endpoint: str | None,
 ) -> tuple[Store, str, int | None, float]:
     """The store, its URI, version and held-out share to evaluate on: as given, else the ones the model was trained on."""
     trained = model.provenance.get("store", {})
@@ -71,17 +75,32 @@ def eval_source(
 
 
 def evaluate_store(
-    model: StudentModel, store_uri: str | None = None, version: int | None = None, split: str = "val",
-    val_percent: float | None = None, batch_size: int = 8, workers: int = 0, s3_endpoint: str | None = None,
+    model: StudentModel,
+    store_uri: str | None = None,
+    version: int | None = None,
+    split: str = "val",
+    val_percent: float | None = None,
+    batch_size: int = 8,
+    workers: int = 0,
+    s3_endpoint: str | None = None,
 ) -> StoreEval:
     """Evaluate on a store split (by default the one the checkpoint was trained from, at its version)."""
     store, uri, version, percent = eval_source(model, store_uri, version, val_percent, s3_endpoint)
     device = next(model.parameters()).device
-    dataset = StoreDataset(store, "images", version=version, split=split, val_percent=percent, fields=("input", "trunk", "prompts", "gt"),
-                           decode_on="device" if device.type == "cuda" else "cpu",
-                           input_size=model.student.spec.image_size if model.student.spec.image_size != model.image_size else None)
+    dataset = StoreDataset(
+        store,
+        "images",
+        version=version,
+        split=split,
+        val_percent=percent,
+        fields=("input", "trunk", "prompts", "gt"),
+        decode_on="device" if device.type == "cuda" else "cpu",
+        input_size=model.student.spec.image_size if model.student.spec.image_size != model.image_size else None,
+    )
     if len(dataset) == 0:
-        raise EvalError(f"the {split} split of {uri} is empty (--val-percent {percent:g}); pass --split all, or a --val-percent that holds rows out")
+        raise EvalError(
+            f"the {split} split of {uri} is empty (--val-percent {percent:g}); pass --split all, or a --val-percent that holds rows out"
+        )
     sampler = EpochSampler(len(dataset), batch_size, shuffle=False)
     sums: dict[str, float] = defaultdict(float)
     kinds: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -100,7 +119,8 @@ def evaluate_store(
             student_mask, teacher_mask = outputs.chosen > 0, teacher_logits > 0
             gt = batch["gt_masks"][outputs.image, outputs.slot]
             values = {
-                "miou_teacher": mask_iou(student_mask, teacher_mask), "miou_gt": mask_iou(student_mask, gt),
+                "miou_teacher": mask_iou(student_mask, teacher_mask),
+                "miou_gt": mask_iou(student_mask, gt),
                 "teacher_miou_gt": mask_iou(teacher_mask, gt),
                 "iou_score_error": (outputs.iou[r, outputs.pick] - teacher_iou[r, outputs.pick]).abs(),
             }
@@ -108,13 +128,23 @@ def evaluate_store(
             for name, per_prompt in values.items():
                 for kind, value in zip(kind_of, per_prompt.float().cpu().tolist()):
                     kinds[PromptKind(kind).label][name].append(value)
-    every = {name: [v for per_kind in kinds.values() for v in per_kind[name]] for name in ("miou_teacher", "miou_gt", "teacher_miou_gt", "iou_score_error")}
+    every = {
+        name: [v for per_kind in kinds.values() for v in per_kind[name]]
+        for name in ("miou_teacher", "miou_gt", "teacher_miou_gt", "iou_score_error")
+    }
     prompts = len(every["miou_teacher"])
     mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
     return StoreEval(
-        split=split, rows=len(dataset), prompts=prompts, feature_mse=sums["mse"] / len(dataset),
-        feature_cosine=1.0 - sums["cosine"] / len(dataset), **{name: mean(values) for name, values in every.items()},
-        per_kind={kind: {name: mean(v) for name, v in values.items()} | {"prompts": len(values["miou_teacher"])} for kind, values in sorted(kinds.items())},
+        split=split,
+        rows=len(dataset),
+        prompts=prompts,
+        feature_mse=sums["mse"] / len(dataset),
+        feature_cosine=1.0 - sums["cosine"] / len(dataset),
+        **{name: mean(values) for name, values in every.items()},
+        per_kind={
+            kind: {name: mean(v) for name, v in values.items()} | {"prompts": len(values["miou_teacher"])}
+            for kind, values in sorted(kinds.items())
+        },
         store_version=dataset.version,
     )
 
@@ -217,9 +247,11 @@ def _gt_mask(annotation: dict[str, Any], height: int, width: int, source: Path) 
         if isinstance(segmentation, list) or isinstance(segmentation.get("counts"), list):
             rle = mask_utils.frPyObjects(segmentation, height, width)
         else:
-            rle = {**segmentation, "counts": segmentation["counts"].encode() if isinstance(segmentation["counts"], str) else segmentation["counts"]}
+            rle = {
+                **segmentation,
+                "counts": segmentation["counts"].encode() if isinstance(segmentation["counts"], str) else segmentation["counts"],
+            }
         rle = mask_utils.merge(rle) if isinstance(rle, list) else rle
         return mask_utils.decode(rle).astype(bool)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise EvalError(f"{source}: annotation {annotation.get('id')} has no readable segmentation ({exc})") from None
-

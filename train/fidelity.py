@@ -39,12 +39,19 @@ class LiveTargets:
         if len(image):
             with self.teacher.autocast():
                 decoded = self.heads.decode_prompts(
-                    self.heads.image_embeddings(trunk.to(self.teacher.device)), (batch["prompt_points"][image, slot] - 0.5).to(self.teacher.device),
-                    batch["prompt_labels"][image, slot].to(self.teacher.device), (batch["prompt_boxes"][image, slot] - 0.5).to(self.teacher.device),
+                    self.heads.image_embeddings(trunk.to(self.teacher.device)),
+                    (batch["prompt_points"][image, slot] - 0.5).to(self.teacher.device),
+                    batch["prompt_labels"][image, slot].to(self.teacher.device),
+                    (batch["prompt_boxes"][image, slot] - 0.5).to(self.teacher.device),
                     image=image.to(self.teacher.device),
                 )
-            for name, key in (("multi_logits", "multi"), ("single_logits", "single"), ("iou", "iou"),
-                              ("object_score", "object_score"), ("object_pointer", "object_pointer")):
+            for name, key in (
+                ("multi_logits", "multi"),
+                ("single_logits", "single"),
+                ("iou", "iou"),
+                ("object_score", "object_score"),
+                ("object_pointer", "object_pointer"),
+            ):
                 target = torch.zeros_like(batch[name])
                 target[image, slot] = decoded[key].float().to(device)
                 out[name] = target
@@ -104,11 +111,16 @@ class LiveVideoTargets:
             labels = full["cond_labels"][k]
             count = int((labels != PAD_LABEL).sum())
             kind = self.clips.prompt.prompt
-            prompts.append(ObjectPrompt(
-                int(full["object_ids"][row, slot]), row, kind,
-                full["cond_points"][k, :count].numpy() if count else None, labels[:count].numpy().astype("int32") if count else None,
-                full["cond_masks"][k].numpy() if not count else None,
-            ))
+            prompts.append(
+                ObjectPrompt(
+                    int(full["object_ids"][row, slot]),
+                    row,
+                    kind,
+                    full["cond_points"][k, :count].numpy() if count else None,
+                    labels[:count].numpy().astype("int32") if count else None,
+                    full["cond_masks"][k].numpy() if not count else None,
+                )
+            )
         numbers = full["frame_number"].tolist()
         work = VideoWork(str(video), full["input"].numpy(), self.clips.frame[indices].astype("int64"), prompts, len(indices))
         self.frame_forwards += len(indices)

@@ -25,7 +25,9 @@ def store_teacher_config(store: Store) -> Any:
     return Sam3VideoConfig.from_dict(json.loads(store.fs.cat_file(path))["teacher_config"])
 
 
-def load_store_heads(store: Store, device: torch.device | str = "cpu", detector: bool = False, memory_attention: bool = True) -> TeacherHeads:
+def load_store_heads(
+    store: Store, device: torch.device | str = "cpu", detector: bool = False, memory_attention: bool = True
+) -> TeacherHeads:
     """``<store>/heads`` (local, or fetched from S3 into a temporary folder), frozen and in eval mode.
 
     The detector heads (40M parameters at full size) are dropped unless ``detector`` (stage 3 needs them), and SAM3's

@@ -126,7 +126,9 @@ def total_steps(config: LoopConfig, steps_per_epoch: int) -> int:
     return max(1, math.ceil((config.epochs or 1.0) * steps_per_epoch / config.accumulate))
 
 
-def parameter_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, exempt: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+def parameter_groups(
+    named: list[tuple[str, nn.Parameter]], weight_decay: float, exempt: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
     """Weight decay on weights of convolutions and linear layers only, not on norms and biases (timm's rule), nor on
     the ``exempt`` names."""
     decay, no_decay = [], []
@@ -145,8 +147,9 @@ def _batches(loader: Any, sampler: EpochSampler, state: TrainerState) -> Iterato
         epoch, start = epoch + 1, 0
 
 
-def run_loop(config: LoopConfig, parts: LoopParts, on_step: Callable[[StepReport], None] | None = None, rank: int = 0,
-             world_size: int = 1) -> LoopResult:
+def run_loop(
+    config: LoopConfig, parts: LoopParts, on_step: Callable[[StepReport], None] | None = None, rank: int = 0, world_size: int = 1
+) -> LoopResult:
     """Train (or resume) ``parts`` as ``config`` says; see the module docstring."""
     device, dataset, sampler = parts.device, parts.dataset, parts.sampler
     peak = config.peak_lr(world_size)
@@ -245,8 +248,15 @@ def store_provenance(store: Any, table: str, version: int) -> dict[str, Any]:
     """What a checkpoint records of the store it was trained from."""
     card = store.require_card()
     teacher = card["teacher"]
-    return {"uri": store.uri, "table": table, "version": version, "teacher": teacher.get("source"), "checksum": teacher.get("checksum"),
-            "geometry": teacher["geometry"], "teacher_parameters": teacher.get("parameters")}
+    return {
+        "uri": store.uri,
+        "table": table,
+        "version": version,
+        "teacher": teacher.get("source"),
+        "checksum": teacher.get("checksum"),
+        "geometry": teacher["geometry"],
+        "teacher_parameters": teacher.get("parameters"),
+    }
 
 
 def library_versions() -> dict[str, str]:
@@ -256,8 +266,13 @@ def library_versions() -> dict[str, str]:
 
     from esam3 import __version__
 
-    return {"esam3": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "transformers": transformers.__version__, "lance": lance.__version__}
+    return {
+        "esam3": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "transformers": transformers.__version__,
+        "lance": lance.__version__,
+    }
 
 
 def _summary_writer(out: Path) -> Any:

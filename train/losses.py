@@ -93,7 +93,11 @@ def chosen_prompts(valid: torch.Tensor, max_prompts: int | None, generator: torc
 
 
 def decode_batch(
-    heads: TeacherHeads, trunk: torch.Tensor, batch: dict[str, Any], pairs: torch.Tensor, own_pick: bool = False,
+    heads: TeacherHeads,
+    trunk: torch.Tensor,
+    batch: dict[str, Any],
+    pairs: torch.Tensor,
+    own_pick: bool = False,
 ) -> PromptOutputs:
     """Run the frozen heads on ``trunk`` (B, C, g, g) for the prompts ``pairs`` (from :func:`chosen_prompts`).
 
@@ -156,8 +160,12 @@ def total_loss(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Te
 
 
 def stage1_terms(
-    heads: TeacherHeads | None, student_trunk: torch.Tensor, batch: dict[str, Any], weights: LossWeights,
-    max_prompts: int | None = None, generator: torch.Generator | None = None,
+    heads: TeacherHeads | None,
+    student_trunk: torch.Tensor,
+    batch: dict[str, Any],
+    weights: LossWeights,
+    max_prompts: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[dict[str, torch.Tensor], PromptOutputs | None]:
     """Every stage-1 loss term of one batch and their weighted ``total``; the heads' outputs when prompts ran."""
     terms = feature_terms(student_trunk, batch["trunk"])

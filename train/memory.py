@@ -55,10 +55,14 @@ class MemorySpec:
 
     def __post_init__(self) -> None:
         if self.grid % self.window_grid:
-            raise MemorySpecError(f"--window-grid {self.window_grid} does not divide the memory grid {self.grid}; choose one of {divisors(self.grid)}")
+            raise MemorySpecError(
+                f"--window-grid {self.window_grid} does not divide the memory grid {self.grid}; choose one of {divisors(self.grid)}"
+            )
         for name, width, heads in (("perceiver", self.memory_dim, self.perceiver_heads), ("attention", self.hidden, self.attention_heads)):
             if width % heads or (width // heads) % 4:
-                raise MemorySpecError(f"--{name.replace('attention', 'memory')}-heads {heads}: the width {width} must split into heads of a multiple of 4 channels")
+                raise MemorySpecError(
+                    f"--{name.replace('attention', 'memory')}-heads {heads}: the width {width} must split into heads of a multiple of 4 channels"
+                )
         if self.hidden % self.memory_dim:
             raise MemorySpecError(f"the tracker's hidden width {self.hidden} is not a multiple of its memory width {self.memory_dim}")
 
@@ -147,8 +151,12 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        query_rope: tuple[torch.Tensor, torch.Tensor] | None = None, key_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, head_dim)
@@ -252,8 +260,12 @@ class MemoryAttentionLayer(nn.Module):
         self.mlp = MLP(d, spec.attention_ffn)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, memory_position: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor], memory_rope: tuple[torch.Tensor, torch.Tensor],
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        memory_position: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        memory_rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         q = self.norm_self(x)
         x = x + self.self_attention(q, q, q, rope, rope)
@@ -317,7 +329,8 @@ class StudentMemory(nn.Module):
             rest.append(stacked.reshape(batch, count * spec.pointer_tokens, spec.memory_dim))
             rest_positions.append(embedding.repeat_interleave(spec.pointer_tokens, dim=0).expand(batch, -1, -1))
         return MemoryBank(
-            tokens=torch.cat(windows + rest, dim=1), positions=torch.cat(window_positions + rest_positions, dim=1),
+            tokens=torch.cat(windows + rest, dim=1),
+            positions=torch.cat(window_positions + rest_positions, dim=1),
             rotated_positions=centres.repeat(len(frames), 1),
         )
 
@@ -356,8 +369,12 @@ def expected_parameters(spec: MemorySpec) -> dict[str, int]:
     attention_layer = 3 * norm(h) + attention(h, h) + attention(h, d) + linear(h, spec.attention_ffn) + linear(spec.attention_ffn, h)
     memory_attention = spec.attention_layers * attention_layer + norm(h)
     embeddings = spec.memory_frames * d + linear(h, d)
-    return {"perceiver": perceiver, "memory_attention": memory_attention, "embeddings": embeddings,
-            "total": perceiver + memory_attention + embeddings}
+    return {
+        "perceiver": perceiver,
+        "memory_attention": memory_attention,
+        "embeddings": embeddings,
+        "total": perceiver + memory_attention + embeddings,
+    }
 
 
 def attention_cost(spec: MemorySpec, pointers: int | None = None) -> dict[str, float]:
@@ -374,9 +391,12 @@ def attention_cost(spec: MemorySpec, pointers: int | None = None) -> dict[str, f
     student_keys = spec.memory_frames * spec.tokens_per_frame + pointer_tokens
     dense_keys = spec.memory_frames * queries + pointer_tokens
     return {
-        "tokens_per_frame": spec.tokens_per_frame, "dense_tokens_per_frame": queries,
-        "memory_keys": student_keys, "dense_memory_keys": dense_keys,
-        "cross_attention_macs": cross(student_keys), "dense_cross_attention_macs": cross(dense_keys),
+        "tokens_per_frame": spec.tokens_per_frame,
+        "dense_tokens_per_frame": queries,
+        "memory_keys": student_keys,
+        "dense_memory_keys": dense_keys,
+        "cross_attention_macs": cross(student_keys),
+        "dense_cross_attention_macs": cross(dense_keys),
         "self_attention_macs": 4 * queries * h * h + 2 * queries * queries * h,
     }
 

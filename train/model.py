@@ -89,7 +89,11 @@ class StudentModel(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, path: Path, heads: TeacherHeads | None = None, device: str | torch.device = "cpu", s3_endpoint: str | None = None,
+        cls,
+        path: Path,
+        heads: TeacherHeads | None = None,
+        device: str | torch.device = "cpu",
+        s3_endpoint: str | None = None,
     ) -> StudentModel:
         """A training checkpoint (or run folder) + its store's heads (read from the store unless given; ``s3_endpoint``
         overrides the run's own for an s3:// store)."""
@@ -104,8 +108,12 @@ class StudentModel(nn.Module):
         if heads is None:
             store = Store(document["store"]["uri"], S3Settings.from_environment(s3_endpoint or document["config"].get("s3_endpoint")))
             heads = load_store_heads(store, device)
-        provenance = {"checkpoint": str(checkpoint), "store": document["store"], "config": document["config"],
-                      "versions": document.get("versions", {})}
+        provenance = {
+            "checkpoint": str(checkpoint),
+            "store": document["store"],
+            "config": document["config"],
+            "versions": document.get("versions", {}),
+        }
         return cls(student, heads, provenance).to(device).eval()
 
     # ---- files ------------------------------------------------------------------------------------------
@@ -117,15 +125,22 @@ class StudentModel(nn.Module):
     def _save(self, out: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> ExportReport:
         """Write the student and the tracker heads, plus a subclass's ``tensors`` and ``document`` entries."""
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {**{f"student.{k}": v for k, v in self.student.state_dict().items()},
-                   **{f"heads.{k}": v for k, v in self.heads.state_dict().items() if k.startswith(TRACKER_PREFIXES)}, **tensors}
+        tensors = {
+            **{f"student.{k}": v for k, v in self.student.state_dict().items()},
+            **{f"heads.{k}": v for k, v in self.heads.state_dict().items() if k.startswith(TRACKER_PREFIXES)},
+            **tensors,
+        }
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         heads_parameters = _count(self.heads.tracker_model) + _count(self.heads.tracker_neck)
         extra = {k: v for k, v in document.items() if k != "parameters"}
         document = {
-            "format": MODEL_FORMAT, "kind": self.KIND, "student": self.student.spec.to_dict(),
-            "teacher_config": self.heads.config.to_dict(), "provenance": self.provenance,
-            "parameters": {"student": _count(self.student), "heads": heads_parameters, **document.get("parameters", {})}, **extra,
+            "format": MODEL_FORMAT,
+            "kind": self.KIND,
+            "student": self.student.spec.to_dict(),
+            "teacher_config": self.heads.config.to_dict(),
+            "provenance": self.provenance,
+            "parameters": {"student": _count(self.student), "heads": heads_parameters, **document.get("parameters", {})},
+            **extra,
         }
         save_weights_and_config(out / MODEL_WEIGHTS, tensors, out / MODEL_CONFIG, document)
         size = (out / MODEL_WEIGHTS).stat().st_size + (out / MODEL_CONFIG).stat().st_size
@@ -217,4 +232,3 @@ class StudentModel(nn.Module):
         chosen = logits[rows, pick]
         full = F.interpolate(chosen[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
         return Segmentation((full > 0).cpu().numpy(), out["iou"][rows, pick].float().cpu().numpy(), chosen.float().cpu())
-

@@ -63,9 +63,16 @@ class StoreDataset(Dataset):
     """Rows of one target table at one complete snapshot (see ``esam3.pipeline.store.snapshots``)."""
 
     def __init__(
-        self, store: Store | str, table: str = "images", version: int | str | None = None, split: str = "train",
-        val_percent: float = 0.0, fields: Sequence[str] | None = None, decode_on: str = "cpu",
-        input_size: int | None = None, threads: int = 4,
+        self,
+        store: Store | str,
+        table: str = "images",
+        version: int | str | None = None,
+        split: str = "train",
+        val_percent: float = 0.0,
+        fields: Sequence[str] | None = None,
+        decode_on: str = "cpu",
+        input_size: int | None = None,
+        threads: int = 4,
     ) -> None:
         store = Store(store) if isinstance(store, str) else store
         if table not in FIELDS:
@@ -143,8 +150,17 @@ class StoreDataset(Dataset):
         if "trunk" in self.fields:
             columns.append("trunk")
         if "prompts" in self.fields:
-            columns += ["prompt_kinds", "prompt_points", "prompt_labels", "prompt_boxes", "multi_logits", "single_logits",
-                        "iou", "object_score", "object_pointer"]
+            columns += [
+                "prompt_kinds",
+                "prompt_points",
+                "prompt_labels",
+                "prompt_boxes",
+                "multi_logits",
+                "single_logits",
+                "iou",
+                "object_score",
+                "object_pointer",
+            ]
         for field in self._memory_fields():
             values, maps = _MEMORY_COLUMNS[field]
             columns += ["object_ids", "is_conditioning", "has_memory_conditioned", *values, *maps]
@@ -158,9 +174,9 @@ class StoreDataset(Dataset):
         out: dict[str, Any] = {"key": [r["key"] for r in rows], "position": torch.from_numpy(positions.copy())}
         transforms = [json.loads(r["preprocess"]) for r in rows]
         if "input" in self.fields:
-            out["input"] = torch.stack([
-                teacher_input(r["input"]["codec"], r["input"]["data"], t, self.input_size) for r, t in zip(rows, transforms)
-            ])
+            out["input"] = torch.stack(
+                [teacher_input(r["input"]["codec"], r["input"]["data"], t, self.input_size) for r, t in zip(rows, transforms)]
+            )
         if "trunk" in self.fields:
             out.update(self._features("trunk", [r["trunk"] for r in rows]))
         if "prompts" in self.fields:
@@ -237,11 +253,16 @@ class StoreDataset(Dataset):
         b, k, points = len(rows), p["num_prompts"], 1 + p["max_negative_points"]
         m, hidden = g["mask_size"], g["hidden"]
         out = {
-            "prompt_valid": np.zeros((b, k), bool), "prompt_kinds": np.full((b, k), -1, np.int64),
-            "prompt_points": np.zeros((b, k, points, 2), np.float32), "prompt_labels": np.full((b, k, points), -1, np.int64),
-            "prompt_boxes": np.full((b, k, 4), np.nan, np.float32), "multi_logits": np.zeros((b, k, 3, m, m), np.float32),
-            "single_logits": np.zeros((b, k, 1, m, m), np.float32), "iou": np.zeros((b, k, 4), np.float32),
-            "object_score": np.zeros((b, k), np.float32), "object_pointer": np.zeros((b, k, hidden), np.float32),
+            "prompt_valid": np.zeros((b, k), bool),
+            "prompt_kinds": np.full((b, k), -1, np.int64),
+            "prompt_points": np.zeros((b, k, points, 2), np.float32),
+            "prompt_labels": np.full((b, k, points), -1, np.int64),
+            "prompt_boxes": np.full((b, k, 4), np.nan, np.float32),
+            "multi_logits": np.zeros((b, k, 3, m, m), np.float32),
+            "single_logits": np.zeros((b, k, 1, m, m), np.float32),
+            "iou": np.zeros((b, k, 4), np.float32),
+            "object_score": np.zeros((b, k), np.float32),
+            "object_pointer": np.zeros((b, k, hidden), np.float32),
         }
         logits = ("multi_logits", "single_logits")
         if self.decode_on == "device":  # int8 codes + a scale per map, dequantised by to_device
@@ -274,8 +295,10 @@ class StoreDataset(Dataset):
         b, m, hidden = len(rows), g["mask_size"], g["hidden"]
         shapes = {"mask_logits": ((m, m), np.float32), "object_score": ((), np.float32), "object_pointer": ((hidden,), np.float32)}
         out = {
-            "object_valid": np.zeros((b, n_max), bool), "object_ids": np.full((b, n_max), -1, np.int64),
-            "is_conditioning": np.zeros((b, n_max), bool), "has_memory_conditioned": np.zeros((b, n_max), bool),
+            "object_valid": np.zeros((b, n_max), bool),
+            "object_ids": np.full((b, n_max), -1, np.int64),
+            "is_conditioning": np.zeros((b, n_max), bool),
+            "has_memory_conditioned": np.zeros((b, n_max), bool),
             **{name: np.zeros((b, n_max, *shapes[name][0]), shapes[name][1]) for name in values},
         }
         for i, row in enumerate(rows):
@@ -311,19 +334,29 @@ def _check_store(uri: str, spec: dict[str, Any], fields: Sequence[str]) -> None:
         )
     for field, target in _NEEDS_TARGET.items():
         if field in fields and target not in spec["targets"]:
-            raise StoreError(f"store {uri} was cached without the {target} targets (--targets {','.join(spec['targets'])}); re-cache with them")
+            raise StoreError(
+                f"store {uri} was cached without the {target} targets (--targets {','.join(spec['targets'])}); re-cache with them"
+            )
     if "gt" in fields and spec["dataset"] == "sa-1b" and "prompts" not in spec["targets"]:
-        raise StoreError(f"store {uri}: image rows hold the ground truth of their prompted objects, and it was cached without "
-                         "prompts; re-cache with --targets trunk,prompts")
+        raise StoreError(
+            f"store {uri}: image rows hold the ground truth of their prompted objects, and it was cached without "
+            "prompts; re-cache with --targets trunk,prompts"
+        )
 
 
 def make_loader(
-    dataset: StoreDataset, sampler: Sampler[list[int]], workers: int = 2, prefetch: int = 2, pin_memory: bool | None = None,
+    dataset: StoreDataset,
+    sampler: Sampler[list[int]],
+    workers: int = 2,
+    prefetch: int = 2,
+    pin_memory: bool | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` batched by ``sampler``: ``workers`` spawned processes (Lance is not fork-safe),
     each prefetching ``prefetch`` batches; pinned memory when CUDA is there (unless told)."""
     if workers < 0 or prefetch < 1:
         raise ValueError(f"workers must be >= 0 and prefetch >= 1, got {workers}, {prefetch}")
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-    options: dict[str, Any] = {"multiprocessing_context": "spawn", "prefetch_factor": prefetch, "persistent_workers": True} if workers else {}
+    options: dict[str, Any] = (
+        {"multiprocessing_context": "spawn", "prefetch_factor": prefetch, "persistent_workers": True} if workers else {}
+    )
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers, pin_memory=pin, **options)

@@ -39,8 +39,16 @@ class EpochSampler(Sampler[list[int]]):
     """Batches of row positions for one rank; call :meth:`set_epoch` before each epoch (or pass ``epoch``)."""
 
     def __init__(
-        self, num_rows: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-        shuffle: bool = True, epoch: int = 0, start_step: int = 0,
+        self,
+        num_rows: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        epoch: int = 0,
+        start_step: int = 0,
     ) -> None:
         _check(batch_size, rank, world_size)
         self.num_rows, self.batch_size, self.seed = num_rows, batch_size, seed
@@ -89,8 +97,14 @@ class ClipSampler(EpochSampler):
     """
 
     def __init__(
-        self, videos: Sequence[str], frames: Sequence[int], clip_length: int, batch_size: int, stride: int | None = None,
-        keep: Sequence[bool] | None = None, **options: object,
+        self,
+        videos: Sequence[str],
+        frames: Sequence[int],
+        clip_length: int,
+        batch_size: int,
+        stride: int | None = None,
+        keep: Sequence[bool] | None = None,
+        **options: object,
     ) -> None:
         if clip_length < 1:
             raise ValueError(f"clip_length must be at least 1, got {clip_length}")

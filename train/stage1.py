@@ -70,7 +70,12 @@ def prepare(config: Stage1Config, world_size: int = 1, device: torch.device | No
     geometry = card["teacher"]["geometry"]
     spec = StudentSpec(config.student, geometry["trunk_width"], geometry["grid"], config.image_size or geometry["image_size"])
     dataset = StoreDataset(
-        store, "images", version=version, split="train", val_percent=config.val_percent, fields=fields,
+        store,
+        "images",
+        version=version,
+        split="train",
+        val_percent=config.val_percent,
+        fields=fields,
         decode_on="device" if device.type == "cuda" else "cpu",
         input_size=spec.image_size if spec.image_size != geometry["image_size"] else None,
     )
@@ -84,15 +89,22 @@ def prepare(config: Stage1Config, world_size: int = 1, device: torch.device | No
     student = Student(spec, init=None if resume_from is not None else config.init).to(device)  # a resume loads its weights
     heads = load_store_heads(store, device) if weights.needs_prompts else None
     document = {
-        "config": config.document(), "student": spec.to_dict(), "world_size": world_size, "versions": library_versions(),
+        "config": config.document(),
+        "student": spec.to_dict(),
+        "world_size": world_size,
+        "versions": library_versions(),
         "store": store_provenance(store, "images", dataset.version),
     }
     return Stage1Setup(config, store, dataset, spec, student, heads, weights, device, resume_from, document)
 
 
 def run_stage1(
-    config: Stage1Config, on_step: Callable[[StepReport], None] | None = None, rank: int = 0, world_size: int = 1,
-    wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | None = None,
+    config: Stage1Config,
+    on_step: Callable[[StepReport], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | None = None,
     targets: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train (or resume) a stage-1 student; ``wrap`` makes the DDP model on Ray Train workers. Rank 0 writes.
@@ -106,14 +118,30 @@ def run_stage1(
         return stage1_terms(setup.heads, model(batch["input"]), batch, setup.weights, config.max_prompts, generator)
 
     parts = LoopParts(
-        saved=student, model=wrap(student) if wrap is not None else student, dataset=dataset,
+        saved=student,
+        model=wrap(student) if wrap is not None else student,
+        dataset=dataset,
         sampler=EpochSampler(len(dataset), config.batch_size, seed=config.seed, rank=rank, world_size=world_size, drop_last=True),
-        step=step, device=setup.device, document=setup.document, resume_from=setup.resume_from,
-        trained=list(student.named_parameters()), images=_log_masks, targets=targets,
+        step=step,
+        device=setup.device,
+        document=setup.document,
+        resume_from=setup.resume_from,
+        trained=list(student.named_parameters()),
+        images=_log_masks,
+        targets=targets,
     )
     result = run_loop(config, parts, on_step, rank, world_size)
-    return TrainResult(config.out, result.steps, latest_checkpoint(config.out), dataset.version, len(dataset), result.terms,
-                        result.samples_per_sec, result.data_wait, result.seconds)
+    return TrainResult(
+        config.out,
+        result.steps,
+        latest_checkpoint(config.out),
+        dataset.version,
+        len(dataset),
+        result.terms,
+        result.samples_per_sec,
+        result.data_wait,
+        result.seconds,
+    )
 
 
 def _log_masks(writer: Any, step: int, batch: dict[str, Any], outputs: PromptOutputs | None, count: int = 4) -> None:

@@ -30,7 +30,15 @@ from esam3.train.checkpoint import checkpoint_dir, latest_checkpoint, load_stude
 from esam3.train.clips import ClipDataset
 from esam3.train.frozen_heads import load_store_heads
 from esam3.train.loop import (
-    LoopParts, StepReport, TrainError, TrainResult, library_versions, resume_point, run_loop, store_provenance, total_steps,
+    LoopParts,
+    StepReport,
+    TrainError,
+    TrainResult,
+    library_versions,
+    resume_point,
+    run_loop,
+    store_provenance,
+    total_steps,
 )
 from esam3.train.memory import StudentMemory
 from esam3.train.reader import StoreDataset
@@ -92,25 +100,41 @@ def prepare_stage2(config: Stage2Config, world_size: int = 1, device: torch.devi
         student, init = Student(StudentSpec.from_dict(saved["student"])), saved.get("init")
     heads = load_store_heads(store, device, memory_attention=False)  # the student's memory replaces SAM3's
     torch.manual_seed(config.seed)  # the same initial memory on every rank (DDP also broadcasts rank 0's)
-    tracker = StudentTracker(student, heads, StudentMemory(memory_spec(heads.config, config)), train_encoder=config.train_encoder).to(device)
+    tracker = StudentTracker(student, heads, StudentMemory(memory_spec(heads.config, config)), train_encoder=config.train_encoder).to(
+        device
+    )
     geometry = card["teacher"]["geometry"]
     fields = ("input", "memory") + (("gt",) if config.gt_weight > 0 else ())
     frames = StoreDataset(
-        store, "frames", version=version, split="train", val_percent=config.val_percent, fields=fields,
+        store,
+        "frames",
+        version=version,
+        split="train",
+        val_percent=config.val_percent,
+        fields=fields,
         decode_on="device" if device.type == "cuda" else "cpu",
         input_size=student.spec.image_size if student.spec.image_size != geometry["image_size"] else None,
     )
     clips = ClipDataset(frames, config.clip_length, tracker.spec.memory_frames, tracker.spec.max_pointers)
     document = {
-        "config": config.document(), "student": student.spec.to_dict(), "memory": tracker.spec.to_dict(), "init": init,
-        "world_size": world_size, "versions": library_versions(), "store": store_provenance(store, "frames", frames.version),
+        "config": config.document(),
+        "student": student.spec.to_dict(),
+        "memory": tracker.spec.to_dict(),
+        "init": init,
+        "world_size": world_size,
+        "versions": library_versions(),
+        "store": store_provenance(store, "frames", frames.version),
     }
     return Stage2Setup(config, store, clips, tracker, device, resume_from, document)
 
 
 def run_stage2(
-    config: Stage2Config, on_step: Callable[[StepReport], None] | None = None, rank: int = 0, world_size: int = 1,
-    wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | None = None,
+    config: Stage2Config,
+    on_step: Callable[[StepReport], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    device: torch.device | None = None,
     targets: Callable[[ClipDataset], Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
 ) -> TrainResult:
     """Train (or resume) a stage-2 student memory; ``wrap`` makes the DDP model on Ray Train workers. Rank 0 writes.
@@ -120,8 +144,18 @@ def run_stage2(
     setup = prepare_stage2(config, world_size, device)
     tracker, clips = setup.tracker, setup.clips
     frames = clips.frames
-    sampler = ClipSampler(frames.video_ids, frames.frames, config.clip_length, config.batch_size, stride=config.clip_stride,
-                          keep=clips.tracked, seed=config.seed, rank=rank, world_size=world_size, drop_last=True)
+    sampler = ClipSampler(
+        frames.video_ids,
+        frames.frames,
+        config.clip_length,
+        config.batch_size,
+        stride=config.clip_stride,
+        keep=clips.tracked,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=True,
+    )
     if sampler.steps_per_epoch < 1:
         raise TrainError(
             f"the train split of {setup.store.uri} has {len(sampler.clips)} clips of {config.clip_length} frames with an object to track, fewer than one step "
@@ -142,15 +176,31 @@ def run_stage2(
     if config.train_encoder:
         trained += [(f"encoder.{n}", p) for n, p in tracker.encoder.named_parameters()]
     parts = LoopParts(
-        saved=saved_parts(tracker), model=wrap(tracker) if wrap is not None else tracker, dataset=clips, sampler=sampler, step=step,
+        saved=saved_parts(tracker),
+        model=wrap(tracker) if wrap is not None else tracker,
+        dataset=clips,
+        sampler=sampler,
+        step=step,
         images=_log_clip,
-        device=setup.device, document=setup.document, resume_from=setup.resume_from, trained=trained,
+        device=setup.device,
+        document=setup.document,
+        resume_from=setup.resume_from,
+        trained=trained,
         no_decay=frozenset(f"memory.{n}" for n in tracker.memory.no_weight_decay()),
         targets=None if targets is None else targets(clips),
     )
     result = run_loop(config, parts, on_step, rank, world_size)
-    return TrainResult(config.out, result.steps, latest_checkpoint(config.out), frames.version, len(frames), result.terms,
-                        result.samples_per_sec, result.data_wait, result.seconds)
+    return TrainResult(
+        config.out,
+        result.steps,
+        latest_checkpoint(config.out),
+        frames.version,
+        len(frames),
+        result.terms,
+        result.samples_per_sec,
+        result.data_wait,
+        result.seconds,
+    )
 
 
 def _log_clip(writer: Any, step: int, batch: dict[str, Any], outputs: list[Any]) -> None:

@@ -126,7 +126,9 @@ def _backbone(name: str, init: Path | None) -> nn.Module:
     if not init.is_file():
         raise StudentError(f"--init {init}: no such file (a {model} checkpoint: .safetensors, or a state dict .pth / .bin)")
     try:
-        backbone = timm.create_model(model, pretrained=True, pretrained_cfg_overlay={"file": str(init)}, features_only=True, out_indices=(-1,))
+        backbone = timm.create_model(
+            model, pretrained=True, pretrained_cfg_overlay={"file": str(init)}, features_only=True, out_indices=(-1,)
+        )
         given = _read_state(init)
     except Exception as exc:  # timm / safetensors / torch.load raise many types for a wrong or broken file
         raise StudentError(f"--init {init}: not a {model} checkpoint ({first_line(exc)[:200]})") from None

@@ -55,8 +55,16 @@ class Decoded:
     def lightened(self) -> Decoded:
         """Only what inference keeps: the picked logits (float16), its IoU and the scores."""
         rows = torch.arange(len(self.pick), device=self.pick.device)
-        return Decoded(self.row, self.slot, self.clip, self.picked[:, None].half(), self.iou[rows, self.pick][:, None], self.score,
-                       torch.zeros_like(self.pick), None)
+        return Decoded(
+            self.row,
+            self.slot,
+            self.clip,
+            self.picked[:, None].half(),
+            self.iou[rows, self.pick][:, None],
+            self.score,
+            torch.zeros_like(self.pick),
+            None,
+        )
 
 
 @dataclass
@@ -82,10 +90,17 @@ def memory_spec(teacher: Any, config: Any) -> MemorySpec:
 
     g, tracker = Geometry.from_config(teacher), teacher.tracker_config
     return MemorySpec(
-        grid=g.grid, hidden=g.hidden, memory_dim=g.memory_channels, memory_frames=tracker.num_maskmem,
-        max_pointers=tracker.max_object_pointers_in_encoder, global_latents=config.global_latents,
-        window_grid=config.window_grid or default_window_grid(g.grid), perceiver_depth=config.perceiver_depth,
-        perceiver_heads=config.perceiver_heads, attention_layers=config.memory_layers, attention_heads=config.memory_heads,
+        grid=g.grid,
+        hidden=g.hidden,
+        memory_dim=g.memory_channels,
+        memory_frames=tracker.num_maskmem,
+        max_pointers=tracker.max_object_pointers_in_encoder,
+        global_latents=config.global_latents,
+        window_grid=config.window_grid or default_window_grid(g.grid),
+        perceiver_depth=config.perceiver_depth,
+        perceiver_heads=config.perceiver_heads,
+        attention_layers=config.memory_layers,
+        attention_heads=config.memory_heads,
         attention_ffn=config.memory_ffn,
     )
 
@@ -121,8 +136,15 @@ class StudentTracker(nn.Module):
         maps = [f.permute(1, 2, 0).reshape(rows, -1, s, s) for f, s in zip(feats, sizes)]
         return _Level(maps[:-1], maps[-1], positions[-1].permute(1, 2, 0).reshape(rows, -1, sizes[-1], sizes[-1]))
 
-    def decode(self, level: _Level, local: torch.Tensor, top: torch.Tensor, points: torch.Tensor | None,
-               labels: torch.Tensor | None, multimask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode(
+        self,
+        level: _Level,
+        local: torch.Tensor,
+        top: torch.Tensor,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        multimask: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The frozen decoder on ``top`` (K, hidden, g, g) with ``level``'s rows ``local``: logits, IoU, score, pick, pointer."""
         embeddings = [h[local] for h in level.high_res] + [top]
         logits, iou, tokens, score = self.heads.decode_each(embeddings, points, labels, multimask)
@@ -136,7 +158,9 @@ class StudentTracker(nn.Module):
         masked = torch.where(score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_LOGIT))
         return F.interpolate(masked[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
 
-    def encode_memory(self, level: _Level, local: torch.Tensor, high_res: torch.Tensor, score: torch.Tensor, binarize: torch.Tensor) -> torch.Tensor:
+    def encode_memory(
+        self, level: _Level, local: torch.Tensor, high_res: torch.Tensor, score: torch.Tensor, binarize: torch.Tensor
+    ) -> torch.Tensor:
         """The frozen memory encoder on the student's features and a mask (K, 1, S, S) -> (K, memory_dim, g, g).
 
         ``binarize`` (K,) bool: encode the mask thresholded rather than its sigmoid. SAM3 (transformers) thresholds
@@ -164,8 +188,15 @@ class StudentTracker(nn.Module):
 
     # ---- a batch of clips -----------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Any], clip_length: int, objects: int, forcing: float,
-                generator: torch.Generator | None = None, light: bool = False) -> list[Decoded]:
+    def forward(
+        self,
+        batch: dict[str, Any],
+        clip_length: int,
+        objects: int,
+        forcing: float,
+        generator: torch.Generator | None = None,
+        light: bool = False,
+    ) -> list[Decoded]:
         """Track up to ``objects`` objects per clip through the batch's clips (see the module docstring).
 
         ``light`` (inference): each output keeps only the picked mask logits (float16) and scores, not the other
@@ -186,11 +217,15 @@ class StudentTracker(nn.Module):
             level = self.levels(batch["input"][torch.arange(clips, device=device) * t_len + t])  # one frame per clip: row = clip
             active = [(i, clip, slot) for i, (clip, _, slots) in enumerate(tracks) if (slot := slots[t]) >= 0]
             # which of this frame's new memories are the teacher's: drawn first, so no own memory is made for them
-            forced = {i: forcing >= 1.0 or (generator is not None and forcing > 0 and float(torch.rand((), generator=generator)) < forcing)
-                      for i, _, _ in active}
+            forced = {
+                i: forcing >= 1.0 or (generator is not None and forcing > 0 and float(torch.rand((), generator=generator)) < forcing)
+                for i, _, _ in active
+            }
             frame = _Frame(batch, level, t, t_len, forced, {})
             by_prompt: dict[int, list[tuple[int, int, int]]] = defaultdict(list)  # conditioning: mask prompts (0 points), clicks, boxes
-            groups: dict[tuple[Any, ...], list[tuple[tuple[int, int, int], Any]]] = defaultdict(list)  # tracked: by the shape of their banks
+            groups: dict[tuple[Any, ...], list[tuple[tuple[int, int, int], Any]]] = defaultdict(
+                list
+            )  # tracked: by the shape of their banks
             for entry in active:
                 i, clip, slot = entry
                 row = clip * t_len + t
@@ -223,7 +258,9 @@ class StudentTracker(nn.Module):
                     del memory[i][old]  # out of every window: long videos keep a bounded memory
         return outputs
 
-    def _tracks(self, batch: dict[str, Any], clips: int, t_len: int, objects: int, generator: torch.Generator | None) -> list[tuple[int, int, list[int]]]:
+    def _tracks(
+        self, batch: dict[str, Any], clips: int, t_len: int, objects: int, generator: torch.Generator | None
+    ) -> list[tuple[int, int, list[int]]]:
         """(clip, object id, slot of the object in each frame row or -1) for up to ``objects`` objects per clip."""
         tracks = []
         ids = batch["object_ids"].cpu()
@@ -238,8 +275,9 @@ class StudentTracker(nn.Module):
                 tracks.append((clip, object_id, [s[0] if s else -1 for s in slots]))
         return tracks
 
-    def _context(self, batch: dict[str, Any], tracks: list[tuple[int, int, list[int]]], memory: dict[int, dict[int, _Memory]],
-                 position: torch.Tensor) -> None:
+    def _context(
+        self, batch: dict[str, Any], tracks: list[tuple[int, int, list[int]]], memory: dict[int, dict[int, _Memory]], position: torch.Tensor
+    ) -> None:
         """The teacher's memory of frames before each clip (bank rows: maps + pointers; pointer rows: pointers)."""
         by_clip: dict[int, list[int]] = defaultdict(list)
         for i, (clip, _, _) in enumerate(tracks):
@@ -263,32 +301,46 @@ class StudentTracker(nn.Module):
                 maps = rows["maskmem_features"][index[:, 0], index[:, 1]].float()
                 latents = self.memory.compress(maps, position.expand(len(maps), -1, -1, -1))
             for k, (i, frame, r, s) in enumerate(pending):
-                memory[i][frame] = _Memory(None if latents is None else latents[k], rows["object_pointer"][r, s],
-                                           bool(rows["is_conditioning"][r, s]))
+                memory[i][frame] = _Memory(
+                    None if latents is None else latents[k], rows["object_pointer"][r, s], bool(rows["is_conditioning"][r, s])
+                )
 
     def _selection(self, bank: dict[int, _Memory], frame: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple[Any, ...]]:
         """Which memories a frame reads (SAM3's rule for objects prompted once): (slot, frame) spatial memories,
         (distance, frame) pointers, and their signature (objects with equal signatures are batched)."""
         spec = self.spec
         spatial = [(0, f) for f, m in sorted(bank.items()) if m.conditioning and f <= frame and m.latents is not None]
-        spatial += [(k, frame - k) for k in range(1, spec.memory_frames)
-                    if (m := bank.get(frame - k)) is not None and not m.conditioning and m.latents is not None]
+        spatial += [
+            (k, frame - k)
+            for k in range(1, spec.memory_frames)
+            if (m := bank.get(frame - k)) is not None and not m.conditioning and m.latents is not None
+        ]
         pointers = [(frame - f, f) for f, m in sorted(bank.items()) if m.conditioning and f <= frame]
         pointers += [(k, frame - k) for k in range(1, spec.max_pointers) if (m := bank.get(frame - k)) is not None and not m.conditioning]
         return spatial, pointers, (tuple(s for s, _ in spatial), tuple(d for d, _ in pointers))
 
-    def _track(self, frame: _Frame, group: list[tuple[int, int, int]], selections: list[Any], memory: dict[int, dict[int, _Memory]],
-               multimask: bool) -> Decoded:
+    def _track(
+        self,
+        frame: _Frame,
+        group: list[tuple[int, int, int]],
+        selections: list[Any],
+        memory: dict[int, dict[int, _Memory]],
+        multimask: bool,
+    ) -> Decoded:
         """Tracked frames of objects whose memory banks have the same shape (``selections``: each one's
         :meth:`_selection`): memory attention, decoder, new memory. Each object reads its own memories."""
         batch, level = frame.batch, frame.level
         rows, local = frame.rows(group), frame.local(group)
         if not selections[0][0]:
             raise ValueError(f"{batch['key'][int(rows[0])]}: a tracked object without a conditioning frame in its memory")
-        frames = [(slot, torch.stack([memory[i][sel[0][p][1]].latents for (i, _, _), sel in zip(group, selections)]))  # type: ignore[misc]
-                  for p, (slot, _) in enumerate(selections[0][0])]
-        pointers = [(distance, torch.stack([memory[i][sel[1][p][1]].pointer for (i, _, _), sel in zip(group, selections)]))
-                    for p, (distance, _) in enumerate(selections[0][1])]
+        frames = [
+            (slot, torch.stack([memory[i][sel[0][p][1]].latents for (i, _, _), sel in zip(group, selections)]))  # type: ignore[misc]
+            for p, (slot, _) in enumerate(selections[0][0])
+        ]
+        pointers = [
+            (distance, torch.stack([memory[i][sel[1][p][1]].pointer for (i, _, _), sel in zip(group, selections)]))
+            for p, (distance, _) in enumerate(selections[0][1])
+        ]
         conditioned = self.memory(level.top[local], level.position[local], self.memory.bank(frames, pointers))
         return self._finish(frame, group, self.decode(level, local, conditioned, None, None, multimask), conditioned)
 
@@ -301,18 +353,24 @@ class StudentTracker(nn.Module):
         if bool((labels == PAD_LABEL).all()):  # mask prompts
             masks = batch["cond_masks"][picks][:, None]
             # one row at a time: transformers' _use_mask_as_output broadcasts its presence flag wrongly for several rows
-            outs = [tracker._use_mask_as_output(level.top[r : r + 1], [h[r : r + 1] for h in level.high_res], masks[k : k + 1])
-                    for k, r in enumerate(local.tolist())]
+            outs = [
+                tracker._use_mask_as_output(level.top[r : r + 1], [h[r : r + 1] for h in level.high_res], masks[k : k + 1])
+                for k, r in enumerate(local.tolist())
+            ]
             high_res = torch.cat([o.high_res_masks for o in outs])
             score = torch.cat([o.object_score_logits.reshape(-1) for o in outs])
             self._remember(frame, group, high_res, score, torch.cat([o.object_pointer.reshape(1, -1) for o in outs]))
             return []
         n_points = int((labels[0] != PAD_LABEL).sum())
         top = level.top[local] + tracker.no_memory_embedding.reshape(1, -1, 1, 1)
-        decoded = self.decode(level, local, top, batch["cond_points"][picks][:, :n_points], labels[:, :n_points], self.heads.uses_multimask(n_points))
+        decoded = self.decode(
+            level, local, top, batch["cond_points"][picks][:, :n_points], labels[:, :n_points], self.heads.uses_multimask(n_points)
+        )
         return [self._finish(frame, group, decoded, None)]
 
-    def _finish(self, frame: _Frame, group: list[tuple[int, int, int]], decoded: tuple[torch.Tensor, ...], conditioned: torch.Tensor | None) -> Decoded:
+    def _finish(
+        self, frame: _Frame, group: list[tuple[int, int, int]], decoded: tuple[torch.Tensor, ...], conditioned: torch.Tensor | None
+    ) -> Decoded:
         """A decoder group's outputs, and its objects' own new memories."""
         logits, iou, score, pick, pointer = decoded
         picked = logits[torch.arange(len(pick), device=pick.device), pick]
@@ -321,7 +379,9 @@ class StudentTracker(nn.Module):
         slots = torch.tensor([s for _, _, s in group], device=rows.device)
         return Decoded(rows, slots, frame.local(group), logits, iou, score, pick, conditioned)
 
-    def _remember(self, frame: _Frame, group: list[tuple[int, int, int]], high_res: torch.Tensor, score: torch.Tensor, pointer: torch.Tensor) -> None:
+    def _remember(
+        self, frame: _Frame, group: list[tuple[int, int, int]], high_res: torch.Tensor, score: torch.Tensor, pointer: torch.Tensor
+    ) -> None:
         """The student's own memory of this frame for the objects not teacher-forced: memory encoder on its mask."""
         own = [k for k, (i, _, _) in enumerate(group) if not frame.forced[i]]
         if not own:

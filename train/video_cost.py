@@ -23,6 +23,7 @@ from esam3.workers.preprocess import normalize
 
 def timed(run: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     """Median milliseconds of ``run`` over ``repeats`` runs after ``warmup`` untimed ones (CUDA work waited for)."""
+
     def once() -> None:
         run()
         if torch.cuda.is_available():
@@ -58,8 +59,9 @@ class FrameCost:
         return {
             "neck": timed(lambda: heads.tracker_features(self.trunk), self.repeats),
             "mask_decoder": timed(lambda: heads.decode_each(embeddings, None, None, True), self.repeats),
-            "memory_encoder": timed(lambda: tracker._encode_new_memory(self.feats[-1], high_res, torch.ones(1, 1, 1, device=self.device), False),
-                                    self.repeats),
+            "memory_encoder": timed(
+                lambda: tracker._encode_new_memory(self.feats[-1], high_res, torch.ones(1, 1, 1, device=self.device), False), self.repeats
+            ),
         }
 
     @torch.no_grad()
@@ -69,9 +71,18 @@ class FrameCost:
         pointers = spec.max_pointers * spec.pointer_tokens
         dense = torch.randn(spec.memory_frames * g.grid**2 + pointers, 1, g.memory_channels, device=self.device)
         attention = self.heads.tracker_model.memory_attention
-        parts = {"memory_attention": timed(lambda: attention(
-            current_vision_features=self.feats[-1], memory=dense, current_vision_position_embeddings=self.positions[-1],
-            memory_posision_embeddings=torch.randn_like(dense), num_object_pointer_tokens=pointers), self.repeats)}
+        parts = {
+            "memory_attention": timed(
+                lambda: attention(
+                    current_vision_features=self.feats[-1],
+                    memory=dense,
+                    current_vision_position_embeddings=self.positions[-1],
+                    memory_posision_embeddings=torch.randn_like(dense),
+                    num_object_pointer_tokens=pointers,
+                ),
+                self.repeats,
+            )
+        }
         if trunk_repeats:
             from transformers.models.sam3.modeling_sam3 import Sam3ViTModel
 
@@ -85,8 +96,10 @@ class FrameCost:
         g, spec, device = self.heads.geometry, self.spec, self.device
         position = torch.randn(1, g.memory_channels, g.grid, g.grid, device=device)
         latents = memory.compress(torch.randn(1, g.memory_channels, g.grid, g.grid, device=device), position)
-        bank = memory.bank([(k, latents) for k in range(spec.memory_frames)],
-                           [(k, torch.randn(1, g.hidden, device=device)) for k in range(spec.max_pointers)])
+        bank = memory.bank(
+            [(k, latents) for k in range(spec.memory_frames)],
+            [(k, torch.randn(1, g.hidden, device=device)) for k in range(spec.max_pointers)],
+        )
         top = self.feats[-1].permute(1, 2, 0).reshape(1, g.hidden, g.grid, g.grid)
         top_position = self.positions[-1].permute(1, 2, 0).reshape(1, g.hidden, g.grid, g.grid)
         size = encoder.spec.image_size
@@ -94,7 +107,9 @@ class FrameCost:
         return {
             "encoder": timed(lambda: encoder(pixels), self.repeats),
             "memory_attention": timed(lambda: memory(top, top_position, bank), self.repeats),
-            "perceiver": timed(lambda: memory.compress(torch.randn(1, g.memory_channels, g.grid, g.grid, device=device), position), self.repeats),
+            "perceiver": timed(
+                lambda: memory.compress(torch.randn(1, g.memory_channels, g.grid, g.grid, device=device), position), self.repeats
+            ),
         }
 
 

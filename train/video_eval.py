@@ -53,18 +53,32 @@ class VideoEval:
 
 
 def evaluate_video_store(
-    model: VideoStudentModel, store_uri: str | None = None, version: int | None = None, split: str = "val",
-    val_percent: float | None = None, s3_endpoint: str | None = None, limit: int | None = None,
+    model: VideoStudentModel,
+    store_uri: str | None = None,
+    version: int | None = None,
+    split: str = "val",
+    val_percent: float | None = None,
+    s3_endpoint: str | None = None,
+    limit: int | None = None,
 ) -> VideoEval:
     """J&F on a store split's videos (by default the store and held-out share the model was trained with)."""
     store, uri, version, percent = eval_source(model, store_uri, version, val_percent, s3_endpoint)
     device = next(model.parameters()).device
     geometry = model.heads.geometry
-    frames = StoreDataset(store, "frames", version=version, split=split, val_percent=percent, fields=("input", "memory", "gt"),
-                          decode_on="device" if device.type == "cuda" else "cpu",
-                          input_size=model.student.spec.image_size if model.student.spec.image_size != geometry.image_size else None)
+    frames = StoreDataset(
+        store,
+        "frames",
+        version=version,
+        split=split,
+        val_percent=percent,
+        fields=("input", "memory", "gt"),
+        decode_on="device" if device.type == "cuda" else "cpu",
+        input_size=model.student.spec.image_size if model.student.spec.image_size != geometry.image_size else None,
+    )
     if len(frames) == 0:
-        raise EvalError(f"the {split} split of {uri} holds no video frames (--val-percent {percent:g}); pass --split all, or a --val-percent that holds videos out")
+        raise EvalError(
+            f"the {split} split of {uri} holds no video frames (--val-percent {percent:g}); pass --split all, or a --val-percent that holds videos out"
+        )
     clips = ClipDataset(frames, clip_length=1, memory_frames=model.memory.spec.memory_frames, max_pointers=model.memory.spec.max_pointers)
     videos = clips.video_indices()[:limit]
     scores: dict[str, list[ObjectScore]] = {"gt": [], "teacher": [], "teacher_gt": []}
@@ -80,10 +94,15 @@ def evaluate_video_store(
         tracked += len(indices)
         _score_video(batch, outputs, scores, cosines)
     return VideoEval(
-        split=split, videos=len(videos), objects=len(scores["gt"]), frames=tracked,
-        jf_gt=summarize(scores["gt"]).to_dict(), jf_teacher=summarize(scores["teacher"]).to_dict(),
+        split=split,
+        videos=len(videos),
+        objects=len(scores["gt"]),
+        frames=tracked,
+        jf_gt=summarize(scores["gt"]).to_dict(),
+        jf_teacher=summarize(scores["teacher"]).to_dict(),
         teacher_jf_gt=summarize(scores["teacher_gt"]).to_dict(),
-        memory_cosine=float(np.mean(cosines)) if cosines else float("nan"), ms_per_frame=1000 * seconds / max(1, tracked),
+        memory_cosine=float(np.mean(cosines)) if cosines else float("nan"),
+        ms_per_frame=1000 * seconds / max(1, tracked),
         store_version=frames.version,
     )
 
@@ -168,7 +187,9 @@ def davis_videos(root: Path) -> list[tuple[str, list[Path], list[Path]]]:
         if not frames:
             raise EvalError(f"--davis {root}: {video} holds no .jpg frames")
         if missing:
-            raise EvalError(f"--davis {root}: {len(missing)} frame(s) of {video.name} have no annotation, e.g. {missing[0]}; J&F needs every frame annotated")
+            raise EvalError(
+                f"--davis {root}: {len(missing)} frame(s) of {video.name} have no annotation, e.g. {missing[0]}; J&F needs every frame annotated"
+            )
         out.append((video.name, frames, masks))
     if not out:
         raise EvalError(f"--davis {root}: JPEGImages/ holds no video folders")
@@ -192,7 +213,9 @@ def evaluate_davis(model: VideoStudentModel, root: Path, limit: int | None = Non
         prompts = []
         for k in objects:
             start = int(np.flatnonzero((labels == k).any(axis=(1, 2)))[0])
-            prompts.append(ObjectPrompt(k, start, VideoPrompt.MASK, None, None, model_frame_mask((labels[start] == k).astype(np.float32), size)))
+            prompts.append(
+                ObjectPrompt(k, start, VideoPrompt.MASK, None, None, model_frame_mask((labels[start] == k).astype(np.float32), size))
+            )
         pixels = torch.stack([resize_uint8(load_image(p), student_size) for p in frame_paths])
         started = time.perf_counter()
         tracks = model.track(pixels, prompts)
@@ -203,7 +226,9 @@ def evaluate_davis(model: VideoStudentModel, root: Path, limit: int | None = Non
         video_scores = []
         for j, prompt in enumerate(prompts):
             frames = range(prompt.frame, len(labels))
-            video_scores.append(score_object(name, prompt.object_id, [ours[t][j] for t in frames], [labels[t] == prompt.object_id for t in frames]))
+            video_scores.append(
+                score_object(name, prompt.object_id, [ours[t][j] for t in frames], [labels[t] == prompt.object_id for t in frames])
+            )
         scores += video_scores
         per_video[name] = summarize(video_scores).jf
     summary: JFSummary = summarize(scores)

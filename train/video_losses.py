@@ -70,13 +70,18 @@ def _group_terms(batch: dict[str, Any], out: Decoded, with_gt: bool) -> dict[str
     bce, dice = mask_terms(picked, batch["mask_logits"][row, slot].float().sigmoid())
     terms["mask_bce"], terms["mask_dice"] = (bce, clip), (dice, clip)
     score = out.score.float()
-    terms["score_bce"] = (F.binary_cross_entropy_with_logits(score, batch["object_score"][row, slot].float().sigmoid(), reduction="none"), clip)
+    terms["score_bce"] = (
+        F.binary_cross_entropy_with_logits(score, batch["object_score"][row, slot].float().sigmoid(), reduction="none"),
+        clip,
+    )
     if with_gt:
         gt = batch["gt_masks"][row, slot].float()
         present = gt.flatten(1).any(1)
         logits = out.logits.float()
         targets = gt[:, None].expand_as(logits)
-        combined = FOCAL_WEIGHT * focal(logits, targets) + DICE_WEIGHT * mask_terms(logits.flatten(0, 1), targets.flatten(0, 1))[1].view(logits.shape[:2])
+        combined = FOCAL_WEIGHT * focal(logits, targets) + DICE_WEIGHT * mask_terms(logits.flatten(0, 1), targets.flatten(0, 1))[1].view(
+            logits.shape[:2]
+        )
         best = combined.argmin(dim=1)  # SAM2: only the output of lowest loss learns its mask
         rows = torch.arange(len(best), device=best.device)
         iou_error = (out.iou.float() - true_iou(logits, targets)).abs().mean(1)
@@ -92,7 +97,9 @@ def stage2_terms(batch: dict[str, Any], outputs: list[Decoded], weights: VideoLo
     for out in outputs:
         for name, value in _group_terms(batch, out, weights.gt > 0).items():
             collected[name].append(value)
-    names = ["memory_mse", "memory_cosine", "mask_bce", "mask_dice", "score_bce"] + (["gt_mask", "gt_iou", "gt_score"] if weights.gt > 0 else [])
+    names = ["memory_mse", "memory_cosine", "mask_bce", "mask_dice", "score_bce"] + (
+        ["gt_mask", "gt_iou", "gt_score"] if weights.gt > 0 else []
+    )
     device = batch["input"].device
     terms = {}
     for name in names:

@@ -47,8 +47,9 @@ class Tracks:
     def frame_masks(self, t: int, height: int, width: int) -> np.ndarray:
         """bool (N, H, W) of frame ``t`` at the video's size: each object's picked mask where it is judged present, one
         object per pixel (where masks overlap, the one of the highest logit), as video segmentation results are."""
-        logits = F.interpolate(torch.nan_to_num(self.logits[t].float(), nan=-1.0)[None], size=(height, width), mode="bilinear",
-                               align_corners=False)[0]
+        logits = F.interpolate(
+            torch.nan_to_num(self.logits[t].float(), nan=-1.0)[None], size=(height, width), mode="bilinear", align_corners=False
+        )[0]
         present = torch.nan_to_num(self.scores[t], nan=-1.0) > 0
         logits = torch.where((logits > 0) & present[:, None, None], logits, torch.full_like(logits, -torch.inf))
         best = logits.argmax(dim=0)
@@ -88,7 +89,11 @@ class VideoStudentModel(StudentModel):
 
     @classmethod
     def from_checkpoint(
-        cls, path: Path, heads: TeacherHeads | None = None, device: str | torch.device = "cpu", s3_endpoint: str | None = None,
+        cls,
+        path: Path,
+        heads: TeacherHeads | None = None,
+        device: str | torch.device = "cpu",
+        s3_endpoint: str | None = None,
     ) -> VideoStudentModel:
         """A stage-2 checkpoint (or run folder) + its store's heads."""
         from esam3.pipeline.object_store import S3Settings
@@ -105,8 +110,13 @@ class VideoStudentModel(StudentModel):
         if heads is None:
             store = Store(document["store"]["uri"], S3Settings.from_environment(s3_endpoint or document["config"].get("s3_endpoint")))
             heads = load_store_heads(store, device, memory_attention=False)
-        provenance = {"checkpoint": str(checkpoint), "store": document["store"], "config": document["config"],
-                      "versions": document.get("versions", {}), "init": document.get("init")}
+        provenance = {
+            "checkpoint": str(checkpoint),
+            "store": document["store"],
+            "config": document["config"],
+            "versions": document.get("versions", {}),
+            "init": document.get("init"),
+        }
         return cls(student, heads, memory, provenance).to(device).eval()
 
     def save(self, out: Path) -> ExportReport:
@@ -148,7 +158,9 @@ class VideoStudentModel(StudentModel):
             scores[out.row, out.slot] = out.score.float()
         for k, (row, slot) in enumerate(zip(batch["cond_row"].tolist(), batch["cond_slot"].tolist())):
             if prompts[slot].mask is not None:  # the prompt mask is the output on its own frame
-                low = F.interpolate(batch["cond_masks"][k][None, None], size=(m, m), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+                low = F.interpolate(batch["cond_masks"][k][None, None], size=(m, m), mode="bilinear", align_corners=False, antialias=True)[
+                    0, 0
+                ]
                 logits[row, slot] = torch.where(low >= 0.5, MASK_LOGIT, -MASK_LOGIT).half()
                 scores[row, slot] = MASK_LOGIT if bool(low.max() >= 0.5) else -MASK_LOGIT
         return Tracks([p.object_id for p in prompts], logits, scores)
@@ -162,11 +174,17 @@ class VideoStudentModel(StudentModel):
         frames = torch.arange(t_len, device=device)[:, None]
         ids = torch.tensor([p.object_id for p in prompts], device=device)
         return {
-            "key": [f"frame/{t}" for t in range(t_len)], "input": pixels,
-            "object_ids": torch.where(frames >= start, ids, torch.full_like(ids, -1)), "object_valid": frames >= start,
-            "is_conditioning": frames == start, "frame_number": frames[:, 0],
-            "cond_row": start, "cond_slot": torch.arange(n, device=device), **prompt_tensors(prompts, self.heads.geometry.image_size, device),
-            "bank": None, "pointers": None,
+            "key": [f"frame/{t}" for t in range(t_len)],
+            "input": pixels,
+            "object_ids": torch.where(frames >= start, ids, torch.full_like(ids, -1)),
+            "object_valid": frames >= start,
+            "is_conditioning": frames == start,
+            "frame_number": frames[:, 0],
+            "cond_row": start,
+            "cond_slot": torch.arange(n, device=device),
+            **prompt_tensors(prompts, self.heads.geometry.image_size, device),
+            "bank": None,
+            "pointers": None,
         }
 
 
@@ -192,8 +210,12 @@ def video_frames(path: Path, max_frames: int | None = None) -> Iterator[np.ndarr
         raise TrainingInputError(f"--video {path}: no decodable frames")
 
 
-def read_video(path: Path, size: int, max_frames: int | None = None, keep: Callable[[int], bool] | None = None,
-               ) -> tuple[torch.Tensor, tuple[int, int], dict[int, np.ndarray]]:
+def read_video(
+    path: Path,
+    size: int,
+    max_frames: int | None = None,
+    keep: Callable[[int], bool] | None = None,
+) -> tuple[torch.Tensor, tuple[int, int], dict[int, np.ndarray]]:
     """A video as the tracker's input: uint8 (T, 3, size, size), squashed frame by frame (the full-size frames are
     not held), its (height, width), and the full-size frames whose index ``keep`` accepts (a strip's)."""
     from esam3.workers.preprocess import resize_uint8
@@ -208,7 +230,11 @@ def read_video(path: Path, size: int, max_frames: int | None = None, keep: Calla
 
 
 def first_frame_prompts(
-    size: tuple[int, int], model_size: int, points: np.ndarray, boxes: np.ndarray, labels: np.ndarray | None,
+    size: tuple[int, int],
+    model_size: int,
+    points: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray | None,
 ) -> tuple[list[ObjectPrompt], list[str]]:
     """Prompts on frame 0 in image pixels -> tracker prompts in the S x S teacher frame, and a name for each object:
     one per click (x, y), per box (x0, y0, x1, y1), and per value of a label image (0 background, 255 ignored)."""

@@ -77,9 +77,7 @@ def concept_targets(teacher: Any, trunk: torch.Tensor, phrases: Sequence[str], c
     detector = teacher.heads.require_detector()
     text_config = teacher.model.config.detector_config.text_config
     tokenizer = load_tokenizer(teacher.card.checkpoint_dir, text_config.max_position_embeddings, text_config.vocab_size)
-    tokens = tokenizer(
-        phrases, padding="max_length", truncation=True, max_length=text_config.max_position_embeddings, return_tensors="pt"
-    )
+    tokens = tokenizer(phrases, padding="max_length", truncation=True, max_length=text_config.max_position_embeddings, return_tensors="pt")
     trunk = one_trunk(trunk, teacher.geometry)
     device = teacher.device
     input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)

@@ -105,8 +105,7 @@ def check_sizes(config: Any, where: str) -> None:
     wrong = [f"{name} is {got}, expected {want}" for name, (got, want) in expected.items() if got != want]
     if wrong:
         raise TeacherLoadError(
-            f"{where}: sizes disagree with the detector ViT ({size} px, patch {patch}, {grid}x{grid} tokens): "
-            + "; ".join(wrong)
+            f"{where}: sizes disagree with the detector ViT ({size} px, patch {patch}, {grid}x{grid} tokens): " + "; ".join(wrong)
         )
 
 
@@ -233,8 +232,13 @@ class TeacherHeads(nn.Module):
     # ---- prompts ---------------------------------------------------------------------------------------
 
     def decode_prompts(
-        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
-        image: torch.Tensor | None = None, choose: torch.Tensor | None = None,
+        self,
+        embeddings: list[torch.Tensor],
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        boxes: torch.Tensor,
+        image: torch.Tensor | None = None,
+        choose: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the tracker's prompt encoder and mask decoder for K prompts on one image (or on several).
 
@@ -269,7 +273,11 @@ class TeacherHeads(nn.Module):
             rows = torch.nonzero((keys == key).all(dim=-1)).flatten()
             n, box = int(key[0]), bool(key[1])
             group = self._decode_group(
-                embeddings, points[rows, :n], labels[rows, :n], boxes[rows] if box else None, None if image is None else image[rows],
+                embeddings,
+                points[rows, :n],
+                labels[rows, :n],
+                boxes[rows] if box else None,
+                None if image is None else image[rows],
                 None if choose is None else choose[rows],
             )
             for name, value in group.items():
@@ -279,8 +287,13 @@ class TeacherHeads(nn.Module):
         return out
 
     def _decode_group(
-        self, embeddings: list[torch.Tensor], points: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor | None,
-        image: torch.Tensor | None, choose: torch.Tensor | None = None,
+        self,
+        embeddings: list[torch.Tensor],
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        boxes: torch.Tensor | None,
+        image: torch.Tensor | None,
+        choose: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """One image's prompts as the decoder's point batch (``image`` None), or each prompt with its own image."""
         tracker = self.tracker_model
@@ -296,17 +309,24 @@ class TeacherHeads(nn.Module):
         if choose is not None:
             passes = tuple(bool(v) for v in torch.unique(choose > 0))
             if len(passes) != 1 or passes[0] != self.uses_multimask(points.shape[1]):
-                raise ValueError(f"choose: a prompt of {points.shape[1]} point(s) is judged by its {'multimask' if self.uses_multimask(points.shape[1]) else 'single-mask'} output")
+                raise ValueError(
+                    f"choose: a prompt of {points.shape[1]} point(s) is judged by its {'multimask' if self.uses_multimask(points.shape[1]) else 'single-mask'} output"
+                )
         if per_prompt:
-            sparse, dense = tracker.prompt_encoder(input_points=points[:, None], input_labels=labels[:, None], input_boxes=None, input_masks=None)
+            sparse, dense = tracker.prompt_encoder(
+                input_points=points[:, None], input_labels=labels[:, None], input_boxes=None, input_masks=None
+            )
             results = {multimask: self._run_decoder(embeddings, sparse, dense, multimask) for multimask in passes}
         else:
             sparse, dense = tracker.prompt_encoder(input_points=points[None], input_labels=labels[None], input_boxes=None, input_masks=None)
             results = {}
             for multimask in passes:  # one image, the K prompts as its point batch: (1, K, ...) -> (K, ...)
                 masks, iou, tokens, score = tracker.mask_decoder(
-                    image_embeddings=embeddings[-1], image_positional_embeddings=tracker.get_image_wide_positional_embeddings(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+                    image_embeddings=embeddings[-1],
+                    image_positional_embeddings=tracker.get_image_wide_positional_embeddings(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
                     high_resolution_features=embeddings[:-1],
                 )
                 results[multimask] = (masks[0], iou[0], tokens[0], score[0, :, 0])
@@ -339,13 +359,19 @@ class TeacherHeads(nn.Module):
         masks, iou, tokens, score = tracker.mask_decoder(
             image_embeddings=embeddings[-1],
             image_positional_embeddings=tracker.get_image_wide_positional_embeddings().expand(len(embeddings[-1]), -1, -1, -1),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
             high_resolution_features=embeddings[:-1],
         )
         return masks[:, 0], iou[:, 0], tokens[:, 0], score[:, 0, 0]
 
     def decode_each(
-        self, embeddings: list[torch.Tensor], points: torch.Tensor | None, labels: torch.Tensor | None, multimask: bool,
+        self,
+        embeddings: list[torch.Tensor],
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        multimask: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tracker's decoder for K image rows (``embeddings`` per level, K rows each), one prompt per row:
         ``points`` (K, P, 2) / ``labels`` (K, P) in SAM's pixel-index convention (a box as corner labels 2, 3), or
@@ -356,7 +382,10 @@ class TeacherHeads(nn.Module):
             points = torch.zeros(k, 1, 2, device=device, dtype=embeddings[-1].dtype)
             labels = -torch.ones(k, 1, dtype=torch.int32, device=device)
         sparse, dense = self.tracker_model.prompt_encoder(
-            input_points=points[:, None], input_labels=labels[:, None].to(torch.int32), input_boxes=None, input_masks=None,
+            input_points=points[:, None],
+            input_labels=labels[:, None].to(torch.int32),
+            input_boxes=None,
+            input_masks=None,
         )
         return self._run_decoder(embeddings, sparse, dense, multimask)
 
@@ -373,7 +402,9 @@ class TeacherHeads(nn.Module):
         """
         config = self.tracker_model.config
         n_points = ((labels >= 0).sum(dim=-1) + 2 * (~torch.isnan(boxes).any(dim=-1)).long()).to(iou.device)
-        multimask = (n_points >= config.multimask_min_pt_num) & (n_points <= config.multimask_max_pt_num) & bool(config.multimask_output_in_sam)
+        multimask = (
+            (n_points >= config.multimask_min_pt_num) & (n_points <= config.multimask_max_pt_num) & bool(config.multimask_output_in_sam)
+        )
         return torch.where(multimask, 1 + iou[:, 1:].argmax(dim=-1), torch.zeros_like(n_points))
 
     def _object_pointer(self, token: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

@@ -71,9 +71,7 @@ def to_model_frame(xy: np.ndarray, image_size: tuple[int, int], model_size: int)
     return (xy * scale).astype(np.float32)
 
 
-def jittered_box(
-    runs: Runs, rng: np.random.Generator, jitter: float, max_px: float
-) -> np.ndarray:
+def jittered_box(runs: Runs, rng: np.random.Generator, jitter: float, max_px: float) -> np.ndarray:
     """The mask's tight XYXY box with bounded Gaussian noise per coordinate, clipped to the image."""
     box = np.asarray(runs.bbox_xyxy(), dtype=np.float64)
     side = np.array([box[2] - box[0], box[3] - box[1]] * 2)
@@ -101,8 +99,12 @@ def negative_points(runs: Runs, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.zeros((0, 2))
     x0, y0, x1, y1 = runs.bbox_xyxy()
     grow_x, grow_y = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
-    near = (max(0, int(y0 - grow_y)), min(runs.height, int(np.ceil(y1 + grow_y))),
-            max(0, int(x0 - grow_x)), min(runs.width, int(np.ceil(x1 + grow_x))))
+    near = (
+        max(0, int(y0 - grow_y)),
+        min(runs.height, int(np.ceil(y1 + grow_y))),
+        max(0, int(x0 - grow_x)),
+        min(runs.width, int(np.ceil(x1 + grow_x))),
+    )
     found: list[int] = []  # flat column-major pixel indices, in draw order
     for r0, r1, c0, c1 in (near, (0, runs.height, 0, runs.width)):
         rows = rng.integers(r0, r1, _NEGATIVE_TRIES * n)
@@ -130,9 +132,7 @@ def _extend_unique(found: list[int], candidates: np.ndarray, n: int) -> None:
             found.append(value)
 
 
-def sample_prompts(
-    key: str, masks: Sequence[Runs], image_size: tuple[int, int], model_size: int, config: PromptConfig
-) -> PromptSet:
+def sample_prompts(key: str, masks: Sequence[Runs], image_size: tuple[int, int], model_size: int, config: PromptConfig) -> PromptSet:
     """Sample prompts for the image ``key`` from its validated masks (see the module docstring for the rules)."""
     height, width = image_size
     for index, runs in enumerate(masks):

@@ -74,7 +74,9 @@ class _ReadShard:
                 if attempt == attempts:
                     raise ShardReadError(f"{exc} (read {attempts} times)") from exc
                 pause = RETRY_PAUSE_S * 2 ** (attempt - 1)
-                log.warning("%s: %s; reading it again in %.0f s (attempt %d of %d)", shard.name, first_line(exc), pause, attempt + 1, attempts)
+                log.warning(
+                    "%s: %s; reading it again in %.0f s (attempt %d of %d)", shard.name, first_line(exc), pause, attempt + 1, attempts
+                )
                 retries[0] += 1
                 time.sleep(pause)
 
@@ -95,8 +97,16 @@ class _ReadShard:
             if len(rows) == self.batch_rows:
                 yield pa.Table.from_pylist(rows, schema=WORK)
                 rows = []
-        rows.append({"kind": KIND_END, "dataset": shard.dataset.value, "shard": shard.name, "count": store_rows,
-                     "samples": samples, "retries": retries[0]})
+        rows.append(
+            {
+                "kind": KIND_END,
+                "dataset": shard.dataset.value,
+                "shard": shard.name,
+                "count": store_rows,
+                "samples": samples,
+                "retries": retries[0],
+            }
+        )
         yield pa.Table.from_pylist(rows, schema=WORK)
 
     def _checked_row(self, shard: ShardRef, item: Any) -> dict[str, Any]:
@@ -175,7 +185,10 @@ def rle_value(rle: Any) -> dict[str, Any]:
 
 def failure_row(failure: Failure) -> dict[str, Any]:
     return {
-        "kind": KIND_FAILURE, "dataset": failure.dataset, "shard": failure.shard, "member": failure.member,
+        "kind": KIND_FAILURE,
+        "dataset": failure.dataset,
+        "shard": failure.shard,
+        "member": failure.member,
         "reason": failure.reason,
     }
 
@@ -203,24 +216,38 @@ class ReadVideos(_ReadShard):
         masks = [p.mask for p in work.prompts if p.mask is not None]
         prompts, mask_index = [], 0
         for p in work.prompts:
-            prompts.append({
-                "object_id": p.object_id, "frame": p.frame, "kind": p.kind.value,
-                "points": None if p.points is None else p.points.tolist(),
-                "labels": None if p.labels is None else p.labels.tolist(),
-                "mask_index": mask_index if p.mask is not None else None,
-            })
+            prompts.append(
+                {
+                    "object_id": p.object_id,
+                    "frame": p.frame,
+                    "kind": p.kind.value,
+                    "points": None if p.points is None else p.points.tolist(),
+                    "labels": None if p.labels is None else p.labels.tolist(),
+                    "mask_index": mask_index if p.mask is not None else None,
+                }
+            )
             mask_index += p.mask is not None
         height, width = item.frames.shape[1:3]
         column = {object_id: j for j, object_id in enumerate(item.record.masklet_id)}
         frame_masks = [
-            {str(p.object_id): rle_value(item.record.masklet[int(index) // SAV_ANNOTATION_STRIDE][column[p.object_id]]) for p in work.prompts}
+            {
+                str(p.object_id): rle_value(item.record.masklet[int(index) // SAV_ANNOTATION_STRIDE][column[p.object_id]])
+                for p in work.prompts
+            }
             for index in work.frame_indices.tolist()
         ]
         return {
-            "kind": KIND_SAMPLE, "dataset": shard.dataset.value, "shard": shard.name, "key": item.key,
-            "member": item.member, "height": int(height), "width": int(width),
+            "kind": KIND_SAMPLE,
+            "dataset": shard.dataset.value,
+            "shard": shard.name,
+            "key": item.key,
+            "member": item.member,
+            "height": int(height),
+            "width": int(width),
             "transform": json.dumps(transform_record((int(height), int(width)), self.image_size), sort_keys=True),
-            "pixels": work.pixels.tobytes(), "frames": len(work.pixels), "video_frames": work.video_frames,
+            "pixels": work.pixels.tobytes(),
+            "frames": len(work.pixels),
+            "video_frames": work.video_frames,
             "frame_indices": work.frame_indices.astype(np.int64).tobytes(),
             "video_prompts": json.dumps(prompts),
             "prompt_masks": np.stack(masks).astype(np.float32).tobytes() if masks else b"",

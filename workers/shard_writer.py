@@ -75,7 +75,9 @@ class ShardWriter:
         if shard in self._finished:  # a retried task re-delivering a piece of a finished shard
             return self._finished[shard]
         state = self._shards.setdefault(shard, _Shard(shard))
-        small = piece.select(["kind", "key", "member", "reason", "weight", "end_count", "end_samples", "end_retries", "stored_bytes"]).to_pylist()
+        small = piece.select(
+            ["kind", "key", "member", "reason", "weight", "end_count", "end_samples", "end_retries", "stored_bytes"]
+        ).to_pylist()
         new_rows = [i for i, r in enumerate(small) if r["kind"] == KIND_SAMPLE and r["key"] not in state.keys]
         new_bytes = 0
         for i in new_rows:
@@ -96,8 +98,19 @@ class ShardWriter:
         self._check_stream(state)
         if state.aborted is not None or state.complete:
             return self._finish(state)
-        return {"shard": shard, "final": False, "rows": len(new_rows), "fragments": "[]", "keys": "[]", "bytes": 0,
-                "failures": "[]", "end_count": -1, "end_samples": -1, "read_retries": 0, "aborted": None}
+        return {
+            "shard": shard,
+            "final": False,
+            "rows": len(new_rows),
+            "fragments": "[]",
+            "keys": "[]",
+            "bytes": 0,
+            "failures": "[]",
+            "end_count": -1,
+            "end_samples": -1,
+            "read_retries": 0,
+            "aborted": None,
+        }
 
     def _stream(self, state: _Shard, rows: pa.Table) -> None:
         if state.thread is None:
@@ -124,8 +137,11 @@ class ShardWriter:
 
         try:
             written = write_fragments(
-                pa.RecordBatchReader.from_batches(self.schema, batches()), self.table_uri, schema=self.schema,
-                data_storage_version=LANCE_FILE_VERSION, storage_options=self.storage_options or None,
+                pa.RecordBatchReader.from_batches(self.schema, batches()),
+                self.table_uri,
+                schema=self.schema,
+                data_storage_version=LANCE_FILE_VERSION,
+                storage_options=self.storage_options or None,
             )
             state.fragments = [f.to_json() for f in written]
         except BaseException as exc:  # noqa: BLE001 - reported by the next add of this shard
@@ -162,11 +178,17 @@ class ShardWriter:
         self._check_stream(state)
         del self._shards[state.name]
         entry = {
-            "shard": state.name, "final": True, "rows": state.rows,
+            "shard": state.name,
+            "final": True,
+            "rows": state.rows,
             "fragments": json.dumps(state.fragments if state.aborted is None else []),
-            "keys": json.dumps(state.key_order), "bytes": state.bytes,
+            "keys": json.dumps(state.key_order),
+            "bytes": state.bytes,
             "failures": json.dumps([{"member": m, "reason": r, "weight": w} for (m, r), w in state.failures.items()]),
-            "end_count": state.end_count, "end_samples": state.end_samples, "read_retries": state.retries, "aborted": state.aborted,
+            "end_count": state.end_count,
+            "end_samples": state.end_samples,
+            "read_retries": state.retries,
+            "aborted": state.aborted,
         }
         self._finished[state.name] = entry
         return entry

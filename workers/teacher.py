@@ -224,9 +224,7 @@ def prompt_targets(
     trunk = one_trunk(trunk, heads.geometry)
     if len(prompts) == 0:
         m, hidden = heads.geometry.mask_size, heads.geometry.hidden
-        return PromptTargets(
-            torch.zeros(0, 3, m, m), torch.zeros(0, 1, m, m), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, hidden)
-        )
+        return PromptTargets(torch.zeros(0, 3, m, m), torch.zeros(0, 1, m, m), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, hidden))
     with torch.inference_mode(), autocast():
         embeddings = heads.image_embeddings(trunk.to(device))
         out = heads.decode_prompts(embeddings, *prompt_tensors(prompts, device))

@@ -76,9 +76,15 @@ def random_config(name: str) -> Any:
     spec = _SPECS[name]
     grid = spec.image_size // 14
     vit = dict(
-        model_type="sam3_vit_model", hidden_size=spec.vit_width, intermediate_size=4 * spec.vit_width,
-        num_hidden_layers=spec.vit_depth, num_attention_heads=spec.vit_heads, image_size=spec.image_size,
-        patch_size=14, window_size=spec.window, global_attn_indexes=list(spec.global_layers),
+        model_type="sam3_vit_model",
+        hidden_size=spec.vit_width,
+        intermediate_size=4 * spec.vit_width,
+        num_hidden_layers=spec.vit_depth,
+        num_attention_heads=spec.vit_heads,
+        image_size=spec.image_size,
+        patch_size=14,
+        window_size=spec.window,
+        global_attn_indexes=list(spec.global_layers),
         pretrain_image_size=spec.image_size,
     )
     levels = [[4 * grid, 4 * grid], [2 * grid, 2 * grid], [grid, grid]]
@@ -87,28 +93,45 @@ def random_config(name: str) -> Any:
     detector = Sam3Config(
         vision_config=vision,
         text_config=dict(
-            vocab_size=spec.text_vocab, hidden_size=spec.text_width, intermediate_size=4 * spec.text_width,
-            projection_dim=spec.text_width, num_hidden_layers=spec.text_depth,
-            num_attention_heads=max(1, spec.text_width // 64), max_position_embeddings=32,
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,  # ids of character_tokenizer's specials
+            vocab_size=spec.text_vocab,
+            hidden_size=spec.text_width,
+            intermediate_size=4 * spec.text_width,
+            projection_dim=spec.text_width,
+            num_hidden_layers=spec.text_depth,
+            num_attention_heads=max(1, spec.text_width // 64),
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,  # ids of character_tokenizer's specials
         ),
-        geometry_encoder_config=dict(hidden_size=spec.hidden, num_layers=1, num_attention_heads=heads,
-                                     intermediate_size=spec.decoder_mlp),
-        detr_encoder_config=dict(hidden_size=spec.hidden, num_layers=spec.detr_layers, num_attention_heads=heads,
-                                 intermediate_size=spec.decoder_mlp),
-        detr_decoder_config=dict(hidden_size=spec.hidden, num_layers=spec.detr_layers, num_queries=spec.queries,
-                                 num_attention_heads=heads, intermediate_size=spec.decoder_mlp),
+        geometry_encoder_config=dict(hidden_size=spec.hidden, num_layers=1, num_attention_heads=heads, intermediate_size=spec.decoder_mlp),
+        detr_encoder_config=dict(
+            hidden_size=spec.hidden, num_layers=spec.detr_layers, num_attention_heads=heads, intermediate_size=spec.decoder_mlp
+        ),
+        detr_decoder_config=dict(
+            hidden_size=spec.hidden,
+            num_layers=spec.detr_layers,
+            num_queries=spec.queries,
+            num_attention_heads=heads,
+            intermediate_size=spec.decoder_mlp,
+        ),
         mask_decoder_config=dict(hidden_size=spec.hidden, num_attention_heads=heads),
     )
     tracker = Sam3TrackerVideoConfig(
         vision_config=dict(backbone_config=vit, fpn_hidden_size=spec.hidden, backbone_feature_sizes=levels),
         prompt_encoder_config=dict(hidden_size=spec.hidden, image_size=spec.image_size, patch_size=14),
-        mask_decoder_config=dict(hidden_size=spec.hidden, mlp_dim=spec.decoder_mlp, num_attention_heads=heads,
-                                 iou_head_hidden_dim=spec.hidden),
-        memory_attention_hidden_size=spec.hidden, memory_attention_num_layers=spec.memory_layers,
-        memory_attention_feed_forward_hidden_size=spec.decoder_mlp, memory_encoder_hidden_size=spec.hidden,
-        memory_encoder_output_channels=64, mask_downsampler_embed_dim=spec.hidden, memory_fuser_embed_dim=spec.hidden,
-        memory_fuser_intermediate_dim=4 * spec.hidden, image_size=spec.image_size,
+        mask_decoder_config=dict(
+            hidden_size=spec.hidden, mlp_dim=spec.decoder_mlp, num_attention_heads=heads, iou_head_hidden_dim=spec.hidden
+        ),
+        memory_attention_hidden_size=spec.hidden,
+        memory_attention_num_layers=spec.memory_layers,
+        memory_attention_feed_forward_hidden_size=spec.decoder_mlp,
+        memory_encoder_hidden_size=spec.hidden,
+        memory_encoder_output_channels=64,
+        mask_downsampler_embed_dim=spec.hidden,
+        memory_fuser_embed_dim=spec.hidden,
+        memory_fuser_intermediate_dim=4 * spec.hidden,
+        image_size=spec.image_size,
     )
     return Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict())
 
@@ -193,7 +216,9 @@ def _quiet_transformers() -> None:
 
 def check_checkpoint_dir(path: Path) -> dict[str, Any]:
     """Validate a checkpoint directory before loading; returns its parsed ``config.json``."""
-    expected = "a SAM3 checkpoint directory with config.json (model_type sam3_video) and model.safetensors, e.g. a local copy of facebook/sam3"
+    expected = (
+        "a SAM3 checkpoint directory with config.json (model_type sam3_video) and model.safetensors, e.g. a local copy of facebook/sam3"
+    )
     if not path.exists():
         raise TeacherLoadError(f"teacher {path}: no such directory; expected {expected}, or one of {', '.join(RANDOM_TEACHERS)}")
     if not path.is_dir():
@@ -228,7 +253,11 @@ def load_checkpoint(path: Path) -> Any:
     try:
         # Mis-shaped weights are collected (and refused below with their names) rather than raised mid-load.
         model, info = Sam3VideoModel.from_pretrained(
-            path, config=config, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
+            path,
+            config=config,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
             dtype=torch.float32,
         )
     except Exception as exc:  # noqa: BLE001 - a broken file raises OSError, SafetensorError, KeyError (bad index) ...
@@ -236,8 +265,12 @@ def load_checkpoint(path: Path) -> Any:
             f"teacher {path}: cannot load weights ({first_line(exc)}); do config.json and the weights belong together?"
         ) from None
     if info.get("unexpected_keys"):
-        log.warning("teacher %s: %d weights not used by Sam3VideoModel (e.g. %s)", path, len(info["unexpected_keys"]),
-                    _short(sorted(info["unexpected_keys"])[0]))
+        log.warning(
+            "teacher %s: %d weights not used by Sam3VideoModel (e.g. %s)",
+            path,
+            len(info["unexpected_keys"]),
+            _short(sorted(info["unexpected_keys"])[0]),
+        )
     problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
     if problems:
         summary = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {_short(v[0])})" for k, v in problems.items())

@@ -40,8 +40,13 @@ class TeacherImages:
     """
 
     def __init__(
-        self, config: TeacherConfig, checksum: str, with_prompts: bool, threads: int | None = None,
-        basis: tuple[str, str, int, Any] | None = None, codec: FeatureCodec | None = None,
+        self,
+        config: TeacherConfig,
+        checksum: str,
+        with_prompts: bool,
+        threads: int | None = None,
+        basis: tuple[str, str, int, Any] | None = None,
+        codec: FeatureCodec | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)  # Ray reuses workers: set it explicitly, every time
@@ -83,9 +88,7 @@ class TeacherImages:
     def _targets(self, rows: list[dict[str, Any]], samples: list[int]) -> None:
         teacher = self.teacher
         size = teacher.geometry.image_size
-        pixels = torch.stack(
-            [torch.frombuffer(bytearray(rows[i]["pixels"]), dtype=torch.uint8).reshape(3, size, size) for i in samples]
-        )
+        pixels = torch.stack([torch.frombuffer(bytearray(rows[i]["pixels"]), dtype=torch.uint8).reshape(3, size, size) for i in samples])
         trunks = self._trunks(rows, samples, pixels)
         if trunks:
             self.ensure_basis(torch.stack(list(trunks.values())))
@@ -138,8 +141,9 @@ class TeacherImages:
         if self.teacher.device.type == "cuda":
             torch.cuda.empty_cache()  # what an out-of-memory sample left allocated
         if self.streak >= POISON_STREAK:
-            raise RuntimeError(f"the teacher failed on {self.streak} samples in a row (the last: {reason}): the teacher, "
-                               "not the samples, is failing") from exc
+            raise RuntimeError(
+                f"the teacher failed on {self.streak} samples in a row (the last: {reason}): the teacher, not the samples, is failing"
+            ) from exc
         log.warning("teacher failed on a sample: %s", reason)
         return reason
 
@@ -156,8 +160,14 @@ class TeacherImages:
 
 def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, Any]:
     """A sample row turned into a failure row standing for ``count`` store rows."""
-    return {"kind": KIND_FAILURE, "dataset": row["dataset"], "shard": row["shard"], "member": row["member"],
-            "reason": reason, "count": count}
+    return {
+        "kind": KIND_FAILURE,
+        "dataset": row["dataset"],
+        "shard": row["shard"],
+        "member": row["member"],
+        "reason": reason,
+        "count": count,
+    }
 
 
 def target_bytes(tensor: torch.Tensor) -> memoryview:
@@ -265,10 +275,14 @@ def object_prompts_from_json(text: str, masks: bytes, size: int) -> list[ObjectP
     stack = np.frombuffer(masks, dtype=np.float32).reshape(-1, size, size) if masks else None
     prompts = []
     for p in json.loads(text):
-        prompts.append(ObjectPrompt(
-            object_id=p["object_id"], frame=p["frame"], kind=VideoPrompt(p["kind"]),
-            points=None if p["points"] is None else np.asarray(p["points"], dtype=np.float32),
-            labels=None if p["labels"] is None else np.asarray(p["labels"], dtype=np.int32),
-            mask=None if p["mask_index"] is None else stack[p["mask_index"]],
-        ))
+        prompts.append(
+            ObjectPrompt(
+                object_id=p["object_id"],
+                frame=p["frame"],
+                kind=VideoPrompt(p["kind"]),
+                points=None if p["points"] is None else np.asarray(p["points"], dtype=np.float32),
+                labels=None if p["labels"] is None else np.asarray(p["labels"], dtype=np.int32),
+                mask=None if p["mask_index"] is None else stack[p["mask_index"]],
+            )
+        )
     return prompts

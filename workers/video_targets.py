@@ -157,8 +157,13 @@ def track(
     # A placeholder "video" of empty frames fixes num_frames (which sets the pointer window like a full video);
     # the frames' features always come from the cache filled below, never from pixels.
     session = Sam3TrackerVideoInferenceSession(
-        video=torch.empty(num_frames, 0), video_height=size, video_width=size, inference_device=device,
-        inference_state_device=device, video_storage_device=device, dtype=torch.float32,
+        video=torch.empty(num_frames, 0),
+        video_height=size,
+        video_width=size,
+        inference_device=device,
+        inference_state_device=device,
+        video_storage_device=device,
+        dtype=torch.float32,
     )
     by_frame: dict[int, list[ObjectPrompt]] = {}
     for prompt in prompts:
@@ -220,7 +225,9 @@ def prepare_video(sample: VideoSample, config: VideoTargetConfig, size: int) -> 
     frames = annotated_masks(sample, config.max_frames)
     prompts = object_prompts(sample.key, frames, sample.record.masklet_id, size, config) if frames else []
     positions = [position for position, _ in frames]
-    pixels = np.stack([resize_uint8(sample.frames[p], size).numpy() for p in positions]) if positions else np.zeros((0, 3, size, size), np.uint8)
+    pixels = (
+        np.stack([resize_uint8(sample.frames[p], size).numpy() for p in positions]) if positions else np.zeros((0, 3, size, size), np.uint8)
+    )
     return VideoWork(sample.key, pixels, sample.frame_indices[positions].astype(np.int64), prompts, max(len(sample.masks), len(positions)))
 
 

@@ -65,8 +65,14 @@ class _EncodeTable:
 
     def provenance(self, row: dict[str, Any]) -> dict[str, Any]:
         out = {name: row[name] for name in ("key", "shard", "member", "height", "width", "precision")}
-        out.update(run_id=self.run_id, teacher=self.teacher, codec=self.codec.value, preprocess=row["transform"],
-                   prompt_seed=self.prompt_seed, gt_masks=json.loads(row["gt_masks"]))
+        out.update(
+            run_id=self.run_id,
+            teacher=self.teacher,
+            codec=self.codec.value,
+            preprocess=row["transform"],
+            prompt_seed=self.prompt_seed,
+            gt_masks=json.loads(row["gt_masks"]),
+        )
         if self.store_trunk:
             g = self.geometry
             trunk = np.frombuffer(row["trunk"], dtype=np.float32).reshape(g.trunk_width, g.grid, g.grid)
@@ -97,8 +103,15 @@ class _EncodeTable:
 
 
 #: What the encode step adds to a store row, or holds alone in a control row (failure / end / abort of a shard).
-CONTROL = [("kind", pa.string()), ("reason", pa.string()), ("weight", pa.int64()), ("end_count", pa.int64()),
-           ("end_samples", pa.int64()), ("end_retries", pa.int64()), ("stored_bytes", pa.int64())]
+CONTROL = [
+    ("kind", pa.string()),
+    ("reason", pa.string()),
+    ("weight", pa.int64()),
+    ("end_count", pa.int64()),
+    ("end_samples", pa.int64()),
+    ("end_retries", pa.int64()),
+    ("stored_bytes", pa.int64()),
+]
 
 
 def encoded_schema(table_schema: pa.Schema) -> pa.Schema:
@@ -168,7 +181,9 @@ class EncodeImages(_EncodeTable):
                 out[name] = tensor_value(*encode_logits(np.frombuffer(row[name], dtype=np.float32).reshape(shape)))
             out["iou"] = target_tensor("iou", np.frombuffer(row["iou"], dtype=np.float32).reshape(k, 4))
             out["object_score"] = target_tensor("object_score", np.frombuffer(row["object_score"], dtype=np.float32))
-            out["object_pointer"] = target_tensor("object_pointer", np.frombuffer(row["object_pointer"], dtype=np.float32).reshape(k, g.hidden))
+            out["object_pointer"] = target_tensor(
+                "object_pointer", np.frombuffer(row["object_pointer"], dtype=np.float32).reshape(k, g.hidden)
+            )
         return out
 
 

@@ -7,7 +7,6 @@ decodes with its codec and is finite; every row names the store's teacher.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,12 +29,6 @@ TARGET_TABLES = tuple(TABLE_OF.values())
 #: Columns where NaN is data ("no box"), not corruption: only Inf is a problem there.
 NAN_MEANS_ABSENT = frozenset({"prompt_boxes"})
 _PROBLEM_LIMIT = 50
-_RUST_LOCATION = re.compile(r",? /\S+\.rs:\d+:\d+")
-
-
-def _plain(exc: BaseException) -> str:
-    """An error's first line without the source location Lance's Rust code appends (a path on Lance's build machine)."""
-    return _RUST_LOCATION.sub("", first_line(exc))
 
 
 def _unreadable(exc: Exception) -> bool:
@@ -87,8 +80,11 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
         "tables": tables,
         "shards": dict(Counter(row["dataset"] for row in ledger)),
         "failures": tables["failures"]["rows"],
-        "runs": [{k: r.get(k) for k in ("run_id", "status", "started_at", "ended_at", "host", "executor", "counts", "error")}
-                 | {"dataset": r.get("config", {}).get("dataset"), "versions": r.get("versions", {})} for r in read_runs(store)],
+        "runs": [
+            {k: r.get(k) for k in ("run_id", "status", "started_at", "ended_at", "host", "executor", "counts", "error")}
+            | {"dataset": r.get("config", {}).get("dataset"), "versions": r.get("versions", {})}
+            for r in read_runs(store)
+        ],
     }
 
 
@@ -99,8 +95,13 @@ def codec_task_error(ds: Any) -> dict[str, Any]:
     errors = np.asarray(table.column("codec_iou_error").to_numpy(zero_copy_only=False), dtype=np.float64)
     if not len(ious):
         return {"rows": 0}
-    return {"rows": int(len(ious)), "mask_iou_mean": round(float(ious.mean()), 5), "mask_iou_p1": round(float(np.percentile(ious, 1)), 5),
-            "mask_iou_min": round(float(ious.min()), 5), "iou_error_mean": round(float(errors.mean()), 5)}
+    return {
+        "rows": int(len(ious)),
+        "mask_iou_mean": round(float(ious.mean()), 5),
+        "mask_iou_p1": round(float(np.percentile(ious, 1)), 5),
+        "mask_iou_min": round(float(ious.min()), 5),
+        "iou_error_mean": round(float(errors.mean()), 5),
+    }
 
 
 def unfinished_shards(store: Store, table: str, head_rows: int) -> list[str]:
@@ -166,7 +167,9 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
         if shard not in ledger_by_shard:
             report.problem(f"failures: {count} failed samples of shard {shard}, which has no ledger entry")
         elif ledger_by_shard[shard]["failures"] != count:
-            report.problem(f"failures: shard {shard} has {count} failed samples, its ledger entry says {ledger_by_shard[shard]['failures']}")
+            report.problem(
+                f"failures: shard {shard} has {count} failed samples, its ledger entry says {ledger_by_shard[shard]['failures']}"
+            )
     for table in TARGET_TABLES:
         before = report.rows_checked
         try:
@@ -174,7 +177,7 @@ def verify_store(store: Store, on_rows: Callable[[int], None] | None = None) -> 
         except (OSError, ValueError) as exc:  # a file gone or unreadable, or the storage down: the scan stops
             if not _unreadable(exc):
                 raise
-            report.problem(f"{table}: cannot be read after {report.rows_checked - before} of its rows ({_plain(exc)})")
+            report.problem(f"{table}: cannot be read after {report.rows_checked - before} of its rows ({first_line(exc)})")
     return report
 
 
@@ -197,7 +200,7 @@ def _verify_table(
             if not _unreadable(exc):
                 raise
             report.lost_fragments.setdefault(table, []).append(fragment.fragment_id)
-            report.problem(f"{table}: fragment {fragment.fragment_id} ({fragment.count_rows()} rows) cannot be read ({_plain(exc)})")
+            report.problem(f"{table}: fragment {fragment.fragment_id} ({fragment.count_rows()} rows) cannot be read ({first_line(exc)})")
             continue
         readable.append(fragment)
         keys.update(small.column("key").to_pylist())
@@ -234,7 +237,12 @@ def _verify_table(
 
 
 def _check_rows(
-    rows: StoreRows, fragments: list[Any], table: str, teacher: str, required: frozenset[str], report: VerifyReport,
+    rows: StoreRows,
+    fragments: list[Any],
+    table: str,
+    teacher: str,
+    required: frozenset[str],
+    report: VerifyReport,
     on_rows: Callable[[int], None] | None,
 ) -> set[str]:
     """Every row of these fragments: its teacher, its required tensors present, every tensor decodes and is finite;
@@ -252,7 +260,10 @@ def _check_rows(
                 problem(row, f"was made by teacher {row['teacher']}, the store's is {teacher}")
             objects = len(row["object_ids"]) if table == "frames" else (row["prompt_kinds"] or {"shape": [0]})["shape"][0]
             if len(row["gt_masks"] or []) != objects and (table == "frames" or row["prompt_kinds"] is not None):
-                problem(row, f"has {len(row['gt_masks'] or [])} ground-truth masks for {objects} {'objects' if table == 'frames' else 'prompts'}")
+                problem(
+                    row,
+                    f"has {len(row['gt_masks'] or [])} ground-truth masks for {objects} {'objects' if table == 'frames' else 'prompts'}",
+                )
             for column in tensor_columns(table):
                 value = row[column]
                 if value is None:

@@ -105,8 +105,10 @@ class ShardClaims:
         if not create_once(self.store.fs, self.path, json.dumps(asdict(self.claim)).encode()):
             same = next((c for c in read_claims(self.store) if c.run_id == self.claim.run_id), None)
             if same is not None and same.alive(time.time()):
-                raise StoreError(f"store {self.store.uri}: run id {same.run_id} is in use by a live run ({same.host}, pid "
-                                 f"{same.pid}); give this run another --run-id, or none")
+                raise StoreError(
+                    f"store {self.store.uri}: run id {same.run_id} is in use by a live run ({same.host}, pid "
+                    f"{same.pid}); give this run another --run-id, or none"
+                )
             self._write()  # a stopped run's claim with this run id: taken over
         self._last_beat = time.monotonic()
         self._thread.start()
@@ -156,8 +158,13 @@ class ShardClaims:
             except Exception as exc:  # noqa: BLE001 - a storage hiccup: the next beat retries; the run reports outages
                 silent = time.monotonic() - self._last_beat
                 if silent > STALE_AFTER / 2 and not warned:
-                    log.warning("the claim's heartbeat has failed for %.0f s (%s): past %.0f s another run may take this "
-                                "run's shards over (commits stay fenced: no shard is stored twice)", silent, first_line(exc), STALE_AFTER)
+                    log.warning(
+                        "the claim's heartbeat has failed for %.0f s (%s): past %.0f s another run may take this "
+                        "run's shards over (commits stay fenced: no shard is stored twice)",
+                        silent,
+                        first_line(exc),
+                        STALE_AFTER,
+                    )
                     warned = True
                 else:
                     log.debug("claim heartbeat failed: %s", exc)

@@ -36,8 +36,9 @@ def cleanup_store(store: Store, config: CleanupConfig) -> dict[str, Any]:
     """Clean every table of the store (or only report, with ``dry_run``); returns the counts per table and in all."""
     store.require_card()
     if config.unverified:
-        refuse_while_writing(store, "--unverified would delete fragments it has written but not yet committed: "
-                                    "run the cleanup when it has finished")
+        refuse_while_writing(
+            store, "--unverified would delete fragments it has written but not yet committed: run the cleanup when it has finished"
+        )
     options = {
         "delete_unverified": config.unverified,
         "error_if_tagged_old_versions": False,  # a version someone tagged stays, without failing the rest

@@ -201,7 +201,9 @@ def commit_shard(store: Store, commit: ShardCommit) -> Committed:
         metadata = [FragmentMetadata.from_json(json.dumps(f)) for f in commit.fragments]
         # Appends commute: Lance rebases this commit onto whatever other writers committed since read_version.
         version = LanceDataset.commit(
-            store.table_uri(table), LanceOperation.Append(metadata), read_version=version,
+            store.table_uri(table),
+            LanceOperation.Append(metadata),
+            read_version=version,
             storage_options=store.storage_options or None,
         ).version
     rows, failures = commit.rows, list(commit.failures)
@@ -209,15 +211,33 @@ def commit_shard(store: Store, commit: ShardCommit) -> Committed:
         column = "key" if table == "images" else "video_id"
         own = f"shard = {quote_sql([shard])} AND run_id = {quote_sql([run])}"
         rows -= delete_rows(store, table, f"{own} AND {column} IN ({quote_sql(sorted(taken))})")
-        failures += [{"dataset": commit.dataset, "shard": shard, "member": key, "run_id": run,
-                      "reason": f"duplicate key {key}: already stored from {other}"} for key, other in taken.items()]
+        failures += [
+            {
+                "dataset": commit.dataset,
+                "shard": shard,
+                "member": key,
+                "run_id": run,
+                "reason": f"duplicate key {key}: already stored from {other}",
+            }
+            for key, other in taken.items()
+        ]
     if failures:
-        store.append("failures", pa.Table.from_pylist([{k: f[k] for k in SCHEMAS["failures"].names} for f in failures], schema=SCHEMAS["failures"]))
+        store.append(
+            "failures", pa.Table.from_pylist([{k: f[k] for k in SCHEMAS["failures"].names} for f in failures], schema=SCHEMAS["failures"])
+        )
     failed = len({f["member"] for f in failures})  # samples: a video with several failed frames counts once
     entry = {
-        "dataset": commit.dataset, "shard": shard, "source": commit.source, "samples": commit.samples, "rows": rows,
-        "failures": failed, "bytes": commit.bytes, "run_id": run, "fingerprint": commit.fingerprint,
-        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(), "table": table,
+        "dataset": commit.dataset,
+        "shard": shard,
+        "source": commit.source,
+        "samples": commit.samples,
+        "rows": rows,
+        "failures": failed,
+        "bytes": commit.bytes,
+        "run_id": run,
+        "fingerprint": commit.fingerprint,
+        "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "table": table,
     }
     if not create_once(store.fs, marker_path(store, commit.dataset, commit.fingerprint, shard), json.dumps(entry).encode()):
         winner = read_marker(store, commit.dataset, commit.fingerprint, shard)["run_id"]

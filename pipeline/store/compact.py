@@ -29,8 +29,7 @@ def compact_store(store: Store, rows_per_fragment: int = 1024, dry_run: bool = F
     if rows_per_fragment < 1:
         raise ValueError(f"rows_per_fragment must be at least 1, got {rows_per_fragment}")
     refuse_while_writing(store, "compact it when that run has finished")
-    options = {"target_rows_per_fragment": rows_per_fragment, "materialize_deletions": True,
-               "data_storage_version": LANCE_FILE_VERSION}
+    options = {"target_rows_per_fragment": rows_per_fragment, "materialize_deletions": True, "data_storage_version": LANCE_FILE_VERSION}
     tables: dict[str, dict[str, Any]] = {}
     for name in TABLES:
         try:

@@ -39,8 +39,12 @@ def repair_store(store: Store, dry_run: bool = False, report: VerifyReport | Non
         shards = sorted(report.damaged_shards.get(table, []))
         fragments = sorted(report.lost_fragments.get(table, []))
         leftovers = sorted(report.leftover_rows.get(table, []))
-        out["tables"][table] = {"shards": shards, "fragments_dropped": fragments, "leftover_runs": [list(p) for p in leftovers],
-                                "rows_removed": 0}
+        out["tables"][table] = {
+            "shards": shards,
+            "fragments_dropped": fragments,
+            "leftover_runs": [list(p) for p in leftovers],
+            "rows_removed": 0,
+        }
         if dry_run or not (shards or fragments or leftovers):
             continue
         removed = _drop_fragments(store, table, fragments)
@@ -65,8 +69,10 @@ def _drop_fragments(store: Store, table: str, fragment_ids: list[int]) -> int:
     ds = store.dataset(table)
     rows = sum(f.count_rows() for f in ds.get_fragments() if f.fragment_id in fragment_ids)
     LanceDataset.commit(
-        store.table_uri(table), LanceOperation.Delete([], fragment_ids, f"fragments {fragment_ids} lost (esam3 store repair)"),
-        read_version=ds.version, storage_options=store.storage_options or None,
+        store.table_uri(table),
+        LanceOperation.Delete([], fragment_ids, f"fragments {fragment_ids} lost (esam3 store repair)"),
+        read_version=ds.version,
+        storage_options=store.storage_options or None,
     )
     log.warning("%s: dropped fragment(s) %s whose data could not be read (%d rows)", table, fragment_ids, rows)
     return rows

@@ -215,8 +215,11 @@ class Store:
         """An empty table with the store schema; a no-op (race included) when it exists."""
         try:
             lance.write_dataset(
-                SCHEMAS[name].empty_table(), self.table_uri(name), mode="create",
-                data_storage_version=LANCE_FILE_VERSION, storage_options=self.storage_options or None,
+                SCHEMAS[name].empty_table(),
+                self.table_uri(name),
+                mode="create",
+                data_storage_version=LANCE_FILE_VERSION,
+                storage_options=self.storage_options or None,
             )
         except OSError as exc:
             if "already exists" not in str(exc):

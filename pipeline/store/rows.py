@@ -35,9 +35,7 @@ class StoreRows:
     instance.
     """
 
-    def __init__(
-        self, store: Store, table: str, version: int | None = None, threads: int = 8, reuse_buffers: bool = False
-    ) -> None:
+    def __init__(self, store: Store, table: str, version: int | None = None, threads: int = 8, reuse_buffers: bool = False) -> None:
         """``reuse_buffers``: :meth:`take` reads big tensors into buffers this reader keeps and hands out
         ``memoryview``s of them, valid until the next ``take`` (every big-tensor codec decodes into a new array).
         That is what a loader that collates each batch before reading the next wants: for fixed-size tensors (the
@@ -67,8 +65,13 @@ class StoreRows:
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (spawned DataLoader workers): the settings only; the copy reopens the same version."""
-        return {"store": self.store, "table": self.table, "version": self.version, "threads": self.threads,
-                "reuse_buffers": self.reuse_buffers}
+        return {
+            "store": self.store,
+            "table": self.table,
+            "version": self.version,
+            "threads": self.threads,
+            "reuse_buffers": self.reuse_buffers,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
@@ -100,7 +103,9 @@ class StoreRows:
         positions = [int(i) for i in indices]
         outside = [i for i in positions if not 0 <= i < self.num_rows]
         if outside:
-            raise IndexError(f"rows {outside[:5]} are not in {self.table} of {self.store.uri} (version {self.version}: {self.num_rows} rows)")
+            raise IndexError(
+                f"rows {outside[:5]} are not in {self.table} of {self.store.uri} (version {self.version}: {self.num_rows} rows)"
+            )
         wanted = [c for c in self.blobs if columns is None or c in columns]
         with self._lock:
             if self._pool is None:
@@ -137,9 +142,7 @@ class StoreRows:
             raise StoreError(f"{self.store.uri} {self.table}: {column} blob of row {slot} in this batch: read {read} of {size} bytes")
         return memoryview(buffer)
 
-    def where(
-        self, condition: str | None = None, columns: Sequence[str] | None = None, limit: int | None = None
-    ) -> list[dict[str, Any]]:
+    def where(self, condition: str | None = None, columns: Sequence[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Rows matching a Lance SQL filter (e.g. ``key = 'sa1b/7'``; None: every row), tensors with their bytes."""
         self._after_fork()
         table = self.dataset.to_table(columns=columns, filter=condition, limit=limit, blob_handling=_WITH_BYTES)
@@ -150,8 +153,9 @@ class StoreRows:
     ) -> Iterator[list[dict[str, Any]]]:
         """Every row (of ``fragments``, default all) in storage order, ``batch_size`` at a time, tensors with their bytes."""
         self._after_fork()
-        scanner = self.dataset.scanner(columns=columns, batch_size=batch_size, blob_handling=_WITH_BYTES,
-                                       fragments=list(fragments) if fragments is not None else None)
+        scanner = self.dataset.scanner(
+            columns=columns, batch_size=batch_size, blob_handling=_WITH_BYTES, fragments=list(fragments) if fragments is not None else None
+        )
         for batch in scanner.to_batches():
             yield batch.to_pylist()
 

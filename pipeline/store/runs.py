@@ -49,8 +49,16 @@ class RunRecord:
         self.store = store
         self.path = f"{store.path}/{RUNS_DIR}/{run_id}.json"
         self.document: dict[str, Any] = {
-            "run_id": run_id, "status": "running", "started_at": _now(), "ended_at": None, "host": socket.gethostname(),
-            "executor": executor, "versions": versions(), "config": config, "counts": {}, "error": None,
+            "run_id": run_id,
+            "status": "running",
+            "started_at": _now(),
+            "ended_at": None,
+            "host": socket.gethostname(),
+            "executor": executor,
+            "versions": versions(),
+            "config": config,
+            "counts": {},
+            "error": None,
         }
         self._write()
 

@@ -102,8 +102,9 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
         if stored is not None:
             frame = np.asarray(Image.fromarray(decode_tensor(stored)).resize((width, height), Image.BILINEAR))
         else:
-            sample = _sample(store, DatasetName.SAV, shard_source(store, row, source), row["shard"], key.rsplit("/", 1)[0],
-                             max_frames=row["frame"] + 1)
+            sample = _sample(
+                store, DatasetName.SAV, shard_source(store, row, source), row["shard"], key.rsplit("/", 1)[0], max_frames=row["frame"] + 1
+            )
             frame = sample.frames[int(np.flatnonzero(sample.frame_indices == row["frame_index"])[0])]
         logits = decode_tensor(row["mask_logits"])
         picture = overlay(frame, [_mask_to_image(m, height, width) for m in logits])

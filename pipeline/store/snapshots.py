@@ -100,7 +100,9 @@ def resolve(store: Store, table: str, version: int | str | None = None) -> int:
     tags = {s.tag: s.version for s in snapshots(store, table)}
     if isinstance(version, str) and not version.isdigit():
         if version not in tags:
-            raise StoreError(f"store {store.uri} has no snapshot {version!r} of {table}; snapshots: {', '.join(tags) or 'none'} (esam3 store info)")
+            raise StoreError(
+                f"store {store.uri} has no snapshot {version!r} of {table}; snapshots: {', '.join(tags) or 'none'} (esam3 store info)"
+            )
         return tags[version]
     number = int(version)
     if number not in tags.values():
