@@ -81,7 +81,6 @@ def cache_command(
 ) -> None:
     """The main job: stream shards through the SAM3 teacher into a resumable Lance store (rerun = resume)."""
     from esam3.pipeline.object_store import ACCESS_HINT, access_refused, is_s3, storage_failed
-    from esam3.pipeline.plan import run_cache
     from esam3.schemas.store import StoreError
 
     with user_errors():
@@ -121,6 +120,9 @@ def cache_command(
             max_failures=limit,
             read_retries=read_retries,
         )
+        check_source(config)  # a wrong --source or --dataset is said at once, before seconds of imports
+        from esam3.pipeline.plan import run_cache  # torch, Lance, Ray
+
         with progress() as bar:
             update = cache_progress(bar, bar.add_task(f"cache {dataset.value}", total=None, status="starting"))
             try:
@@ -176,6 +178,19 @@ def cache_progress(bar: Any, task: Any) -> Any:
         )
 
     return update
+
+
+def check_source(config: CacheConfig) -> None:
+    """The source lists shards of the dataset that the selection names (``run_cache`` lists them again)."""
+    from esam3.pipeline.object_store import S3Settings
+    from esam3.pipeline.shards import select_shards
+
+    select_shards(
+        config.source,
+        DatasetName(config.dataset),
+        config.shards,
+        S3Settings.from_environment(config.s3_endpoint).fsspec_options(config.source),
+    )
 
 
 def summary_table(report: Any) -> Table:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -22,12 +24,53 @@ COLOURS = [
 
 
 def overlay(image: np.ndarray, masks: list[np.ndarray]) -> Image.Image:
-    """RGB uint8 (H, W, 3) with each bool (H, W) mask tinted in its own colour."""
+    """RGB uint8 (H, W, 3) with each bool (H, W) mask in its own colour (``COLOURS[i]`` for mask i): a light tint and
+    a solid outline, the largest masks first, so that masks covering most of the image still leave it, and every
+    mask's edge, readable."""
     out = image.astype(np.float32)
-    for index, mask in enumerate(masks):
+    width = max(1, min(image.shape[:2]) // 200)
+    for index in sorted(range(len(masks)), key=lambda i: -int(masks[i].sum())):
+        mask = masks[index]
         colour = np.array(COLOURS[index % len(COLOURS)], dtype=np.float32)
-        out[mask] = 0.45 * out[mask] + 0.55 * colour
+        out[mask] = 0.7 * out[mask] + 0.3 * colour
+        out[_edge(mask, width)] = colour
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def _edge(mask: np.ndarray, width: int) -> np.ndarray:
+    """The pixels of ``mask`` within ``width`` of its outside."""
+    inner = mask.copy()
+    for _ in range(width):
+        shrunk = inner.copy()
+        shrunk[1:] &= inner[:-1]
+        shrunk[:-1] &= inner[1:]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
+def with_legend(picture: Image.Image, entries: list[str], title: str, min_width: int = 480) -> Image.Image:
+    """The picture (scaled up to ``min_width`` if narrower) above a panel with ``title`` (wrapped) and ``entries``
+    (entry i next to a swatch of ``COLOURS[i]``)."""
+    if picture.width < min_width:
+        picture = picture.resize((min_width, round(picture.height * min_width / picture.width)), Image.NEAREST)
+    line, column_width = 14, 240
+    titles = textwrap.wrap(title, max(20, picture.width // 6))
+    columns = max(1, picture.width // column_width)
+    rows = -(-len(entries) // columns)
+    panel = Image.new("RGB", (picture.width, line * (rows + len(titles)) + 8), (255, 255, 255))
+    draw = ImageDraw.Draw(panel)
+    for i, text in enumerate(titles):
+        draw.text((4, 2 + line * i), text, fill=(0, 0, 0))
+    for i, entry in enumerate(entries):
+        x, y = 4 + (i // rows) * column_width, 4 + line * (len(titles) + i % rows)
+        draw.rectangle((x, y + 1, x + 10, y + 11), fill=COLOURS[i % len(COLOURS)])
+        draw.text((x + 14, y), entry, fill=(0, 0, 0))
+    out = Image.new("RGB", (picture.width, picture.height + panel.height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    out.paste(panel, (0, picture.height))
+    return out
 
 
 def draw_prompts(picture: Image.Image, points: np.ndarray, labels: np.ndarray, boxes: np.ndarray) -> None:

@@ -70,6 +70,14 @@ def list_shards(source: str, dataset: DatasetName, storage_options: dict[str, An
         if match:
             url = path if local else fs.unstrip_protocol(path)
             found.append(ShardRef(dataset=dataset, shard_id=int(match.group(1)), url=url))
+    if not found:
+        other = DatasetName.SAV if dataset is DatasetName.SA1B else DatasetName.SA1B
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+        theirs = [n for n in names if other.shard_pattern.match(n)]
+        if theirs:
+            raise SourceError(
+                f"source {source!r} holds {other.value} shards ({theirs[0]}, ...), not {dataset.value} ones: pass --dataset {other.value}"
+            )
     return sorted(found, key=lambda ref: ref.shard_id)
 
 

@@ -423,7 +423,6 @@ def test_plan_usage_errors(args: list[str], message: str) -> None:
 
 
 def test_store_show_draws_rows_from_the_stored_inputs_without_the_source(demo_root: Path, tmp_path: Path) -> None:
-    from PIL import Image
 
     source = tmp_path / "source"
     shutil.copytree(demo_root, source)
@@ -436,11 +435,21 @@ def test_store_show_draws_rows_from_the_stored_inputs_without_the_source(demo_ro
         key = key or lance.dataset(str(store / "frames.lance")).to_table(columns=["key"], limit=1).column("key")[0].as_py()
         result = runner.invoke(app, ["store", "show", str(store), key, "--out", str(tmp_path / "x.png")], env=WIDE)
         assert result.exit_code == 0, result.output
-        assert Image.open(tmp_path / "x.png").size == tuple(size)
+        _picture_and_legend(tmp_path / "x.png", tuple(size))
+
+
+def _picture_and_legend(png: Path, size: tuple[int, int]) -> np.ndarray:
+    """The drawn image (scaled up to 480 px wide if narrower) above a legend panel; returns the image part at ``size``."""
+    from PIL import Image
+
+    drawn = Image.open(png)
+    width = max(size[0], 480)
+    height = round(size[1] * width / size[0])
+    assert drawn.width == width and drawn.height > height + 2 * 14, "a legend below the picture"
+    return np.asarray(drawn.crop((0, 0, width, height)).resize(size, Image.NEAREST))
 
 
 def test_store_show_of_a_targets_only_store_reads_the_source(demo_root: Path, tmp_path: Path) -> None:
-    from PIL import Image
 
     store = tmp_path / "store"
     run_cache(config(demo_root / "sa-1b", store, shards="0", inputs="none"), executor="local")
@@ -449,13 +458,13 @@ def test_store_show_of_a_targets_only_store_reads_the_source(demo_root: Path, tm
     result = runner.invoke(app, ["store", "show", str(store), "sa1b/2", "--out", str(png)], env=WIDE)
     assert result.exit_code == 0, result.output
     sample = next(s for s in SA1BSource(str(demo_root / "sa-1b")).iter_samples("0") if s.key == "sa1b/2")
-    picture = np.asarray(Image.open(png))
     original = simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB")
+    picture = _picture_and_legend(png, original.shape[1::-1])
     assert picture.shape == original.shape and not np.array_equal(picture, original), "masks and prompts drawn"
     key = lance.dataset(str(store / "frames.lance")).to_table(columns=["key"], limit=1).column("key")[0].as_py()
     result = runner.invoke(app, ["store", "show", str(store), key, "--out", str(tmp_path / "frame.png")], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert Image.open(tmp_path / "frame.png").size == (160, 128)
+    _picture_and_legend(tmp_path / "frame.png", (160, 128))
     moved = tmp_path / "moved"
     shutil.copytree(demo_root / "sa-1b", moved)
     result = runner.invoke(app, ["store", "show", str(store), "sa1b/1", "--out", str(tmp_path / "m.png"), "--source", str(moved)], env=WIDE)

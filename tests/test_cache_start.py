@@ -129,3 +129,32 @@ def test_max_frames_beyond_the_video_memory_bound_is_refused_at_the_start(
     )
     assert result.exit_code == 2 and "--max-frames 11: as many teacher frames of 112x112 hold" in result.output, result.output
     assert "at most 10 fit" in result.output and not (tmp_path / "s" / "frames.lance").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--executor", "nope"], "--executor: expected ray or local"),
+        (["--max-failures", "5x"], "--max-failures"),
+        (["--dataset-from-sav"], "holds sa-v shards (sav_000.tar, ...), not sa-1b ones: pass --dataset sa-v"),
+    ],
+)
+def test_usage_errors_come_before_the_heavy_imports(demo_root: Path, tmp_path: Path, args: list[str], said: str) -> None:
+    """Flags and the source are checked before torch, Lance or Ray are imported (seconds on a cold start)."""
+    import json
+    import subprocess
+    import sys
+
+    source = demo_root / ("sa-v" if args == ["--dataset-from-sav"] else "sa-1b")
+    argv = ["cache", "--dataset", "sa-1b", "--source", str(source), "--store", str(tmp_path / "s")]
+    argv += [] if args == ["--dataset-from-sav"] else args
+    script = f"""
+import json, sys
+from typer.testing import CliRunner
+from esam3.cli import app
+result = CliRunner().invoke(app, {argv!r}, env={{"COLUMNS": "300"}})
+print(json.dumps([result.exit_code, result.output, sorted(m for m in ("torch", "lance", "ray", "transformers") if m in sys.modules)]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    code, output, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert code == 2 and said in output and heavy == [], (output, heavy)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from esam3.pipeline.overlay import draw_prompts, overlay
+from esam3.pipeline.overlay import draw_prompts, overlay, with_legend
 from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.sources import SA1BSource, SAVSource
 from esam3.pipeline.store import Store
@@ -28,6 +28,7 @@ from esam3.pipeline.store.commits import ledger_entries
 from esam3.pipeline.store.root import quote_sql
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.errors import first_line
+from esam3.schemas.prompts import PromptKind
 from esam3.schemas.samples import Failure
 from esam3.schemas.store import StoreError, decode_tensor
 
@@ -97,6 +98,12 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
         boxes = decode_tensor(row["prompt_boxes"]) if row["prompt_boxes"] else np.zeros((0, 4))
         scale = np.array([width / size, height / size])
         draw_prompts(picture, points * scale, labels, boxes * np.tile(scale, 2))
+        kinds = decode_tensor(row["prompt_kinds"]) if row["prompt_kinds"] else np.zeros(0, np.int8)
+        iou = decode_tensor(row["iou"])[:, 0] if row["iou"] else np.zeros(len(kinds))
+        entries = [f"prompt {k}: {PromptKind(int(kind)).label}, teacher IoU {iou[k]:.2f}" for k, kind in enumerate(kinds)]
+        picture = with_legend(
+            picture, entries, "the teacher's mask (single output) for each prompt; clicks: green = positive, red = negative; boxes: yellow"
+        )
         drawn = {"prompts": int(len(points)), "masks": int(len(single))}
     else:
         if stored is not None:
@@ -108,6 +115,9 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
             frame = sample.frames[int(np.flatnonzero(sample.frame_indices == row["frame_index"])[0])]
         logits = decode_tensor(row["mask_logits"])
         picture = overlay(frame, [_mask_to_image(m, height, width) for m in logits])
+        role = ["prompted here" if c else "tracked from memory" for c in row["is_conditioning"]]
+        entries = [f"object {o}: {r}" for o, r in zip(row["object_ids"], role)]
+        picture = with_legend(picture, entries, f"teacher's mask per object, frame {row['frame_index']}")
         drawn = {"objects": len(row["object_ids"]), "frame_index": row["frame_index"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out, format="PNG")
