@@ -182,7 +182,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
                 store, run_id, {**config.model_dump(mode="json"), "fingerprint": fingerprint, "teacher_checksum": checksum}, executor
             )
             try:
-                _run_shards(config, executor, store, table, todo, geometry, checksum, run_id, fingerprint, report, on_progress)
+                _run_shards(Run(config, store, geometry, checksum, run_id, fingerprint), executor, todo, report, on_progress)
             except BaseException as exc:
                 record.end(_counts(report), exc)
                 raise
@@ -199,21 +199,26 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     return report
 
 
-def _run_shards(
-    config: CacheConfig,
-    executor: str,
-    store: Store,
-    table: str,
-    todo: list[ShardRef],
-    geometry: Any,
-    checksum: str,
-    run_id: str,
-    fingerprint: str,
-    report: CacheReport,
-    on_progress: ProgressCallback | None,
-) -> None:
+@dataclass(frozen=True)
+class Run:
+    """What one cache run makes and where: its config, the store, the teacher's sizes and checksum, its ids."""
+
+    config: CacheConfig
+    store: Store
+    geometry: Any
+    checksum: str
+    run_id: str
+    fingerprint: str
+
+    @property
+    def table(self) -> str:
+        return TABLE_OF[self.config.dataset]
+
+
+def _run_shards(run: Run, executor: str, todo: list[ShardRef], report: CacheReport, on_progress: ProgressCallback | None) -> None:
     """Stream the shards through the steps; commit each shard as soon as all of its rows are written."""
-    steps = build_steps(config, store, geometry, checksum, run_id)
+    config, run_id = run.config, run.run_id
+    steps = build_steps(run)
     if executor == "ray":
         from esam3.pipeline.ray_plan import ray_errors, run_ray
 
@@ -223,7 +228,7 @@ def _run_shards(
     progress = {s.name: ShardProgress(s.name, s.url) for s in todo}
     written_so_far: dict[str, int] = {}  # rows of each shard its writer has reported as progress
     done: set[str] = set()
-    committer = Committer(functools.partial(_commit, store, table, config.dataset, run_id=run_id, fingerprint=fingerprint, report=report))
+    committer = Committer(functools.partial(_commit, run, report=report))
     with committer, closing(runner(config, todo, steps)) as stream, errors():
         for written in stream:
             committer.check()
@@ -303,10 +308,11 @@ def absolute(uri: str) -> str:
     return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
-def _commit(store: Store, table: str, dataset: str, state: ShardProgress, *, run_id: str, fingerprint: str, report: CacheReport) -> None:
+def _commit(run: Run, state: ShardProgress, *, report: CacheReport) -> None:
     """Commit one complete shard (fenced: see ``pipeline/store/commits.py``); keys already stored elsewhere become
     failures."""
-    if is_committed(store, dataset, fingerprint, state.name):
+    store, table, dataset = run.store, run.table, run.config.dataset
+    if is_committed(store, dataset, run.fingerprint, state.name):
         log.warning("%s was committed by another run meanwhile; this run's copy is dropped", state.name)
         return
     done = commit_shard(
@@ -316,8 +322,8 @@ def _commit(store: Store, table: str, dataset: str, state: ShardProgress, *, run
             dataset,
             state.name,
             state.url,
-            run_id,
-            fingerprint,
+            run.run_id,
+            run.fingerprint,
             fragments=state.fragments,
             failures=state.failures,
             keys=state.keys,
@@ -358,7 +364,8 @@ class Steps:
     writer_args: dict[str, Any]
 
 
-def build_steps(config: CacheConfig, store: Store, geometry: Any, checksum: str, run_id: str) -> Steps:
+def build_steps(run: Run) -> Steps:
+    config, store, geometry, checksum, run_id = run.config, run.store, run.geometry, run.checksum, run.run_id
     store_trunk = Target.TRUNK in config.targets
     lowrank = config.codec == FeatureCodec.LOWRANK
     basis = (store.uri, config.dataset, config.rank, store.s3) if lowrank else None
