@@ -11,7 +11,7 @@ from rich.text import Text
 from esam3.console import UsageError, build_config, console, err_console, human_bytes, print_json, progress, redact, user_errors
 from esam3.pipeline.shards import DatasetName
 from esam3.schemas.cache import CacheConfig, Inputs, MaxFailures, RunError, Target, check_s3_endpoint
-from esam3.schemas.errors import first_line
+from esam3.schemas.errors import Esam3Error, first_line
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, VideoTargetConfig
@@ -127,8 +127,8 @@ def cache_command(
             update = cache_progress(bar, bar.add_task(f"cache {dataset.value}", total=None, status="starting"))
             try:
                 report = run_cache(config, executor=executor, on_progress=update)
-            except (OSError, ValueError) as exc:  # storage or network trouble (S3 down, disk full): nothing half-done is visible
-                if not storage_failed(exc):
+            except Exception as exc:  # storage or network trouble (S3 down, disk full): nothing half-done is visible
+                if isinstance(exc, Esam3Error) or not storage_failed(exc):
                     raise
                 if access_refused(exc):  # a rerun would fare no better: the user's to fix (exit 2)
                     fix = ACCESS_HINT if is_s3(store) else "check that this user may write to the --store folder"

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from esam3.schemas.errors import Esam3Error, describe
+from esam3.pipeline.object_store import storage_failed
+from esam3.schemas.errors import Esam3Error, describe, first_line
 
 console = Console()
 #: Whether stderr is a terminal is decided now: during a cache run its fd may go through a filter's pipe
@@ -69,6 +70,10 @@ def user_errors() -> Iterator[None]:
         yield
     except Esam3Error as exc:
         _fail(f"{exc}; {exc.advice}" if exc.advice else str(exc), exc.exit_code)
+    except Exception as exc:  # the storage failing where no command expected it: one line too, not a traceback
+        if not storage_failed(exc):
+            raise
+        _fail(f"storage error: {first_line(exc)}; check that the storage is reachable and run the command again", 1)
 
 
 def _fail(message: str, code: int) -> None:

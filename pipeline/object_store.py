@@ -36,7 +36,9 @@ def storage_failed(exc: BaseException) -> bool:
     """Whether an error is the storage failing (worth a rerun), not bad input: an OSError, or the ValueError
     Lance raises for its I/O errors (``LanceError(IO): ...``: server down, connection reset), also when it reaches
     us through Arrow's reader (``ArrowInvalid: External error: LanceError(IO): ...``, e.g. from a scan)."""
-    return isinstance(exc, OSError) or (isinstance(exc, ValueError) and "LanceError(IO)" in str(exc).split("\n", 1)[0])
+    if isinstance(exc, OSError) or any(c.__name__ == "BotoCoreError" for c in type(exc).__mro__):
+        return True  # botocore's own errors (EndpointConnectionError: server down) reach us through s3fs untranslated
+    return isinstance(exc, ValueError) and "LanceError(IO)" in str(exc).split("\n", 1)[0]
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

@@ -87,11 +87,15 @@ def test_the_card_is_remembered_per_weight_file_identity(demo_root: Path, tmp_pa
 
 def test_a_refusal_during_the_run_is_not_rerun_advice(demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection: a write refused mid-run (a permission changed under the run) exits 2 with what to fix, where
-    a storage outage exits 1 saying to rerun."""
+    a storage outage exits 1 saying to rerun, also when it is botocore's own error (s3fs passes it on untranslated)."""
+    from botocore.exceptions import EndpointConnectionError
+
     import esam3.pipeline.plan as plan
 
     args = ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(tmp_path / "store"), "--executor", "local"]
+
     for error, code, said in (
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:1/flaky?delete"), 1, "rerun the same command to resume"),
         (PermissionError(13, "Permission denied"), 2, "check that this user may write to the --store folder"),
         (ConnectionResetError("connection reset by peer"), 1, "rerun the same command to resume"),
     ):
@@ -102,7 +106,7 @@ def test_a_refusal_during_the_run_is_not_rerun_advice(demo_root: Path, tmp_path:
         monkeypatch.setattr(plan, "run_cache", failing)
         result = CliRunner().invoke(app, args)
         assert result.exit_code == code and said in result.output, result.output
-        assert "AWS" not in result.output
+        assert "AWS" not in result.output and "Traceback" not in result.output
 
 
 def test_max_frames_beyond_the_video_memory_bound_is_refused_at_the_start(

@@ -66,6 +66,9 @@ def test_s3_errors_are_one_line(s3, shards_bucket: str) -> None:
     assert bad.returncode == 2 and "--s3-endpoint" in bad.stderr and "Traceback" not in bad.stderr
     missing = _esam3(["store", "info", "s3://cache-store/nothing-here"], env)
     assert missing.returncode == 2 and "is not an esam3 store" in missing.stderr
+    down = _esam3(["store", "info", "s3://cache-store/run1", "--s3-endpoint", "http://127.0.0.1:9"], env | {"AWS_MAX_ATTEMPTS": "1"})
+    assert down.returncode == 1 and "storage error: Could not connect to the endpoint URL" in down.stderr, down.stderr
+    assert "Traceback" not in down.stderr and SECRET not in down.stderr
     assert SECRET not in bad.stderr + missing.stderr
 
 
