@@ -101,7 +101,7 @@ def build(
         },
     )
     encode = EncodeImages(g, FeatureCodec.INT8, "synthetic", "bench", 0)
-    write = WriteFragments((ShardWriter(store.table_uri("images"), IMAGES, storage_options=store.storage_options),))
+    write = WriteFragments((ShardWriter(store.table_uri("images"), IMAGES, s3=store.s3),))
     written = next(e for b in blocks for e in write(encode(b)).to_pylist() if e["final"])
     commit_shard(
         store,

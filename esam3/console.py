@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from esam3.pipeline.object_store import storage_failed
+from esam3.pipeline.object_store import resolved_secrets, storage_failed
 from esam3.schemas.errors import Esam3Error, describe, first_line
 
 console = Console()
@@ -26,10 +26,11 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def redact(text: str) -> str:
-    """Remove the S3 credentials of this environment from a message (server replies can echo them)."""
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
+    """Remove S3 credentials from a message (server replies can echo them): this environment's, and any this process
+    resolved through the credential chain (a profile, credential_process, a role)."""
+    secrets = {os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+    for value in sorted((secrets | resolved_secrets()) - {None}, key=len, reverse=True):
+        if len(value) >= 4:
             text = text.replace(value, "***")
     return text
 

@@ -1,11 +1,13 @@
 """Credentials and endpoints for s3:// sources and stores, from the standard AWS settings (+ ``--s3-endpoint``).
 
-Two libraries talk to S3 here with two spellings of the same settings: fsspec/s3fs (sources, the store's card
-files) and Lance's object store (the tables). Both are built from one place: the environment (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``)
-and an explicit endpoint for S3-compatible servers. With no keys in the environment, both libraries fall back to
-their own credential chains (profiles, instance roles). These options are passed around in memory only: they are
-never logged, printed, or written into a store.
+Two libraries talk to S3 here with two spellings of the same settings: fsspec/s3fs (sources, the store's files)
+and Lance's object store (the tables). Both are built from one place, ``S3Settings``: the endpoint and region from
+the environment (``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``) or ``--s3-endpoint``. Credentials
+are never captured: every process (driver or Ray worker) resolves them when it talks to S3, through the standard
+chain (environment, ``AWS_PROFILE`` and its config, ``credential_process``, SSO, web identity, instance roles):
+s3fs through botocore itself, Lance through :func:`chain_credentials` at each call, so credentials that expire
+(``AWS_SESSION_TOKEN`` from a role, refreshed by botocore) are renewed in a multi-day run, and no key travels
+inside the plan to the workers. They are never logged, printed, or written into a store.
 """
 
 from __future__ import annotations
@@ -53,9 +55,47 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 
 
+#: botocore sessions by the environment that shapes their credential chain (a session keeps refreshable credentials).
+_SESSIONS: dict[tuple[str | None, ...], Any] = {}
+_CHAIN_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+)
+#: Every secret this process has resolved, so that messages can be redacted of keys that did not come from the environment.
+_SEEN_SECRETS: set[str] = set()
+
+
+def chain_credentials() -> tuple[str, str, str | None] | None:
+    """(key, secret, token) from the standard credential chain, refreshed by botocore when they near their expiry;
+    None when the chain finds none."""
+    import botocore.session
+
+    state = tuple(os.environ.get(name) for name in _CHAIN_VARIABLES)
+    if state not in _SESSIONS:
+        _SESSIONS[state] = botocore.session.get_session()
+    credentials = _SESSIONS[state].get_credentials()
+    if credentials is None:
+        return None
+    frozen = credentials.get_frozen_credentials()
+    _SEEN_SECRETS.update(v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v)
+    return frozen.access_key, frozen.secret_key, frozen.token
+
+
+def resolved_secrets() -> set[str]:
+    """Keys, secrets and tokens this process has resolved through the chain (for redaction)."""
+    return set(_SEEN_SECRETS)
+
+
 @dataclass(frozen=True)
 class S3Settings:
-    """Resolved S3 settings; ``repr`` hides the secrets."""
+    """Where S3 is and, only when a caller gives them explicitly, which keys to use (else: the standard chain, resolved
+    in each process where it is used); ``repr`` hides the secrets."""
 
     endpoint: str | None = None
     region: str | None = None
@@ -65,13 +105,11 @@ class S3Settings:
 
     @classmethod
     def from_environment(cls, endpoint: str | None = None) -> S3Settings:
+        """Endpoint and region from the environment; no credentials (see the module docstring)."""
         env = os.environ
         return cls(
             endpoint=endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-            key=env.get("AWS_ACCESS_KEY_ID"),
-            secret=env.get("AWS_SECRET_ACCESS_KEY"),
-            token=env.get("AWS_SESSION_TOKEN"),
         )
 
     def fsspec_options(self, uri: str) -> dict[str, Any]:
@@ -93,14 +131,15 @@ class S3Settings:
         return options
 
     def lance_options(self, uri: str) -> dict[str, str]:
-        """Lance ``storage_options`` for ``uri`` ({} for local paths)."""
+        """Lance ``storage_options`` for ``uri`` ({} for local paths), with credentials as the chain gives them now."""
         if not is_s3(uri):
             return {}
         options: dict[str, str] = {}
-        if self.key and self.secret:
-            options.update(aws_access_key_id=self.key, aws_secret_access_key=self.secret)
-            if self.token:
-                options["aws_session_token"] = self.token
+        credentials = (self.key, self.secret, self.token) if self.key and self.secret else chain_credentials()
+        if credentials is not None:
+            options.update(aws_access_key_id=credentials[0], aws_secret_access_key=credentials[1])
+            if credentials[2]:
+                options["aws_session_token"] = credentials[2]
         if self.endpoint:
             options["aws_endpoint"] = self.endpoint
             if self.endpoint.startswith("http://"):

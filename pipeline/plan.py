@@ -372,7 +372,7 @@ def build_steps(run: Run) -> Steps:
     basis_source = (store.uri, config.dataset, store.s3) if lowrank else None
     source_options = store.s3.fsspec_options(config.source)
     table = TABLE_OF[config.dataset]
-    writer_args = {"table_uri": store.table_uri(table), "schema": SCHEMAS[table], "storage_options": store.storage_options}
+    writer_args = {"table_uri": store.table_uri(table), "schema": SCHEMAS[table], "s3": store.s3}
     store_inputs = config.inputs == Inputs.STORE
     if config.dataset == DatasetName.SA1B.value:
         with_prompts = Target.PROMPTS in config.targets

@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 from lance.fragment import write_fragments
 
-from esam3.pipeline.object_store import ACCESS_HINT, access_refused, storage_failed
+from esam3.pipeline.object_store import ACCESS_HINT, S3Settings, access_refused, storage_failed
 from esam3.schemas.errors import first_line
 from esam3.schemas.store import LANCE_FILE_VERSION, StoreError
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE
@@ -64,8 +64,8 @@ class _Shard:
 class ShardWriter:
     """Streams each shard it is given into its own Lance fragment(s); see the module docstring."""
 
-    def __init__(self, table_uri: str, schema: pa.Schema, storage_options: dict[str, str] | None = None) -> None:
-        self.table_uri, self.schema, self.storage_options = table_uri, schema, storage_options
+    def __init__(self, table_uri: str, schema: pa.Schema, s3: S3Settings | None = None) -> None:
+        self.table_uri, self.schema, self.s3 = table_uri, schema, s3 or S3Settings()
         self._shards: dict[str, _Shard] = {}
         self._finished: dict[str, dict[str, Any]] = {}
 
@@ -141,7 +141,7 @@ class ShardWriter:
                 self.table_uri,
                 schema=self.schema,
                 data_storage_version=LANCE_FILE_VERSION,
-                storage_options=self.storage_options or None,
+                storage_options=self.s3.lance_options(self.table_uri) or None,  # credentials as of this shard's start
             )
             state.fragments = [f.to_json() for f in written]
         except BaseException as exc:  # noqa: BLE001 - reported by the next add of this shard

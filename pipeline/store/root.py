@@ -64,8 +64,12 @@ class Store:
     def __init__(self, uri: str, s3: S3Settings | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.s3 = s3 or S3Settings.from_environment()
-        self.storage_options = self.s3.lance_options(self.uri)  # for Lance; never logged or stored
         self.fs, self.path = fsspec.core.url_to_fs(self.uri, **self.s3.fsspec_options(self.uri))
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        """Lance's options for this store, credentials resolved now (they may have been refreshed); never logged."""
+        return self.s3.lance_options(self.uri)
 
     def table_uri(self, name: str) -> str:
         return f"{self.uri}/{name}.lance"
