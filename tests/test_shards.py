@@ -79,10 +79,14 @@ def test_list_and_select_at_source(demo_root: Path, tmp_path: Path) -> None:
     sa1b = list_shards(str(demo_root / "sa-1b"), DatasetName.SA1B)
     assert [(s.shard_id, s.name) for s in sa1b] == [(0, "sa_000000.tar"), (1, "sa_000001.tar")]
     assert [s.shard_id for s in select_shards(str(demo_root / "sa-1b"), DatasetName.SA1B, "1")] == [1]
-    # Files that only look like shards are ignored; the other dataset's naming does not match.
+    # Files that only look like shards are ignored; the other dataset's naming does not match, and a folder of the
+    # other dataset's shards only says which --dataset it holds.
     (tmp_path / "sa_1.tar").write_bytes(b"")
-    (tmp_path / "sav_000.tar").write_bytes(b"")
     assert list_shards(str(tmp_path), DatasetName.SA1B) == []
+    (tmp_path / "sav_000.tar").write_bytes(b"")
+    assert [s.name for s in list_shards(str(tmp_path), DatasetName.SAV)] == ["sav_000.tar"]
+    with pytest.raises(SourceError, match=r"holds sa-v shards \(sav_000.tar, ...\), not sa-1b ones: pass --dataset sa-v"):
+        list_shards(str(tmp_path), DatasetName.SA1B)
     with pytest.raises(ShardSpecError, match=r"shards 2 do not exist .*sa-1b shards under"):
         select_shards(str(demo_root / "sa-1b"), DatasetName.SA1B, "0-2")
     with pytest.raises(SourceError, match="is not a folder or prefix that exists"):
