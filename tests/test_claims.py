@@ -131,8 +131,36 @@ def test_a_run_id_in_use_by_a_live_run_is_refused(demo_root: Path, tmp_path: Pat
     """The claim is created once: a second live run with the same --run-id is refused; a dead one's id is reused."""
     store = tmp_path / "store"
     _claim(store, "same-id", ["sa_000001.tar"], pid=1)  # alive
-    with pytest.raises(StoreError, match="run id same-id is in use by a live run .* give this run another --run-id"):
+    with pytest.raises(StoreError, match="run id same-id is in use by a live run .* give this run another run_id"):
         run_cache(config(demo_root / "sa-1b", store, shards="1", run_id="same-id"), executor="local")
     _claim(store, "same-id", ["sa_000001.tar"], pid=_dead_pid())
     report = run_cache(config(demo_root / "sa-1b", store, shards="1", run_id="same-id"), executor="local")
     assert report.shards_committed == 1 and not (store / CLAIMS_DIR / "same-id.json").exists()
+
+
+def test_rows_a_stalled_run_appends_after_the_winner_cleaned_up_are_removed_at_the_next_start(demo_root: Path, tmp_path: Path) -> None:
+    """Run A noted shard 0 and stalled inside its Append; run B cached and committed shard 0 meanwhile (deleting
+    what A had); A's Append then landed and A died. Its note outlived B's cleanup, so the next run's start deletes
+    A's late rows and then forgets the note (A can no longer write)."""
+    import pyarrow as pa
+
+    from esam3.pipeline.store.commits import note_pending
+    from esam3.schemas.store import IMAGES
+
+    store_path = tmp_path / "store"
+    _open_store(demo_root, store_path)  # shard 1 committed; the store exists
+    store = Store(str(store_path))
+    fingerprint = json.loads((store_path / "targets-sa-1b.json").read_text())["fingerprint"]
+    _claim(store_path, "stalled-a", ["sa_000000.tar"], pid=1, host="elsewhere", age=120)  # stalled: stale but there
+    note_pending(store, "sa-1b", fingerprint, "sa_000000.tar", "stalled-a")
+    run_cache(config(demo_root / "sa-1b", store_path, run_id="run-b"), executor="local")  # B commits shard 0
+    notes = store_path / "commits" / "sa-1b" / fingerprint / "pending" / "sa_000000.tar"
+    assert [p.name for p in notes.iterdir()] == ["stalled-a"], "A may still write: its note outlives B's cleanup"
+    rows = store.dataset("images").to_table(filter="shard = 'sa_000000.tar'", blob_handling="all_binary")
+    late = rows.set_column(rows.schema.get_field_index("run_id"), "run_id", pa.array(["stalled-a"] * rows.num_rows))
+    store.append("images", pa.Table.from_pylist(late.to_pylist(), schema=IMAGES))  # A's Append lands late
+    assert not verify_store(store).ok
+    (store_path / CLAIMS_DIR / "stalled-a.json").unlink()  # A is gone for good
+    report = run_cache(config(demo_root / "sa-1b", store_path), executor="local")
+    assert report.nothing_to_do and verify_store(Store(str(store_path))).ok
+    assert keys(store_path) == [f"sa1b/{i}" for i in range(1, 7)] and not list(notes.iterdir())

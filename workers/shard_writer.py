@@ -158,7 +158,7 @@ class ShardWriter:
         exc = state.error
         if exc is None or state.aborted is not None:
             return
-        if access_refused(exc):
+        if access_refused(exc) and "ExpiredToken" not in str(exc):  # an expiry mid-shard: a rerun gets fresh credentials
             raise StoreError(f"store table {self.table_uri}: writing refused (403); {ACCESS_HINT}") from None
         if not isinstance(exc, (OSError, ValueError)) or not storage_failed(exc):
             raise exc

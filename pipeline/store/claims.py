@@ -47,6 +47,18 @@ class Claim:
     shards: list[str]
     heartbeat: float  # seconds since the epoch
 
+    def gone(self) -> bool:
+        """Whether its process is known to have ended (this host only: elsewhere a silent run may be stalled)."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
     def alive(self, now: float) -> bool:
         if now - self.heartbeat > STALE_AFTER:
             return False
@@ -70,6 +82,12 @@ def read_claims(store: Store) -> list[Claim]:
         except (OSError, ValueError, TypeError) as exc:  # gone meanwhile (its run ended) or unreadable: no claim
             log.debug("claim %s skipped: %s", path, exc)
     return claims
+
+
+def may_still_write(store: Store) -> set[str]:
+    """Runs that may still write to the store: their claim file is there (a run removes it when it ends), unless its
+    process is known to be gone. A stalled run whose heartbeat stopped is one of them."""
+    return {c.run_id for c in read_claims(store) if not c.gone()}
 
 
 def live_claims(store: Store) -> list[Claim]:
@@ -107,7 +125,7 @@ class ShardClaims:
             if same is not None and same.alive(time.time()):
                 raise StoreError(
                     f"store {self.store.uri}: run id {same.run_id} is in use by a live run ({same.host}, pid "
-                    f"{same.pid}); give this run another --run-id, or none"
+                    f"{same.pid}); give this run another run_id, or none"
                 )
             self._write()  # a stopped run's claim with this run id: taken over
         self._last_beat = time.monotonic()

@@ -9,7 +9,10 @@ A shard's commit (only drivers commit; workers wrote its fragments, invisible un
    the commit point. Of all runs that got this far with the shard, exactly one creates it (local disks: ``link``;
    S3: ``If-None-Match``), whatever their clocks, claims or pauses;
 3. the winner appends the shard's ledger row (the marker's content) and deletes the rows and failures of every
-   other run noted pending on the shard; a loser deletes its own and says which run committed the shard.
+   other run noted pending on the shard; a loser deletes its own and says which run committed the shard. Only a
+   run itself forgets its note, or any run once the noting run can no longer write (its claim file gone, or its
+   process gone on this host) or a day later: a stalled Append may land after the winner's delete, and the next
+   run's start deletes those rows again.
 
 (All under ``commits/<dataset>/<fingerprint>/``.) Rows are deleted only by the run that wrote them or by the
 shard's committer, and never the committer's. So a run that stalls past its claim's expiry (an S3 brown-out, a
@@ -26,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,12 +39,15 @@ import pyarrow as pa
 from lance import LanceDataset, LanceOperation
 from lance.fragment import FragmentMetadata
 
+from esam3.pipeline.store.claims import may_still_write
 from esam3.pipeline.store.once import create_once
 from esam3.pipeline.store.root import Store, quote_sql, retry_conflicts
 from esam3.schemas.store import SCHEMAS
 
 log = logging.getLogger(__name__)
 COMMITS_DIR = "commits"
+#: How long another run's pending note on a committed shard outlives that run's claim (see ``_clear_others``).
+NOTE_EXPIRY = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -150,10 +157,19 @@ def _pending(store: Store, dataset: str, fingerprint: str, shard: str, run_id: s
 
 
 def note_pending(store: Store, dataset: str, fingerprint: str, shard: str, run_id: str) -> None:
-    """Record that rows of ``shard`` by ``run_id`` may be in the tables until the shard's committer clears them."""
+    """Record that rows of ``shard`` by ``run_id`` may be in the tables (see ``_clear_others`` for who removes it)."""
     path = _pending(store, dataset, fingerprint, shard, run_id)
     store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    store.fs.pipe_file(path, run_id.encode())
+    store.fs.pipe_file(path, json.dumps({"run_id": run_id, "noted_at": time.time()}).encode())
+
+
+def _noted_at(store: Store, entry: dict[str, Any], run_id: str) -> float:
+    """When ``run_id`` noted the entry's shard (0: unknown, e.g. a note written by an older esam3)."""
+    try:
+        with store.fs.open(_pending(store, entry["dataset"], entry["fingerprint"], entry["shard"], run_id), "rb") as handle:
+            return float(json.loads(handle.read()).get("noted_at", 0.0))
+    except (OSError, ValueError, AttributeError):
+        return 0.0
 
 
 def _all_pending(store: Store, dataset: str, fingerprint: str) -> dict[str, set[str]]:
@@ -183,11 +199,13 @@ def _unnote(store: Store, entry: dict[str, Any], run_id: str) -> None:
         pass
 
 
-def _clear_run(store: Store, commit: dict[str, Any], run_id: str) -> int:
-    """Delete ``run_id``'s rows and failures of the commit's shard, then its pending note; returns rows removed."""
+def _clear_run(store: Store, commit: dict[str, Any], run_id: str, forget_note: bool) -> int:
+    """Delete ``run_id``'s rows and failures of the commit's shard (and its note, if ``forget_note``); returns rows
+    removed."""
     where = f"shard = {quote_sql([commit['shard']])} AND run_id = {quote_sql([run_id])}"
     removed = delete_rows(store, commit["table"], where) + delete_rows(store, "failures", where)
-    _unnote(store, commit, run_id)
+    if forget_note:
+        _unnote(store, commit, run_id)
     return removed
 
 
@@ -241,7 +259,7 @@ def commit_shard(store: Store, commit: ShardCommit) -> Committed:
     }
     if not create_once(store.fs, marker_path(store, commit.dataset, commit.fingerprint, shard), json.dumps(entry).encode()):
         winner = read_marker(store, commit.dataset, commit.fingerprint, shard)["run_id"]
-        removed = _clear_run(store, entry, run)
+        removed = _clear_run(store, entry, run, forget_note=True)  # its own note: nothing of it is left
         log.warning("%s was committed by run %s first; this run's copy is dropped (%d rows and failures removed)", shard, winner, removed)
         return Committed(store.dataset(table).version, 0, 0, won=False, by=winner)
     _after_commit_point(store, entry)
@@ -263,9 +281,19 @@ def _after_commit_point(store: Store, entry: dict[str, Any]) -> None:
 
 
 def _clear_others(store: Store, entry: dict[str, Any]) -> None:
-    """Delete the rows and failures of the committed shard that runs other than its committer noted pending."""
+    """Delete the rows and failures of the committed shard that runs other than its committer noted pending.
+
+    A note is forgotten only once its run can no longer write (``claims.may_still_write``: its claim file gone, or
+    its process gone on this host) or after ``NOTE_EXPIRY``: a run stalled inside its Append may land its rows after
+    this delete, and the next run's ``recover`` then deletes them again. The committer's own note goes: its Append
+    landed before its marker."""
     runs = _pending_runs(store, entry["dataset"], entry["fingerprint"], entry["shard"])
-    removed = sum(_clear_run(store, entry, run) for run in sorted(runs - {entry["run_id"]}))
+    others = sorted(runs - {entry["run_id"]})
+    active = may_still_write(store) if others else set()
+    now, removed = time.time(), 0
+    for run in others:
+        over = run not in active or now - _noted_at(store, entry, run) > NOTE_EXPIRY
+        removed += _clear_run(store, entry, run, forget_note=over)
     if removed:
         log.warning("%s: removed %d rows and failures that other runs left of it", entry["shard"], removed)
     if entry["run_id"] in runs:
@@ -302,9 +330,11 @@ def forget_commit(store: Store, dataset: str, shard: str) -> None:
     """Make a committed shard uncommitted again (``store repair``, after its rows were removed): its failures, ledger
     rows, commit markers and pending notes go, so that the next cache run of the same settings caches it."""
     where = f"shard = {quote_sql([shard])}"
-    delete_rows(store, "failures", f"dataset = {quote_sql([dataset])} AND {where}")
-    delete_rows(store, "ledger", f"dataset = {quote_sql([dataset])} AND {where}")
     folder = f"{store.path}/{COMMITS_DIR}/{dataset}"
     store.fs.invalidate_cache(folder)
+    # The marker first: were this stopped midway, a ledger row without its marker is what verify and repair see
+    # again, where a marker without its ledger row would make the next run's recover write the ledger row back.
     for path in store.fs.glob(f"{folder}/*/{quote(shard, safe='')}.json") + store.fs.glob(f"{folder}/*/pending/{quote(shard, safe='')}"):
         store.fs.rm(path, recursive=True)
+    delete_rows(store, "ledger", f"dataset = {quote_sql([dataset])} AND {where}")
+    delete_rows(store, "failures", f"dataset = {quote_sql([dataset])} AND {where}")

@@ -97,7 +97,10 @@ def _create_s3(fs: Any, path: str, data: bytes, attempts: int = 5) -> bool:
             # A 412 is also what a retried request of the writer that did create it gets (botocore retries a
             # request whose answer was slow): so the bytes decide.
             fs.invalidate_cache(path)
-            created = fs.cat_file(path) == data
+            try:
+                created = fs.cat_file(path) == data
+            except FileNotFoundError:  # removed since (a claim whose run ended): it existed, and it was not ours
+                created = False
         fs.invalidate_cache(path)
         return created
     return False  # not reached: the last attempt returns or raises
