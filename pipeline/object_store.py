@@ -40,7 +40,8 @@ def storage_failed(exc: BaseException) -> bool:
     us through Arrow's reader (``ArrowInvalid: External error: LanceError(IO): ...``, e.g. from a scan)."""
     if isinstance(exc, OSError) or any(c.__name__ == "BotoCoreError" for c in type(exc).__mro__):
         return True  # botocore's own errors (EndpointConnectionError: server down) reach us through s3fs untranslated
-    return isinstance(exc, ValueError) and "LanceError(IO)" in str(exc).split("\n", 1)[0]
+    # Lance's I/O errors come as ValueError, or as RuntimeError when wrapped ("Commit result ... is unknown: ...")
+    return isinstance(exc, (ValueError, RuntimeError)) and "LanceError(IO)" in str(exc).split("\n", 1)[0]
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

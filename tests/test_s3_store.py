@@ -331,6 +331,14 @@ def test_lance_io_errors_count_as_storage_failures() -> None:
         )
     )
     assert not storage_failed(pa.lib.ArrowInvalid("External error: schema mismatch\nLanceError(IO) further down"))
+    # a commit (an index update) cut short by the server dying: Lance wraps it in a RuntimeError (seen in a clean-clone run)
+    assert storage_failed(
+        RuntimeError(
+            "Wrapped error: Commit result for version 3 is unknown: the commit may or may not have "
+            "been applied; check the table state before retrying: LanceError(IO): Generic S3 error"
+        )
+    )
+    assert not storage_failed(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
 def test_refusals_are_recognised_from_any_s3_server() -> None:
