@@ -22,22 +22,29 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def _precondition_failed(exc: BaseException) -> bool:
-    """An S3 412 (the object exists), whether s3fs passes botocore's error on or translates it into an OSError."""
+def _s3_codes(exc: BaseException) -> set[str]:
+    """S3 error codes of an error, whether s3fs passes botocore's error on or translates it into an OSError."""
+    codes = set()
     for err in (exc, exc.__cause__, exc.__context__):
         response = getattr(err, "response", None)
-        if isinstance(response, dict) and response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-            return True
+        if isinstance(response, dict):
+            codes.add(str(response.get("Error", {}).get("Code")))
+    return codes
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """An S3 412: the object exists."""
     text = str(exc)
-    return "PreconditionFailed" in text or "pre-conditions you specified did not hold" in text
+    return (
+        bool(_s3_codes(exc) & {"PreconditionFailed", "412"})
+        or "PreconditionFailed" in text
+        or "pre-conditions you specified did not hold" in text
+    )
 
 
 def _conflict(exc: BaseException) -> bool:
     """AWS's 409 ConditionalRequestConflict: another conditional write of the key is in flight; ask again."""
-    return "ConditionalRequestConflict" in str(exc) or any(
-        isinstance(getattr(e, "response", None), dict) and e.response.get("Error", {}).get("Code") == "ConditionalRequestConflict"
-        for e in (exc, exc.__cause__, exc.__context__)
-    )
+    return "ConditionalRequestConflict" in str(exc) or "ConditionalRequestConflict" in _s3_codes(exc)
 
 
 def _protocol(fs: Any) -> str:
