@@ -8,17 +8,24 @@ result does not depend on how busy the machine is:
 * read: ``ReadImages`` on full-size demo SA-1B images (short side 1500, ~2250x1500 JPEG: JPEG decode, squash
   resize to 1008, K prompts sampled), or ``ReadVideos`` on demo SA-V videos at 1344x1008 H.264 (decode, the
   annotated frames resized to 1008, ground-truth prompts);
-* teacher host side: turning the targets into row bytes (``target_bytes``) and the Arrow blocks the actor sends;
-* write: ``EncodeImages`` / ``EncodeFrames`` on rows holding full-size targets, then ``WriteFragments`` streaming the
-  shard into its fragment, split into encoding (``store_row``) and the rest (Arrow tables + Lance fragment writes). SA-1B rows: trunk 1024x72x72, K x 4 mask
-  logits at 288x288; SA-V rows (one per annotated frame): trunk, and per object 288x288 mask logits,
-  ``maskmem_features`` 64x72x72 and ``pix_feat_with_mem`` 256x72x72.
+* teacher actor: ``quantise`` (the targets quantised with the run's codecs, ``workers/device_codecs.py``: on a GPU
+  node this runs on the GPU, so it is reported apart and left out of the cores a GPU needs) and ``teacher_host``
+  (the codes received on the host and the Arrow blocks the actor sends through Ray's object store);
+* write: ``EncodeImages`` / ``EncodeFrames`` on those rows (wrap the codes, zstd the logits' codes), then
+  ``WriteFragments`` streaming the shard into its fragment, split into encoding (``store_row``) and the rest (Arrow
+  tables + Lance fragment writes). SA-1B rows: trunk 1024x72x72, K x 4 mask logits at 288x288; SA-V rows (one per
+  annotated frame): trunk, and per object 288x288 mask logits, ``maskmem_features`` 64x72x72 and
+  ``pix_feat_with_mem`` 256x72x72;
+* ``before``: the same targets the way the actor sent them up to issue 13 (float32 bytes, one block per 8 rows) and
+  encoded by the CPU step with the reference codecs (``schemas/codecs.py``), in the same run; and the bytes per row
+  of the blocks through the object store, float32 against quantised.
 
 The targets are synthetic (no full-size teacher runs on this CPU): feature maps Gaussian with per-channel
 scales, mask logits smooth fields (an 18x18 random grid upsampled, ~+-10) like a real decoder's. zstd's cost
 on the logits depends on their content; real logits (large flat background) compress better.
 
-Prints one JSON line, with ``cores_per_gpu_at`` = CPU seconds per row x the GPU rate (rows/s) for a few rates.
+Prints one JSON line, with ``cores_per_gpu_at`` = CPU seconds per row outside the GPU (read + teacher host + write)
+x the GPU rate (rows/s) for a few rates.
 
     python benchmarks/cpu_per_row.py [--dataset sa-1b|sa-v] [--images 16] [--prompts 16] [--objects 8] [--codec int8]
 """
@@ -39,17 +46,20 @@ import torch
 from esam3.pipeline.demo_data import write_demo_data
 from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.store import Store
-from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.codecs import FeatureCodec, encode_features, encode_logits, map_codec
 from esam3.schemas.demo import DemoDataConfig
 from esam3.schemas.prompts import PromptConfig
-from esam3.schemas.teacher import VideoTargetConfig
 from esam3.schemas.store import FRAMES, IMAGES
-from esam3.schemas.work import FRAME_TARGETS, KIND_SAMPLE, TARGETS
+from esam3.schemas.teacher import VideoTargetConfig
+from esam3.schemas.work import FRAME_TARGETS, KIND_SAMPLE, TARGETS, WORK
+from esam3.workers.device_codecs import HostCopies, quantise_features
 from esam3.workers.heads import Geometry
 from esam3.workers.read_step import ReadImages, ReadVideos
-from esam3.workers.teacher_loading import random_config
-from esam3.workers.teacher_step import target_bytes
 from esam3.workers.shard_writer import ShardWriter
+from esam3.workers.teacher import PromptTargets
+from esam3.workers.teacher_loading import random_config
+from esam3.workers.teacher_step import frame_table, received, send_frame, send_image
+from esam3.workers.video_targets import FrameTargets
 from esam3.workers.write_step import EncodeFrames, EncodeImages, WriteFragments, stored_bytes
 
 GPU_RATES = (10, 30, 60)
@@ -71,19 +81,86 @@ def synthetic_targets(k: int, g: Geometry, rng: np.random.Generator, channel_sca
     """Full-size teacher outputs for one image with ``k`` prompts, as the teacher actor holds them."""
     out = {"trunk": torch.randn(g.trunk_width, g.grid, g.grid) * channel_scale}
     if k:
-        out["multi_logits"] = smooth_logits(rng, 3 * k, g.mask_size).reshape(k, 3, g.mask_size, g.mask_size)
-        out["single_logits"] = smooth_logits(rng, k, g.mask_size).reshape(k, 1, g.mask_size, g.mask_size)
+        out["multi"] = smooth_logits(rng, 3 * k, g.mask_size).reshape(k, 3, g.mask_size, g.mask_size)
+        out["single"] = smooth_logits(rng, k, g.mask_size).reshape(k, 1, g.mask_size, g.mask_size)
         out["iou"] = torch.rand(k, 4)
         out["object_score"] = torch.randn(k)
         out["object_pointer"] = torch.randn(k, g.hidden)
     return out
 
 
-def to_row_bytes(rows: list[dict[str, Any]], targets: list[dict[str, torch.Tensor]], schema: pa.Schema) -> list[pa.Table]:
-    """What the teacher actor does on the host with the targets: row bytes, then the Arrow blocks it sends on."""
-    for row, tensors in zip(rows, targets):
-        row.update(precision="bf16-autocast", pixels=None, **{name: target_bytes(t) for name, t in tensors.items()})
-    return [pa.Table.from_pylist(rows[i : i + 8], schema=schema) for i in range(0, len(rows), 8)]
+def float32_blocks(rows: list[dict[str, Any]], targets: list[dict[str, torch.Tensor]]) -> list[pa.Table]:
+    """Before: what the actor sent up to issue 13, float32 bytes of every target, in blocks of 8 rows."""
+    schema = pa.schema([*WORK, ("precision", pa.string()), *[(name, pa.large_binary()) for name in targets[0]]])
+    out = [
+        {
+            **row,
+            "precision": "bf16-autocast",
+            "pixels": None,
+            **{name: memoryview(t.float().numpy()).cast("B") for name, t in tensors.items()},
+        }
+        for row, tensors in zip(rows, targets)
+    ]
+    return [pa.Table.from_pylist(out[i : i + 8], schema=schema) for i in range(0, len(out), 8)]
+
+
+def reference_encode(targets: list[dict[str, torch.Tensor]], codec: FeatureCodec) -> None:
+    """Before: the CPU encode step's codecs on the float32 targets (``schemas/codecs.py``)."""
+    for tensors in targets:
+        for name, t in tensors.items():
+            if name in ("multi", "single", "mask_logits"):
+                encode_logits(t.numpy())
+            elif t.dim() >= 3:
+                encode_features(t.numpy(), codec if name == "trunk" else map_codec(codec))
+
+
+def quantised(targets: list[dict[str, torch.Tensor]], codec: FeatureCodec, video: bool) -> list[dict[str, Any]]:
+    """After, device side: the targets quantised and sent, as the actor does (on the GPU where it has one)."""
+    copies = HostCopies(torch.device("cpu"))
+    parts = []
+    for tensors in targets:
+        trunk = quantise_features(tensors["trunk"], codec)
+        if video:
+            parts.append(
+                send_frame(
+                    copies, trunk, FrameTargets(0, 0, object_ids=[], is_conditioning=None, has_memory_conditioned=None, **tensors), codec
+                )
+            )
+        else:
+            prompts = {name: t for name, t in tensors.items() if name != "trunk"}
+            parts.append(send_image(copies, trunk, PromptTargets(**prompts) if prompts else None))
+    copies.wait()
+    return parts
+
+
+def quantised_blocks(rows: list[dict[str, Any]], parts: list[dict[str, Any]], video: bool) -> list[pa.Table]:
+    """After, host side: the codes received into the rows, and the Arrow blocks the actor sends."""
+    out = [received(row, sent, precision="bf16-autocast") for row, sent in zip(rows, parts)]
+    if video:
+        return [frame_table(out[i : i + 8]) for i in range(0, len(out), 8)]
+    return [pa.Table.from_pylist(out[i : i + 8], schema=TARGETS) for i in range(0, len(out), 8)]
+
+
+def actor_costs(rows: list[dict[str, Any]], targets: list[dict[str, torch.Tensor]], codec: FeatureCodec, video: bool) -> dict[str, Any]:
+    """CPU seconds per row of the teacher actor's side, before (float32) and after (quantised), and the bytes per row
+    of the blocks it sends through the object store. Returns the quantised rows too, for the write step."""
+    units = len(rows)
+    float32_blocks(rows, targets)  # warm-up: a running actor's allocator holds memory from earlier blocks
+    before, before_s = cpu_seconds(lambda: float32_blocks(rows, targets))
+    _, reference_s = cpu_seconds(lambda: reference_encode(targets, codec))
+    quantised_blocks(rows, quantised(targets, codec, video), video)  # warm-up, as above
+    parts, quantise_s = cpu_seconds(lambda: quantised(targets, codec, video))
+    after, host_s = cpu_seconds(lambda: quantised_blocks(rows, parts, video))
+    return {
+        "quantise": quantise_s / units,
+        "teacher_host": host_s / units,
+        "before": {"teacher_host": before_s / units, "encode": reference_s / units},
+        "object_store_mb_per_row": {
+            "float32": round(sum(t.nbytes for t in before) / units / 1e6, 2),
+            "quantised": round(sum(t.nbytes for t in after) / units / 1e6, 2),
+        },
+        "rows": [row for block in after for row in block.to_pylist()],
+    }
 
 
 def write_cost(encode: Any, write: Any, rows: list[dict[str, Any]], schema: pa.Schema, units: int) -> dict[str, Any]:
@@ -114,17 +191,23 @@ def image_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
     rng = np.random.default_rng(0)
     channel_scale = torch.from_numpy(rng.lognormal(0, 1, (g.trunk_width, 1, 1)).astype(np.float32))
     tensors = [synthetic_targets(row["k"], g, rng, channel_scale) for row in samples]
-    to_row_bytes(samples, tensors, TARGETS)  # warm-up: a running actor's allocator holds memory from earlier blocks
-    _, teacher_host_s = cpu_seconds(lambda: to_row_bytes(samples, tensors, TARGETS))
+    actor = actor_costs(samples, tensors, FeatureCodec(args.codec), video=False)
+    tensors.clear()
     store.create_table("images")
     encode = EncodeImages(g, FeatureCodec(args.codec), "synthetic", "bench", 0)
-    cost = write_cost(encode, WriteFragments((ShardWriter(store.table_uri("images"), IMAGES),)), rows, TARGETS, len(samples))
+    cost = write_cost(
+        encode,
+        WriteFragments((ShardWriter(store.table_uri("images"), IMAGES),)),
+        actor.pop("rows") + [row for row in rows if row["kind"] != KIND_SAMPLE],
+        TARGETS,
+        len(samples),
+    )
     return {
         "unit": "image",
         "units": len(samples),
         "prompts_per_image": round(sum(r["k"] for r in samples) / len(samples), 1),
         "read": read_s / len(samples),
-        "teacher_host": teacher_host_s / len(samples),
+        **actor,
         **cost,
     }
 
@@ -189,15 +272,14 @@ def frame_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
         video_rows, video_tensors = frame_rows(video, args.objects, g, rng)
         rows += video_rows
         tensors += video_tensors
-    to_row_bytes(rows, tensors, FRAME_TARGETS)  # warm-up, as above
-    _, teacher_host_s = cpu_seconds(lambda: to_row_bytes(rows, tensors, FRAME_TARGETS))
-    tensors.clear()  # the row bytes hold the targets now
+    actor = actor_costs(rows, tensors, FeatureCodec(args.codec), video=True)
+    tensors.clear()  # the rows hold the codes now
     store.create_table("frames")
     encode = EncodeFrames(g, FeatureCodec(args.codec), "synthetic", "bench", 0)
     cost = write_cost(
         encode,
         WriteFragments((ShardWriter(store.table_uri("frames"), FRAMES),)),
-        rows + [row for row in work if row["kind"] != KIND_SAMPLE],
+        actor.pop("rows") + [row for row in work if row["kind"] != KIND_SAMPLE],
         FRAME_TARGETS,
         len(rows),
     )
@@ -206,7 +288,7 @@ def frame_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
         "units": len(rows),
         "objects": args.objects,
         "read": read_s / len(rows),
-        "teacher_host": teacher_host_s / len(rows),
+        **actor,
         **cost,
     }
 
@@ -223,7 +305,7 @@ def main() -> None:
         "--codec",
         choices=[c.value for c in FeatureCodec if c != FeatureCodec.LOWRANK],
         default="int8",
-        help="feature codec of the trunk and the per-object maps",
+        help="feature codec of the trunk and the per-object maps (lowrank needs a fitted basis: not measured here)",
     )
     parser.add_argument("--out", type=Path, default=None, help="working folder (default: a temp dir)")
     args = parser.parse_args()
@@ -242,9 +324,10 @@ def main() -> None:
     g = Geometry.from_config(random_config("full-random"))
     store = Store(str(out / "store"))
     cost = (image_costs if args.dataset == "sa-1b" else frame_costs)(args, out, g, store)
-    total = cost["read"] + cost["teacher_host"] + cost["write_total"]
+    total = cost["read"] + cost["teacher_host"] + cost["write_total"]  # quantise runs on the GPU of a GPU node
     unit = cost.pop("unit")
-    ms = {name: round(1000 * cost.pop(name), 1) for name in ("read", "teacher_host", "encode", "write_total")}
+    ms = {name: round(1000 * cost.pop(name), 1) for name in ("read", "quantise", "teacher_host", "encode", "write_total")}
+    before = {f"{name}_ms_per_{unit}": round(1000 * seconds, 1) for name, seconds in cost.pop("before").items()}
     result: dict[str, Any] = {
         "benchmark": "cpu_per_row",
         "dataset": args.dataset,
@@ -252,6 +335,7 @@ def main() -> None:
         "geometry": {"image": g.image_size, "trunk": [g.trunk_width, g.grid, g.grid], "mask": g.mask_size},
         **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in cost.items()},
         f"cpu_ms_per_{unit}": ms,
+        "before": before,
         f"cpu_ms_per_{unit}_total": round(1000 * total, 1),
         "cores_per_gpu_at": {f"{rate}_{unit}s_per_s": round(total * rate, 1) for rate in GPU_RATES},
     }

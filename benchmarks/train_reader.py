@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -42,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_per_row import synthetic_targets, to_row_bytes  # noqa: E402
+from cpu_per_row import quantised, quantised_blocks, synthetic_targets  # noqa: E402
 from store_read import drop_from_page_cache  # noqa: E402
 
 from esam3.pipeline.demo_data import write_demo_data  # noqa: E402
@@ -87,7 +88,11 @@ def build(
     scale = torch.from_numpy(rng.lognormal(0, 1, (g.trunk_width, 1, 1)).astype(np.float32))
     targets = [synthetic_targets(r["k"], g, rng, scale) for r in samples]
     trunks = [t["trunk"].numpy() for t in targets]
-    blocks = to_row_bytes(work, [targets[samples.index(r)] if r["kind"] == KIND_SAMPLE else {} for r in work], TARGETS)
+    controls = [r for r in work if r["kind"] != KIND_SAMPLE]  # the shard's end row
+    blocks = [
+        *quantised_blocks(samples, quantised(targets, FeatureCodec.INT8, video=False), video=False),
+        pa.Table.from_pylist(controls, schema=TARGETS),
+    ]
     store = Store(store_uri or str(out / "store"), s3)
     store.open_for(
         {"checksum": "synthetic", "source": "bench", "geometry": g.__dict__},

@@ -28,6 +28,7 @@ _FLAGS = {
     "rank": "--rank",
     "s3_endpoint": "--s3-endpoint",
     "read_retries": "--read-retries",
+    "max_teachers": "--max-teachers",
 }
 
 
@@ -69,6 +70,12 @@ def cache_command(
         3,
         "--read-retries",
         help="Times a shard is read again after a transient I/O error (reset, 5xx) before it is left for a rerun (0-20).",
+    ),
+    max_teachers: int = typer.Option(
+        None,
+        "--max-teachers",
+        help="Most teacher actors (one per GPU). The pool starts with the cluster's GPUs and grows as GPUs join, up to this; "
+        "also the number of shard writers started. Default: no bound, writers for the GPUs at the start.",
     ),
     max_failures: str = typer.Option(
         "0", "--max-failures", help="Bad samples tolerated before exit code 1: a count (10) or a share (0.5%)."
@@ -119,6 +126,7 @@ def cache_command(
             s3_endpoint=s3_endpoint,
             max_failures=limit,
             read_retries=read_retries,
+            max_teachers=max_teachers,
         )
         check_source(config)  # a wrong --source or --dataset is said at once, before seconds of imports
         from esam3.pipeline.plan import run_cache  # torch, Lance, Ray

@@ -369,7 +369,6 @@ def build_steps(run: Run) -> Steps:
     store_trunk = Target.TRUNK in config.targets
     lowrank = config.codec == FeatureCodec.LOWRANK
     basis = (store.uri, config.dataset, config.rank, store.s3) if lowrank else None
-    basis_source = (store.uri, config.dataset, store.s3) if lowrank else None
     source_options = store.s3.fsspec_options(config.source)
     table = TABLE_OF[config.dataset]
     writer_args = {"table_uri": store.table_uri(table), "schema": SCHEMAS[table], "s3": store.s3}
@@ -392,13 +391,12 @@ def build_steps(run: Run) -> Steps:
                 "config": config.teacher,
                 "checksum": checksum,
                 "with_prompts": with_prompts,
+                "codec": config.codec,
+                "store_trunk": store_trunk,
                 "basis": basis,
-                "codec": config.codec if store_trunk and with_prompts else None,
             },
             teacher_batch=config.teacher.batch_size,
-            encode=EncodeImages(
-                geometry, config.codec, checksum, run_id, config.prompts.seed, store_trunk=store_trunk, basis_source=basis_source
-            ),
+            encode=EncodeImages(geometry, config.codec, checksum, run_id, config.prompts.seed, store_trunk=store_trunk),
             writer_args=writer_args,
         )
     return Steps(
@@ -411,11 +409,9 @@ def build_steps(run: Run) -> Steps:
             read_retries=config.read_retries,
         ),
         teacher=TeacherVideos,
-        teacher_args={"config": config.teacher, "checksum": checksum, "basis": basis},
+        teacher_args={"config": config.teacher, "checksum": checksum, "codec": config.codec, "store_trunk": store_trunk, "basis": basis},
         teacher_batch=1,  # one video per call: its frames are batched through the trunk inside
-        encode=EncodeFrames(
-            geometry, config.codec, checksum, run_id, config.video.seed, store_trunk=store_trunk, basis_source=basis_source
-        ),
+        encode=EncodeFrames(geometry, config.codec, checksum, run_id, config.video.seed, store_trunk=store_trunk),
         writer_args=writer_args,
     )
 

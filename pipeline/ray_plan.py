@@ -99,30 +99,53 @@ def step_error(text: str) -> Esam3Error:
 class TeacherPool:
     """How many teacher actors the Ray plan runs and what each asks for."""
 
-    actors: int
+    actors: int  # at the start
     per_actor: float  # GPUs (one each) or CPUs
     threads: int | None  # torch threads of a CPU teacher; None on GPUs
     side_cpus: float  # CPUs of each read / write task, which must fit beside the teacher
+    max_actors: int | None = None  # GPU pools grow as GPUs join, up to this (None: no bound); CPU pools are fixed
+
+    @property
+    def compute(self) -> Any:
+        """Ray Data's strategy: an autoscaling pool from the GPUs at the start to ``max_actors`` (Ray Data adds an
+        actor where a GPU is free and work is queued), or a fixed one."""
+        from ray.data import ActorPoolStrategy
+
+        if self.max_actors == self.actors:
+            return ActorPoolStrategy(size=self.actors)
+        return ActorPoolStrategy(min_size=self.actors, max_size=self.max_actors)
+
+    @property
+    def writers(self) -> int:
+        """Shard writers: one per teacher the pool may hold (a shard's writer is fixed for the run: hash of its name)."""
+        return self.max_actors or self.actors
 
 
-def teacher_pool(gpus: int, node_cpus: Sequence[int]) -> TeacherPool:
-    """One actor per GPU; without GPUs one actor per big node, given all of the smallest big node's cores but one
-    (an actor cannot span nodes, and decode and encode need the last core). A node with under half the CPUs of the
-    largest (a small head) gets no teacher, so that it does not shrink every actor; it still reads and writes."""
+def teacher_pool(gpus: int, node_cpus: Sequence[int], max_teachers: int | None = None) -> TeacherPool:
+    """One actor per GPU, more as GPUs join (up to ``max_teachers``); without GPUs one actor per big node, given all
+    of the smallest big node's cores but one (an actor cannot span nodes, and decode and encode need the last core).
+    A node with under half the CPUs of the largest (a small head) gets no teacher, so that it does not shrink every
+    actor; it still reads and writes."""
     largest = max(node_cpus, default=0)
     cpu_nodes = [c for c in node_cpus if c >= 1 and 2 * c >= largest]
     cpus = min(cpu_nodes, default=1)
     side_cpus = 0.5 if cpus >= 2 else 0.25
     if gpus:
-        return TeacherPool(actors=gpus, per_actor=1, threads=None, side_cpus=side_cpus)
+        actors = min(gpus, max_teachers or gpus)
+        return TeacherPool(actors=actors, per_actor=1, threads=None, side_cpus=side_cpus, max_actors=max_teachers)
+    actors = min(max(1, len(cpu_nodes)), max_teachers or len(cpu_nodes) or 1)
     return TeacherPool(
-        actors=max(1, len(cpu_nodes)), per_actor=cpus - 1 if cpus >= 2 else 0.5, threads=max(1, cpus - 1), side_cpus=side_cpus
+        actors=actors,
+        per_actor=cpus - 1 if cpus >= 2 else 0.5,
+        threads=max(1, cpus - 1),
+        side_cpus=side_cpus,
+        max_actors=actors,
     )
 
 
 def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterator[pa.Table]:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     with ray_session(config.address), hide_lines():
         context = DataContext.get_current()
@@ -131,12 +154,9 @@ def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterat
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its "progress bars disabled" notice, among others
         gpus = int(ray.cluster_resources().get("GPU", 0))
         node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
-        pool = teacher_pool(gpus, node_cpus)
+        pool = teacher_pool(gpus, node_cpus, config.max_teachers)
         threads = pool.threads
-        teacher_resources: dict[str, Any] = {
-            "num_gpus" if gpus else "num_cpus": pool.per_actor,
-            "compute": ActorPoolStrategy(size=pool.actors),
-        }
+        teacher_resources: dict[str, Any] = {"num_gpus" if gpus else "num_cpus": pool.per_actor, "compute": pool.compute}
         if not gpus and pool.actors > 1:
             teacher_resources["scheduling_strategy"] = "SPREAD"  # one per node, not two on the biggest
         side_cpus = pool.side_cpus
@@ -158,11 +178,11 @@ def run_ray(config: CacheConfig, shards: list[ShardRef], steps: Steps) -> Iterat
             **teacher_resources,
         )
         ds = ds.map_batches(steps.encode, batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)
-        # One ShardWriter actor per teacher actor (each streams the shards hashed to it into one fragment each);
-        # owned by this driver, so they go when it goes
+        # One ShardWriter actor per teacher actor the pool may hold (each streams the shards hashed to it into one
+        # fragment each); owned by this driver, so they go when it goes
         writers = tuple(
             ray.remote(ShardWriter).options(num_cpus=side_cpus / 2, max_concurrency=1).remote(**steps.writer_args)
-            for _ in range(pool.actors)
+            for _ in range(pool.writers)
         )
         try:
             ds = ds.map_batches(WriteFragments(writers), batch_size=None, batch_format="pyarrow", num_cpus=side_cpus)

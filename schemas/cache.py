@@ -103,6 +103,9 @@ class CacheConfig(BaseModel):
     read_retries: int = Field(
         3, ge=0, le=20, description="reads of a shard again after a transient I/O error, before it is left for a rerun"
     )
+    max_teachers: int | None = Field(
+        None, ge=1, le=4096, description="most teacher actors: GPUs that join the cluster mid-run get one up to this (None: no bound)"
+    )
 
     @field_validator("shards")
     @classmethod

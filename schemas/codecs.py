@@ -36,6 +36,14 @@ class FeatureCodec(str, Enum):
 
 
 LOGIT_LIMIT = 16.0
+
+
+def map_codec(codec: FeatureCodec | str) -> FeatureCodec:
+    """Codec of the per-object feature maps (SA-V memory targets): low-rank applies to the trunk only, the rest go int8."""
+    codec = FeatureCodec(codec)
+    return FeatureCodec.INT8 if codec == FeatureCodec.LOWRANK else codec
+
+
 _ZSTD_LEVEL = 3
 
 
@@ -206,10 +214,14 @@ def encode_logits(x: np.ndarray) -> tuple[Encoded, float]:
     count = x.size // plane if plane else 0
     maps = np.clip(x, -LOGIT_LIMIT, LOGIT_LIMIT).reshape(count, plane)
     q, scale = _per_row_int8(maps)
-    compressed = pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(q.tobytes(), asbytes=True)
-    encoded = Encoded("logit8", x.shape, compressed, scale.tobytes())
+    encoded = Encoded("logit8", x.shape, compress_logits(q), scale.tobytes())
     dequantized = np.multiply(q, scale[:, None], dtype=np.float32)  # what decode_logits gives (zstd is lossless)
     return encoded, relative_rms(dequantized, maps)
+
+
+def compress_logits(codes: bytes | memoryview | np.ndarray) -> bytes:
+    """The int8 codes of ``logit8`` maps -> its payload (zstd; lossless)."""
+    return pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(codes, asbytes=True)
 
 
 def decode_logits(encoded: Encoded) -> np.ndarray:

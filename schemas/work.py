@@ -7,7 +7,9 @@ frame of each video) or ``abort`` (the shard could not be read to its end, e.g. 
 says why; the driver leaves the shard uncommitted and goes on with the others).
 Arrays travel as raw little-endian bytes; their shapes follow from the teacher's geometry and ``k``.
 
-teacher -> writer: the same rows, samples with the raw float32 targets added.
+teacher -> writer: the same rows, samples with their targets added as the teacher quantised them on its device
+(``esam3.workers.device_codecs``): the codes in the target's column, one fp32 scale per map / component in
+``<name>_scale`` and the relative RMS error measured there in ``<name>_error``; small targets as raw float32.
 
 writer -> driver: ``WRITTEN`` rows, one per shard per batch: progress (rows written), and once per shard its totals
 (``final``): the fragment metadata (JSON) of all its rows, its failures, its end marker's count. The driver commits
@@ -55,14 +57,28 @@ WORK = pa.schema(
     ]
 )
 
-#: Raw float32 targets the teacher step adds for samples.
-TARGET_COLUMNS = ("trunk", "multi_logits", "single_logits", "iou", "object_score", "object_pointer")
+
+def _targets(quantised: tuple[str, ...], raw: tuple[str, ...]) -> list[tuple[str, pa.DataType]]:
+    """Columns of targets the teacher quantised (codes, scales, measured error) and of raw float32 ones."""
+    fields = [
+        (f"{name}{part}", kind)
+        for name in quantised
+        for part, kind in (("", pa.large_binary()), ("_scale", pa.binary()), ("_error", pa.float64()))
+    ]
+    return fields + [(name, pa.large_binary()) for name in raw]
+
+
+#: Targets quantised on the teacher's device (trunk: the run's codec; logits: logit8) and those sent as float32.
+QUANTISED_TARGETS = ("trunk", "multi_logits", "single_logits")
+RAW_TARGETS = ("iou", "object_score", "object_pointer")
 #: What the trunk codec costs the heads' masks on this row (``esam3.workers.task_error``); null when not measured.
 TASK_ERROR = [("codec_mask_iou", pa.float32()), ("codec_iou_error", pa.float32())]
-TARGETS = pa.schema([*WORK, ("precision", pa.string()), *[(name, pa.large_binary()) for name in TARGET_COLUMNS], *TASK_ERROR])
+TARGETS = pa.schema([*WORK, ("precision", pa.string()), *_targets(QUANTISED_TARGETS, RAW_TARGETS), *TASK_ERROR])
 
 #: teacher -> writer for SA-V: one row per frame (or a failure / end row passed through).
-FRAME_TARGET_COLUMNS = ("trunk", "mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")
+#: SA-V targets: the trunk (the run's codec), the per-object maps (``codecs.map_codec``), the logits (logit8) quantised.
+QUANTISED_FRAME_TARGETS = ("trunk", "mask_logits", "maskmem_features", "pix_feat_with_mem")
+RAW_FRAME_TARGETS = ("object_score", "object_pointer")
 FRAME_TARGETS = pa.schema(
     [
         *[
@@ -92,7 +108,7 @@ FRAME_TARGETS = pa.schema(
         ("has_memory_conditioned", pa.list_(pa.bool_())),
         ("input", pa.large_binary()),  # PNG of the frame (null with --inputs none)
         ("gt_masks", pa.string()),  # JSON [{height, width, counts}] in object_ids order
-        *[(name, pa.large_binary()) for name in FRAME_TARGET_COLUMNS],
+        *_targets(QUANTISED_FRAME_TARGETS, RAW_FRAME_TARGETS),
     ]
 )
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import simplejpeg
+import torch
 from typer.testing import CliRunner
 
 from esam3.cli import app
@@ -633,10 +634,22 @@ def test_a_shard_that_cannot_be_read_stays_uncommitted_and_the_others_go_on(
 def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) -> None:
     """SA-V frames before the first prompted object have no objects: empty tensors, not a crash."""
     from esam3.schemas.codecs import FeatureCodec
+    from esam3.workers.device_codecs import HostCopies, quantise_features, quantise_logits
+    from esam3.workers.teacher_step import received
     from esam3.workers.write_step import EncodeFrames
 
     g = tiny_teacher.geometry
     write = EncodeFrames(g, FeatureCodec.INT8, "checksum", "run", 0)
+    copies = HostCopies(torch.device("cpu"))
+    parts = {
+        "trunk": copies.send(quantise_features(torch.zeros(g.trunk_width, g.grid, g.grid), "int8")),
+        "mask_logits": copies.send(quantise_logits(torch.zeros(0, g.mask_size, g.mask_size))),
+        "maskmem_features": copies.send(quantise_features(torch.zeros(0, g.memory_channels, g.grid, g.grid), "int8")),
+        "pix_feat_with_mem": copies.send(quantise_features(torch.zeros(0, g.hidden, g.grid, g.grid), "int8")),
+        "object_score": copies.send_raw(torch.zeros(0)),
+        "object_pointer": copies.send_raw(torch.zeros(0, g.hidden)),
+    }
+    copies.wait()
     row = {
         "key": "sav/x/00000",
         "shard": "sav_000.tar",
@@ -654,10 +667,8 @@ def test_frames_before_any_object_appears_are_stored(tiny_teacher: Sam3Teacher) 
         "has_memory_conditioned": [],
         "input": None,
         "gt_masks": "[]",
-        "trunk": np.zeros((g.trunk_width, g.grid, g.grid), np.float32).tobytes(),
-        **{name: b"" for name in ("mask_logits", "object_score", "object_pointer", "maskmem_features", "pix_feat_with_mem")},
     }
-    stored = write.store_row(row)
+    stored = write.store_row(received(row, parts))
     assert decode_tensor(stored["maskmem_features"]).shape == (0, g.memory_channels, g.grid, g.grid)
     assert decode_tensor(stored["mask_logits"]).shape == (0, g.mask_size, g.mask_size)
     assert stored["gt_masks"] == [] and "input" not in stored
@@ -1032,3 +1043,20 @@ def test_a_shard_that_fails_midway_or_on_write_is_dropped_with_its_written_rows(
     monkeypatch.setattr(shard_writer, "write_fragments", refused)
     with pytest.raises(StoreError, match="writing refused"):
         run_cache(config(source, tmp_path / "refused"), executor="local")
+
+
+@pytest.mark.parametrize(
+    ("value", "said"), [("0", "greater than or equal to 1"), ("4097", "less than or equal to 4096"), ("x", "valid integer")]
+)
+def test_max_teachers_is_checked_before_any_work(demo_root: Path, tmp_path: Path, value: str, said: str) -> None:
+    args = ["cache", "--dataset", "sa-1b", "--source", str(demo_root / "sa-1b"), "--store", str(tmp_path / "s"), "--max-teachers", value]
+    bad = CliRunner().invoke(app, args, env=WIDE)
+    assert bad.exit_code == 2 and "--max-teachers" in bad.output and said in bad.output, bad.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_max_teachers_reaches_the_run_config() -> None:
+    from esam3.pipeline.ray_plan import teacher_pool
+
+    config = CacheConfig(dataset="sa-1b", source="x", store="y", max_teachers=3)
+    assert teacher_pool(1, [8], config.max_teachers).compute.max_size == 3

@@ -73,16 +73,23 @@ def _teacher_actor_pids() -> list[int]:
     return pids
 
 
-def test_sigkilled_teacher_actor_is_replaced_and_every_key_lands_once(local_ray, tmp_path: Path) -> None:
+def cache_in_background(tmp_path: Path, shards: int) -> tuple[threading.Thread, dict[str, object]]:
+    """A Ray cache run of ``shards`` demo shards of 3 images (small teacher, batch 1) into ``tmp_path/store``, in a
+    thread; the dict gets its ``report``."""
     source = tmp_path / "data"
-    write_demo_data(small_config(source, sa1b_shards=6, images_per_shard=3, sav_shards=0))
-    store = tmp_path / "store"
+    write_demo_data(small_config(source, sa1b_shards=shards, images_per_shard=3, sav_shards=0))
     config = CacheConfig(
-        dataset="sa-1b", source=str(source / "sa-1b"), store=str(store), teacher={"source": "small-random", "batch_size": 1}
+        dataset="sa-1b", source=str(source / "sa-1b"), store=str(tmp_path / "store"), teacher={"source": "small-random", "batch_size": 1}
     )
     done: dict[str, object] = {}
     thread = threading.Thread(target=lambda: done.update(report=run_cache(config, executor="ray")))
     thread.start()
+    return thread, done
+
+
+def test_sigkilled_teacher_actor_is_replaced_and_every_key_lands_once(local_ray, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    thread, done = cache_in_background(tmp_path, shards=6)
     killed = None
     deadline = time.monotonic() + 120
     while thread.is_alive() and time.monotonic() < deadline and killed is None:
@@ -116,13 +123,27 @@ def test_teacher_pool_fits_on_nodes() -> None:
     head gets none."""
     from esam3.pipeline.ray_plan import TeacherPool, teacher_pool
 
-    assert teacher_pool(0, [2]) == TeacherPool(actors=1, per_actor=1, threads=1, side_cpus=0.5)
-    assert teacher_pool(0, [0, 16, 16]) == TeacherPool(actors=2, per_actor=15, threads=15, side_cpus=0.5)
-    assert teacher_pool(0, [8, 16]) == TeacherPool(actors=2, per_actor=7, threads=7, side_cpus=0.5)
-    assert teacher_pool(0, [1]) == TeacherPool(actors=1, per_actor=0.5, threads=1, side_cpus=0.25)
-    assert teacher_pool(0, [2, 64, 64]) == TeacherPool(actors=2, per_actor=63, threads=63, side_cpus=0.5)  # small head
-    assert teacher_pool(0, []) == TeacherPool(actors=1, per_actor=0.5, threads=1, side_cpus=0.25)
-    assert teacher_pool(4, [0, 32]) == TeacherPool(actors=4, per_actor=1, threads=None, side_cpus=0.5)
+    assert teacher_pool(0, [2]) == TeacherPool(actors=1, per_actor=1, threads=1, side_cpus=0.5, max_actors=1)
+    assert teacher_pool(0, [0, 16, 16]) == TeacherPool(actors=2, per_actor=15, threads=15, side_cpus=0.5, max_actors=2)
+    assert teacher_pool(0, [8, 16]) == TeacherPool(actors=2, per_actor=7, threads=7, side_cpus=0.5, max_actors=2)
+    assert teacher_pool(0, [1]) == TeacherPool(actors=1, per_actor=0.5, threads=1, side_cpus=0.25, max_actors=1)
+    assert teacher_pool(0, [2, 64, 64]) == TeacherPool(actors=2, per_actor=63, threads=63, side_cpus=0.5, max_actors=2)  # small head
+    assert teacher_pool(0, []) == TeacherPool(actors=1, per_actor=0.5, threads=1, side_cpus=0.25, max_actors=1)
+    assert teacher_pool(0, [0, 16, 16], max_teachers=1).actors == 1  # --max-teachers caps a CPU pool too
+
+
+def test_the_gpu_teacher_pool_grows_with_the_cluster() -> None:
+    """GPUs that join mid-run get teachers: an autoscaling pool from the GPUs at the start, up to --max-teachers
+    (unbounded by default), with a shard writer for each teacher it may hold."""
+    from esam3.pipeline.ray_plan import TeacherPool, teacher_pool
+
+    pool = teacher_pool(4, [0, 32])
+    assert pool == TeacherPool(actors=4, per_actor=1, threads=None, side_cpus=0.5, max_actors=None)
+    assert (pool.compute.min_size, pool.compute.max_size, pool.writers) == (4, float("inf"), 4)
+    bounded = teacher_pool(2, [32, 32], max_teachers=8)
+    assert (bounded.compute.min_size, bounded.compute.max_size, bounded.writers) == (2, 8, 8)
+    capped = teacher_pool(8, [32], max_teachers=4)
+    assert (capped.actors, capped.compute.min_size, capped.compute.max_size, capped.writers) == (4, 4, 4, 4)
 
 
 def test_a_shard_that_cannot_be_read_in_a_ray_worker_is_left_for_a_rerun(local_ray, demo_root: Path, tmp_path: Path) -> None:

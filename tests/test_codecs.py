@@ -144,21 +144,3 @@ def test_empty_tensors_round_trip() -> None:
         assert decode_features(encoded).shape == (0, 64, 8, 8) and error == 0.0
     encoded, error = encode_logits(np.zeros((0, 32, 32), np.float32))
     assert decode_logits(encoded).shape == (0, 32, 32) and error == 0.0
-
-
-@pytest.mark.parametrize("codec", ["fp16", "bf16", "int8", "lowrank"])
-def test_the_torch_roundtrip_of_the_task_error_equals_the_stored_codec(codec: str) -> None:
-    """The teacher actor measures the task-level error on decode(encode(trunk)) computed in torch: it must be
-    the trunk a reader decodes from the store."""
-    import torch
-
-    from esam3.schemas.codecs import decode_features, encode_features, fit_basis
-    from esam3.workers.task_error import roundtrip
-
-    rng = np.random.default_rng(3)
-    x = (rng.normal(size=(48, 8, 8)) * rng.lognormal(0, 1, (48, 1, 1))).astype(np.float32)
-    x[5] *= 100  # an outlier channel
-    basis = fit_basis(np.stack([x, x * 0.5 + 1]), 12) if codec == "lowrank" else None
-    stored = decode_features(encode_features(x, codec, basis)[0], basis)
-    ours = roundtrip(torch.from_numpy(x), FeatureCodec(codec), basis).numpy()
-    assert np.allclose(ours, stored, rtol=1e-5, atol=1e-5 * np.abs(stored).max())

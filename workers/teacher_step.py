@@ -17,15 +17,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from esam3.schemas.codecs import Basis, FeatureCodec
+from esam3.schemas.codecs import CodecError, FeatureCodec, map_codec
 from esam3.schemas.errors import first_line
 from esam3.schemas.teacher import TeacherConfig, TeacherLoadError, VideoPrompt
-from esam3.schemas.work import FRAME_TARGET_COLUMNS, FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, TARGETS
+from esam3.schemas.work import FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, RAW_FRAME_TARGETS, RAW_TARGETS, TARGETS
+from esam3.workers.device_codecs import DeviceBasis, HostCopies, Quantised, Sent, dequantise, quantise_features, quantise_logits
 from esam3.workers.preprocess import normalize
 from esam3.workers.prompts import PromptSet
-from esam3.workers.task_error import roundtrip, task_error
-from esam3.workers.teacher import Sam3Teacher
-from esam3.workers.video_targets import ObjectPrompt, VideoWork, run_video
+from esam3.workers.task_error import task_error
+from esam3.workers.teacher import PromptTargets, Sam3Teacher
+from esam3.workers.video_targets import FrameTargets, ObjectPrompt, VideoWork, run_video
 
 log = logging.getLogger(__name__)
 #: Samples in a row the teacher may fail on before the actor itself fails (see ``TeacherImages.poisoned``).
@@ -33,10 +34,11 @@ POISON_STREAK = 8
 
 
 class TeacherImages:
-    """Ray Data actor: WORK batch (pyarrow) -> TARGETS batch with raw float32 trunk / prompt targets.
+    """Ray Data actor: WORK batch (pyarrow) -> TARGETS batch: trunk and prompt targets quantised on the teacher's
+    device (``esam3.workers.device_codecs``) and sent as codes + scales + measured errors.
 
-    With the low-rank codec (``basis`` = (store URI, dataset, rank, S3 settings)), the first actor to compute trunks fits the
-    basis on its first batch and stores it before emitting any row; writers encode with the stored basis.
+    With the low-rank codec (``basis`` = (store URI, dataset, rank, S3 settings)), the first actor to compute trunks
+    fits the basis on its first batch and stores it before it encodes any row; every actor encodes with the stored one.
     """
 
     def __init__(
@@ -44,9 +46,10 @@ class TeacherImages:
         config: TeacherConfig,
         checksum: str,
         with_prompts: bool,
+        codec: FeatureCodec | str = FeatureCodec.INT8,
+        store_trunk: bool = True,
         threads: int | None = None,
         basis: tuple[str, str, int, Any] | None = None,
-        codec: FeatureCodec | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)  # Ray reuses workers: set it explicitly, every time
@@ -57,10 +60,12 @@ class TeacherImages:
                 f"the run expects {checksum}: every worker must see the same checkpoint"
             )
         self.with_prompts = with_prompts
+        self.codec = FeatureCodec(codec)  # the run's trunk codec
+        self.store_trunk = store_trunk  # else the trunk is neither sent nor measured
         self.basis = basis
         self.basis_ready = basis is None
-        self.codec = codec  # the run's trunk codec: its task-level error is measured per row (None: not measured)
-        self._stored_basis: Basis | None = None
+        self._device_basis: DeviceBasis | None = None
+        self.copies = HostCopies(self.teacher.device)
         self.streak = 0  # samples in a row the teacher failed on
 
     def ensure_basis(self, trunks: torch.Tensor) -> None:
@@ -78,6 +83,22 @@ class TeacherImages:
             log.info("low-rank basis of rank %d fitted on %d rows and stored", stored.rank, len(features))
         self.basis_ready = True
 
+    def device_basis(self) -> DeviceBasis | None:
+        """The store's low-rank basis on the teacher's device (after ``ensure_basis``); None for other codecs."""
+        if self.codec != FeatureCodec.LOWRANK or self._device_basis is not None:
+            return self._device_basis
+        from esam3.pipeline.store import Store
+
+        uri, dataset, _, s3 = self.basis
+        found = Store(uri, s3).read_basis(dataset)
+        if found is None:
+            raise CodecError("the low-rank basis is not in the store (the first teacher batch stores it)")
+        self._device_basis = DeviceBasis.of(found, self.teacher.device)
+        return self._device_basis
+
+    def quantise_trunk(self, trunk: torch.Tensor) -> Quantised:
+        return quantise_features(trunk, self.codec, self.device_basis())
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         samples = [i for i, row in enumerate(rows) if row["kind"] == KIND_SAMPLE]
@@ -86,32 +107,37 @@ class TeacherImages:
         return pa.Table.from_pylist(rows, schema=TARGETS)
 
     def _targets(self, rows: list[dict[str, Any]], samples: list[int]) -> None:
-        teacher = self.teacher
-        size = teacher.geometry.image_size
+        size = self.teacher.geometry.image_size
         pixels = torch.stack([torch.frombuffer(bytearray(rows[i]["pixels"]), dtype=torch.uint8).reshape(3, size, size) for i in samples])
         trunks = self._trunks(rows, samples, pixels)
-        if trunks:
+        if trunks and not self.basis_ready:
             self.ensure_basis(torch.stack(list(trunks.values())))
+        sent: dict[int, dict[str, Sent]] = {}
         for index, trunk in trunks.items():
-            row = rows[index]
-            row["pixels"] = None  # not needed downstream: keep the object store small
-            row["precision"] = teacher.card.precision
-            row["trunk"] = target_bytes(trunk)
-            if self.with_prompts and row["k"]:
-                try:
-                    out = teacher.prompt_targets(trunk, prompt_set(row, size))
-                    if self.codec is not None:
-                        decoded = roundtrip(trunk, self.codec, self.trunk_basis())
-                        cost = task_error(out, teacher.prompt_targets(decoded, prompt_set(row, size)))
-                        row["codec_mask_iou"], row["codec_iou_error"] = cost.mask_iou, cost.iou_error
-                except Exception as exc:  # noqa: BLE001 - a bad prompt set, or one that exhausts the device: this sample only
-                    rows[index] = as_failure(row, f"prompt targets failed: {self.poisoned(exc)}")
-                    continue
-                for name in ("multi", "single"):
-                    row[f"{name}_logits"] = target_bytes(getattr(out, name))
-                for name in ("iou", "object_score", "object_pointer"):
-                    row[name] = target_bytes(getattr(out, name))
+            try:
+                sent[index] = self._send(rows[index], trunk)
+            except Exception as exc:  # noqa: BLE001 - a bad prompt set, or one that exhausts the device: this sample only
+                rows[index] = as_failure(rows[index], f"prompt targets failed: {self.poisoned(exc)}")
+                continue
             self.streak = 0
+        self.copies.wait()
+        for index, parts in sent.items():
+            rows[index] = received(rows[index], parts, precision=self.teacher.card.precision)
+
+    def _send(self, row: dict[str, Any], trunk: torch.Tensor) -> dict[str, Sent]:
+        """Quantise one image's targets and start their copies to the host: the trunk, and for its prompts the
+        heads' outputs plus what the trunk codec costs them (the prompts decoded again from the decoded trunk)."""
+        teacher = self.teacher
+        quantised = self.quantise_trunk(trunk) if self.store_trunk else None
+        if not (self.with_prompts and row["k"]):
+            return send_image(self.copies, quantised, None)
+        prompts = prompt_set(row, teacher.geometry.image_size)
+        out = teacher.prompt_targets(trunk, prompts)
+        parts = send_image(self.copies, quantised, out)
+        if quantised is not None:
+            decoded = dequantise(quantised, self.device_basis())
+            parts[TASK_ERROR_PART] = self.copies.send_raw(task_error(out, teacher.prompt_targets(decoded, prompts)))
+        return parts
 
     def _trunks(self, rows: list[dict[str, Any]], samples: list[int], pixels: torch.Tensor) -> dict[int, torch.Tensor]:
         """Trunk outputs by row index: the batch in one pass, or, if the pass fails (out of memory on a large batch,
@@ -147,15 +173,29 @@ class TeacherImages:
         log.warning("teacher failed on a sample: %s", reason)
         return reason
 
-    def trunk_basis(self) -> Basis | None:
-        """The store's low-rank basis (after ``ensure_basis``), for the task-level error of the lowrank codec."""
-        if self.codec != FeatureCodec.LOWRANK or self._stored_basis is not None:
-            return self._stored_basis
-        from esam3.pipeline.store import Store
 
-        uri, dataset, _, s3 = self.basis
-        self._stored_basis = Store(uri, s3).read_basis(dataset)
-        return self._stored_basis
+def send_image(copies: HostCopies, trunk: Quantised | None, prompts: PromptTargets | None) -> dict[str, Sent]:
+    """Start the copies of one image's targets: its quantised trunk (None: not stored), and the heads' outputs for its
+    prompts (None: no prompts): logits quantised as logit8, the small ones as float32."""
+    parts = {} if trunk is None else {"trunk": copies.send(trunk)}
+    if prompts is not None:
+        parts["multi_logits"] = copies.send(quantise_logits(prompts.multi))
+        parts["single_logits"] = copies.send(quantise_logits(prompts.single))
+        for name in RAW_TARGETS:
+            parts[name] = copies.send_raw(getattr(prompts, name))
+    return parts
+
+
+def send_frame(copies: HostCopies, trunk: Quantised | None, targets: FrameTargets, codec: FeatureCodec) -> dict[str, Sent]:
+    """Start the copies of one video frame's targets: its quantised trunk (None: not stored), the objects' logits
+    (logit8) and memory maps (``map_codec(codec)``), the small ones as float32."""
+    parts = {} if trunk is None else {"trunk": copies.send(trunk)}
+    parts["mask_logits"] = copies.send(quantise_logits(targets.mask_logits))
+    for name in ("maskmem_features", "pix_feat_with_mem"):
+        parts[name] = copies.send(quantise_features(getattr(targets, name), map_codec(codec)))
+    for name in RAW_FRAME_TARGETS:
+        parts[name] = copies.send_raw(getattr(targets, name))
+    return parts
 
 
 def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, Any]:
@@ -170,14 +210,22 @@ def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, An
     }
 
 
-def target_bytes(tensor: torch.Tensor) -> memoryview:
-    """A target as float32 bytes on the host, the form the write step encodes from.
+#: Where the task-level error of the trunk codec travels among a row's parts (it becomes codec_mask_iou / _iou_error).
+TASK_ERROR_PART = "task_error"
 
-    A view, not a ``bytes`` copy: Arrow copies it once into the block the actor sends. The extra copy cost the
-    actor's thread, the one that feeds the GPU, 58 instead of 17 ms per full-size SA-V frame with 8 objects
-    (``benchmarks/cpu_per_row.py``).
-    """
-    return memoryview(np.ascontiguousarray(tensor.detach().to(torch.float32).cpu().numpy())).cast("B")
+
+def received(row: dict[str, Any], parts: dict[str, Sent], **fields: Any) -> dict[str, Any]:
+    """A sample row with its targets, once their copies are done (``HostCopies.wait``): the target fields added,
+    the pixels dropped (not needed downstream: the object store stays small). A target the codec refuses (NaN,
+    fp16 overflow) makes it a failure row."""
+    try:
+        targets = {key: value for name, part in parts.items() if name != TASK_ERROR_PART for key, value in part.fields(name).items()}
+    except CodecError as exc:
+        log.warning("%s: cannot store %s: %s", row["shard"], row["key"], exc)
+        return as_failure(row, f"targets of {row['key']} not stored: {exc}")
+    if TASK_ERROR_PART in parts:
+        targets["codec_mask_iou"], targets["codec_iou_error"] = parts[TASK_ERROR_PART].codes.tolist()
+    return {**row, **fields, **targets, "pixels": None}
 
 
 def prompt_set(row: dict[str, Any], size: int) -> PromptSet:
@@ -199,43 +247,55 @@ def prompt_set(row: dict[str, Any], size: int) -> PromptSet:
 
 
 class TeacherVideos:
-    """Ray Data actor: WORK rows (one per video) -> FRAME_TARGETS rows (one per annotated frame)."""
+    """Ray Data actor: WORK rows (one per video) -> FRAME_TARGETS rows (one per annotated frame), quantised on the
+    teacher's device like ``TeacherImages``' (the per-object maps with ``codecs.map_codec``)."""
 
     def __init__(
-        self, config: TeacherConfig, checksum: str, threads: int | None = None, basis: tuple[str, str, int, Any] | None = None
+        self,
+        config: TeacherConfig,
+        checksum: str,
+        codec: FeatureCodec | str = FeatureCodec.INT8,
+        store_trunk: bool = True,
+        threads: int | None = None,
+        basis: tuple[str, str, int, Any] | None = None,
     ) -> None:
-        self.images = TeacherImages(config, checksum, with_prompts=False, threads=threads, basis=basis)
+        self.images = TeacherImages(config, checksum, False, codec, store_trunk, threads, basis)
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for row in batch.to_pylist():
             if row["kind"] != KIND_SAMPLE:
-                yield pa.Table.from_pylist([{name: row.get(name) for name in FRAME_TARGETS.names}], schema=FRAME_TARGETS)
+                yield frame_table([row])
                 continue
-            # Frames leave in blocks of 8 as they are made (one frame is ~77 MB of float32 at full size with 8
-            # objects: a whole video would not fit); a video that fails midway keeps the frames already sent, and
-            # its failure stands for the rest.
-            block: list[dict[str, Any]] = []
+            # Frames leave in blocks of 8 as they are made (a whole video of targets would not fit); each frame's
+            # copies to the host overlap the next frame's compute. A video that fails midway keeps the frames
+            # already sent, and its failure stands for the rest.
+            block: list[tuple[dict[str, Any], dict[str, Sent]]] = []
             sent = 0
             try:
                 for frame in self._frames(row):
                     block.append(frame)
                     if len(block) == 8:
-                        yield pa.Table.from_pylist(block, schema=FRAME_TARGETS)
+                        yield self._table(block)
                         sent, block = sent + len(block), []
             except Exception as exc:  # noqa: BLE001 - bad prompts, or a video that exhausts the device: this video only
+                self.images.copies.wait()  # the block's copies are dropped, but never while a side stream still writes them
                 if sent == row["frames"]:  # every frame already sent: nothing is missing
                     log.warning("%s: video targets raised after its last frame: %s", row["key"], exc)
                     continue
                 reason = self.images.poisoned(exc)
-                failure = as_failure(row, f"video targets failed after frame {sent}: {reason}", count=row["frames"] - sent)
-                yield pa.Table.from_pylist([{name: failure.get(name) for name in FRAME_TARGETS.names}], schema=FRAME_TARGETS)
+                yield frame_table([as_failure(row, f"video targets failed after frame {sent}: {reason}", count=row["frames"] - sent)])
                 continue
             if block:
-                yield pa.Table.from_pylist(block, schema=FRAME_TARGETS)
+                yield self._table(block)
             self.images.streak = 0
 
-    def _frames(self, row: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        teacher = self.images.teacher
+    def _table(self, block: list[tuple[dict[str, Any], dict[str, Sent]]]) -> pa.Table:
+        self.images.copies.wait()
+        return frame_table([received(row, parts) for row, parts in block])
+
+    def _frames(self, row: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Sent]]]:
+        images = self.images
+        teacher = images.teacher
         size = teacher.geometry.image_size
         video_id = row["key"].split("/", 1)[1]
         work = VideoWork(
@@ -247,27 +307,45 @@ class TeacherVideos:
         )
         kind = work.prompts[0].kind.value if work.prompts else ""
         inputs, masks = row["frame_inputs"], json.loads(row["frame_masks"])
-        first: list[torch.Tensor] = []
+        held: list[FrameTargets] = []  # frames made before the low-rank basis exists (fitted on the first 8)
         for targets in run_video(teacher, work):
-            if not self.images.basis_ready:  # the low-rank basis is fitted on the first 8 frames, before any is sent
-                first.append(targets.trunk)
-                if len(first) == min(8, len(work.pixels)):
-                    self.images.ensure_basis(torch.stack(first))
-            yield {
-                **{name: row[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
-                "key": f"{row['key']}/{targets.frame:05d}",
-                "video_id": video_id,
-                "frame": targets.frame,
-                "frame_index": targets.frame_index,
-                "prompt_kind": kind,
-                "precision": teacher.card.precision,
-                "object_ids": targets.object_ids,
-                "is_conditioning": targets.is_conditioning.tolist(),
-                "has_memory_conditioned": targets.has_memory_conditioned.tolist(),
-                "input": inputs[targets.frame] if inputs is not None else None,
-                "gt_masks": json.dumps([masks[targets.frame][str(o)] for o in targets.object_ids]),
-                **{name: target_bytes(getattr(targets, name)) for name in FRAME_TARGET_COLUMNS},
-            }
+            held.append(targets)
+            if not images.basis_ready:
+                if len(held) < min(8, len(work.pixels)):
+                    continue
+                images.ensure_basis(torch.stack([t.trunk for t in held]))
+            for frame in held:
+                yield self._frame(row, frame, video_id, kind, inputs, masks), self._send(frame)
+            held = []
+        if held:  # the video gave fewer frames than it has: the basis is fitted on those
+            images.ensure_basis(torch.stack([t.trunk for t in held]))
+            for frame in held:
+                yield self._frame(row, frame, video_id, kind, inputs, masks), self._send(frame)
+
+    def _frame(self, row: dict[str, Any], targets: FrameTargets, video_id: str, kind: str, inputs: Any, masks: Any) -> dict[str, Any]:
+        return {
+            **{name: row[name] for name in ("kind", "dataset", "shard", "member", "height", "width", "transform")},
+            "key": f"{row['key']}/{targets.frame:05d}",
+            "video_id": video_id,
+            "frame": targets.frame,
+            "frame_index": targets.frame_index,
+            "prompt_kind": kind,
+            "precision": self.images.teacher.card.precision,
+            "object_ids": targets.object_ids,
+            "is_conditioning": targets.is_conditioning.tolist(),
+            "has_memory_conditioned": targets.has_memory_conditioned.tolist(),
+            "input": inputs[targets.frame] if inputs is not None else None,
+            "gt_masks": json.dumps([masks[targets.frame][str(o)] for o in targets.object_ids]),
+        }
+
+    def _send(self, targets: FrameTargets) -> dict[str, Sent]:
+        images = self.images
+        trunk = images.quantise_trunk(targets.trunk) if images.store_trunk else None
+        return send_frame(images.copies, trunk, targets, images.codec)
+
+
+def frame_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{name: row.get(name) for name in FRAME_TARGETS.names} for row in rows], schema=FRAME_TARGETS)
 
 
 def object_prompts_from_json(text: str, masks: bytes, size: int) -> list[ObjectPrompt]:

@@ -1,6 +1,8 @@
-"""Cache steps 3 and 4 (CPU): encode the targets with the run's codecs, then write Lance fragments (not committed).
+"""Cache steps 3 and 4 (CPU): store rows from the targets, then write Lance fragments (not committed).
 
-Encoding runs per teacher block (``EncodeImages`` / ``EncodeFrames``: TARGETS -> ENCODED rows, 4-5x smaller);
+The teacher actor quantised the targets on its device (``esam3.workers.device_codecs``); ``EncodeImages`` /
+``EncodeFrames`` (per teacher block: TARGETS -> ENCODED rows) wrap its codes as stored tensors, zstd-compress the
+logits' codes and add the rows' provenance;
 ``WriteFragments`` hands each shard's rows to the ``ShardWriter`` that streams that shard into its own fragment
 (``workers/shard_writer.py``) and returns WRITTEN rows: progress, and a shard's totals (fragments, failures, end
 marker) once it is written. Only the driver commits, so a writer that dies or is retried leaves at most an orphan
@@ -18,14 +20,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from esam3.schemas.codecs import Basis, CodecError, Encoded, FeatureCodec, encode_features, encode_logits
+from esam3.schemas.codecs import CodecError, Encoded, FeatureCodec, compress_logits, map_codec
 from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
 
 log = logging.getLogger(__name__)
-#: Low-rank bases read from stores, per worker process.
-_BASES: dict[tuple[str, str, Any], Basis] = {}
 
 
 @dataclass(frozen=True)
@@ -38,27 +38,8 @@ class _EncodeTable:
     run_id: str
     prompt_seed: int
     store_trunk: bool = True
-    basis_source: tuple[str, str, Any] | None = None  # (store URI, dataset, S3 settings) of the low-rank basis
 
     schema: Any = None  # the store table's schema, set by each subclass
-
-    @property
-    def map_codec(self) -> FeatureCodec:
-        """Codec of the per-object feature maps: low-rank applies to the trunk only, the rest go int8."""
-        return FeatureCodec.INT8 if self.codec == FeatureCodec.LOWRANK else self.codec
-
-    def basis(self) -> Basis | None:
-        if self.codec != FeatureCodec.LOWRANK or self.basis_source is None:
-            return None
-        if self.basis_source not in _BASES:
-            from esam3.pipeline.store import Store
-
-            uri, dataset, s3 = self.basis_source
-            found = Store(uri, s3).read_basis(dataset)
-            if found is None:
-                raise CodecError("the low-rank basis is not in the store yet (the teacher step writes it first)")
-            _BASES[self.basis_source] = found
-        return _BASES[self.basis_source]
 
     def store_row(self, row: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -75,8 +56,7 @@ class _EncodeTable:
         )
         if self.store_trunk:
             g = self.geometry
-            trunk = np.frombuffer(row["trunk"], dtype=np.float32).reshape(g.trunk_width, g.grid, g.grid)
-            out["trunk"] = tensor_value(*encode_features(trunk, self.codec, self.basis()))
+            out["trunk"] = received_tensor(row, "trunk", self.codec.value, (g.trunk_width, g.grid, g.grid))
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -178,13 +158,20 @@ class EncodeImages(_EncodeTable):
             out["prompt_labels"] = raw_tensor(np.frombuffer(row["prompt_labels"], dtype=np.int8).reshape(k, -1))
             out["prompt_boxes"] = raw_tensor(np.frombuffer(row["prompt_boxes"], dtype=np.float32).reshape(k, 4))
             for name, shape in (("multi_logits", (k, 3, g.mask_size, g.mask_size)), ("single_logits", (k, 1, g.mask_size, g.mask_size))):
-                out[name] = tensor_value(*encode_logits(np.frombuffer(row[name], dtype=np.float32).reshape(shape)))
+                out[name] = received_tensor(row, name, "logit8", shape)
             out["iou"] = target_tensor("iou", np.frombuffer(row["iou"], dtype=np.float32).reshape(k, 4))
             out["object_score"] = target_tensor("object_score", np.frombuffer(row["object_score"], dtype=np.float32))
             out["object_pointer"] = target_tensor(
                 "object_pointer", np.frombuffer(row["object_pointer"], dtype=np.float32).reshape(k, g.hidden)
             )
         return out
+
+
+def received_tensor(row: dict[str, Any], name: str, codec: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """A target the teacher quantised (codes, scales, measured error: ``<name>``, ``<name>_scale``, ``<name>_error``)
+    as a stored tensor; ``logit8`` codes are zstd-compressed here, on the CPU."""
+    data = compress_logits(row[name]) if codec == "logit8" else row[name]
+    return tensor_value(Encoded(codec, shape, data, row[f"{name}_scale"]), row[f"{name}_error"])
 
 
 def target_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
@@ -213,12 +200,11 @@ class EncodeFrames(_EncodeTable):
             out[name] = row[name]
         if row["input"] is not None:  # lossless: the S x S frame the teacher saw
             out["input"] = tensor_value(Encoded("png", (g.image_size, g.image_size, 3), row["input"]), 0.0)
-        out["mask_logits"] = tensor_value(*encode_logits(_array(row["mask_logits"], (n, g.mask_size, g.mask_size))))
+        out["mask_logits"] = received_tensor(row, "mask_logits", "logit8", (n, g.mask_size, g.mask_size))
         out["object_score"] = target_tensor("object_score", _array(row["object_score"], (n,)))
         out["object_pointer"] = target_tensor("object_pointer", _array(row["object_pointer"], (n, g.hidden)))
         for name, channels in (("maskmem_features", g.memory_channels), ("pix_feat_with_mem", g.hidden)):
-            maps = _array(row[name], (n, channels, g.grid, g.grid))
-            out[name] = tensor_value(*encode_features(maps, self.map_codec))
+            out[name] = received_tensor(row, name, map_codec(self.codec).value, (n, channels, g.grid, g.grid))
         return out
 
 
