@@ -4,7 +4,11 @@
   utilisation (FLOPs counted by ``torch.utils.flop_counter`` on one forward; peak = the GPU's dense bf16 peak),
   plus the same with the trunk's weights cast to bf16 (no autocast), and the trunk output copied to the host;
 * prompt targets: K=16 prompts per image decoded from the trunk in hand: images/s and prompts/s;
-* video targets: one synthetic 1008x1008 video, 8 objects over 16 annotated frames: frame-objects/s.
+* video targets: one synthetic 1008x1008 video, 8 objects over 16 annotated frames: frame-objects/s;
+* targets to the host, per image with K prompts: before (float32, one blocking copy per tensor, as the actor did up
+  to issue 13) against after (quantised on the device with the run's codec, codes copied into pinned memory by a
+  side stream, one wait per batch: ``workers/device_codecs.py``): ms per image, MB per image sent, and the relative
+  RMS errors the device measured (trunk, logits).
 
 Inputs are synthetic (random pixels, moving rectangles as masks), so the script needs no JPEG/MP4 codecs.
 ``--device cpu`` (fp32) runs every step of the same script at full size on a machine without a GPU, to check
@@ -185,6 +189,51 @@ def bench_video(teacher: Any, frames: int, objects: int, warmup: int) -> dict[st
     }
 
 
+def bench_host_targets(teacher: Any, k: int, images: int, codec: str, warmup: int) -> dict[str, Any]:
+    """Targets of ``images`` images with ``k`` prompts each, to host memory: float32 blocking copies vs quantised codes."""
+    from esam3.schemas.prompts import PromptConfig
+    from esam3.workers.device_codecs import HostCopies, quantise_features
+    from esam3.workers.prompts import sample_prompts
+    from esam3.workers.teacher_step import send_image
+
+    rng = np.random.default_rng(2)
+    size = teacher.geometry.image_size
+    height, width = 1500, 2250
+    prompt_sets = [
+        sample_prompts(f"sa1b/{i}", synthetic_masks(rng, height, width, 2 * k), (height, width), size, PromptConfig(num_prompts=k))
+        for i in range(images)
+    ]
+    trunks = teacher.trunk_features(torch.randn(images, 3, size, size, device=teacher.device))
+    outs = [teacher.prompt_targets(t, p) for t, p in zip(trunks, prompt_sets)]
+    names = ("multi", "single", "iou", "object_score", "object_pointer")
+
+    def before() -> int:
+        host = [trunk.float().cpu() for trunk in trunks] + [getattr(out, n).float().cpu() for out in outs for n in names]
+        return sum(t.numel() * 4 for t in host)
+
+    copies = HostCopies(teacher.device)
+
+    def after() -> list[dict[str, Any]]:
+        parts = [send_image(copies, quantise_features(trunk, codec), out) for trunk, out in zip(trunks, outs)]
+        copies.wait()
+        return [{key: value for name, part in p.items() for key, value in part.fields(name).items()} for p in parts]
+
+    sent_before = before()
+    fields = after()
+    sent_after = sum(len(v) for f in fields for v in f.values() if isinstance(v, memoryview))
+    return {
+        "k": k,
+        "codec": codec,
+        "images": images,
+        "float32_ms_per_image": round(1000 * timed(before, 3, warmup) / images, 2),
+        "quantised_ms_per_image": round(1000 * timed(after, 3, warmup) / images, 2),
+        "float32_mb_per_image": round(sent_before / images / 1e6, 2),
+        "quantised_mb_per_image": round(sent_after / images / 1e6, 2),
+        "trunk_error": round(float(np.mean([f["trunk_error"] for f in fields])), 5),
+        "logits_error": round(float(np.mean([f["multi_logits_error"] for f in fields])), 5),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="full-random", help="random teacher name or checkpoint directory")
@@ -196,6 +245,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="prompts per image")
     parser.add_argument("--video-frames", type=int, default=16, help="annotated frames of the synthetic video")
     parser.add_argument("--objects", type=int, default=8, help="objects tracked in the synthetic video")
+    parser.add_argument("--codec", choices=("fp16", "bf16", "int8"), default="int8", help="trunk codec of the host-targets step")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for gpu_teacher.json")
     args = parser.parse_args()
     install_package_aliases()
@@ -241,6 +291,7 @@ def main() -> None:
     result["trunk_autocast" if args.device == "cuda" else "trunk_fp32"] = bench_trunk(teacher, batches, timing, flops, peak)
     result["prompts"] = bench_prompts(teacher, args.prompts, args.prompt_images, args.warmup)
     result["video"] = bench_video(teacher, args.video_frames, args.objects, args.warmup)
+    result["host_targets"] = bench_host_targets(teacher, args.prompts, args.prompt_images, args.codec, args.warmup)
     teacher.trunk.to(torch.bfloat16)
     teacher.amp_dtype = None  # weights in bf16, no autocast: what a cast-once teacher would give
     result["trunk_bf16_weights"] = bench_trunk(teacher, batches, timing, flops, peak)

@@ -68,6 +68,9 @@ def test_gpu_teacher_runs_on_cpu_and_writes_its_json(tmp_path: Path) -> None:
         assert result[section]["batch1"]["mfu"] is None  # no peak is known for a CPU
     assert result["prompts"]["k"] == 3 and result["prompts"]["prompts_per_s"] > 0
     assert result["video"]["frames"] == 2 and result["video"]["frame_objects_per_s"] > 0
+    host = result["host_targets"]
+    assert host["codec"] == "int8" and host["quantised_mb_per_image"] < host["float32_mb_per_image"] / 3
+    assert 0 < host["trunk_error"] < 0.02 and 0 <= host["logits_error"] < 0.02 and host["quantised_ms_per_image"] > 0
 
 
 @pytest.mark.parametrize(
@@ -78,6 +81,7 @@ def test_gpu_teacher_runs_on_cpu_and_writes_its_json(tmp_path: Path) -> None:
         (["--objects", "0"], "--objects must be at least 1"),
         (["--warmup", "-1"], "--warmup must be 0 or more"),
         (["--device", "tpu"], "invalid choice"),
+        (["--codec", "lowrank"], "invalid choice"),
     ],
 )
 def test_gpu_teacher_rejects_bad_flags(
