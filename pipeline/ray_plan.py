@@ -277,7 +277,7 @@ def _container_limit() -> int | None:
 def object_store_bytes(ram: int) -> int:
     """Object store of a local Ray: 10% of RAM, at least 1 GiB (but never over Ray's own default of 30%).
 
-    The pipeline streams, but blocks in flight are big at full size (8 images of float32 targets ~340 MB per
-    teacher actor), so a big GPU machine gets a store that grows with it instead of spilling to disk.
+    The pipeline streams, but blocks in flight are big at full size (8 images of quantised targets ~72 MB per
+    teacher actor, 8 SA-V frames ~165 MB), so a big GPU machine gets a store that grows with it instead of spilling to disk.
     """
     return int(min(0.3 * ram, max(2**30, 0.1 * ram)))
