@@ -13,6 +13,7 @@ inside the plan to the workers. They are never logged, printed, or written into 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,16 +73,26 @@ _CHAIN_VARIABLES = (
 _SEEN_SECRETS: set[str] = set()
 
 
+#: How long "the chain found no credentials" is believed: botocore caches credentials it found, not their absence,
+#: and a fruitless chain ends in the instance-metadata lookup (a second or more of timeouts off a cloud VM).
+NO_CREDENTIALS_RECHECK_S = 60.0
+_NONE_UNTIL: dict[tuple[str | None, ...], float] = {}
+
+
 def chain_credentials() -> tuple[str, str, str | None] | None:
     """(key, secret, token) from the standard credential chain, refreshed by botocore when they near their expiry;
-    None when the chain finds none."""
+    None when the chain finds none (asked again after ``NO_CREDENTIALS_RECHECK_S``, or at once when the
+    environment's credential variables change)."""
     import botocore.session
 
     state = tuple(os.environ.get(name) for name in _CHAIN_VARIABLES)
+    if _NONE_UNTIL.get(state, 0.0) > time.monotonic():
+        return None
     if state not in _SESSIONS:
         _SESSIONS[state] = botocore.session.get_session()
     credentials = _SESSIONS[state].get_credentials()
     if credentials is None:
+        _NONE_UNTIL[state] = time.monotonic() + NO_CREDENTIALS_RECHECK_S
         return None
     frozen = credentials.get_frozen_credentials()
     _SEEN_SECRETS.update(v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v)

@@ -36,7 +36,15 @@ import pyarrow as pa
 
 from esam3.pipeline.store.claims import ShardClaims, live_claims
 from esam3.pipeline.store.runs import RunRecord
-from esam3.pipeline.store.commits import ShardCommit, commit_shard, finished_shards, is_committed, ledger_entries, recover
+from esam3.pipeline.store.commits import (
+    ShardCommit,
+    commit_shard,
+    drop_own_leftovers,
+    finished_shards,
+    is_committed,
+    ledger_entries,
+    recover,
+)
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline import sources
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
@@ -175,6 +183,8 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
         report.shards_skipped += sum(1 for s in todo if s.name in done)
         todo = [s for s in todo if s.name not in elsewhere and s.name not in done]
         claims.narrow([s.name for s in todo])
+        if config.run_id:  # an id the caller chose may be a crashed run's: what it left of these shards is not ours
+            drop_own_leftovers(store, table, [s.name for s in todo], run_id)
         for shard, other in sorted(elsewhere.items()):
             log.warning("%s is being cached by run %s (%s, pid %d): left to it", shard, other.run_id, other.host, other.pid)
         if todo:

@@ -164,3 +164,28 @@ def test_rows_a_stalled_run_appends_after_the_winner_cleaned_up_are_removed_at_t
     report = run_cache(config(demo_root / "sa-1b", store_path), executor="local")
     assert report.nothing_to_do and verify_store(Store(str(store_path))).ok
     assert keys(store_path) == [f"sa1b/{i}" for i in range(1, 7)] and not list(notes.iterdir())
+
+
+def test_a_run_id_reused_after_a_crash_does_not_adopt_the_rows_the_crashed_run_left(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run under --run-id X died after its Append, before its commit point; a new run under the same X must not
+    take those rows for its own (before: two copies of the shard, verify failed)."""
+    from esam3.pipeline.store import commits
+
+    store = tmp_path / "store"
+    original = commits.create_once
+
+    def dies_at_the_commit_point(fs, path, data):
+        if "/commits/" in path:
+            raise KeyboardInterrupt("killed between the Append and the commit marker")
+        return original(fs, path, data)
+
+    monkeypatch.setattr(commits, "create_once", dies_at_the_commit_point)
+    with pytest.raises(KeyboardInterrupt):
+        run_cache(config(demo_root / "sa-1b", store, shards="0", run_id="same-id"), executor="local")
+    monkeypatch.setattr(commits, "create_once", original)
+    assert Store(str(store)).dataset("images").count_rows() == 3  # its rows are there, uncommitted
+    report = run_cache(config(demo_root / "sa-1b", store, shards="0", run_id="same-id"), executor="local")
+    assert report.shards_committed == 1 and report.rows == 3
+    assert keys(store) == ["sa1b/1", "sa1b/2", "sa1b/3"] and verify_store(Store(str(store))).ok

@@ -95,3 +95,33 @@ def test_keys_rotated_mid_run_are_picked_up(tmp_path: Path, demo_root: Path, mon
         assert "secret-two" not in said and "secret-one" not in said, "keys from the chain are redacted, not only the environment's"
     finally:
         servers[0].__exit__(None, None, None)
+
+
+def test_a_chain_without_credentials_is_not_asked_on_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore caches found credentials, not their absence (the instance-metadata lookup then costs seconds each
+    time): 'none' is believed for a minute, and a change of the credential variables asks again at once."""
+    import botocore.session
+
+    from esam3.pipeline import object_store
+
+    asked: list[int] = []
+
+    class NoCredentials:
+        def get_credentials(self):
+            asked.append(1)
+            return None
+
+    monkeypatch.setattr(botocore.session, "get_session", NoCredentials)
+    monkeypatch.setattr(object_store, "_SESSIONS", {})
+    monkeypatch.setattr(object_store, "_NONE_UNTIL", {})
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert object_store.chain_credentials() is None and object_store.chain_credentials() is None
+    assert len(asked) == 1
+    monkeypatch.setenv("AWS_PROFILE", "other")
+    assert object_store.chain_credentials() is None and len(asked) == 2
+    monkeypatch.setattr(object_store, "NO_CREDENTIALS_RECHECK_S", 0.0)
+    monkeypatch.setattr(object_store, "_NONE_UNTIL", {})
+    object_store.chain_credentials()
+    object_store.chain_credentials()
+    assert len(asked) == 4

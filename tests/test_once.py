@@ -37,6 +37,24 @@ def test_exactly_one_local_writer_creates_the_file(tmp_path: Path) -> None:
     assert fences(fs, str(tmp_path))
 
 
+def test_a_mount_without_hard_links_still_has_one_creator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfuse, blobfuse and CIFS refuse ``link`` (EPERM / EOPNOTSUPP): create_once falls back to O_EXCL."""
+    import errno
+    import os
+
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "marker.json")
+    won = _race(fs, path)
+    assert won.count(True) == 1
+    assert Path(path).read_bytes() == f"writer {won.index(True)}".encode() * 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["marker.json"], "no staging file left behind"
+    assert fences(fs, str(tmp_path))
+
+
 @pytest.fixture
 def s3_fs(s3):
     fs = fsspec.filesystem("s3", **s3.storage_options)

@@ -326,6 +326,20 @@ def recover(store: Store, table: str, dataset: str, fingerprint: str, shards: Se
     return finished
 
 
+def drop_own_leftovers(store: Store, table: str, shards: Sequence[str], run_id: str) -> int:
+    """Delete the rows and failures tagged ``run_id`` in uncommitted ``shards``: an earlier process that ran under
+    the same run id (given by the caller) and died after its Append left them, and the commit would otherwise take
+    them for this run's own. Call it once this run holds its claim (no live run has the id) and before it appends
+    anything; returns the rows removed."""
+    if not shards:
+        return 0
+    where = f"shard IN ({quote_sql(list(shards))}) AND run_id = {quote_sql([run_id])}"
+    removed = delete_rows(store, table, where) + delete_rows(store, "failures", where)
+    if removed:
+        log.warning("removed %d rows and failures an earlier run with the same run id %s left", removed, run_id)
+    return removed
+
+
 def forget_commit(store: Store, dataset: str, shard: str) -> None:
     """Make a committed shard uncommitted again (``store repair``, after its rows were removed): its failures, ledger
     rows, commit markers and pending notes go, so that the next cache run of the same settings caches it."""

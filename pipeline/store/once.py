@@ -4,7 +4,9 @@ This is what fences the cache's commits (a shard's commit marker), and what make
 basis and a run's claim safe to create from many processes at once. Readers never see half a file:
 
 * local disks: the bytes go to a temporary file that is then hard-linked into place (``link`` fails if the
-  path exists, atomically, on every POSIX file system);
+  path exists, atomically, on every POSIX file system); mounts without hard links (gcsfuse, blobfuse, CIFS) get
+  ``O_CREAT | O_EXCL`` instead, atomic as well, with one difference: a reader may meet the file before its
+  bytes are all written (the callers' files are small, one ``write``);
 * S3 and S3-compatible servers: one ``PutObject`` with ``If-None-Match: *`` (AWS since 2024, MinIO, Ceph RGW,
   SeaweedFS); the server answers 412 to every writer but the first. A server that ignores the header cannot
   fence: :func:`fences` finds out with two writes of a probe object, and the cache warns.
@@ -14,6 +16,7 @@ Other fsspec file systems get a check-then-rename that narrows the race but does
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -86,8 +89,30 @@ def _create_local(path: str, data: bytes) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        return _create_exclusive(path, data)
     finally:
         os.unlink(staging)
+
+
+#: What ``link`` raises where the file system has no hard links.
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    """``open(O_CREAT | O_EXCL)``: atomic where hard links are missing; the bytes follow in one write."""
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(handle, data)
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+    return True
 
 
 def _create_s3(fs: Any, path: str, data: bytes, attempts: int = 5) -> bool:
