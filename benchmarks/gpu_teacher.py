@@ -8,7 +8,9 @@
 * targets to the host, per image with K prompts: before (float32, one blocking copy per tensor, as the actor did up
   to issue 13) against after (quantised on the device with the run's codec, codes copied into pinned memory by a
   side stream, one wait per batch: ``workers/device_codecs.py``): ms per image, MB per image sent, and the relative
-  RMS errors the device measured (trunk, logits).
+  RMS errors the device measured (trunk, logits);
+* the cache's teacher actor itself (``TeacherImages`` on WORK batches: trunk, prompts, task-level error, quantise,
+  copies, the Arrow block it sends): images/s.
 
 Inputs are synthetic (random pixels, moving rectangles as masks), so the script needs no JPEG/MP4 codecs.
 ``--device cpu`` (fp32) runs every step of the same script at full size on a machine without a GPU, to check
@@ -145,7 +147,7 @@ def bench_prompts(teacher: Any, k: int, images: int, warmup: int) -> dict[str, A
         for i in range(images)
     ]
     trunks = teacher.trunk_features(torch.randn(images, 3, size, size, device=teacher.device))
-    seconds = timed(lambda: [teacher.prompt_targets(t, p) for t, p in zip(trunks, prompt_sets)], 2, warmup)
+    seconds = timed(lambda: [teacher.prompt_targets(t, p, on_device=True) for t, p in zip(trunks, prompt_sets)], 2, warmup)
     return {"k": k, "images_per_s": round(images / seconds, 2), "prompts_per_s": round(images * k / seconds, 1)}
 
 
@@ -204,7 +206,7 @@ def bench_host_targets(teacher: Any, k: int, images: int, codec: str, warmup: in
         for i in range(images)
     ]
     trunks = teacher.trunk_features(torch.randn(images, 3, size, size, device=teacher.device))
-    outs = [teacher.prompt_targets(t, p) for t, p in zip(trunks, prompt_sets)]
+    outs = [teacher.prompt_targets(t, p, on_device=True) for t, p in zip(trunks, prompt_sets)]
     names = ("multi", "single", "iou", "object_score", "object_pointer")
 
     def before() -> int:
@@ -231,6 +233,53 @@ def bench_host_targets(teacher: Any, k: int, images: int, codec: str, warmup: in
         "quantised_mb_per_image": round(sent_after / images / 1e6, 2),
         "trunk_error": round(float(np.mean([f["trunk_error"] for f in fields])), 5),
         "logits_error": round(float(np.mean([f["multi_logits_error"] for f in fields])), 5),
+    }
+
+
+def bench_actor(teacher: Any, k: int, images: int, codec: str, warmup: int) -> dict[str, Any]:
+    """The cache's teacher actor itself (``TeacherImages``, this teacher) on WORK batches of ``images`` images with
+    ``k`` prompts: trunk, prompt targets, the trunk codec's task-level error, quantise + copies, the Arrow block
+    it sends. Images/s, and MB per image of that block."""
+    import pyarrow as pa
+
+    from esam3.schemas.prompts import PromptConfig
+    from esam3.schemas.work import KIND_SAMPLE, WORK
+    from esam3.workers.prompts import sample_prompts
+    from esam3.workers.teacher_step import TeacherImages
+
+    rng = np.random.default_rng(3)
+    size = teacher.geometry.image_size
+    height, width = 1500, 2250
+    rows = []
+    for i in range(images):
+        prompts = sample_prompts(
+            f"sa1b/{i}", synthetic_masks(rng, height, width, 2 * k), (height, width), size, PromptConfig(num_prompts=k)
+        )
+        rows.append(
+            {
+                **{"kind": KIND_SAMPLE, "dataset": "sa-1b", "shard": "sa_000000.tar", "key": f"sa1b/{i}", "member": f"sa_{i}.jpg"},
+                **{"image_id": i, "height": height, "width": width, "transform": "{}", "gt_masks": "[]", "k": len(prompts)},
+                "pixels": rng.integers(0, 256, (3, size, size), dtype=np.uint8).tobytes(),
+                "prompt_mask_index": prompts.mask_index.astype(np.int32).tobytes(),
+                "prompt_kinds": prompts.kinds.astype(np.int8).tobytes(),
+                "prompt_points": prompts.points_model.astype(np.float32).tobytes(),
+                "prompt_labels": prompts.labels.astype(np.int8).tobytes(),
+                "prompt_boxes": prompts.boxes_model.astype(np.float32).tobytes(),
+            }
+        )
+    batch = pa.Table.from_pylist(rows, schema=WORK)
+    actor = TeacherImages(teacher.config, teacher.card.checksum, with_prompts=True, codec=codec, loaded=teacher)
+    out = actor(batch)
+    failed = [r["reason"] for r in out.select(["kind", "reason"]).to_pylist() if r["kind"] != KIND_SAMPLE]
+    if failed:
+        raise RuntimeError(f"the teacher actor failed {len(failed)} of {images} images: {failed[0]}")
+    seconds = timed(lambda: actor(batch), 2, warmup)
+    return {
+        "k": k,
+        "codec": codec,
+        "images_per_s": round(images / seconds, 2),
+        "block_mb_per_image": round(out.nbytes / images / 1e6, 2),
+        "codec_mask_iou": round(float(np.mean(out.column("codec_mask_iou").to_pylist())), 4),
     }
 
 
@@ -292,6 +341,7 @@ def main() -> None:
     result["prompts"] = bench_prompts(teacher, args.prompts, args.prompt_images, args.warmup)
     result["video"] = bench_video(teacher, args.video_frames, args.objects, args.warmup)
     result["host_targets"] = bench_host_targets(teacher, args.prompts, args.prompt_images, args.codec, args.warmup)
+    result["actor"] = bench_actor(teacher, args.prompts, args.prompt_images, args.codec, args.warmup)
     teacher.trunk.to(torch.bfloat16)
     teacher.amp_dtype = None  # weights in bf16, no autocast: what a cast-once teacher would give
     result["trunk_bf16_weights"] = bench_trunk(teacher, batches, timing, flops, peak)

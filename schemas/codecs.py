@@ -197,6 +197,22 @@ def _maps(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-2])) if len(shape) >= 3 else (shape[0] if shape else 1)
 
 
+def payload_bytes(codec: str, shape: tuple[int, ...], rank: int = 0) -> tuple[int, int]:
+    """(data, scale) bytes of a record of ``codec`` and ``shape`` before compression (``logit8``'s codes before zstd;
+    ``lowrank`` with ``rank`` components)."""
+    count = int(np.prod(shape))
+    if codec in (FeatureCodec.FP16.value, FeatureCodec.BF16.value):
+        return 2 * count, 0
+    if codec == FeatureCodec.INT8.value:
+        return count, 4 * _maps(shape)
+    if codec == "logit8":
+        plane = shape[-2] * shape[-1] if len(shape) >= 2 else count
+        return count, 4 * (count // plane if plane else 0)
+    if codec == FeatureCodec.LOWRANK.value:
+        return rank * (count // max(shape[0], 1)), 4 * rank
+    raise CodecError(f"unknown codec {codec!r}")
+
+
 def _expect(blob: bytes, size: int | None, codec: FeatureCodec | str, part: str = "data") -> None:
     if size is not None and len(blob) != size:
         raise CodecError(f"{codec} {part} has {len(blob)} bytes, expected {size}")

@@ -71,6 +71,8 @@ def test_gpu_teacher_runs_on_cpu_and_writes_its_json(tmp_path: Path) -> None:
     host = result["host_targets"]
     assert host["codec"] == "int8" and host["quantised_mb_per_image"] < host["float32_mb_per_image"] / 3
     assert 0 < host["trunk_error"] < 0.02 and 0 <= host["logits_error"] < 0.02 and host["quantised_ms_per_image"] > 0
+    actor = result["actor"]
+    assert actor["images_per_s"] > 0 and actor["block_mb_per_image"] > 0 and 0 < actor["codec_mask_iou"] <= 1
 
 
 @pytest.mark.parametrize(

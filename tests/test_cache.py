@@ -795,8 +795,8 @@ def test_targets_that_cannot_be_stored_fail_their_row_only(
     if fault == "nan-iou":
         original = Teacher.prompt_targets
 
-        def faulty(self, trunk, prompts):
-            out = original(self, trunk, prompts)
+        def faulty(self, trunk, prompts, **kwargs):
+            out = original(self, trunk, prompts, **kwargs)
             calls["n"] += 1
             if calls["n"] == 3:  # the second image's targets (each image's prompts are decoded twice: exact trunk,
                 iou = out.iou.clone()  # then the codec's decoded trunk for the task-level error)
@@ -838,9 +838,9 @@ def test_a_video_that_fails_midway_keeps_its_earlier_frames_and_counts_once(
     original = teacher_step.run_video
     videos: list[str] = []
 
-    def faulty(teacher, work):
+    def faulty(teacher, work, **kwargs):
         videos.append(work.key)
-        for targets in original(teacher, work):
+        for targets in original(teacher, work, **kwargs):
             if work.key == videos[0] and fault == "fails-after-8-frames" and targets.frame == 8:
                 raise ValueError("the tracker lost its memory")
             if work.key == videos[0] and fault == "oom-after-8-frames" and targets.frame == 8:  # not a ValueError
@@ -878,7 +878,7 @@ def test_a_poison_sample_fails_alone_and_the_run_goes_on(
     name = "trunk_features" if poison == "trunk" else "prompt_targets"
     original, calls = getattr(Teacher, name), {"n": 0}
 
-    def faulty(self, *args):
+    def faulty(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] <= (2 if poison == "trunk" else 1):  # trunk: the batch of 3, then its first sample alone
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")

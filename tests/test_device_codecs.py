@@ -120,3 +120,16 @@ def test_raw_targets_travel_as_float32_bytes_exactly() -> None:
     sent = copies.send_raw(x)
     copies.wait()
     assert bytes(sent.fields("iou")["iou"]) == x.float().numpy().tobytes()
+
+
+def test_the_write_step_refuses_codes_that_do_not_hold_the_shape() -> None:
+    """Codes are wrapped, not decoded, on their way to the store: their sizes are checked there (a row fails)."""
+    from esam3.workers.write_step import received_tensor
+
+    fields = received(quantise_features(torch.randn(4, 8, 8), "int8"))
+    assert received_tensor(fields, "t", "int8", (4, 8, 8))["error"] == fields["t_error"]
+    with pytest.raises(CodecError, match=r"t: 256 \+ 16 bytes of int8 codes and scales do not hold \(4, 8, 4\)"):
+        received_tensor(fields, "t", "int8", (4, 8, 4))
+    logits = received(quantise_logits(torch.randn(2, 8, 8)))
+    with pytest.raises(CodecError, match="do not hold"):
+        received_tensor(logits, "t", "logit8", (3, 8, 8))

@@ -103,9 +103,11 @@ def dequantise(q: Quantised, basis: DeviceBasis | None = None) -> torch.Tensor:
 
 
 def _refused(x: torch.Tensor) -> torch.Tensor:
-    """1.0 (float64, on x's device) when x holds NaN or Inf: its sum is then NaN or Inf. One reduction, no
-    synchronisation (|x| up to 1e34 sums to a finite float32 for a trunk's 5.3M values)."""
-    return (~torch.isfinite(x.sum())).double()
+    """1.0 (float64, on x's device) when x holds NaN or Inf: its max or min is then not finite (both propagate
+    NaN). Two reductions without temporaries, no synchronisation."""
+    if not x.numel():
+        return x.new_zeros((), dtype=torch.float64)
+    return (~torch.isfinite(torch.stack([x.amax(), x.amin()])).all()).double()
 
 
 def _as_maps(x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,8 @@ def _int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def _relative(residual: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """``||residual|| / ||original||`` as a float64 0-d tensor (0 when both are zero; NaN or Inf when the original
-    holds NaN or Inf). Norms accumulated in float32 by torch's reductions, without temporaries."""
+    holds NaN or Inf). Norms accumulated in float32 by torch's reductions, without temporaries (features beyond
+    ~1e19, whose squares overflow float32, read as not finite and are refused)."""
     norm = torch.linalg.vector_norm(original).double()
     diff = torch.linalg.vector_norm(residual).double()
     return torch.where(norm > 0, diff / norm, torch.where(diff > 0, torch.inf, 0.0))
@@ -180,7 +183,7 @@ class HostCopies:
 
     def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
-        if self.stream is None:
+        if self.stream is None or tensor.device.type != "cuda":
             return tensor
         self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(self.stream):

@@ -70,7 +70,8 @@ class ImageTargets:
 
 @dataclass
 class PromptTargets:
-    """Tracker outputs for K prompts of one image (CPU float32). See ``TeacherHeads.decode_prompts``."""
+    """Tracker outputs for K prompts of one image (float32; on the host unless asked on the device). See
+    ``TeacherHeads.decode_prompts``."""
 
     multi: torch.Tensor  # (K, 3, m, m) low-res mask logits, multimask outputs
     single: torch.Tensor  # (K, 1, m, m) single-mask output
@@ -176,9 +177,10 @@ class Sam3Teacher:
     # ---- prompts ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prompt_targets(self, trunk: torch.Tensor, prompts: PromptSet) -> PromptTargets:
-        """Tracker outputs for one image's prompts, from its trunk output (1, C, g, g) or (C, g, g)."""
-        return prompt_targets(self.heads, trunk, prompts, self.device, self.autocast)
+    def prompt_targets(self, trunk: torch.Tensor, prompts: PromptSet, on_device: bool = False) -> PromptTargets:
+        """Tracker outputs for one image's prompts, from its trunk output (1, C, g, g) or (C, g, g); on the host, or
+        left on the teacher's device with ``on_device`` (the cache's actor quantises them there)."""
+        return prompt_targets(self.heads, trunk, prompts, self.device, self.autocast, on_device)
 
     # ---- video / concepts ---------------------------------------------------------------------------------
 
@@ -217,18 +219,21 @@ def prompt_targets(
     prompts: PromptSet,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    on_device: bool = False,
 ) -> PromptTargets:
-    """Shared by the teacher and by exported heads: decode a PromptSet against one image's trunk output."""
+    """Shared by the teacher and by exported heads: decode a PromptSet against one image's trunk output; float32 on
+    the host, or on ``device`` with ``on_device``."""
     if prompts.model_size != heads.geometry.image_size:
         raise ValueError(f"prompts were mapped to a {prompts.model_size} px frame, the teacher's is {heads.geometry.image_size}")
     trunk = one_trunk(trunk, heads.geometry)
     if len(prompts) == 0:
         m, hidden = heads.geometry.mask_size, heads.geometry.hidden
-        return PromptTargets(torch.zeros(0, 3, m, m), torch.zeros(0, 1, m, m), torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, hidden))
+        at = device if on_device else None
+        return PromptTargets(*(torch.zeros(shape, device=at) for shape in ((0, 3, m, m), (0, 1, m, m), (0, 4), (0,), (0, hidden))))
     with torch.inference_mode(), autocast():
         embeddings = heads.image_embeddings(trunk.to(device))
         out = heads.decode_prompts(embeddings, *prompt_tensors(prompts, device))
-    return PromptTargets(**{name: value.float().cpu() for name, value in out.items()})
+    return PromptTargets(**{name: value.float() if on_device else value.float().cpu() for name, value in out.items()})
 
 
 @dataclass(frozen=True)

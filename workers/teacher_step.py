@@ -50,10 +50,11 @@ class TeacherImages:
         store_trunk: bool = True,
         threads: int | None = None,
         basis: tuple[str, str, int, Any] | None = None,
+        loaded: Sam3Teacher | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)  # Ray reuses workers: set it explicitly, every time
-        self.teacher = Sam3Teacher.load(config)
+        self.teacher = loaded or Sam3Teacher.load(config)  # ``loaded``: a teacher this process holds (benchmarks)
         if self.teacher.card.checksum != checksum:
             raise TeacherLoadError(
                 f"teacher {config.source} loaded on this worker has checksum {self.teacher.card.checksum}, "
@@ -93,6 +94,10 @@ class TeacherImages:
         found = Store(uri, s3).read_basis(dataset)
         if found is None:
             raise CodecError("the low-rank basis is not in the store (the first teacher batch stores it)")
+        if found.components.shape[0] != self.teacher.geometry.trunk_width:
+            raise CodecError(
+                f"the store's basis has {found.components.shape[0]} channels, the teacher's trunk {self.teacher.geometry.trunk_width}"
+            )
         self._device_basis = DeviceBasis.of(found, self.teacher.device)
         return self._device_basis
 
@@ -112,6 +117,8 @@ class TeacherImages:
         trunks = self._trunks(rows, samples, pixels)
         if trunks and not self.basis_ready:
             self.ensure_basis(torch.stack(list(trunks.values())))
+        if trunks:
+            self.device_basis()  # a missing or wrong basis fails the run here, not each sample as a poison one
         sent: dict[int, dict[str, Sent]] = {}
         for index, trunk in trunks.items():
             try:
@@ -132,11 +139,11 @@ class TeacherImages:
         if not (self.with_prompts and row["k"]):
             return send_image(self.copies, quantised, None)
         prompts = prompt_set(row, teacher.geometry.image_size)
-        out = teacher.prompt_targets(trunk, prompts)
+        out = teacher.prompt_targets(trunk, prompts, on_device=True)
         parts = send_image(self.copies, quantised, out)
         if quantised is not None:
             decoded = dequantise(quantised, self.device_basis())
-            parts[TASK_ERROR_PART] = self.copies.send_raw(task_error(out, teacher.prompt_targets(decoded, prompts)))
+            parts[TASK_ERROR_PART] = self.copies.send_raw(task_error(out, teacher.prompt_targets(decoded, prompts, on_device=True)))
         return parts
 
     def _trunks(self, rows: list[dict[str, Any]], samples: list[int], pixels: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -308,7 +315,7 @@ class TeacherVideos:
         kind = work.prompts[0].kind.value if work.prompts else ""
         inputs, masks = row["frame_inputs"], json.loads(row["frame_masks"])
         held: list[FrameTargets] = []  # frames made before the low-rank basis exists (fitted on the first 8)
-        for targets in run_video(teacher, work):
+        for targets in run_video(teacher, work, on_device=True):
             held.append(targets)
             if not images.basis_ready:
                 if len(held) < min(8, len(work.pixels)):

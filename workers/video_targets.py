@@ -231,8 +231,9 @@ def prepare_video(sample: VideoSample, config: VideoTargetConfig, size: int) -> 
     return VideoWork(sample.key, pixels, sample.frame_indices[positions].astype(np.int64), prompts, max(len(sample.masks), len(positions)))
 
 
-def run_video(teacher: Any, work: VideoWork) -> Iterator[FrameTargets]:
-    """Trunk per frame (in batches) + the tracker: targets of each frame of a prepared video, in order."""
+def run_video(teacher: Any, work: VideoWork, on_device: bool = False) -> Iterator[FrameTargets]:
+    """Trunk per frame (in batches) + the tracker: targets of each frame of a prepared video, in order; on the host,
+    or left on the teacher's device with ``on_device`` (the cache's actor quantises them there)."""
     trunks: list[torch.Tensor | None] = []
 
     def trunk_stream() -> Iterator[torch.Tensor]:
@@ -244,7 +245,9 @@ def run_video(teacher: Any, work: VideoWork) -> Iterator[FrameTargets]:
 
     stream = track(teacher.heads, trunk_stream(), work.video_frames, work.prompts, teacher.device, teacher.autocast)
     for frame, outputs in stream:
-        yield frame_targets(frame, int(work.frame_indices[frame]), trunks[frame], outputs, teacher.heads)
+        yield frame_targets(
+            frame, int(work.frame_indices[frame]), trunks[frame], outputs, teacher.heads, teacher.device if on_device else None
+        )
         trunks[frame] = None
 
 
@@ -253,8 +256,10 @@ def iter_video_targets(teacher: Any, sample: VideoSample, config: VideoTargetCon
     return run_video(teacher, prepare_video(sample, config, teacher.geometry.image_size))
 
 
-def frame_targets(frame: int, frame_index: int, trunk: torch.Tensor, outputs: dict[str, Any], heads: TeacherHeads) -> FrameTargets:
-    """Stack one frame's per-object tracker outputs into CPU float32 tensors."""
+def frame_targets(
+    frame: int, frame_index: int, trunk: torch.Tensor, outputs: dict[str, Any], heads: TeacherHeads, device: torch.device | None = None
+) -> FrameTargets:
+    """Stack one frame's per-object tracker outputs into float32 tensors on the host, or on ``device``."""
     g, hidden = heads.geometry.grid, heads.geometry.hidden
     m, mem = heads.geometry.mask_size, heads.geometry.memory_channels
     stored = outputs.get("outputs", [])
@@ -263,21 +268,21 @@ def frame_targets(frame: int, frame_index: int, trunk: torch.Tensor, outputs: di
 
     def stack(values: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         if not values:
-            return torch.zeros((0, *shape))
-        return torch.stack([v.detach().float().reshape(shape).cpu() for v in values])
+            return torch.zeros((0, *shape), device=device)
+        return torch.stack([v.detach().float().reshape(shape).to(device or "cpu") for v in values])
 
     return FrameTargets(
         frame=frame,
         frame_index=frame_index,
-        trunk=trunk.float().cpu(),
+        trunk=trunk.float().to(device or "cpu"),
         object_ids=list(outputs.get("object_ids", [])),
         is_conditioning=torch.tensor(outputs.get("is_conditioning", []), dtype=torch.bool),
         mask_logits=stack([s["pred_masks"] for s in stored], (m, m)),
         object_score=stack([s["object_score_logits"] for s in stored], ()),
         object_pointer=stack([s["object_pointer"] for s in stored], (hidden,)),
         maskmem_features=stack([s["maskmem_features"].permute(1, 2, 0) for s in stored], (mem, g, g)),
-        pix_feat_with_mem=stack([c if c is not None else torch.zeros(hidden, g, g) for c in conditioned], (hidden, g, g))
+        pix_feat_with_mem=stack([c if c is not None else torch.zeros(hidden, g, g, device=device) for c in conditioned], (hidden, g, g))
         if n
-        else torch.zeros((0, hidden, g, g)),
+        else torch.zeros((0, hidden, g, g), device=device),
         has_memory_conditioned=torch.tensor([c is not None for c in conditioned], dtype=torch.bool),
     )

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from esam3.schemas.codecs import CodecError, Encoded, FeatureCodec, compress_logits, map_codec
+from esam3.schemas.codecs import CodecError, Encoded, FeatureCodec, compress_logits, map_codec, payload_bytes
 from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
@@ -170,8 +170,12 @@ class EncodeImages(_EncodeTable):
 def received_tensor(row: dict[str, Any], name: str, codec: str, shape: tuple[int, ...]) -> dict[str, Any]:
     """A target the teacher quantised (codes, scales, measured error: ``<name>``, ``<name>_scale``, ``<name>_error``)
     as a stored tensor; ``logit8`` codes are zstd-compressed here, on the CPU."""
-    data = compress_logits(row[name]) if codec == "logit8" else row[name]
-    return tensor_value(Encoded(codec, shape, data, row[f"{name}_scale"]), row[f"{name}_error"])
+    data, scale = row[name], row[f"{name}_scale"]
+    if (len(data), len(scale)) != payload_bytes(codec, shape, rank=len(scale) // 4):
+        raise CodecError(f"{name}: {len(data)} + {len(scale)} bytes of {codec} codes and scales do not hold {shape}")
+    if codec == "logit8":
+        data = compress_logits(data)
+    return tensor_value(Encoded(codec, shape, data, scale), row[f"{name}_error"])
 
 
 def target_tensor(name: str, array: np.ndarray) -> dict[str, Any]:
