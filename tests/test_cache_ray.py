@@ -59,7 +59,8 @@ def test_ray_plan_caches_images_and_videos(local_ray, demo_root: Path, tmp_path:
 
 
 def _teacher_actor_pids() -> list[int]:
-    """Ray titles an actor's process ``ray::MapWorker(MapBatches(TeacherImages))``; find it in /proc (Linux)."""
+    """Ray titles an actor's process ``ray::MapWorker(MapBatches(TeacherImages))``; find it in /proc (Linux). Only
+    this test process's descendants (its Ray's workers): tests running side by side have teachers of their own."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -68,9 +69,21 @@ def _teacher_actor_pids() -> list[int]:
             command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if b"TeacherImages" in command:
+        if b"TeacherImages" in command and _descends_from_me(int(entry.name)):
             pids.append(int(entry.name))
     return pids
+
+
+def _descends_from_me(pid: int) -> bool:
+    me = os.getpid()
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid == me:
+            return True
+    return False
 
 
 def cache_in_background(tmp_path: Path, shards: int) -> tuple[threading.Thread, dict[str, object]]:

@@ -39,8 +39,8 @@ def test_a_gpu_that_joins_mid_run_gets_a_teacher(one_gpu_cluster, tmp_path: Path
     while thread.is_alive() and time.monotonic() < deadline:
         teachers = len(_teacher_actor_pids())
         most = max(most, teachers)
-        if teachers and not joined:  # the run is going with one teacher: a GPU node joins (with CPUs for the
-            one_gpu_cluster.add_node(num_cpus=2, num_gpus=1)  # teacher's 1 beside the read / encode tasks Ray puts there)
+        if teachers and not joined:  # the run is going with one teacher: a GPU node joins, with logical CPUs to
+            one_gpu_cluster.add_node(num_cpus=6, num_gpus=1)  # spare: read / encode tasks must not take the teacher's
             joined = True
         time.sleep(0.05)
     thread.join(timeout=60)
