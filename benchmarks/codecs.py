@@ -7,6 +7,13 @@ rest (outlier channels defeat a single int8 scale), and — measured separately 
 per image with massive activations (~100x the typical magnitude in a few channels, as real ViTs have at a few
 positions), which inflate exactly the per-channel int8 scales of the channels they sit in.
 
+Mask logits (``logit8``: int8 per map + zstd) are measured on logits shaped like a trained SAM decoder's: a flat,
+confident background, objects confidently positive, sharp boundaries a few pixels wide, mild texture; K = 16
+prompts x 4 outputs (3 multimask + 1) at 288 x 288 per image. Reported: bytes per image, relative RMS error, the
+IoU of the masks (logits > 0) before and after, and the bytes of two smaller layouts (only the output a student
+is trained on; 144 x 144). Random-weight teachers give neither these features nor these logits: the real ratios
+are those each run measures and stores per row.
+
 Rows come from ``--shards`` synthetic shards, each with its own shift (a mean offset and extra energy in a
 random subspace, as different image collections give). The low-rank basis is fitted on ``--fit-rows`` rows drawn
 round-robin from every shard and measured on held-out rows of all shards; for comparison also fitted on the first
@@ -25,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from esam3.schemas.codecs import FeatureCodec, decode_features, encode_features, fit_basis
+from esam3.schemas.codecs import FeatureCodec, decode_features, decode_logits, encode_features, encode_logits, fit_basis
 
 PUBLIC_BYTES_PER_IMAGE = 10.6e6
 
@@ -102,6 +109,51 @@ def measure(codec: FeatureCodec, held_out: np.ndarray, basis: object) -> dict[st
     }
 
 
+def sam_like_logits(rng: np.random.Generator, maps: int, size: int) -> np.ndarray:
+    """(maps, size, size) float32 logits like a trained SAM mask decoder's: background flat near -12 to -20,
+    1-3 elliptical objects rising to +8 to +20 inside, a boundary ~3 px wide (slope ~4 logits per px), and a
+    smooth texture (sigma ~1, varying over ~size/16 px: the decoder's upsampling leaves no pixel noise)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    coarse = torch.from_numpy(rng.normal(0, 1, (maps, 1, 16, 16)).astype(np.float32))
+    texture = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+    out = np.empty((maps, size, size), np.float32)
+    for i in range(maps):
+        distance = np.full((size, size), np.inf, np.float32)  # ~signed distance to the nearest object, px (< 0 inside)
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(0.15, 0.85, 2) * size
+            a, b = rng.uniform(0.05, 0.3, 2) * size
+            radius = np.sqrt(((yy - cy) / a) ** 2 + ((xx - cx) / b) ** 2)
+            distance = np.minimum(distance, (radius - 1.0) * min(a, b))
+        low, high = -rng.uniform(12, 20), rng.uniform(8, 20)
+        out[i] = np.clip(-4.0 * distance, low, high) + texture[i]
+    return out
+
+
+def measure_logits(rng: np.random.Generator, prompts: int, size: int) -> dict[str, object]:
+    """logit8 on one image's worth of SAM-like logits (prompts x 4 outputs), and two smaller layouts' bytes."""
+    x = sam_like_logits(rng, 4 * prompts, size).reshape(prompts, 4, size, size)
+    record, error = encode_logits(x)
+    decoded = decode_logits(record)
+    inter = ((decoded > 0) & (x > 0)).sum(axis=(-2, -1))
+    union = ((decoded > 0) | (x > 0)).sum(axis=(-2, -1))
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    chosen, _ = encode_logits(x[:, :1])
+    half = x.reshape(prompts, 4, size // 2, 2, size // 2, 2).mean(axis=(3, 5))
+    chosen_half, _ = encode_logits(half[:, :1])
+    return {
+        "prompts": prompts,
+        "size": size,
+        "int8_mb_per_image": round(x.size / 1e6, 3),
+        "mb_per_image": round(record.nbytes / 1e6, 3),
+        "zstd_ratio": round(x.size / len(record.data), 1),
+        "rel_rms_error": float(f"{error:.3g}"),
+        "mask_iou_mean": round(float(iou.mean()), 5),
+        "mask_iou_min": round(float(iou.min()), 5),
+        "chosen_output_only_mb_per_image": round(chosen.nbytes / 1e6, 3),
+        "chosen_output_at_half_size_mb_per_image": round(chosen_half.nbytes / 1e6, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16, help="feature maps to generate")
@@ -112,6 +164,8 @@ def main() -> None:
     parser.add_argument("--massive-tokens", type=int, default=4, help="tokens per image with massive activations (second measurement)")
     parser.add_argument("--channels", type=int, default=1024, help="trunk width (SAM3: 1024)")
     parser.add_argument("--side", type=int, default=72, help="token grid side (SAM3: 72)")
+    parser.add_argument("--prompts", type=int, default=16, help="mask logits: prompts per image (K), 4 outputs each")
+    parser.add_argument("--mask-size", type=int, default=288, help="mask logits: side of each map (SAM3: 288; even)")
     args = parser.parse_args()
     if not 0 < args.fit_rows < args.rows:
         parser.error("--fit-rows must be between 1 and --rows - 1")
@@ -121,6 +175,10 @@ def main() -> None:
         parser.error("--massive-tokens must be between 0 and the tokens per image")
     if not 0 < args.rank <= args.channels:
         parser.error("--rank must be between 1 and --channels")
+    if args.prompts < 1:
+        parser.error("--prompts must be at least 1")
+    if args.mask_size < 16 or args.mask_size % 2:
+        parser.error("--mask-size must be an even number of at least 16")
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     features, shard_of = synthetic_trunk(rng, args.rows, args.channels, args.side, args.alpha, args.shards)
@@ -160,6 +218,7 @@ def main() -> None:
                 },
             )
         result[codec.value] = entry
+    result["logit8"] = measure_logits(rng, args.prompts, args.mask_size)
     print(json.dumps(result))
 
 

@@ -210,17 +210,27 @@ def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> No
         "8",
         "--massive-tokens",
         "2",
+        "--prompts",
+        "2",
+        "--mask-size",
+        "64",
         script=BENCHMARKS / "codecs.py",
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["shape"] == [32, 8, 8] and result["rows_measured"] == 4
+    logits = result["logit8"]  # SAM-like logits: flat regions compress, the masks survive
+    assert logits["int8_mb_per_image"] == round(2 * 4 * 64 * 64 / 1e6, 3) and logits["mb_per_image"] < logits["int8_mb_per_image"] / 2
+    assert logits["mask_iou_min"] > 0.98 and 0 < logits["rel_rms_error"] < 0.02
+    assert logits["chosen_output_at_half_size_mb_per_image"] < logits["chosen_output_only_mb_per_image"] < logits["mb_per_image"]
     int8 = result["int8"]
     # the massive tokens inflate the int8 scales of their channels: the other tokens' error grows
     assert int8["with_massive_tokens"]["rel_rms_error_other_tokens"] > int8["rel_rms_error_mean"] > 0
     assert result["lowrank"]["fitted_on_one_shard"]["rel_rms_error_mean_other_shards"] > 0
     bad = run_script("--rows", "8", "--fit-rows", "4", "--shards", "5", script=BENCHMARKS / "codecs.py")
     assert bad.returncode == 2 and "--shards must be between 1 and --fit-rows" in bad.stderr
+    bad = run_script("--mask-size", "65", script=BENCHMARKS / "codecs.py")
+    assert bad.returncode == 2 and "--mask-size must be an even number" in bad.stderr
 
 
 def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path: Path) -> None:
