@@ -254,7 +254,7 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
     """Rows, bytes per row, total bytes and GPU-hours of a cache run, before anything runs (no weights loaded)."""
-    from esam3.pipeline.costs import make_plan
+    from esam3.pipeline.costs import codec_choices, make_plan
     from esam3.pipeline.shards import select_shards
     from esam3.schemas.shards import ShardSpec
     from esam3.workers.heads import Geometry
@@ -290,9 +290,10 @@ def plan_command(
         )
         geometry = Geometry.from_config(teacher_config(teacher))
         plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec)
+        choices = codec_choices(config, geometry, plan)
         measured = measured_task_error(measured_in, dataset, codec, s3_endpoint) if measured_in else None
     if as_json:
-        print_json({**plan.to_json(), "codec_task_error": measured})
+        print_json({**plan.to_json(), "codec_choices": choices, "codec_task_error": measured})
         return
     table = Table(title=Text(f"plan: {dataset.value}, {count} shard(s), teacher {teacher}, codec {codec.value}"), title_justify="left")
     table.add_column("")
@@ -314,6 +315,22 @@ def plan_command(
     elif dataset == DatasetName.SA1B:
         table.add_row("codec cost on the heads' masks", "measured per row while caching: --measured-in a pilot store")
     console.print(table)
+    console.print(choices_table(choices, plan.to_json()["public_recipe_bytes"]))
+
+
+def choices_table(choices: dict[str, dict[str, Any]], public: float | None) -> Table:
+    """Bytes per row per column and in all under every feature codec (mask logits counted at int8 before zstd)."""
+    table = Table(title=Text("every codec (mask logits at int8 before zstd)"), title_justify="left")
+    table.add_column("")
+    for codec in choices:
+        table.add_column(codec, justify="right")
+    for name in next(iter(choices.values()))["bytes_per_row"]:
+        table.add_row(f"bytes/row: {name}", *(human_bytes(c["bytes_per_row"][name]) for c in choices.values()))
+    table.add_row("bytes/row", *(human_bytes(c["row_bytes"]) for c in choices.values()))
+    table.add_row("total", *(human_bytes(c["total_bytes"]) for c in choices.values()))
+    if public:
+        table.add_row("vs public recipe", *(f"{c['total_bytes'] / public:.2f}x" for c in choices.values()))
+    return table
 
 
 def measured_task_error(uri: str, dataset: DatasetName, codec: FeatureCodec, s3_endpoint: str | None) -> dict[str, Any]:

@@ -372,6 +372,13 @@ def test_plan_command(demo_root: Path) -> None:
     assert plan["rows"] == 111_860 and plan["bytes_per_row"]["trunk"] == 1024 * 72 * 72 + 4 * 1024  # SAM3's sizes
     assert plan["gpu_hours"] == pytest.approx(111_860 / 60 / 3600)
     assert plan["total_bytes"] == plan["rows"] * plan["row_bytes"]
+    choices = plan["codec_choices"]  # the same run under every codec, to choose from
+    assert list(choices) == ["fp16", "bf16", "int8", "lowrank"] and choices["int8"]["row_bytes"] == plan["row_bytes"]
+    assert (
+        choices["fp16"]["bytes_per_row"]["trunk"] == 2 * 1024 * 72 * 72
+        and choices["lowrank"]["bytes_per_row"]["trunk"] == 256 * 72 * 72 + 4 * 256
+    )
+    assert all(c["total_bytes"] == plan["rows"] * c["row_bytes"] for c in choices.values())
     result = runner.invoke(
         app,
         [
@@ -404,6 +411,7 @@ def test_plan_command(demo_root: Path) -> None:
     assert plan["bytes_per_row"]["input"] == int(0.46 * 3 * 1008 * 1008) and plan["bytes_per_row"]["gt_masks"] == 2 * 2000
     result = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0"], env=WIDE)
     assert result.exit_code == 0 and "pass --rows-per-sec" in result.output and "public recipe" in result.output
+    assert "every codec" in result.output and "lowrank" in result.output and "vs public recipe" in result.output
 
 
 @pytest.mark.parametrize(
