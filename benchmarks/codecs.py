@@ -7,8 +7,8 @@ rest (outlier channels defeat a single int8 scale), and — measured separately 
 per image with massive activations (~100x the typical magnitude in a few channels, as real ViTs have at a few
 positions), which inflate exactly the per-channel int8 scales of the channels they sit in.
 
-Mask logits (``logit8``: int8 per map + zstd) are measured on logits shaped like a trained SAM decoder's: a flat,
-confident background, objects confidently positive, sharp boundaries a few pixels wide, mild texture; K = 16
+Mask logits (``logit8d``: int8 per map, row differences, zstd; and ``logit8`` without the differences) are
+measured on logits shaped like a trained SAM decoder's: a flat, confident background, objects confidently positive, sharp boundaries a few pixels wide, mild texture; K = 16
 prompts x 4 outputs (3 multimask + 1) at 288 x 288 per image. Reported: bytes per image, relative RMS error, the
 IoU of the masks (logits > 0) before and after, and the bytes of two smaller layouts (only the output a student
 is trained on; 144 x 144). Random-weight teachers give neither these features nor these logits: the real ratios
@@ -130,9 +130,16 @@ def sam_like_logits(rng: np.random.Generator, maps: int, size: int) -> np.ndarra
 
 
 def measure_logits(rng: np.random.Generator, prompts: int, size: int) -> dict[str, object]:
-    """logit8 on one image's worth of SAM-like logits (prompts x 4 outputs), and two smaller layouts' bytes."""
+    """logit8d (the cache's) and logit8 (without row differences) on one image's worth of SAM-like logits (prompts
+    x 4 outputs), and two smaller layouts' bytes."""
     x = sam_like_logits(rng, 4 * prompts, size).reshape(prompts, 4, size, size)
+    start = time.perf_counter()
     record, error = encode_logits(x)
+    encode_s = time.perf_counter() - start
+    start = time.perf_counter()
+    decode_logits(record)
+    decode_s = time.perf_counter() - start
+    plain, _ = encode_logits(x, "logit8")
     decoded = decode_logits(record)
     inter = ((decoded > 0) & (x > 0)).sum(axis=(-2, -1))
     union = ((decoded > 0) | (x > 0)).sum(axis=(-2, -1))
@@ -145,7 +152,10 @@ def measure_logits(rng: np.random.Generator, prompts: int, size: int) -> dict[st
         "size": size,
         "int8_mb_per_image": round(x.size / 1e6, 3),
         "mb_per_image": round(record.nbytes / 1e6, 3),
-        "zstd_ratio": round(x.size / len(record.data), 1),
+        "ratio": round(x.size / len(record.data), 1),
+        "logit8_mb_per_image": round(plain.nbytes / 1e6, 3),
+        "encode_ms": round(1000 * encode_s, 1),
+        "decode_ms": round(1000 * decode_s, 1),
         "rel_rms_error": float(f"{error:.3g}"),
         "mask_iou_mean": round(float(iou.mean()), 5),
         "mask_iou_min": round(float(iou.min()), 5),
@@ -218,7 +228,7 @@ def main() -> None:
                 },
             )
         result[codec.value] = entry
-    result["logit8"] = measure_logits(rng, args.prompts, args.mask_size)
+    result["logit8d"] = measure_logits(rng, args.prompts, args.mask_size)
     print(json.dumps(result))
 
 

@@ -219,7 +219,7 @@ def encoded_of(value: dict[str, Any]) -> Encoded:
 def decode_tensor(value: dict[str, Any], basis: Any = None) -> np.ndarray:
     """Any stored ``tensor`` struct back to a numpy array (raw dtypes exactly, others up to their codec; images as
     uint8 (H, W, 3), decoded in full: ``esam3.workers.decode.teacher_input`` redoes the teacher's preprocessing)."""
-    from esam3.schemas.codecs import CodecError, decode_features, decode_image, decode_logits
+    from esam3.schemas.codecs import LOGIT_CODECS, CodecError, decode_features, decode_image, decode_logits
 
     if value["codec"] in IMAGE_CODECS:
         return decode_image(value["codec"], value["data"], tuple(value["shape"]))
@@ -230,6 +230,6 @@ def decode_tensor(value: dict[str, Any], basis: Any = None) -> np.ndarray:
         if len(encoded.data) != expected:
             raise CodecError(f"{encoded.codec} data has {len(encoded.data)} bytes, expected {expected}")
         return np.frombuffer(encoded.data, dtype=dtype).reshape(encoded.shape)
-    if encoded.codec == "logit8":
+    if encoded.codec in LOGIT_CODECS:
         return decode_logits(encoded)
     return decode_features(encoded, basis)

@@ -494,6 +494,14 @@ def test_store_show_of_a_targets_only_store_reads_the_source(demo_root: Path, tm
     assert result.exit_code == 2 and "--out" in result.output
 
 
+def _ledger_rows(ledger: Path) -> int:
+    """Rows of a ledger another process is creating: 0 until its first version exists (the folder comes first)."""
+    try:
+        return lance.dataset(str(ledger)).count_rows()
+    except ValueError:  # "was not found": the folder exists, its first version not yet
+        return 0
+
+
 def test_driver_sigkilled_after_first_commit_then_rerun(tmp_path: Path) -> None:
     """The real thing: `esam3 cache` killed with SIGKILL once a shard is committed; the same command rerun
     finishes only the rest, and the key set equals an uninterrupted run's with no duplicates."""
@@ -530,7 +538,7 @@ def test_driver_sigkilled_after_first_commit_then_rerun(tmp_path: Path) -> None:
     ledger = store / "ledger.lance"
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
-        if ledger.exists() and lance.dataset(str(ledger)).count_rows() >= 1:
+        if _ledger_rows(ledger) >= 1:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)

@@ -116,6 +116,22 @@ def test_logit_codec() -> None:
         encode_logits(np.full((2, 2), np.nan, np.float32))
 
 
+def test_row_differences_shrink_smooth_logits_and_change_no_value() -> None:
+    """logit8d (what the cache writes) decodes to exactly what logit8 (what older stores hold, still read) does, and
+    is smaller on logits with smooth ramps; ragged shapes and wrap-around differences (-127 next to 127) included."""
+    yy, xx = np.mgrid[:96, :96]
+    ramps = np.stack([(20 - np.hypot(yy - 40, xx - 50)), (xx - 48.0) / 3, np.where(xx % 2, 16.0, -16.0)]).astype(np.float32)
+    for x in (ramps, ramps[:, :7, :5], ramps[:1].reshape(96, 96)):
+        old, old_error = encode_logits(x, "logit8")
+        new, new_error = encode_logits(x)
+        assert (old.codec, new.codec) == ("logit8", "logit8d") and old_error == new_error
+        assert np.array_equal(decode_logits(old), decode_logits(new)) and new.scale == old.scale
+    old, new = encode_logits(ramps[:2], "logit8")[0], encode_logits(ramps[:2])[0]
+    assert len(new.data) < 0.8 * len(old.data)
+    with pytest.raises(CodecError, match="unknown logit codec"):
+        encode_logits(ramps, "logit4")
+
+
 def test_bad_records_are_errors_not_garbage() -> None:
     x = np.ones((4, 3, 3), np.float32)
     good, _ = encode_features(x, "int8")
@@ -129,7 +145,7 @@ def test_bad_records_are_errors_not_garbage() -> None:
         encode_features(np.array([[np.inf]], np.float32), "fp16")
     logits, _ = encode_logits(x)
     with pytest.raises(CodecError, match="decompress"):
-        decode_logits(Encoded("logit8", logits.shape, logits.data[:-3], logits.scale))
+        decode_logits(Encoded("logit8d", logits.shape, logits.data[:-3], logits.scale))
     with pytest.raises(CodecError, match="do not fit codec fp16; use bf16 or int8"):
         encode_features(np.array([[7e4, 1.0]], np.float32), "fp16")  # finite, but Inf in fp16
     assert encode_features(np.array([[7e4, 1.0]], np.float32), "bf16")[1] < 0.01

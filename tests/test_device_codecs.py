@@ -73,7 +73,7 @@ def test_logit_codes_are_the_reference_codecs_before_its_zstd(shape: tuple[int, 
         x.reshape(-1)[:10] = -1024.0  # the tracker's "absent" value: clipped to -16
     reference, error = encode_logits(x)
     fields = received(quantise_logits(torch.from_numpy(x)))
-    encoded = Encoded("logit8", shape, compress_logits(fields["t"]), bytes(fields["t_scale"]))
+    encoded = Encoded("logit8d", shape, compress_logits(fields["t"], shape), bytes(fields["t_scale"]))
     assert np.array_equal(decode_logits(encoded), decode_logits(reference))
     assert encoded.scale == reference.scale and fields["t_error"] == pytest.approx(error, rel=1e-6, abs=1e-12)
 

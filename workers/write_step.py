@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from esam3.schemas.codecs import CodecError, Encoded, FeatureCodec, compress_logits, map_codec, payload_bytes
+from esam3.schemas.codecs import LOGIT_CODEC, LOGIT_CODECS, CodecError, Encoded, FeatureCodec, compress_logits, map_codec, payload_bytes
 from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
@@ -158,7 +158,7 @@ class EncodeImages(_EncodeTable):
             out["prompt_labels"] = raw_tensor(np.frombuffer(row["prompt_labels"], dtype=np.int8).reshape(k, -1))
             out["prompt_boxes"] = raw_tensor(np.frombuffer(row["prompt_boxes"], dtype=np.float32).reshape(k, 4))
             for name, shape in (("multi_logits", (k, 3, g.mask_size, g.mask_size)), ("single_logits", (k, 1, g.mask_size, g.mask_size))):
-                out[name] = received_tensor(row, name, "logit8", shape)
+                out[name] = received_tensor(row, name, LOGIT_CODEC, shape)
             out["iou"] = target_tensor("iou", np.frombuffer(row["iou"], dtype=np.float32).reshape(k, 4))
             out["object_score"] = target_tensor("object_score", np.frombuffer(row["object_score"], dtype=np.float32))
             out["object_pointer"] = target_tensor(
@@ -169,12 +169,12 @@ class EncodeImages(_EncodeTable):
 
 def received_tensor(row: dict[str, Any], name: str, codec: str, shape: tuple[int, ...]) -> dict[str, Any]:
     """A target the teacher quantised (codes, scales, measured error: ``<name>``, ``<name>_scale``, ``<name>_error``)
-    as a stored tensor; ``logit8`` codes are zstd-compressed here, on the CPU."""
+    as a stored tensor; mask-logit codes are filtered and zstd-compressed here, on the CPU."""
     data, scale = row[name], row[f"{name}_scale"]
     if (len(data), len(scale)) != payload_bytes(codec, shape, rank=len(scale) // 4):
         raise CodecError(f"{name}: {len(data)} + {len(scale)} bytes of {codec} codes and scales do not hold {shape}")
-    if codec == "logit8":
-        data = compress_logits(data)
+    if codec in LOGIT_CODECS:
+        data = compress_logits(data, shape, codec)
     return tensor_value(Encoded(codec, shape, data, scale), row[f"{name}_error"])
 
 
@@ -204,7 +204,7 @@ class EncodeFrames(_EncodeTable):
             out[name] = row[name]
         if row["input"] is not None:  # lossless: the S x S frame the teacher saw
             out["input"] = tensor_value(Encoded("png", (g.image_size, g.image_size, 3), row["input"]), 0.0)
-        out["mask_logits"] = received_tensor(row, "mask_logits", "logit8", (n, g.mask_size, g.mask_size))
+        out["mask_logits"] = received_tensor(row, "mask_logits", LOGIT_CODEC, (n, g.mask_size, g.mask_size))
         out["object_score"] = target_tensor("object_score", _array(row["object_score"], (n,)))
         out["object_pointer"] = target_tensor("object_pointer", _array(row["object_pointer"], (n, g.hidden)))
         for name, channels in (("maskmem_features", g.memory_channels), ("pix_feat_with_mem", g.hidden)):
