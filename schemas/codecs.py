@@ -12,8 +12,9 @@ Feature maps (C, H, W) — trunk output, neck levels, memory features:
 
 Mask logits (..., H, W): ``logit8d`` clips to +-16, quantises each map to int8 with its own scale
 (``min(absmax, 16) / 127``: steps of at most 0.126), replaces each row by its differences (mod 256: the smooth ramps
-of low-res SAM masks become runs of small values) and zstd-compresses; 20-25% smaller than ``logit8`` (the same
-without the differences, what stores written before it hold; still read) on SAM-like logits. sigmoid(16) =
+of low-res SAM masks become runs of small values) and zstd-compresses; 18% smaller than ``logit8`` (the same
+without the differences, what stores written before it hold; still read) on the SAM-like logits of
+``benchmarks/codecs.py``. sigmoid(16) =
 1 - 1.1e-7, so clipping changes no probability that matters.
 
 Every ``encode_*`` returns the encoded record and the **relative RMS error** ``||decode(x) - x|| / ||x||`` it
@@ -246,7 +247,11 @@ def compress_logits(codes: bytes | memoryview | np.ndarray, shape: tuple[int, ..
     if codec not in LOGIT_CODECS:
         raise CodecError(f"unknown logit codec {codec!r}")
     if codec == "logit8d":
-        rows = np.frombuffer(codes, dtype=np.uint8).reshape(-1, shape[-1] if shape and shape[-1] else 1)
+        flat = np.frombuffer(codes, dtype=np.uint8)
+        width = shape[-1] if shape and shape[-1] else 1
+        if flat.size != int(np.prod(shape)):
+            raise CodecError(f"{flat.size} logit codes do not hold {tuple(shape)}")
+        rows = flat.reshape(-1, width)
         codes = np.diff(rows, axis=1, prepend=np.zeros((len(rows), 1), np.uint8))
     return pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(codes, asbytes=True)
 

@@ -498,7 +498,9 @@ def _ledger_rows(ledger: Path) -> int:
     """Rows of a ledger another process is creating: 0 until its first version exists (the folder comes first)."""
     try:
         return lance.dataset(str(ledger)).count_rows()
-    except ValueError:  # "was not found": the folder exists, its first version not yet
+    except ValueError as exc:  # the folder exists, its first version not yet; anything else is a real error
+        if "was not found" not in str(exc):
+            raise
         return 0
 
 
