@@ -135,17 +135,26 @@ def synthetic_masks(rng: np.random.Generator, height: int, width: int, n: int) -
     return masks
 
 
-def bench_prompts(teacher: Any, k: int, images: int, warmup: int) -> dict[str, Any]:
+#: (height, width) of the synthetic images whose prompts the benchmark samples (SA-1B's usual size).
+IMAGE_HW = (1500, 2250)
+
+
+def synthetic_prompt_sets(rng: np.random.Generator, size: int, k: int, images: int) -> list[Any]:
+    """K prompts per image for ``images`` synthetic images of ``IMAGE_HW`` (rectangles as masks), in the S x S frame."""
     from esam3.schemas.prompts import PromptConfig
     from esam3.workers.prompts import sample_prompts
 
-    rng = np.random.default_rng(0)
-    size = teacher.geometry.image_size
-    height, width = 1500, 2250
-    prompt_sets = [
+    height, width = IMAGE_HW
+    return [
         sample_prompts(f"sa1b/{i}", synthetic_masks(rng, height, width, 2 * k), (height, width), size, PromptConfig(num_prompts=k))
         for i in range(images)
     ]
+
+
+def bench_prompts(teacher: Any, k: int, images: int, warmup: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    size = teacher.geometry.image_size
+    prompt_sets = synthetic_prompt_sets(rng, size, k, images)
     trunks = teacher.trunk_features(torch.randn(images, 3, size, size, device=teacher.device))
     seconds = timed(lambda: [teacher.prompt_targets(t, p, on_device=True) for t, p in zip(trunks, prompt_sets)], 2, warmup)
     return {"k": k, "images_per_s": round(images / seconds, 2), "prompts_per_s": round(images * k / seconds, 1)}
@@ -193,18 +202,12 @@ def bench_video(teacher: Any, frames: int, objects: int, warmup: int) -> dict[st
 
 def bench_host_targets(teacher: Any, k: int, images: int, codec: str, warmup: int) -> dict[str, Any]:
     """Targets of ``images`` images with ``k`` prompts each, to host memory: float32 blocking copies vs quantised codes."""
-    from esam3.schemas.prompts import PromptConfig
     from esam3.workers.device_codecs import HostCopies, quantise_features
-    from esam3.workers.prompts import sample_prompts
     from esam3.workers.teacher_step import send_image
 
     rng = np.random.default_rng(2)
     size = teacher.geometry.image_size
-    height, width = 1500, 2250
-    prompt_sets = [
-        sample_prompts(f"sa1b/{i}", synthetic_masks(rng, height, width, 2 * k), (height, width), size, PromptConfig(num_prompts=k))
-        for i in range(images)
-    ]
+    prompt_sets = synthetic_prompt_sets(rng, size, k, images)
     trunks = teacher.trunk_features(torch.randn(images, 3, size, size, device=teacher.device))
     outs = [teacher.prompt_targets(t, p, on_device=True) for t, p in zip(trunks, prompt_sets)]
     names = ("multi", "single", "iou", "object_score", "object_pointer")
@@ -242,19 +245,14 @@ def bench_actor(teacher: Any, k: int, images: int, codec: str, warmup: int) -> d
     it sends. Images/s, and MB per image of that block."""
     import pyarrow as pa
 
-    from esam3.schemas.prompts import PromptConfig
     from esam3.schemas.work import KIND_SAMPLE, WORK
-    from esam3.workers.prompts import sample_prompts
     from esam3.workers.teacher_step import TeacherImages
 
     rng = np.random.default_rng(3)
     size = teacher.geometry.image_size
-    height, width = 1500, 2250
+    height, width = IMAGE_HW
     rows = []
-    for i in range(images):
-        prompts = sample_prompts(
-            f"sa1b/{i}", synthetic_masks(rng, height, width, 2 * k), (height, width), size, PromptConfig(num_prompts=k)
-        )
+    for i, prompts in enumerate(synthetic_prompt_sets(rng, size, k, images)):
         rows.append(
             {
                 **{"kind": KIND_SAMPLE, "dataset": "sa-1b", "shard": "sa_000000.tar", "key": f"sa1b/{i}", "member": f"sa_{i}.jpg"},

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from esam3.schemas.cache import CacheConfig, Inputs, Target
-from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.codecs import FeatureCodec, map_codec
 from esam3.workers.heads import Geometry
 
 SA1B_IMAGES_PER_SHARD = 11_186
@@ -39,7 +39,7 @@ def feature_bytes(maps: int, pixels: int, codec: FeatureCodec) -> int:
 def bytes_per_row(config: CacheConfig, geometry: Geometry) -> dict[str, int]:
     """Bytes of each stored tensor column of one row (upper bound for mask logits)."""
     g, m, hidden = geometry.grid, geometry.mask_size, geometry.hidden
-    codec = FeatureCodec.INT8 if config.codec == FeatureCodec.LOWRANK else config.codec  # low-rank: trunk only
+    codec = map_codec(config.codec)  # the per-object maps: low-rank applies to the trunk only
     out: dict[str, int] = {}
     if config.inputs == Inputs.STORE:
         s = geometry.image_size

@@ -14,8 +14,7 @@ Mask logits (..., H, W): ``logit8d`` clips to +-16, quantises each map to int8 w
 (``min(absmax, 16) / 127``: steps of at most 0.126), replaces each row by its differences (mod 256: the smooth ramps
 of low-res SAM masks become runs of small values) and zstd-compresses; 18% smaller than ``logit8`` (the same
 without the differences, what stores written before it hold; still read) on the SAM-like logits of
-``benchmarks/codecs.py``. sigmoid(16) =
-1 - 1.1e-7, so clipping changes no probability that matters.
+``benchmarks/codecs.py``. sigmoid(16) = 1 - 1.1e-7, so clipping changes no probability that matters.
 
 Every ``encode_*`` returns the encoded record and the **relative RMS error** ``||decode(x) - x|| / ||x||`` it
 measured on that very row; ``decode`` of an encoded record is exact up to that quantisation. Records are plain
@@ -247,13 +246,17 @@ def compress_logits(codes: bytes | memoryview | np.ndarray, shape: tuple[int, ..
     if codec not in LOGIT_CODECS:
         raise CodecError(f"unknown logit codec {codec!r}")
     if codec == "logit8d":
-        flat = np.frombuffer(codes, dtype=np.uint8)
-        width = shape[-1] if shape and shape[-1] else 1
-        if flat.size != int(np.prod(shape)):
-            raise CodecError(f"{flat.size} logit codes do not hold {tuple(shape)}")
-        rows = flat.reshape(-1, width)
+        rows = _logit_rows(codes, shape)
         codes = np.diff(rows, axis=1, prepend=np.zeros((len(rows), 1), np.uint8))
     return pa.Codec("zstd", compression_level=_ZSTD_LEVEL).compress(codes, asbytes=True)
+
+
+def _logit_rows(blob: bytes | memoryview | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Logit codes as uint8 rows (the last axis of ``shape``): what ``logit8d`` takes differences along."""
+    flat = np.frombuffer(blob, dtype=np.uint8)
+    if flat.size != int(np.prod(shape)):
+        raise CodecError(f"{flat.size} logit codes do not hold {tuple(shape)}")
+    return flat.reshape(-1, shape[-1] if shape and shape[-1] else 1)
 
 
 def decode_logits(encoded: Encoded) -> np.ndarray:
@@ -269,10 +272,8 @@ def logit_codes(encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
     if encoded.codec not in LOGIT_CODECS:
         raise CodecError(f"unknown logit codec {encoded.codec!r}")
     shape = tuple(encoded.shape)
-    count = int(np.prod(shape))
-    plane = shape[-2] * shape[-1] if len(shape) >= 2 else count
-    maps = count // plane if plane else 0
-    _expect(encoded.scale, 4 * maps, encoded.codec, "scale")
+    count, scale_bytes = payload_bytes(encoded.codec, shape)
+    _expect(encoded.scale, scale_bytes, encoded.codec, "scale")
     try:
         raw = pa.decompress(encoded.data, decompressed_size=count, codec="zstd", asbytes=True)
     except (OSError, ValueError, pa.ArrowException) as exc:
@@ -280,8 +281,7 @@ def logit_codes(encoded: Encoded) -> tuple[np.ndarray, np.ndarray]:
     _expect(raw, count, encoded.codec)
     scale = np.frombuffer(encoded.scale, dtype=np.float32)
     if encoded.codec == "logit8d":  # undo the row differences: a running sum mod 256
-        rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, shape[-1] if shape and shape[-1] else 1)
-        raw = np.cumsum(rows, axis=1, dtype=np.uint8)
+        raw = np.cumsum(_logit_rows(raw, shape), axis=1, dtype=np.uint8)
     q = np.frombuffer(raw, dtype=np.int8).reshape(shape)
     return q, scale.reshape(shape[:-2]) if len(shape) >= 2 else scale
 
