@@ -8,11 +8,12 @@ per image with massive activations (~100x the typical magnitude in a few channel
 positions), which inflate exactly the per-channel int8 scales of the channels they sit in.
 
 Mask logits (``logit8d``: int8 per map, row differences, zstd; and ``logit8`` without the differences) are
-measured on logits shaped like a trained SAM decoder's: a flat, confident background, objects confidently positive, sharp boundaries a few pixels wide, mild texture; K = 16
-prompts x 4 outputs (3 multimask + 1) at 288 x 288 per image. Reported: bytes per image, relative RMS error, the
-IoU of the masks (logits > 0) before and after, and the bytes of two smaller layouts (only the output a student
-is trained on; 144 x 144). Random-weight teachers give neither these features nor these logits: the real ratios
-are those each run measures and stores per row.
+measured on logits shaped like a trained SAM decoder's: a flat, confident background, objects confidently
+positive, sharp boundaries a few pixels wide, mild texture; K = 16 prompts x 4 outputs (3 multimask + 1) at
+288 x 288 per image. Reported: bytes per image, relative RMS error, the IoU of the masks (logits > 0) before and
+after, and what ``--mask-outputs chosen`` (only the output a student is trained on, the default) stores at 288, 144
+and 72 px a side, with the mask IoU after bringing it back to 288. Random-weight teachers give neither these
+features nor these logits: the real ratios are those each run measures and stores per row.
 
 Rows come from ``--shards`` synthetic shards, each with its own shift (a mean offset and extra energy in a
 random subspace, as different image collections give). The low-rank basis is fitted on ``--fit-rows`` rows drawn
@@ -32,7 +33,10 @@ import time
 import numpy as np
 import torch
 
-from esam3.schemas.codecs import FeatureCodec, decode_features, decode_logits, encode_features, encode_logits, fit_basis
+from esam3.schemas.codecs import FeatureCodec, compress_logits, decode_features, decode_logits, encode_features, encode_logits, fit_basis
+from esam3.schemas.prompts import MaskOutputs
+from esam3.workers.device_codecs import quantise_logits
+from esam3.workers.mask_targets import logits_mask_iou, stored_logits
 
 PUBLIC_BYTES_PER_IMAGE = 10.6e6
 
@@ -131,7 +135,8 @@ def sam_like_logits(rng: np.random.Generator, maps: int, size: int) -> np.ndarra
 
 def measure_logits(rng: np.random.Generator, prompts: int, size: int) -> dict[str, object]:
     """logit8d (the cache's) and logit8 (without row differences) on one image's worth of SAM-like logits (prompts
-    x 4 outputs), and two smaller layouts' bytes."""
+    x 4 outputs: ``--mask-outputs all``), and the layouts ``--mask-outputs chosen`` stores at the decoder's size and
+    smaller (``--mask-size``), through the cache's own code (resize, device quantiser, mask IoU back at full size)."""
     x = sam_like_logits(rng, 4 * prompts, size).reshape(prompts, 4, size, size)
     start = time.perf_counter()
     record, error = encode_logits(x)
@@ -144,9 +149,18 @@ def measure_logits(rng: np.random.Generator, prompts: int, size: int) -> dict[st
     inter = ((decoded > 0) & (x > 0)).sum(axis=(-2, -1))
     union = ((decoded > 0) | (x > 0)).sum(axis=(-2, -1))
     iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    chosen, _ = encode_logits(x[:, :1])
-    half = x.reshape(prompts, 4, size // 2, 2, size // 2, 2).mean(axis=(3, 5))
-    chosen_half, _ = encode_logits(half[:, :1])
+    logits = torch.from_numpy(x)
+    pick = torch.from_numpy(rng.integers(0, 4, prompts))  # which output each prompt keeps: SAM-like maps are alike
+    chosen = {}
+    for side in (size, size // 2, size // 4):
+        original, stored = stored_logits(logits[:, :1], logits[:, 1:], pick, MaskOutputs.CHOSEN, side)["chosen_logits"]
+        q = quantise_logits(stored)
+        nbytes = len(compress_logits(q.codes.numpy(), q.shape)) + 4 * prompts
+        chosen[str(side)] = {
+            "mb_per_image": round(nbytes / 1e6, 3),
+            "bytes_per_value": round(nbytes / stored.numel(), 3),
+            "mask_iou_mean": round(float(logits_mask_iou([(original, q)])), 5),
+        }
     return {
         "prompts": prompts,
         "size": size,
@@ -159,8 +173,7 @@ def measure_logits(rng: np.random.Generator, prompts: int, size: int) -> dict[st
         "rel_rms_error": float(f"{error:.3g}"),
         "mask_iou_mean": round(float(iou.mean()), 5),
         "mask_iou_min": round(float(iou.min()), 5),
-        "chosen_output_only_mb_per_image": round(chosen.nbytes / 1e6, 3),
-        "chosen_output_at_half_size_mb_per_image": round(chosen_half.nbytes / 1e6, 3),
+        "chosen_by_size": chosen,  # --mask-outputs chosen at --mask-size side: bytes, and mask IoU back at full size
     }
 
 

@@ -13,7 +13,8 @@ result does not depend on how busy the machine is:
   (the codes received on the host and the Arrow blocks the actor sends through Ray's object store);
 * write: ``EncodeImages`` / ``EncodeFrames`` on those rows (wrap the codes, zstd the logits' codes), then
   ``WriteFragments`` streaming the shard into its fragment, split into encoding (``store_row``) and the rest (Arrow
-  tables + Lance fragment writes). SA-1B rows: trunk 1024x72x72, K x 4 mask logits at 288x288; SA-V rows (one per
+  tables + Lance fragment writes). SA-1B rows: trunk 1024x72x72, K mask logits at 288x288 (the output each
+  prompt uses; K x 4 with ``--mask-outputs all``); SA-V rows (one per
   annotated frame): trunk, and per object 288x288 mask logits, ``maskmem_features`` 64x72x72 and
   ``pix_feat_with_mem`` 256x72x72;
 * ``before``: the same targets the way the actor sent them up to issue 13 (float32 bytes, one block per 8 rows) and
@@ -27,7 +28,8 @@ on the logits depends on their content; real logits (large flat background) comp
 Prints one JSON line, with ``cores_per_gpu_at`` = CPU seconds per row outside the GPU (read + teacher host + write)
 x the GPU rate (rows/s) for a few rates.
 
-    python benchmarks/cpu_per_row.py [--dataset sa-1b|sa-v] [--images 16] [--prompts 16] [--objects 8] [--codec int8]
+    python benchmarks/cpu_per_row.py [--dataset sa-1b|sa-v] [--images 16] [--prompts 16] [--mask-outputs chosen|all]
+        [--objects 8] [--codec int8]
 """
 
 from __future__ import annotations
@@ -48,12 +50,12 @@ from esam3.pipeline.shards import DatasetName, select_shards
 from esam3.pipeline.store import Store
 from esam3.schemas.codecs import FeatureCodec, encode_features, encode_logits, map_codec
 from esam3.schemas.demo import DemoDataConfig
-from esam3.schemas.prompts import PromptConfig
+from esam3.schemas.prompts import MaskOutputs, PromptConfig
 from esam3.schemas.store import FRAMES, IMAGES
 from esam3.schemas.teacher import VideoTargetConfig
 from esam3.schemas.work import FRAME_TARGETS, KIND_SAMPLE, TARGETS, WORK
 from esam3.workers.device_codecs import HostCopies, quantise_features
-from esam3.workers.heads import Geometry
+from esam3.workers.heads import Geometry, picked_output
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.shard_writer import ShardWriter
 from esam3.workers.teacher import PromptTargets
@@ -114,11 +116,19 @@ def reference_encode(targets: list[dict[str, torch.Tensor]], codec: FeatureCodec
                 encode_features(t.numpy(), codec if name == "trunk" else map_codec(codec))
 
 
-def quantised(targets: list[dict[str, torch.Tensor]], codec: FeatureCodec, video: bool) -> list[dict[str, Any]]:
-    """After, device side: the targets quantised and sent, as the actor does (on the GPU where it has one)."""
+def quantised(
+    rows: list[dict[str, Any]],
+    targets: list[dict[str, torch.Tensor]],
+    codec: FeatureCodec,
+    video: bool,
+    mask_outputs: MaskOutputs = MaskOutputs.CHOSEN,
+) -> list[dict[str, Any]]:
+    """After, device side: the targets of ``rows`` quantised and sent, as the actor does (on the GPU where it has
+    one); image prompts keep the logits ``mask_outputs`` says, picked by SAM3's tracker rule for the row's prompts."""
     copies = HostCopies(torch.device("cpu"))
+    tracker = random_config("full-random").tracker_config  # its multimask settings: which output each prompt uses
     parts = []
-    for tensors in targets:
+    for row, tensors in zip(rows, targets):
         trunk = quantise_features(tensors["trunk"], codec)
         if video:
             parts.append(
@@ -128,7 +138,14 @@ def quantised(targets: list[dict[str, torch.Tensor]], codec: FeatureCodec, video
             )
         else:
             prompts = {name: t for name, t in tensors.items() if name != "trunk"}
-            parts.append(send_image(copies, trunk, PromptTargets(**prompts) if prompts else None))
+            if not prompts:
+                parts.append(send_image(copies, trunk, None))
+                continue
+            k = row["k"]
+            labels = torch.from_numpy(np.frombuffer(row["prompt_labels"], dtype=np.int8).reshape(k, -1).astype(np.int64))
+            boxes = torch.from_numpy(np.frombuffer(row["prompt_boxes"], dtype=np.float32).reshape(k, 4).copy())
+            pick = picked_output(labels, boxes, prompts["iou"], tracker)
+            parts.append(send_image(copies, trunk, PromptTargets(**prompts), pick, mask_outputs))
     copies.wait()
     return parts
 
@@ -141,15 +158,22 @@ def quantised_blocks(rows: list[dict[str, Any]], parts: list[dict[str, Any]], vi
     return [pa.Table.from_pylist(out[i : i + 8], schema=TARGETS) for i in range(0, len(out), 8)]
 
 
-def actor_costs(rows: list[dict[str, Any]], targets: list[dict[str, torch.Tensor]], codec: FeatureCodec, video: bool) -> dict[str, Any]:
-    """CPU seconds per row of the teacher actor's side, before (float32) and after (quantised), and the bytes per row
-    of the blocks it sends through the object store. Returns the quantised rows too, for the write step."""
+def actor_costs(
+    rows: list[dict[str, Any]],
+    targets: list[dict[str, torch.Tensor]],
+    codec: FeatureCodec,
+    video: bool,
+    mask_outputs: MaskOutputs = MaskOutputs.CHOSEN,
+) -> dict[str, Any]:
+    """CPU seconds per row of the teacher actor's side, before (float32) and after (quantised, image prompts keeping
+    the logits ``mask_outputs`` says), and the bytes per row of the blocks it sends through the object store.
+    Returns the quantised rows too, for the write step."""
     units = len(rows)
     float32_blocks(rows, targets)  # warm-up: a running actor's allocator holds memory from earlier blocks
     before, before_s = cpu_seconds(lambda: float32_blocks(rows, targets))
     _, reference_s = cpu_seconds(lambda: reference_encode(targets, codec))
-    quantised_blocks(rows, quantised(targets, codec, video), video)  # warm-up, as above
-    parts, quantise_s = cpu_seconds(lambda: quantised(targets, codec, video))
+    quantised_blocks(rows, quantised(rows, targets, codec, video, mask_outputs), video)  # warm-up, as above
+    parts, quantise_s = cpu_seconds(lambda: quantised(rows, targets, codec, video, mask_outputs))
     after, host_s = cpu_seconds(lambda: quantised_blocks(rows, parts, video))
     return {
         "quantise": quantise_s / units,
@@ -191,10 +215,11 @@ def image_costs(args: argparse.Namespace, out: Path, g: Geometry, store: Store) 
     rng = np.random.default_rng(0)
     channel_scale = torch.from_numpy(rng.lognormal(0, 1, (g.trunk_width, 1, 1)).astype(np.float32))
     tensors = [synthetic_targets(row["k"], g, rng, channel_scale) for row in samples]
-    actor = actor_costs(samples, tensors, FeatureCodec(args.codec), video=False)
+    outputs = MaskOutputs(args.mask_outputs)
+    actor = actor_costs(samples, tensors, FeatureCodec(args.codec), video=False, mask_outputs=outputs)
     tensors.clear()
     store.create_table("images")
-    encode = EncodeImages(g, FeatureCodec(args.codec), "synthetic", "bench", 0)
+    encode = EncodeImages(g, FeatureCodec(args.codec), "synthetic", "bench", 0, mask_outputs=outputs)
     cost = write_cost(
         encode,
         WriteFragments((ShardWriter(store.table_uri("images"), IMAGES),)),
@@ -298,6 +323,12 @@ def main() -> None:
     parser.add_argument("--dataset", choices=["sa-1b", "sa-v"], default="sa-1b", help="images (SA-1B) or video frames (SA-V)")
     parser.add_argument("--images", type=int, default=16, help="sa-1b: full-size demo images to push through (>= 4)")
     parser.add_argument("--prompts", type=int, default=16, help="sa-1b: prompts per image (K)")
+    parser.add_argument(
+        "--mask-outputs",
+        choices=[m.value for m in MaskOutputs],
+        default="chosen",
+        help="sa-1b: mask logits kept per prompt, as the cache's flag",
+    )
     parser.add_argument("--videos", type=int, default=2, help="sa-v: demo videos at 1344x1008 (>= 1)")
     parser.add_argument("--seconds", type=float, default=2.0, help="sa-v: video length (every 4th of 24 fps is annotated)")
     parser.add_argument("--objects", type=int, default=8, help="sa-v: objects tracked per frame")

@@ -90,7 +90,7 @@ def build(
     trunks = [t["trunk"].numpy() for t in targets]
     controls = [r for r in work if r["kind"] != KIND_SAMPLE]  # the shard's end row
     blocks = [
-        *quantised_blocks(samples, quantised(targets, FeatureCodec.INT8, video=False), video=False),
+        *quantised_blocks(samples, quantised(samples, targets, FeatureCodec.INT8, video=False), video=False),
         pa.Table.from_pylist(controls, schema=TARGETS),
     ]
     store = Store(store_uri or str(out / "store"), s3)

@@ -13,11 +13,13 @@ from esam3.pipeline.shards import DatasetName
 from esam3.schemas.cache import CacheConfig, Inputs, MaxFailures, RunError, Target, check_s3_endpoint
 from esam3.schemas.errors import Esam3Error, first_line
 from esam3.schemas.codecs import FeatureCodec
-from esam3.schemas.prompts import PromptConfig
+from esam3.schemas.prompts import MIN_MASK_SIZE, MaskOutputs, PromptConfig, check_mask_size
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, VideoTargetConfig
 
 S3_HELP = "S3-compatible endpoint (http(s)://HOST:PORT) for s3:// paths; credentials come from the usual AWS variables."
 INPUTS_HELP = "What of the student's input each row keeps: store (SA-1B: the original JPEG; SA-V: each used frame, lossless PNG) or none (targets only; trainers refuse such a store)."
+MASK_OUTPUTS_HELP = "sa-1b: mask logits kept per prompt: chosen (the output the tracker uses, what stage 1 trains on; the IoU scores of all 4 are kept) or all (3 multimask + single). Default: chosen."
+MASK_SIZE_HELP = f"sa-1b: side of the stored mask logits ({MIN_MASK_SIZE} up to the decoder's own, 288 at full size), resized with antialiasing; the loss brings them back. Default: the decoder's."
 FAST_DECODE_HELP = "sa-1b: decode JPEGs at a DCT scale (about half size; less CPU) instead of SAM3's own preprocessing of the full image; recorded in every row."
 _FLAGS = {
     "source": "--source",
@@ -50,6 +52,8 @@ def cache_command(
     teacher: str = typer.Option("tiny-random", "--teacher", help=f"SAM3 checkpoint directory, or one of: {', '.join(RANDOM_TEACHERS)}."),
     targets: str = typer.Option(None, "--targets", help="Comma-separated: trunk,prompts (sa-1b) or trunk,memory (sa-v). Default: both."),
     prompts: int = typer.Option(16, "--prompts", help="Prompts sampled per image (K) for the prompt targets."),
+    mask_outputs: MaskOutputs = typer.Option(None, "--mask-outputs", help=MASK_OUTPUTS_HELP),
+    mask_size: int = typer.Option(None, "--mask-size", help=MASK_SIZE_HELP),
     codec: FeatureCodec = typer.Option(
         FeatureCodec.FP16,
         "--codec",
@@ -98,7 +102,13 @@ def cache_command(
         except ValueError as exc:
             raise UsageError(f"--max-failures: {exc}") from None
         teacher_config = build_config(TeacherConfig, {"source": "--teacher"}, source=teacher, batch_size=batch_size, seed=seed)
-        prompt_config = build_config(PromptConfig, {"num_prompts": "--prompts", "seed": "--seed"}, num_prompts=prompts, seed=seed)
+        prompt_config = build_config(
+            PromptConfig,
+            {"num_prompts": "--prompts", "seed": "--seed"},
+            num_prompts=prompts,
+            seed=seed,
+            **mask_options(dataset, mask_outputs, mask_size),
+        )
         video_config = build_config(
             VideoTargetConfig,
             {"prompt": "--video-prompt", "seed": "--seed"},
@@ -168,6 +178,15 @@ def cache_command(
     raise typer.Exit(report.exit_code)
 
 
+def mask_options(dataset: DatasetName, outputs: MaskOutputs | None, size: int | None) -> dict[str, Any]:
+    """``--mask-outputs`` / ``--mask-size`` as PromptConfig values (unset: its defaults); sa-1b only."""
+    given = {k: v for k, v in (("mask_outputs", outputs), ("mask_size", size)) if v is not None}
+    if given and dataset != DatasetName.SA1B:
+        flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise UsageError(f"{flags}: apply to sa-1b prompt targets only (SA-V frames keep the tracker's mask per object)")
+    return given
+
+
 def _fast_decode(value: bool, dataset: DatasetName) -> bool:
     if value and dataset != DatasetName.SA1B:
         raise UsageError("--fast-decode: applies to sa-1b only (SA-V frames come from video, not JPEG)")
@@ -235,6 +254,8 @@ def plan_command(
     teacher: str = typer.Option("full-random", "--teacher", help="Teacher whose sizes to use (its config only; default: SAM3's)."),
     targets: str = typer.Option(None, "--targets", help="Comma-separated targets, as for cache. Default: both of the dataset's."),
     prompts: int = typer.Option(16, "--prompts", help="Prompts per image (K)."),
+    mask_outputs: MaskOutputs = typer.Option(None, "--mask-outputs", help=MASK_OUTPUTS_HELP),
+    mask_size: int = typer.Option(None, "--mask-size", help=MASK_SIZE_HELP),
     codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Feature codec: fp16, bf16, int8 or lowrank."),
     rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size."),
     inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
@@ -281,7 +302,9 @@ def plan_command(
             shards=shards,
             store="-",
             targets=parse_targets(targets),
-            prompts=build_config(PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts),
+            prompts=build_config(
+                PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts, **mask_options(dataset, mask_outputs, mask_size)
+            ),
             video=video,
             codec=codec,
             rank=rank,
@@ -289,11 +312,14 @@ def plan_command(
             dct_scaling=_fast_decode(fast_decode, dataset),
         )
         geometry = Geometry.from_config(teacher_config(teacher))
-        plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec)
-        choices = codec_choices(config, geometry, plan)
-        measured = measured_task_error(measured_in, dataset, codec, s3_endpoint) if measured_in else None
+        check_mask_size(config.prompts.mask_size, geometry.mask_size)
+        measured = measured_task_error(measured_in, config, s3_endpoint) if measured_in else None
+        rate = measured.get("logit_bytes_per_value") if measured else None
+        plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec, rate)
+        choices = codec_choices(config, geometry, plan, rate)
+    logits = f"mask logits at {rate:.3f} B/value as measured in {measured_in}" if rate else "mask logits as on SAM-like logits"
     if as_json:
-        print_json({**plan.to_json(), "codec_choices": choices, "codec_task_error": measured})
+        print_json({**plan.to_json(), "codec_choices": choices, "codec_task_error": measured, "logit_bytes_per_value": rate})
         return
     table = Table(title=Text(f"plan: {dataset.value}, {count} shard(s), teacher {teacher}, codec {codec.value}"), title_justify="left")
     table.add_column("")
@@ -314,13 +340,18 @@ def plan_command(
         table.add_row(f"codec {codec.value}: predicted-IoU error", f"{measured['iou_error_mean']:.4f} (over {measured['rows']} rows)")
     elif dataset == DatasetName.SA1B:
         table.add_row("codec cost on the heads' masks", "measured per row while caching: --measured-in a pilot store")
+    if measured and measured.get("logit_rows"):
+        table.add_row(
+            "stored mask logits: mask IoU vs the teacher's",
+            f"{measured['logits_mask_iou_mean']:.4f} (worst {measured['logits_mask_iou_min']:.4f})",
+        )
     console.print(table)
-    console.print(choices_table(choices, plan.to_json()["public_recipe_bytes"]))
+    console.print(choices_table(choices, plan.to_json()["public_recipe_bytes"], logits))
 
 
-def choices_table(choices: dict[str, dict[str, Any]], public: float | None) -> Table:
-    """Bytes per row per column and in all under every feature codec (mask logits counted at int8 before zstd)."""
-    table = Table(title=Text("every codec (mask logits at int8 before zstd)"), title_justify="left")
+def choices_table(choices: dict[str, dict[str, Any]], public: float | None, logits: str) -> Table:
+    """Bytes per row per column and in all under every feature codec (``logits``: how mask logits are counted)."""
+    table = Table(title=Text(f"every codec ({logits})"), title_justify="left")
     table.add_column("")
     for codec in choices:
         table.add_column(codec, justify="right")
@@ -333,17 +364,25 @@ def choices_table(choices: dict[str, dict[str, Any]], public: float | None) -> T
     return table
 
 
-def measured_task_error(uri: str, dataset: DatasetName, codec: FeatureCodec, s3_endpoint: str | None) -> dict[str, Any]:
-    """The task-level codec error measured in a pilot store's image rows, which must use the planned codec."""
+def measured_task_error(uri: str, config: CacheConfig, s3_endpoint: str | None) -> dict[str, Any]:
+    """What a pilot store's image rows measured: the task-level codec errors and the stored bytes per mask-logit
+    value. Its codec, mask outputs and mask size must be the planned ones (their costs are what is measured)."""
     from esam3.pipeline.store import Store
-    from esam3.pipeline.store.check import codec_task_error
+    from esam3.pipeline.store.check import codec_task_error, logit_rate
 
-    if dataset != DatasetName.SA1B:
+    if config.dataset != DatasetName.SA1B.value:
         raise UsageError("--measured-in: the task-level codec error is measured on sa-1b rows (their prompts) only")
     store = Store(uri, s3_settings(s3_endpoint))
     spec = store.require_card()["targets"].get("sa-1b")
     if spec is None:
         raise UsageError(f"--measured-in: {uri} holds no sa-1b rows")
-    if spec["codec"] != codec.value:
-        raise UsageError(f"--measured-in: {uri} was cached with --codec {spec['codec']}, this plan is for {codec.value}")
-    return codec_task_error(store.dataset("images"))
+    planned = {"--codec": config.codec.value, "--mask-outputs": config.prompts.mask_outputs.value, "--mask-size": config.prompts.mask_size}
+    cached = {"--codec": spec["codec"], "--mask-outputs": spec["prompts"]["mask_outputs"], "--mask-size": spec["prompts"]["mask_size"]}
+    for flag, value in planned.items():
+        if cached[flag] != value:
+            said = {None: "unset (the decoder's size)"}
+            raise UsageError(
+                f"--measured-in: {uri} was cached with {flag} {said.get(cached[flag], cached[flag])}, this plan is for {said.get(value, value)}"
+            )
+    images = store.dataset("images")
+    return {**codec_task_error(images), "logit_bytes_per_value": logit_rate(images)}

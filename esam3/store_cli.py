@@ -83,6 +83,13 @@ def info_command(
                 f"over {cost['rows']} rows"
             )
         )
+    if cost.get("logit_rows"):
+        console.print(
+            Text(
+                f"images: the stored mask logits (codec and size) keep the teacher's masks at a mean IoU of "
+                f"{cost['logits_mask_iou_mean']:.4f} (worst {cost['logits_mask_iou_min']:.4f}) over {cost['logit_rows']} rows"
+            )
+        )
     if info["runs"]:
         runs = Table(title=Text("runs (runs/<run_id>.json: config, versions)"), title_justify="left")
         for column in ("run", "dataset", "status", "started", "ended", "host", "shards", "rows", "esam3", "transformers"):

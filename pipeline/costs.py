@@ -4,9 +4,10 @@ Rows come from the shards selected (counted at ``--source`` when given) times ro
 11,185,362 images in 1000 shards (11,186 per shard); for SA-V a shard is taken as ~903 videos (50,583 training
 videos over 56 shards) and each video as ``max_frames`` annotated frames with ``max_objects`` objects — both
 upper-bound-ish estimates, override with ``--rows-per-shard``. Bytes per row follow from the teacher's config
-(no weights are loaded) and the codecs; mask logits are counted at int8 before zstd (an upper bound: smooth
-masks compress several-fold). GPU-hours need a measured rate (``--rows-per-sec``, e.g. from
-``benchmarks/gpu_teacher.py``).
+(no weights are loaded) and the codecs. Mask logits (``logit8d``: int8 + row differences + zstd) compress by
+content: they are counted at the bytes per value ``benchmarks/codecs.py`` measures on SAM-like logits, or at the
+rate a pilot store's rows measured (``--measured-in``). GPU-hours need a measured rate (``--rows-per-sec``, e.g.
+from ``benchmarks/gpu_teacher.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from esam3.schemas.cache import CacheConfig, Inputs, Target
 from esam3.schemas.codecs import FeatureCodec, map_codec
+from esam3.schemas.prompts import MaskOutputs
 from esam3.workers.heads import Geometry
 
 SA1B_IMAGES_PER_SHARD = 11_186
@@ -29,6 +31,19 @@ PNG_BYTES_PER_VALUE = 0.46
 RLE_BYTES = 2_000
 
 
+#: logit8d bytes per map of SAM-like logits (benchmarks/codecs.py: 288 px 0.118 B/value, 144 px 0.189, 72 px 0.288,
+#: with the 4-byte scale): the boundaries, not the flat areas, cost bytes, so a map of side s takes about
+#: LOGIT_MAP_BYTES * (s / 288) ** LOGIT_SIDE_POWER.
+LOGIT_MAP_BYTES, LOGIT_SIDE_POWER = 9_800, 1.3
+
+
+def logit_bytes(maps: int, side: int, bytes_per_value: float | None = None) -> int:
+    """Bytes of ``maps`` logit8d maps of side x side: at a measured rate, else the benchmark's SAM-like estimate."""
+    if bytes_per_value is not None:
+        return int(maps * (bytes_per_value * side * side + 4))
+    return int(maps * LOGIT_MAP_BYTES * (side / 288) ** LOGIT_SIDE_POWER)
+
+
 def feature_bytes(maps: int, pixels: int, codec: FeatureCodec) -> int:
     """Bytes of ``maps`` feature maps of ``pixels`` values each under a feature codec."""
     if codec == FeatureCodec.INT8:
@@ -36,8 +51,8 @@ def feature_bytes(maps: int, pixels: int, codec: FeatureCodec) -> int:
     return 2 * maps * pixels
 
 
-def bytes_per_row(config: CacheConfig, geometry: Geometry) -> dict[str, int]:
-    """Bytes of each stored tensor column of one row (upper bound for mask logits)."""
+def bytes_per_row(config: CacheConfig, geometry: Geometry, logit_rate: float | None = None) -> dict[str, int]:
+    """Bytes of each stored tensor column of one row; mask logits at ``logit_rate`` bytes per value when measured."""
     g, m, hidden = geometry.grid, geometry.mask_size, geometry.hidden
     codec = map_codec(config.codec)  # the per-object maps: low-rank applies to the trunk only
     out: dict[str, int] = {}
@@ -52,14 +67,18 @@ def bytes_per_row(config: CacheConfig, geometry: Geometry) -> dict[str, int]:
             out["trunk"] = feature_bytes(geometry.trunk_width, g * g, codec)
     if config.dataset == "sa-1b" and Target.PROMPTS in config.targets:
         k, p = config.prompts.num_prompts, 1 + config.prompts.max_negative_points
-        out["multi_logits"] = 3 * k * m * m + 12 * k
-        out["single_logits"] = k * m * m + 4 * k
-        out["prompts"] = k * (4 + 1 + 8 * p + p + 16)
+        side = config.prompts.mask_size or m
+        if config.prompts.mask_outputs == MaskOutputs.CHOSEN:
+            out["chosen_logits"] = logit_bytes(k, side, logit_rate)
+        else:
+            out["multi_logits"] = logit_bytes(3 * k, side, logit_rate)
+            out["single_logits"] = logit_bytes(k, side, logit_rate)
+        out["prompts"] = k * (4 + 1 + 8 * p + p + 16 + 1)
         out["iou_score_pointer"] = k * (16 + 4 + 4 * hidden)
         out["gt_masks"] = k * RLE_BYTES
     if config.dataset == "sa-v" and Target.MEMORY in config.targets:
         n = config.video.max_objects
-        out["mask_logits"] = n * (m * m + 4)
+        out["mask_logits"] = logit_bytes(n, m, logit_rate)
         out["maskmem_features"] = feature_bytes(n * geometry.memory_channels, g * g, codec)
         out["pix_feat_with_mem"] = feature_bytes(n * hidden, g * g, codec)
         out["score_pointer"] = n * (4 + 4 * hidden)
@@ -99,21 +118,28 @@ class Plan:
         }
 
 
-def codec_choices(config: CacheConfig, geometry: Geometry, plan: Plan) -> dict[str, dict[str, Any]]:
+def codec_choices(config: CacheConfig, geometry: Geometry, plan: Plan, logit_rate: float | None = None) -> dict[str, dict[str, Any]]:
     """The same run under every feature codec: bytes per row per column, per row and in all (next to the public
     recipe's 10.6 MB per SA-1B image), so a user sees what each choice costs before picking one."""
     out = {}
     for codec in FeatureCodec:
-        columns = bytes_per_row(config.model_copy(update={"codec": codec}), geometry)
+        columns = bytes_per_row(config.model_copy(update={"codec": codec}), geometry, logit_rate)
         row = sum(columns.values())
         out[codec.value] = {"bytes_per_row": columns, "row_bytes": row, "total_bytes": row * plan.rows}
     return out
 
 
-def make_plan(config: CacheConfig, geometry: Geometry, shards: int, rows_per_shard: int | None, rows_per_sec: float | None) -> Plan:
+def make_plan(
+    config: CacheConfig,
+    geometry: Geometry,
+    shards: int,
+    rows_per_shard: int | None,
+    rows_per_sec: float | None,
+    logit_rate: float | None = None,
+) -> Plan:
     if rows_per_shard is None:
         if config.dataset == "sa-1b":
             rows_per_shard = SA1B_IMAGES_PER_SHARD
         else:
             rows_per_shard = SAV_VIDEOS_PER_SHARD * config.video.max_frames
-    return Plan(config.dataset, shards, rows_per_shard, shards * rows_per_shard, bytes_per_row(config, geometry), rows_per_sec)
+    return Plan(config.dataset, shards, rows_per_shard, shards * rows_per_shard, bytes_per_row(config, geometry, logit_rate), rows_per_sec)

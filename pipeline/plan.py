@@ -53,6 +53,7 @@ from esam3.pipeline.store.snapshots import tag_if_complete
 from esam3.schemas.cache import CacheConfig, Inputs, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.errors import ConfigError
+from esam3.schemas.prompts import check_mask_size
 from esam3.schemas.store import HEADS_DIR, SCHEMAS, TABLE_OF
 from esam3.schemas.teacher import Device, TeacherConfig
 from esam3.workers.heads import Geometry
@@ -151,6 +152,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     checksum, geometry = card["checksum"], Geometry.from_dict(card["geometry"])
     if dataset == DatasetName.SAV:
         _check_video_memory(config.video.max_frames, geometry.image_size)
+    check_mask_size(config.prompts.mask_size, geometry.mask_size)
     fingerprint = config.fingerprint(checksum)
     store.open_for(
         {k: v for k, v in card.items() if k not in ("device", "precision")}, {**config.target_spec(checksum), "fingerprint": fingerprint}
@@ -404,9 +406,20 @@ def build_steps(run: Run) -> Steps:
                 "codec": config.codec,
                 "store_trunk": store_trunk,
                 "basis": basis,
+                "mask_outputs": config.prompts.mask_outputs,
+                "mask_size": config.prompts.mask_size,
             },
             teacher_batch=config.teacher.batch_size,
-            encode=EncodeImages(geometry, config.codec, checksum, run_id, config.prompts.seed, store_trunk=store_trunk),
+            encode=EncodeImages(
+                geometry,
+                config.codec,
+                checksum,
+                run_id,
+                config.prompts.seed,
+                store_trunk=store_trunk,
+                mask_outputs=config.prompts.mask_outputs,
+                mask_size=config.prompts.mask_size,
+            ),
             writer_args=writer_args,
         )
     return Steps(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from esam3.schemas.errors import ConfigError
 
 
 class PromptKind(IntEnum):
@@ -26,6 +28,25 @@ class PromptKind(IntEnum):
         raise ValueError(f"unknown prompt kind {label!r}: use point, box or point+box")
 
 
+class MaskOutputs(str, Enum):
+    """Which of the tracker's 4 mask outputs per prompt the store keeps (``--mask-outputs``)."""
+
+    CHOSEN = "chosen"  # the one the tracker uses (best-scored multimask for one click, else single): what stage 1 trains on
+    ALL = "all"  # the 3 multimask outputs and the single-mask one
+
+
+#: Bounds of ``--mask-size``: the stored logits' side, at most the decoder's own (288 at full size).
+MIN_MASK_SIZE, MAX_MASK_SIZE = 8, 1024
+
+
+def check_mask_size(mask_size: int | None, decoder_size: int) -> None:
+    """``--mask-size`` is at most the decoder's own size (larger would only interpolate), known once the teacher is."""
+    if mask_size is not None and mask_size > decoder_size:
+        raise ConfigError(
+            f"--mask-size {mask_size}: this teacher's decoder gives {decoder_size}x{decoder_size} mask logits; use at most {decoder_size}"
+        )
+
+
 class PromptConfig(BaseModel):
     """Sampling rules (see ``workers/prompts.py`` for how each is applied)."""
 
@@ -40,6 +61,13 @@ class PromptConfig(BaseModel):
     box_jitter_max_px: float = Field(20.0, ge=0, description="Box noise bound per coordinate, original pixels.")
     min_area_model_px: float = Field(64.0, ge=0, description="Skip masks whose area in the teacher frame is below this many pixels.")
     seed: int = Field(0, ge=0, description="Prompt seed; with the image key it fixes every prompt.")
+    mask_outputs: MaskOutputs = Field(MaskOutputs.CHOSEN, description="Mask outputs kept per prompt: chosen (the tracker's) or all 4.")
+    mask_size: int | None = Field(
+        None,
+        ge=MIN_MASK_SIZE,
+        le=MAX_MASK_SIZE,
+        description="Side of the stored mask logits (resized with antialiasing); None: the decoder's own (the loss's size).",
+    )
 
     @field_validator("mix")
     @classmethod

@@ -36,8 +36,10 @@ from esam3.schemas.codecs import Encoded
 from esam3.schemas.errors import Esam3Error
 
 #: 1: every tensor inline; 2: big tensors' bytes in Lance blob fields (blob v2, Lance file format 2.2);
-#: 3: the student's input and the ground-truth masks in every row, exact (non-DCT) decode by default.
-STORE_FORMAT = 3
+#: 3: the student's input and the ground-truth masks in every row, exact (non-DCT) decode by default;
+#: 4: image rows keep the output the tracker uses per prompt (``chosen_logits`` + ``chosen_output``, the default) or
+#: all 4, at a chosen size, with the mask IoU storing them costs (``logits_mask_iou``).
+STORE_FORMAT = 4
 #: Lance file format of every table: 2.2 is the first with blob v2 (blobs as their own files, nested fields too).
 LANCE_FILE_VERSION = "2.2"
 STORE_CARD = "store.json"
@@ -105,6 +107,10 @@ IMAGES = pa.schema(
         ("prompt_points", TENSOR),  # (K, P, 2) in the teacher frame, continuous coordinates
         ("prompt_labels", TENSOR),  # (K, P) 1 / 0 / -1 padding
         ("prompt_boxes", TENSOR),  # (K, 4) XYXY in the teacher frame, NaN = none
+        # the mask logits kept (see esam3.workers.mask_targets), m = the store's mask size: --mask-outputs chosen
+        # fills chosen_logits, all fills multi_logits + single_logits; chosen_output is filled either way
+        ("chosen_logits", BLOB_TENSOR),  # (K, m, m) the output the tracker uses for each prompt
+        ("chosen_output", TENSOR),  # (K,) int8: which one, 0 = single, 1..3 = multimask (as in iou)
         ("multi_logits", BLOB_TENSOR),  # (K, 3, m, m)
         ("single_logits", BLOB_TENSOR),  # (K, 1, m, m)
         ("iou", TENSOR),  # (K, 4)
@@ -115,6 +121,9 @@ IMAGES = pa.schema(
         # exact trunk, and the mean error of their predicted IoU (esam3.workers.task_error); null: not measured
         ("codec_mask_iou", pa.float32()),
         ("codec_iou_error", pa.float32()),
+        # mean IoU of the teacher's masks and of the stored logits' (decoded, back at the decoder's size): what the
+        # logit codec and --mask-size cost; null: no prompts
+        ("logits_mask_iou", pa.float32()),
     ]
 )
 

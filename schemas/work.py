@@ -68,11 +68,14 @@ def _targets(quantised: tuple[str, ...], raw: tuple[str, ...]) -> list[tuple[str
     return fields + [(name, pa.large_binary()) for name in raw]
 
 
-#: Targets quantised on the teacher's device (trunk: the run's codec; logits: logit8) and those sent as float32.
-QUANTISED_TARGETS = ("trunk", "multi_logits", "single_logits")
-RAW_TARGETS = ("iou", "object_score", "object_pointer")
-#: What the trunk codec costs the heads' masks on this row (``esam3.workers.task_error``); null when not measured.
-TASK_ERROR = [("codec_mask_iou", pa.float32()), ("codec_iou_error", pa.float32())]
+#: Targets quantised on the teacher's device (trunk: the run's codec; logits: logit8) and those sent as float32
+#: (``chosen_output``: the index of the output kept in ``chosen_logits``, as float32). With ``--mask-outputs chosen``
+#: the logits travel as ``chosen_logits``, with ``all`` as ``multi_logits`` + ``single_logits``.
+QUANTISED_TARGETS = ("trunk", "chosen_logits", "multi_logits", "single_logits")
+RAW_TARGETS = ("iou", "object_score", "object_pointer", "chosen_output")
+#: What the codecs cost the heads' masks on this row, null when not measured: the trunk codec's
+#: (``esam3.workers.task_error``) and the stored logits' (``esam3.workers.mask_targets``).
+TASK_ERROR = [("codec_mask_iou", pa.float32()), ("codec_iou_error", pa.float32()), ("logits_mask_iou", pa.float32())]
 TARGETS = pa.schema([*WORK, ("precision", pa.string()), *_targets(QUANTISED_TARGETS, RAW_TARGETS), *TASK_ERROR])
 
 #: teacher -> writer for SA-V: one row per frame (or a failure / end row passed through).

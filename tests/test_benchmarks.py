@@ -222,7 +222,12 @@ def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> No
     logits = result["logit8d"]  # SAM-like logits: flat regions and ramps compress, the masks survive
     assert logits["int8_mb_per_image"] == round(2 * 4 * 64 * 64 / 1e6, 3) and logits["mb_per_image"] < logits["int8_mb_per_image"] / 2
     assert logits["mask_iou_min"] > 0.98 and 0 < logits["rel_rms_error"] < 0.02 and logits["mb_per_image"] < logits["logit8_mb_per_image"]
-    assert logits["chosen_output_at_half_size_mb_per_image"] < logits["chosen_output_only_mb_per_image"] < logits["mb_per_image"]
+    sizes = logits["chosen_by_size"]  # what --mask-outputs chosen stores at --mask-size 64, 32, 16
+    assert (
+        list(sizes) == ["64", "32", "16"]
+        and sizes["16"]["mb_per_image"] < sizes["32"]["mb_per_image"] < sizes["64"]["mb_per_image"] < logits["mb_per_image"]
+    )
+    assert sizes["64"]["mask_iou_mean"] > 0.98 and sizes["16"]["mask_iou_mean"] < sizes["64"]["mask_iou_mean"]
     int8 = result["int8"]
     # the massive tokens inflate the int8 scales of their channels: the other tokens' error grows
     assert int8["with_massive_tokens"]["rel_rms_error_other_tokens"] > int8["rel_rms_error_mean"] > 0

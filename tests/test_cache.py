@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from esam3.cli import app
 from esam3.pipeline.demo_data import write_tar
+from esam3.pipeline.costs import LOGIT_MAP_BYTES, logit_bytes
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.sources import SA1BSource
 from esam3.pipeline.store import Store, commits
@@ -27,6 +28,8 @@ from esam3.pipeline.store.check import verify_store
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig, MaxFailures
 from esam3.schemas.store import IMAGES, StoreError, decode_tensor
+from esam3.workers.mask_targets import picked_logits
+from esam3.workers.prompts import PromptSet
 from esam3.workers.teacher import Sam3Teacher
 from tests.test_sources import SA1B_BAD, _good_sa1b
 
@@ -85,8 +88,31 @@ def test_images_end_to_end_rows_decode_to_the_teachers_targets(tiny_teacher: Sam
     error = np.linalg.norm(trunk - expected) / np.linalg.norm(expected)
     assert error < 0.01 and row["trunk"]["error"] == pytest.approx(error, rel=1e-3)
     k = row["prompt_kinds"]["shape"][0]
-    assert k > 0 and decode_tensor(row["multi_logits"]).shape == (k, 3, 32, 32)
-    assert decode_tensor(row["object_pointer"]).shape == (k, 128) and row["multi_logits"]["error"] < 0.01
+    assert k > 0 and decode_tensor(row["object_pointer"]).shape == (k, 128)
+    # --mask-outputs chosen (the default): per prompt the output the tracker uses (multimask's best for one click,
+    # else single: the rule applied here to the stored IoU scores) and its logits, as the teacher gives them
+    labels, boxes, iou = decode_tensor(row["prompt_labels"]), decode_tensor(row["prompt_boxes"]), decode_tensor(row["iou"])
+    clicks = ((labels >= 0).sum(1) == 1) & np.isnan(boxes).any(1)
+    assert decode_tensor(row["chosen_output"]).tolist() == np.where(clicks, 1 + iou[:, 1:].argmax(1), 0).tolist()
+    points = decode_tensor(row["prompt_points"])
+    prompts = PromptSet(
+        decode_tensor(row["prompt_mask_index"]),
+        decode_tensor(row["prompt_kinds"]),
+        points,
+        labels,
+        boxes,
+        points,
+        boxes,
+        (row["height"], row["width"]),
+        112,
+    )
+    out = tiny_teacher.prompt_targets(torch.from_numpy(expected), prompts)
+    teacher_logits = picked_logits(out.single, out.multi, torch.from_numpy(decode_tensor(row["chosen_output"]).astype(np.int64))).numpy()
+    chosen = decode_tensor(row["chosen_logits"])
+    assert chosen.shape == (k, 32, 32) and row["chosen_logits"]["error"] < 0.01 and row["multi_logits"] is None
+    assert np.abs(chosen - teacher_logits).max() < 0.05 * max(1.0, np.abs(teacher_logits).max())
+    agree = ((chosen > 0) == (teacher_logits > 0)).mean()
+    assert 0.9 < row["logits_mask_iou"] <= 1 and agree > 0.95  # random weights: logits near 0, a few pixels flip
     heads = store / "heads"
     assert (heads / "heads.safetensors").is_file() and json.loads((heads / "heads.json").read_text())["teacher"][
         "checksum"
@@ -324,6 +350,9 @@ def test_cache_command(demo_root: Path, tmp_path: Path) -> None:
         (["--max-objects", "0"], "--max-objects"),
         (["--max-frames", "0"], "--max-frames"),
         (["--video-prompt", "scribble"], "--video-prompt"),
+        (["--mask-outputs", "best"], "--mask-outputs"),
+        (["--mask-size", "2000"], "--mask-size: Input should be less than or equal to 1024"),
+        (["--mask-size", "64"], "--mask-size 64: this teacher's decoder gives 32x32 mask logits; use at most 32"),
     ],
 )
 def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], message: str) -> None:
@@ -331,6 +360,14 @@ def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], me
     result = runner.invoke(app, [*base, *args], env=WIDE)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["cache", "plan"])
+def test_mask_flags_are_refused_for_videos(demo_root: Path, tmp_path: Path, command: str) -> None:
+    where = ["--source", str(demo_root / "sa-v"), "--store", str(tmp_path / "s")] if command == "cache" else ["--shards", "0"]
+    result = runner.invoke(app, [command, "--dataset", "sa-v", *where, "--mask-outputs", "all", "--mask-size", "16"], env=WIDE)
+    assert result.exit_code == 2 and "--mask-outputs and --mask-size: apply to sa-1b prompt targets only" in result.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_each_shard_is_streamed_into_one_fragment(tmp_path: Path) -> None:
@@ -379,6 +416,18 @@ def test_plan_command(demo_root: Path) -> None:
         and choices["lowrank"]["bytes_per_row"]["trunk"] == 256 * 72 * 72 + 4 * 256
     )
     assert all(c["total_bytes"] == plan["rows"] * c["row_bytes"] for c in choices.values())
+    # mask logits: the output each prompt uses (the default), at the bytes per value logit8d takes on SAM-like logits
+    assert plan["bytes_per_row"]["chosen_logits"] == logit_bytes(16, 288) == 16 * LOGIT_MAP_BYTES and plan["logit_bytes_per_value"] is None
+    assert not {"multi_logits", "single_logits"} & set(plan["bytes_per_row"])
+    every = runner.invoke(
+        app, ["plan", "--dataset", "sa-1b", "--shards", "0", "--mask-outputs", "all", "--mask-size", "144", "--json"], env=WIDE
+    )
+    columns = json.loads(every.output)["bytes_per_row"]
+    assert (columns["multi_logits"], columns["single_logits"]) == (
+        logit_bytes(48, 144),
+        logit_bytes(16, 144),
+    ) and "chosen_logits" not in columns
+    assert logit_bytes(16, 144) < logit_bytes(16, 288) / 2  # a smaller side: fewer bytes, not 4x fewer (boundaries cost)
     result = runner.invoke(
         app,
         [
@@ -424,6 +473,9 @@ def test_plan_command(demo_root: Path) -> None:
         (["--shards", "0", "--max-frames", "0"], "--max-frames"),
         (["--shards", "0", "--targets", "memory"], "do not apply"),
         (["--shards", "0", "--inputs", "jpeg"], "--inputs"),
+        (["--shards", "0", "--mask-size", "4"], "--mask-size: Input should be greater than or equal to 8"),
+        (["--shards", "0", "--mask-size", "400"], "--mask-size 400: this teacher's decoder gives 288x288 mask logits; use at most 288"),
+        (["--shards", "0", "--mask-outputs", "some"], "--mask-outputs"),
     ],
 )
 def test_plan_usage_errors(args: list[str], message: str) -> None:

@@ -98,8 +98,8 @@ def test_prompts_in_image_pixels_decode_like_the_cache(oracle: StudentModel, sa1
             "prompt_points",
             "prompt_labels",
             "prompt_boxes",
-            "single_logits",
-            "multi_logits",
+            "chosen_logits",
+            "chosen_output",
             "iou",
         ],
     ):
@@ -115,10 +115,10 @@ def test_prompts_in_image_pixels_decode_like_the_cache(oracle: StudentModel, sa1
         result = oracle.decode(
             trunk, (t["original_height"], t["original_width"]), points[clicks, 0] / scale, boxes[framed] / np.tile(scale, 2)
         )
-        teacher = np.concatenate([decode_tensor(row["single_logits"]), decode_tensor(row["multi_logits"])], axis=1)[clicks + framed]
         iou = decode_tensor(row["iou"])[clicks + framed]
         pick = [1 + int(np.argmax(iou[i, 1:])) if i < len(clicks) else 0 for i in range(len(iou))]  # one click: multimask
-        expected = teacher[np.arange(len(pick)), pick]
+        assert decode_tensor(row["chosen_output"])[clicks + framed].tolist() == pick  # the store kept that output
+        expected = decode_tensor(row["chosen_logits"])[clicks + framed]
         assert np.abs(result.logits.numpy() - expected).max() < 0.05 * max(1.0, np.abs(expected).max())
         assert result.masks.shape == (len(pick), t["original_height"], t["original_width"])
         checked += len(pick)

@@ -201,9 +201,9 @@ def test_a_store_of_the_earlier_format_is_refused_with_the_fix(demo_root: Path, 
     store = tmp_path / "old"
     run_cache(CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(store), codec="int8", shards="0"), executor="local")
     card = json.loads((store / "store.json").read_text())
-    (store / "store.json").write_text(json.dumps({**card, "format": 2}))
+    (store / "store.json").write_text(json.dumps({**card, "format": 3}))  # before the chosen mask outputs
     result = runner.invoke(app, ["store", "info", str(store)], env={"COLUMNS": "400"})
-    assert result.exit_code == 2 and "format 2" in result.output and "cache into a new --store" in result.output
+    assert result.exit_code == 2 and "format 3" in result.output and "cache into a new --store" in result.output
 
 
 def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path, tmp_path: Path) -> None:
@@ -223,10 +223,24 @@ def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path,
     plan = ["plan", "--dataset", "sa-1b", "--shards", "0-9", "--codec", "int8", "--measured-in", str(tmp_path / "int8")]
     said = runner.invoke(app, [*plan, "--json"], env={"COLUMNS": "400"})
     assert said.exit_code == 0, said.output
-    assert json.loads(said.output)["codec_task_error"]["mask_iou_mean"] == pytest.approx(means["int8"], abs=1e-4)
-    assert "heads' mask IoU, decoded vs exact trunk" in runner.invoke(app, plan, env={"COLUMNS": "400"}).output
+    planned = json.loads(said.output)
+    assert planned["codec_task_error"]["mask_iou_mean"] == pytest.approx(means["int8"], abs=1e-4)
+    # the pilot's stored logits give the bytes per value the plan counts them at (here: the tiny teacher's noisy ones)
+    logits = StoreRows(Store(str(tmp_path / "int8")), "images").where(columns=["chosen_logits", "logits_mask_iou"])
+    rate = sum(len(r["chosen_logits"]["data"]) for r in logits) / sum(np.prod(r["chosen_logits"]["shape"]) for r in logits)
+    assert planned["logit_bytes_per_value"] == pytest.approx(rate) and planned["bytes_per_row"]["chosen_logits"] == int(
+        16 * (rate * 288 * 288 + 4)
+    )
+    assert planned["codec_task_error"]["logits_mask_iou_mean"] == pytest.approx(np.mean([r["logits_mask_iou"] for r in logits]), abs=1e-4)
+    table = runner.invoke(app, plan, env={"COLUMNS": "400"}).output
+    assert "heads' mask IoU, decoded vs exact trunk" in table and "stored mask logits: mask IoU vs the teacher's" in table
+    assert f"mask logits at {rate:.3f} B/value as measured in" in table
     for args, message in (
         (["--codec", "fp16", "--measured-in", str(tmp_path / "int8")], "was cached with --codec int8, this plan is for fp16"),
+        (
+            ["--codec", "int8", "--mask-size", "144", "--measured-in", str(tmp_path / "int8")],
+            "was cached with --mask-size unset (the decoder's size), this plan is for 144",
+        ),
         (["--measured-in", str(tmp_path / "nowhere")], "is not an esam3 store"),
     ):
         bad = runner.invoke(app, ["plan", "--dataset", "sa-1b", "--shards", "0", *args], env={"COLUMNS": "400"})

@@ -21,6 +21,7 @@ from esam3.pipeline.store.rows import StoreRows
 from esam3.pipeline.store.snapshots import resolve, snapshot_rows, snapshots
 from esam3.schemas.cache import CacheConfig
 from esam3.schemas.codecs import encode_logits
+from esam3.schemas.prompts import PromptConfig
 from esam3.schemas.store import StoreError, decode_tensor, tensor_value
 from esam3.train.reader import StoreDataset, make_loader
 from esam3.train.sampler import ClipSampler, EpochSampler, clips, shard_order
@@ -34,6 +35,20 @@ def store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("reader") / "store"
     for dataset in ("sa-1b", "sa-v"):
         run_cache(CacheConfig(dataset=dataset, source=str(demo_root / dataset), store=str(root), codec="int8"), executor="local")
+    return root
+
+
+@pytest.fixture(scope="module")
+def all_outputs_store(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo images cached keeping all 4 mask outputs per prompt, at half the decoder's mask size (16 of 32)."""
+    root = tmp_path_factory.mktemp("reader-all") / "store"
+    prompts = PromptConfig(mask_outputs="all", mask_size=16)
+    assert (
+        run_cache(
+            CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(root), codec="int8", prompts=prompts), executor="local"
+        ).exit_code
+        == 0
+    )
     return root
 
 
@@ -166,14 +181,23 @@ def test_a_store_with_no_committed_shard_has_no_snapshot(tmp_path: Path) -> None
 # ---- batches --------------------------------------------------------------------------------------------
 
 
-def test_image_batches_hold_the_teachers_input_and_the_stored_targets(store: Path, demo_root: Path) -> None:
+@pytest.mark.parametrize(
+    ("layout", "logits"),
+    [("chosen", {"chosen_logits": (32, 32)}), ("all", {"multi_logits": (3, 16, 16), "single_logits": (1, 16, 16)})],
+)
+def test_image_batches_hold_the_teachers_input_and_the_stored_targets(
+    request: pytest.FixtureRequest, demo_root: Path, layout: str, logits: dict[str, tuple[int, ...]]
+) -> None:
+    store = request.getfixturevalue("store" if layout == "chosen" else "all_outputs_store")
     dataset = StoreDataset(str(store), fields=("input", "trunk", "prompts", "gt"), split="all")
     pixels = teacher_pixels(demo_root)
     batch = dataset[[4, 0, 2]]
     rows = StoreRows(Store(str(store)), "images", dataset.version)
     k = 16
     assert batch["input"].shape == (3, 3, 112, 112) and batch["input"].dtype == torch.uint8
-    assert batch["trunk"].shape == (3, 64, 8, 8) and batch["multi_logits"].shape == (3, k, 3, 32, 32)
+    assert batch["trunk"].shape == (3, 64, 8, 8) and batch["chosen_output"].shape == (3, k)
+    assert {name: batch[name].shape for name in logits} == {name: (3, k, *shape) for name, shape in logits.items()}
+    assert not {"chosen_logits", "multi_logits", "single_logits"} - set(logits) & set(batch)
     assert batch["prompt_points"].shape[:2] == (3, k) and batch["gt_masks"].shape == (3, k, 32, 32)
     for b, key in enumerate(batch["key"]):
         row = rows.where(f"key = '{key}'")[0]
@@ -181,15 +205,17 @@ def test_image_batches_hold_the_teachers_input_and_the_stored_targets(store: Pat
         assert np.array_equal(batch["trunk"][b].numpy(), rows.decode(row, "trunk"))
         n = row["prompt_kinds"]["shape"][0]
         assert batch["prompt_valid"][b].sum() == n and not batch["prompt_valid"][b, n:].any()
-        assert np.array_equal(batch["multi_logits"][b, :n].numpy(), decode_tensor(row["multi_logits"]))
+        for name in (*logits, "chosen_output"):
+            assert np.array_equal(batch[name][b, :n].numpy(), decode_tensor(row[name])), name
         assert np.array_equal(batch["object_pointer"][b, :n].numpy(), decode_tensor(row["object_pointer"]))
         assert (batch["prompt_labels"][b, n:] == -1).all() and not batch["gt_masks"][b, n:].any()
         assert batch["gt_masks"][b, :n].flatten(1).any(1).all()  # every prompted object has a ground-truth mask
     device = StoreDataset(str(store), fields=("trunk", "prompts"), split="all", decode_on="device")
     coded = device[[4, 0, 2]]
-    assert coded["multi_logits_codes"].dtype == torch.int8 and coded["single_logits_scales"].shape == (3, k, 1)
+    for name, shape in logits.items():
+        assert coded[f"{name}_codes"].dtype == torch.int8 and coded[f"{name}_scales"].shape == (3, k, *shape[:-2])
     moved = device.to_device(coded, "cpu")
-    for name in ("trunk", "multi_logits", "single_logits"):
+    for name in ("trunk", *logits):
         assert torch.allclose(moved[name], batch[name], rtol=0, atol=1e-6), name
     single = dataset[1]
     assert single["input"].shape == (3, 112, 112) and isinstance(single["key"], str)

@@ -1,8 +1,8 @@
 """The fidelity proof's other arm: training with the live teacher instead of the cache.
 
-:class:`LiveTargets` replaces every cached target of a batch (trunk, and the prompts' mask logits, IoU, object
-score and pointer) with what the teacher computes now from the batch's own input and prompts: what a trainer
-without a cache does, every epoch. ``run_stage1(config, targets=LiveTargets(teacher))`` then trains on exactly
+:class:`LiveTargets` replaces every cached target of a batch (trunk, and the prompts' chosen output and mask logits
+as the store keeps them, IoU, object score and pointer) with what the teacher computes now from the batch's own input
+and prompts: what a trainer without a cache does, every epoch. ``run_stage1(config, targets=LiveTargets(teacher))`` then trains on exactly
 the images, prompts, order and seed of the cached run, so any difference between the two runs is the cache's.
 """
 
@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from esam3.schemas.prompts import MaskOutputs
+from esam3.workers.mask_targets import stored_logits
 from esam3.workers.preprocess import normalize
 
 
@@ -37,24 +39,30 @@ class LiveTargets:
         valid = batch["prompt_valid"].to(device)
         image, slot = torch.nonzero(valid, as_tuple=True)
         if len(image):
+            at = self.teacher.device
+            labels, boxes = batch["prompt_labels"][image, slot].to(at), batch["prompt_boxes"][image, slot].to(at)
             with self.teacher.autocast():
                 decoded = self.heads.decode_prompts(
-                    self.heads.image_embeddings(trunk.to(self.teacher.device)),
-                    (batch["prompt_points"][image, slot] - 0.5).to(self.teacher.device),
-                    batch["prompt_labels"][image, slot].to(self.teacher.device),
-                    (batch["prompt_boxes"][image, slot] - 0.5).to(self.teacher.device),
-                    image=image.to(self.teacher.device),
+                    self.heads.image_embeddings(trunk.to(at)),
+                    (batch["prompt_points"][image, slot] - 0.5).to(at),
+                    labels,
+                    boxes - 0.5,
+                    image=image.to(at),
                 )
-            for name, key in (
-                ("multi_logits", "multi"),
-                ("single_logits", "single"),
-                ("iou", "iou"),
-                ("object_score", "object_score"),
-                ("object_pointer", "object_pointer"),
-            ):
-                target = torch.zeros_like(batch[name])
-                target[image, slot] = decoded[key].float().to(device)
-                out[name] = target
+            pick = self.heads.picked_output(labels, boxes, decoded["iou"])
+            kept = "chosen_logits" if "chosen_logits" in batch else "single_logits"  # the layout this store keeps
+            outputs = MaskOutputs.CHOSEN if kept == "chosen_logits" else MaskOutputs.ALL
+            logits = stored_logits(decoded["single"], decoded["multi"], pick, outputs, batch[kept].shape[-1])
+            live = {
+                "chosen_output": pick,
+                **{name: stored for name, (_, stored) in logits.items()},
+                **{name: decoded[name] for name in ("iou", "object_score", "object_pointer")},
+            }
+            for name, value in live.items():
+                if name in batch:  # what this store keeps (chosen_logits, or multi_logits + single_logits)
+                    target = torch.zeros_like(batch[name])
+                    target[image, slot] = value.to(device, target.dtype)
+                    out[name] = target
         self.trunk_forwards += len(batch["input"])
         self.seconds += time.perf_counter() - started
         return out

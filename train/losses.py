@@ -7,7 +7,9 @@ Prompt-in-the-loop: the student's trunk goes through the store's frozen heads (t
 decoder) with each image's cached prompts; the output the teacher would use for that prompt (its best multimask
 output for a single click, the single-mask output otherwise: ``TeacherHeads.picked_output``) is the only one decoded
 and is matched to the teacher's cached logits of the same output with BCE (sigmoid targets) + Dice, and the IoU
-head's scores of that decoder pass (3 for multimask, 1 single) with L1.
+head's scores of that decoder pass (3 for multimask, 1 single) with L1. The store keeps that output alone
+(``chosen_logits``, the default) or all 4; logits stored smaller than the decoder's (``--mask-size``) are brought
+back to its size (bilinear) before the comparison.
 An optional ground-truth term does BCE + Dice against the stored GT mask of each prompted object.
 
 How the defaults weigh the terms (``LossWeights``): the MSE summed over C channels grows with C (SAM3: 1024), so
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from esam3.workers.heads import TeacherHeads
+from esam3.workers.mask_targets import picked_logits, resize_logits
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,9 @@ def decode_batch(
     if len(pairs) == 0:
         return PromptOutputs(image, slot, image, trunk.new_zeros((0, m, m)), trunk.new_zeros((0, 4)))
     points, labels, boxes = batch["prompt_points"][image, slot], batch["prompt_labels"][image, slot], batch["prompt_boxes"][image, slot]
-    pick = heads.picked_output(labels, boxes, batch["iou"][image, slot])
+    pick = (
+        batch["chosen_output"][image, slot] if "chosen_output" in batch else heads.picked_output(labels, boxes, batch["iou"][image, slot])
+    )
     if not own_pick:
         out = heads.decode_prompts(embeddings, points - 0.5, labels, boxes - 0.5, image=image, choose=pick)
         return PromptOutputs(image, slot, pick, out["chosen"], out["iou"])
@@ -124,10 +129,14 @@ def decode_batch(
 
 
 def teacher_outputs(batch: dict[str, Any], outputs: PromptOutputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cached teacher logits of the output each prompt is judged by (N, m, m), and its IoU scores (N, 4)."""
-    image, slot, pick = outputs.image, outputs.slot, outputs.pick
-    logits = torch.cat([batch["single_logits"][image, slot], batch["multi_logits"][image, slot]], dim=1)
-    return logits[torch.arange(len(pick), device=pick.device), pick], batch["iou"][image, slot]
+    """The cached teacher logits of the output each prompt is judged by, at the student's mask size (N, m, m), and
+    its IoU scores (N, 4)."""
+    image, slot = outputs.image, outputs.slot
+    if "chosen_logits" in batch:  # the store kept the picked output only (decode_batch judges by that one)
+        logits = batch["chosen_logits"][image, slot]
+    else:
+        logits = picked_logits(batch["single_logits"][image, slot], batch["multi_logits"][image, slot], outputs.pick)
+    return resize_logits(logits, outputs.chosen.shape[-1]), batch["iou"][image, slot]
 
 
 def prompt_terms(batch: dict[str, Any], outputs: PromptOutputs, with_gt: bool) -> dict[str, torch.Tensor]:

@@ -13,11 +13,13 @@ all padded with a ``*_valid`` mask so every batch of a store has the same shapes
   images, from the stored S x S frame for video frames);
 * ``trunk``: float32 (B, C, g, g); with ``decode_on="device"`` it travels as the stored codes instead
   (``trunk_codes`` int8 + ``trunk_scales``, or fp16 / bf16) and :meth:`StoreDataset.to_device` decodes on the GPU
-  (the mask logits too: ``multi_logits_codes`` + ``multi_logits_scales``, zstd undone on the CPU);
+  (the mask logits too: ``chosen_logits_codes`` + ``chosen_logits_scales``, zstd undone on the CPU);
 * images, ``prompts``: ``prompt_valid`` (B, K), ``prompt_kinds``, ``prompt_points`` (B, K, P, 2) and
-  ``prompt_labels`` (B, K, P; -1 = padding) in the teacher frame, ``prompt_boxes`` (B, K, 4; NaN = none), and the
-  teacher's ``multi_logits`` (B, K, 3, m, m), ``single_logits`` (B, K, 1, m, m), ``iou`` (B, K, 4),
-  ``object_score`` (B, K), ``object_pointer`` (B, K, hidden);
+  ``prompt_labels`` (B, K, P; -1 = padding) in the teacher frame, ``prompt_boxes`` (B, K, 4; NaN = none), the
+  teacher's ``chosen_output`` (B, K) (which output it uses: 0 = single, 1..3 = multimask) and its logits as the
+  store kept them: ``chosen_logits`` (B, K, m', m') (``--mask-outputs chosen``) or ``multi_logits`` (B, K, 3, m', m')
+  + ``single_logits`` (B, K, 1, m', m') (``all``), m' the store's mask size (the loss resizes them to the decoder's);
+  ``iou`` (B, K, 4), ``object_score`` (B, K), ``object_pointer`` (B, K, hidden);
 * frames, ``memory``: ``object_valid`` (B, N), ``object_ids``, ``is_conditioning``, ``has_memory_conditioned``,
   ``mask_logits`` (B, N, m, m), ``object_score``, ``object_pointer``, ``maskmem_features`` (B, N, 64, g, g) and
   ``pix_feat_with_mem`` (B, N, hidden, g, g) (both codes on the device path, like the trunk); ``bank``: only what a
@@ -42,6 +44,7 @@ from esam3.pipeline.store import Store
 from esam3.pipeline.store.rows import StoreRows
 from esam3.pipeline.store.snapshots import resolve
 from esam3.schemas.codecs import FeatureCodec, logit_codes
+from esam3.schemas.prompts import MaskOutputs
 from esam3.schemas.rle import parse_counts
 from esam3.schemas.store import StoreError, dataset_of, decode_tensor, encoded_of
 from esam3.train.split import is_val
@@ -155,8 +158,8 @@ class StoreDataset(Dataset):
                 "prompt_points",
                 "prompt_labels",
                 "prompt_boxes",
-                "multi_logits",
-                "single_logits",
+                *self._logit_maps(),
+                "chosen_output",
                 "iou",
                 "object_score",
                 "object_pointer",
@@ -248,28 +251,39 @@ class StoreDataset(Dataset):
                 out[name] = out[name].float()
         return out
 
+    def _logit_maps(self) -> dict[str, tuple[int, ...]]:
+        """The prompt logits the store kept, by column: the maps per prompt ahead of (m', m')."""
+        if self.spec["prompts"]["mask_outputs"] == MaskOutputs.CHOSEN.value:
+            return {"chosen_logits": ()}
+        return {"multi_logits": (3,), "single_logits": (1,)}
+
+    @property
+    def mask_size(self) -> int:
+        """The side of the stored prompt logits (the decoder's own unless cached with ``--mask-size``)."""
+        return self.spec["prompts"]["mask_size"] or self.geometry["mask_size"]
+
     def _prompts(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         g, p = self.geometry, self.spec["prompts"]
         b, k, points = len(rows), p["num_prompts"], 1 + p["max_negative_points"]
-        m, hidden = g["mask_size"], g["hidden"]
+        m, hidden = self.mask_size, g["hidden"]
+        logits = self._logit_maps()
         out = {
             "prompt_valid": np.zeros((b, k), bool),
             "prompt_kinds": np.full((b, k), -1, np.int64),
             "prompt_points": np.zeros((b, k, points, 2), np.float32),
             "prompt_labels": np.full((b, k, points), -1, np.int64),
             "prompt_boxes": np.full((b, k, 4), np.nan, np.float32),
-            "multi_logits": np.zeros((b, k, 3, m, m), np.float32),
-            "single_logits": np.zeros((b, k, 1, m, m), np.float32),
+            "chosen_output": np.zeros((b, k), np.int64),
             "iou": np.zeros((b, k, 4), np.float32),
             "object_score": np.zeros((b, k), np.float32),
             "object_pointer": np.zeros((b, k, hidden), np.float32),
         }
-        logits = ("multi_logits", "single_logits")
-        if self.decode_on == "device":  # int8 codes + a scale per map, dequantised by to_device
-            for name, maps in zip(logits, (3, 1)):
-                del out[name]
-                out[f"{name}_codes"] = np.zeros((b, k, maps, m, m), np.int8)
-                out[f"{name}_scales"] = np.zeros((b, k, maps), np.float32)
+        for name, maps in logits.items():
+            if self.decode_on == "device":  # int8 codes + a scale per map, dequantised by to_device
+                out[f"{name}_codes"] = np.zeros((b, k, *maps, m, m), np.int8)
+                out[f"{name}_scales"] = np.zeros((b, k, *maps), np.float32)
+            else:
+                out[name] = np.zeros((b, k, *maps, m, m), np.float32)
         for i, row in enumerate(rows):
             if row["prompt_kinds"] is None:
                 continue
@@ -279,7 +293,8 @@ class StoreDataset(Dataset):
             given = decode_tensor(row["prompt_points"])
             out["prompt_points"][i, :n, : given.shape[1]] = given
             out["prompt_labels"][i, :n, : given.shape[1]] = decode_tensor(row["prompt_labels"])
-            for name in ("prompt_boxes", "iou", "object_score", "object_pointer", *(() if self.decode_on == "device" else logits)):
+            small = ("prompt_boxes", "chosen_output", "iou", "object_score", "object_pointer")
+            for name in (*small, *(() if self.decode_on == "device" else logits)):
                 out[name][i, :n] = decode_tensor(row[name])
             if self.decode_on == "device":
                 for name in logits:

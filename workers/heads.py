@@ -169,6 +169,15 @@ class DetectorHeads(nn.Module):
         return Sam3Model.forward(self, vision_embeds=embeds, text_embeds=text, attention_mask=attention_mask)
 
 
+def picked_output(labels: torch.Tensor, boxes: torch.Tensor, iou: torch.Tensor, tracker_config: Any) -> torch.Tensor:
+    """:meth:`TeacherHeads.picked_output` under a tracker config (its ``multimask_*`` settings): for code that has the
+    config but not the heads (benchmarks on synthetic targets)."""
+    config = tracker_config
+    n_points = ((labels >= 0).sum(dim=-1) + 2 * (~torch.isnan(boxes).any(dim=-1)).long()).to(iou.device)
+    multimask = (n_points >= config.multimask_min_pt_num) & (n_points <= config.multimask_max_pt_num) & bool(config.multimask_output_in_sam)
+    return torch.where(multimask, 1 + iou[:, 1:].argmax(dim=-1), torch.zeros_like(n_points))
+
+
 class TeacherHeads(nn.Module):
     """Tracker neck + tracker (+ detector heads). Parameter names match ``Sam3VideoModel``."""
 
@@ -400,12 +409,7 @@ class TeacherHeads(nn.Module):
         ``labels`` (K, P) and ``boxes`` (K, 4) as :meth:`decode_prompts` takes them, ``iou`` (K, 4) as it returns
         it: the best-scored multimask output where the tracker uses multimask for that many points, else single.
         """
-        config = self.tracker_model.config
-        n_points = ((labels >= 0).sum(dim=-1) + 2 * (~torch.isnan(boxes).any(dim=-1)).long()).to(iou.device)
-        multimask = (
-            (n_points >= config.multimask_min_pt_num) & (n_points <= config.multimask_max_pt_num) & bool(config.multimask_output_in_sam)
-        )
-        return torch.where(multimask, 1 + iou[:, 1:].argmax(dim=-1), torch.zeros_like(n_points))
+        return picked_output(labels, boxes, iou, self.tracker_model.config)
 
     def _object_pointer(self, token: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         tracker = self.tracker_model

@@ -19,13 +19,15 @@ import torch
 
 from esam3.schemas.codecs import CodecError, FeatureCodec, map_codec
 from esam3.schemas.errors import first_line
+from esam3.schemas.prompts import MaskOutputs
 from esam3.schemas.teacher import TeacherConfig, TeacherLoadError, VideoPrompt
-from esam3.schemas.work import FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, RAW_FRAME_TARGETS, RAW_TARGETS, TARGETS
+from esam3.schemas.work import FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, RAW_FRAME_TARGETS, TARGETS
 from esam3.workers.device_codecs import DeviceBasis, HostCopies, Quantised, Sent, dequantise, quantise_features, quantise_logits
+from esam3.workers.mask_targets import logits_mask_iou, stored_logits
 from esam3.workers.preprocess import normalize
 from esam3.workers.prompts import PromptSet
 from esam3.workers.task_error import task_error
-from esam3.workers.teacher import PromptTargets, Sam3Teacher
+from esam3.workers.teacher import PromptTargets, Sam3Teacher, prompt_tensors
 from esam3.workers.video_targets import FrameTargets, ObjectPrompt, VideoWork, run_video
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class TeacherImages:
 
     With the low-rank codec (``basis`` = (store URI, dataset, rank, S3 settings)), the first actor to compute trunks
     fits the basis on its first batch and stores it before it encodes any row; every actor encodes with the stored one.
+    ``mask_outputs`` / ``mask_size``: which prompt logits are sent, at which side (None: the decoder's own).
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class TeacherImages:
         threads: int | None = None,
         basis: tuple[str, str, int, Any] | None = None,
         loaded: Sam3Teacher | None = None,
+        mask_outputs: MaskOutputs | str = MaskOutputs.CHOSEN,
+        mask_size: int | None = None,
     ) -> None:
         if threads:
             torch.set_num_threads(threads)  # Ray reuses workers: set it explicitly, every time
@@ -61,6 +66,10 @@ class TeacherImages:
                 f"the run expects {checksum}: every worker must see the same checkpoint"
             )
         self.with_prompts = with_prompts
+        self.mask_outputs = MaskOutputs(mask_outputs)
+        self.mask_size = mask_size or self.teacher.geometry.mask_size
+        if self.mask_size > self.teacher.geometry.mask_size:
+            raise ValueError(f"mask size {self.mask_size} is above the decoder's {self.teacher.geometry.mask_size}")
         self.codec = FeatureCodec(codec)  # the run's trunk codec
         self.store_trunk = store_trunk  # else the trunk is neither sent nor measured
         self.basis = basis
@@ -140,7 +149,9 @@ class TeacherImages:
             return send_image(self.copies, quantised, None)
         prompts = prompt_set(row, teacher.geometry.image_size)
         out = teacher.prompt_targets(trunk, prompts, on_device=True)
-        parts = send_image(self.copies, quantised, out)
+        _, labels, boxes = prompt_tensors(prompts, teacher.device)
+        pick = teacher.heads.picked_output(labels, boxes, out.iou)
+        parts = send_image(self.copies, quantised, out, pick, self.mask_outputs, self.mask_size)
         if quantised is not None:
             decoded = dequantise(quantised, self.device_basis())
             parts[TASK_ERROR_PART] = self.copies.send_raw(task_error(out, teacher.prompt_targets(decoded, prompts, on_device=True)))
@@ -181,15 +192,29 @@ class TeacherImages:
         return reason
 
 
-def send_image(copies: HostCopies, trunk: Quantised | None, prompts: PromptTargets | None) -> dict[str, Sent]:
+def send_image(
+    copies: HostCopies,
+    trunk: Quantised | None,
+    prompts: PromptTargets | None,
+    pick: torch.Tensor | None = None,
+    mask_outputs: MaskOutputs = MaskOutputs.CHOSEN,
+    mask_size: int | None = None,
+) -> dict[str, Sent]:
     """Start the copies of one image's targets: its quantised trunk (None: not stored), and the heads' outputs for its
-    prompts (None: no prompts): logits quantised as logit8, the small ones as float32."""
+    prompts (None: no prompts): the logits ``mask_outputs`` keeps (the output ``pick`` (K,) of each, or all 4) at
+    ``mask_size`` quantised as logit8 with the mask IoU that costs, the small ones as float32."""
     parts = {} if trunk is None else {"trunk": copies.send(trunk)}
     if prompts is not None:
-        parts["multi_logits"] = copies.send(quantise_logits(prompts.multi))
-        parts["single_logits"] = copies.send(quantise_logits(prompts.single))
-        for name in RAW_TARGETS:
+        if pick is None:
+            raise ValueError("prompt targets need the output each prompt picks (TeacherHeads.picked_output)")
+        logits = stored_logits(prompts.single, prompts.multi, pick, mask_outputs, mask_size or prompts.multi.shape[-1])
+        quantised = {name: (original, quantise_logits(stored)) for name, (original, stored) in logits.items()}
+        for name, (_, q) in quantised.items():
+            parts[name] = copies.send(q)
+        parts[LOGITS_ERROR_PART] = copies.send_raw(logits_mask_iou(list(quantised.values()))[None])
+        for name in ("iou", "object_score", "object_pointer"):
             parts[name] = copies.send_raw(getattr(prompts, name))
+        parts["chosen_output"] = copies.send_raw(pick)
     return parts
 
 
@@ -217,8 +242,10 @@ def as_failure(row: dict[str, Any], reason: str, count: int = 1) -> dict[str, An
     }
 
 
-#: Where the task-level error of the trunk codec travels among a row's parts (it becomes codec_mask_iou / _iou_error).
-TASK_ERROR_PART = "task_error"
+#: Where the task-level errors travel among a row's parts, and the row fields each becomes: the trunk codec's
+#: (``esam3.workers.task_error``) and the stored logits' (``esam3.workers.mask_targets``).
+TASK_ERROR_PART, LOGITS_ERROR_PART = "task_error", "logits_error"
+ERROR_FIELDS = {TASK_ERROR_PART: ("codec_mask_iou", "codec_iou_error"), LOGITS_ERROR_PART: ("logits_mask_iou",)}
 
 
 def received(row: dict[str, Any], parts: dict[str, Sent], **fields: Any) -> dict[str, Any]:
@@ -226,12 +253,13 @@ def received(row: dict[str, Any], parts: dict[str, Sent], **fields: Any) -> dict
     the pixels dropped (not needed downstream: the object store stays small). A target the codec refuses (NaN,
     fp16 overflow) makes it a failure row."""
     try:
-        targets = {key: value for name, part in parts.items() if name != TASK_ERROR_PART for key, value in part.fields(name).items()}
+        targets = {key: value for name, part in parts.items() if name not in ERROR_FIELDS for key, value in part.fields(name).items()}
     except CodecError as exc:
         log.warning("%s: cannot store %s: %s", row["shard"], row["key"], exc)
         return as_failure(row, f"targets of {row['key']} not stored: {exc}")
-    if TASK_ERROR_PART in parts:
-        targets["codec_mask_iou"], targets["codec_iou_error"] = parts[TASK_ERROR_PART].codes.tolist()
+    for part, names in ERROR_FIELDS.items():
+        if part in parts:
+            targets.update(zip(names, parts[part].codes.tolist()))
     return {**row, **fields, **targets, "pixels": None}
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from esam3.schemas.codecs import LOGIT_CODEC, LOGIT_CODECS, CodecError, Encoded, FeatureCodec, compress_logits, map_codec, payload_bytes
+from esam3.schemas.prompts import MaskOutputs
 from esam3.schemas.store import FRAMES, IMAGES, raw_tensor, tensor_value
 from esam3.schemas.work import KIND_ABORT, KIND_END, KIND_FAILURE, KIND_SAMPLE, WRITTEN
 from esam3.workers.heads import Geometry
@@ -139,16 +140,20 @@ def _rows_at(table: pa.Table, positions: list[int]) -> pa.Table:
 
 @dataclass(frozen=True)
 class EncodeImages(_EncodeTable):
-    """SA-1B: TARGETS batch -> ENCODED ``images`` rows."""
+    """SA-1B: TARGETS batch -> ENCODED ``images`` rows; the prompt logits as ``mask_outputs`` kept them, at
+    ``mask_size`` (None: the decoder's own)."""
 
     schema: Any = IMAGES
+    mask_outputs: MaskOutputs = MaskOutputs.CHOSEN
+    mask_size: int | None = None
 
     def store_row(self, row: dict[str, Any]) -> dict[str, Any]:
         g = self.geometry
         k = row["k"]
         out = self.provenance(row)
         out["image_id"] = row["image_id"]
-        out["codec_mask_iou"], out["codec_iou_error"] = row.get("codec_mask_iou"), row.get("codec_iou_error")
+        for name in ("codec_mask_iou", "codec_iou_error", "logits_mask_iou"):
+            out[name] = row.get(name)
         if row["jpeg"] is not None:  # the original file: decoded through the transform record it is the teacher's input
             out["input"] = tensor_value(Encoded("jpeg", (row["height"], row["width"], 3), row["jpeg"]), 0.0)
         if k:
@@ -157,8 +162,13 @@ class EncodeImages(_EncodeTable):
             out["prompt_points"] = raw_tensor(np.frombuffer(row["prompt_points"], dtype=np.float32).reshape(k, -1, 2))
             out["prompt_labels"] = raw_tensor(np.frombuffer(row["prompt_labels"], dtype=np.int8).reshape(k, -1))
             out["prompt_boxes"] = raw_tensor(np.frombuffer(row["prompt_boxes"], dtype=np.float32).reshape(k, 4))
-            for name, shape in (("multi_logits", (k, 3, g.mask_size, g.mask_size)), ("single_logits", (k, 1, g.mask_size, g.mask_size))):
-                out[name] = received_tensor(row, name, LOGIT_CODEC, shape)
+            m = self.mask_size or g.mask_size
+            if self.mask_outputs == MaskOutputs.CHOSEN:
+                out["chosen_logits"] = received_tensor(row, "chosen_logits", LOGIT_CODEC, (k, m, m))
+            else:
+                for name, maps in (("multi_logits", 3), ("single_logits", 1)):
+                    out[name] = received_tensor(row, name, LOGIT_CODEC, (k, maps, m, m))
+            out["chosen_output"] = raw_tensor(_array(row["chosen_output"], (k,)).astype(np.int8))
             out["iou"] = target_tensor("iou", np.frombuffer(row["iou"], dtype=np.float32).reshape(k, 4))
             out["object_score"] = target_tensor("object_score", np.frombuffer(row["object_score"], dtype=np.float32))
             out["object_pointer"] = target_tensor(

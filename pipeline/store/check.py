@@ -89,19 +89,45 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
 
 
 def codec_task_error(ds: Any) -> dict[str, Any]:
-    """What the trunk codec cost the heads' masks, over every image row that measured it (two float columns)."""
+    """What the codecs cost the heads' masks, over every image row that measured it: the trunk codec's (decoded vs
+    exact trunk through the heads) and the stored logits' (``logits_mask_iou``: codec and --mask-size)."""
     table = ds.to_table(columns=["codec_mask_iou", "codec_iou_error"], filter="codec_mask_iou IS NOT NULL")
     ious = np.asarray(table.column("codec_mask_iou").to_numpy(zero_copy_only=False), dtype=np.float64)
     errors = np.asarray(table.column("codec_iou_error").to_numpy(zero_copy_only=False), dtype=np.float64)
-    if not len(ious):
-        return {"rows": 0}
-    return {
-        "rows": int(len(ious)),
-        "mask_iou_mean": round(float(ious.mean()), 5),
-        "mask_iou_p1": round(float(np.percentile(ious, 1)), 5),
-        "mask_iou_min": round(float(ious.min()), 5),
-        "iou_error_mean": round(float(errors.mean()), 5),
-    }
+    logits = ds.to_table(columns=["logits_mask_iou"], filter="logits_mask_iou IS NOT NULL").column("logits_mask_iou")
+    logit_ious = np.asarray(logits.to_numpy(zero_copy_only=False), dtype=np.float64)
+    out: dict[str, Any] = {"rows": int(len(ious))}
+    if len(ious):
+        out.update(
+            mask_iou_mean=round(float(ious.mean()), 5),
+            mask_iou_p1=round(float(np.percentile(ious, 1)), 5),
+            mask_iou_min=round(float(ious.min()), 5),
+            iou_error_mean=round(float(errors.mean()), 5),
+        )
+    if len(logit_ious):
+        out.update(
+            logit_rows=int(len(logit_ious)),
+            logits_mask_iou_mean=round(float(logit_ious.mean()), 5),
+            logits_mask_iou_min=round(float(logit_ious.min()), 5),
+        )
+    return out
+
+
+#: Columns holding mask logits (logit8 / logit8d), whose bytes depend on their content.
+LOGIT_COLUMNS = ("chosen_logits", "multi_logits", "single_logits", "mask_logits")
+
+
+def logit_rate(ds: Any, sample_rows: int = 256) -> float | None:
+    """Stored bytes per mask-logit value (codes after zstd, scales not counted) over up to ``sample_rows`` rows of a
+    target table: what ``esam3 plan --measured-in`` counts the logits at; None without logits."""
+    columns = [c for c in LOGIT_COLUMNS if c in ds.schema.names]
+    nbytes = values = 0
+    for row in ds.to_table(columns=columns, limit=sample_rows).to_pylist() if columns else []:  # blobs: descriptors
+        for value in (row[c] for c in columns):
+            if value is not None:
+                nbytes += value["data"]["size"]
+                values += int(np.prod(value["shape"]))
+    return nbytes / values if values else None
 
 
 def unfinished_shards(store: Store, table: str, head_rows: int) -> list[str]:

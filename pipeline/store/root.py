@@ -142,8 +142,8 @@ class Store:
         if card.get("format") != STORE_FORMAT:
             raise StoreError(
                 f"store {self.uri} has format {card.get('format')!r}; this esam3 reads and writes format {STORE_FORMAT} "
-                "(student inputs and ground-truth masks in every row, which an older store lacks and cannot get without "
-                "its source): cache into a new --store, or use the esam3 release that wrote it"
+                "(format 3 added student inputs and ground-truth masks to every row, format 4 the mask outputs the "
+                "tracker uses and their measured error): cache into a new --store, or use the esam3 release that wrote it"
             )
 
     def check_writable(self) -> bool:

@@ -78,6 +78,16 @@ def _mask_to_image(logits: np.ndarray, height: int, width: int) -> np.ndarray:
     return (F.interpolate(tensor, size=(height, width), mode="bilinear", align_corners=False)[0, 0] > 0).numpy()
 
 
+def chosen_logits(row: dict[str, Any]) -> np.ndarray:
+    """An image row's logits (K, m, m) of the output the tracker uses for each prompt, whichever layout it keeps."""
+    if row["chosen_logits"]:
+        return decode_tensor(row["chosen_logits"])
+    if not row["single_logits"]:
+        return np.zeros((0, 1, 1), np.float32)
+    logits = np.concatenate([decode_tensor(row["single_logits"]), decode_tensor(row["multi_logits"])], axis=1)
+    return logits[np.arange(len(logits)), decode_tensor(row["chosen_output"]).astype(np.int64)]
+
+
 def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[str, Any]:
     """Draw the row of ``key`` into ``out`` (PNG); returns what was drawn."""
     table, row = find_row(store, key)
@@ -91,8 +101,8 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
         else:
             sample = _sample(store, DatasetName.SA1B, shard_source(store, row, source), row["shard"], key, check_pixels=False)
             image = np.asarray(simplejpeg.decode_jpeg(sample.jpeg, colorspace="RGB"))
-        single = decode_tensor(row["single_logits"])[:, 0] if row["single_logits"] else np.zeros((0, 1, 1))
-        picture = overlay(image, [_mask_to_image(m, height, width) for m in single])
+        chosen = chosen_logits(row)
+        picture = overlay(image, [_mask_to_image(m, height, width) for m in chosen])
         points = decode_tensor(row["prompt_points"]) if row["prompt_points"] else np.zeros((0, 0, 2))
         labels = decode_tensor(row["prompt_labels"]) if row["prompt_labels"] else np.zeros((0, 0))
         boxes = decode_tensor(row["prompt_boxes"]) if row["prompt_boxes"] else np.zeros((0, 4))
@@ -102,9 +112,11 @@ def show(store: Store, key: str, out: Path, source: str | None = None) -> dict[s
         iou = decode_tensor(row["iou"])[:, 0] if row["iou"] else np.zeros(len(kinds))
         entries = [f"prompt {k}: {PromptKind(int(kind)).label}, teacher IoU {iou[k]:.2f}" for k, kind in enumerate(kinds)]
         picture = with_legend(
-            picture, entries, "the teacher's mask (single output) for each prompt; clicks: green = positive, red = negative; boxes: yellow"
+            picture,
+            entries,
+            "the teacher's mask (the output it uses) for each prompt; clicks: green = positive, red = negative; boxes: yellow",
         )
-        drawn = {"prompts": int(len(points)), "masks": int(len(single))}
+        drawn = {"prompts": int(len(points)), "masks": int(len(chosen))}
     else:
         if stored is not None:
             frame = np.asarray(Image.fromarray(decode_tensor(stored)).resize((width, height), Image.BILINEAR))
