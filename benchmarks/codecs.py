@@ -19,7 +19,9 @@ Rows come from ``--shards`` synthetic shards, each with its own shift (a mean of
 random subspace, as different image collections give). The low-rank basis is fitted on ``--fit-rows`` rows drawn
 round-robin from every shard and measured on held-out rows of all shards; for comparison also fitted on the first
 ``--fit-rows`` rows of one shard (what a run that fits on its first teacher batch does). Also times encode and
-decode on one core. Prints one JSON line.
+decode on one core. ``budget``: the low-rank candidates ``--codec auto`` would measure (1/16 .. 1/2 of the
+width), each one's held-out error, the smallest within the default budget's relative RMS, and the bytes of a full
+SA-1B row with it (``esam3 plan``'s columns, the logits at the rate measured here). Prints one JSON line.
 
     python benchmarks/codecs.py [--rows 16] [--shards 4] [--fit-rows 8] [--rank 256] [--alpha 1.0] [--massive-tokens 4]
 """
@@ -33,10 +35,24 @@ import time
 import numpy as np
 import torch
 
-from esam3.schemas.codecs import FeatureCodec, compress_logits, decode_features, decode_logits, encode_features, encode_logits, fit_basis
-from esam3.schemas.prompts import MaskOutputs
+from esam3.pipeline.costs import bytes_per_row
+from esam3.schemas.cache import CacheConfig, ErrorBudget, Inputs
+from esam3.schemas.codecs import (
+    Basis,
+    FeatureCodec,
+    compress_logits,
+    decode_features,
+    decode_logits,
+    encode_features,
+    encode_logits,
+    fit_basis,
+)
+from esam3.schemas.prompts import MaskOutputs, PromptConfig
+from esam3.workers.codec_choice import candidate_ranks
 from esam3.workers.device_codecs import quantise_logits
+from esam3.workers.heads import Geometry
 from esam3.workers.mask_targets import logits_mask_iou, stored_logits
+from esam3.workers.teacher_loading import random_config
 
 PUBLIC_BYTES_PER_IMAGE = 10.6e6
 
@@ -177,6 +193,36 @@ def measure_logits(rng: np.random.Generator, prompts: int, size: int) -> dict[st
     }
 
 
+def budget_choice(fit: np.ndarray, held_out: np.ndarray, logits: dict[str, object], prompts: int) -> dict[str, object]:
+    """What ``--codec auto`` can tell on these features without real heads: the low-rank candidates' relative RMS
+    on held-out rows, the smallest one within the default budget's ``rms``, and what a full SA-1B row then costs
+    (``esam3 plan``'s columns, the mask logits at the rate measured above). The budget's mask part needs real
+    SAM3 heads (random ones give meaningless masks): a real run measures it on its pilot rows."""
+    budget = ErrorBudget()
+    channels = fit.shape[1]
+    full = fit_basis(fit, max(candidate_ranks(channels)))
+    ranks = {}
+    for rank in candidate_ranks(channels):
+        basis = Basis(full.mean, full.components[:, :rank])
+        errors = [encode_features(x, FeatureCodec.LOWRANK, basis)[1] for x in held_out]
+        ranks[str(rank)] = {
+            "trunk_mb_per_image": round(rank * held_out[0, 0].size / 1e6, 3),
+            "rel_rms_error_mean": float(f"{np.mean(errors):.3g}"),
+        }
+    within = [int(r) for r, v in ranks.items() if v["rel_rms_error_mean"] <= budget.rel_rms]
+    out: dict[str, object] = {"rel_rms_budget": budget.rel_rms, "lowrank": ranks, "smallest_within_rms": min(within) if within else None}
+    if within:
+        rate = logits["chosen_by_size"][str(logits["size"])]["bytes_per_value"]
+        config = CacheConfig(
+            dataset="sa-1b", source="-", store="-", codec="lowrank", rank=min(within), prompts=PromptConfig(num_prompts=prompts)
+        )
+        geometry = Geometry.from_config(random_config("full-random"))
+        for name, inputs in (("row_mb_with_inputs", Inputs.STORE), ("row_mb_targets_only", Inputs.NONE)):
+            columns = bytes_per_row(config.model_copy(update={"inputs": inputs}), geometry, rate)
+            out[name] = round(sum(columns.values()) / 1e6, 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=16, help="feature maps to generate")
@@ -242,6 +288,7 @@ def main() -> None:
             )
         result[codec.value] = entry
     result["logit8d"] = measure_logits(rng, args.prompts, args.mask_size)
+    result["budget"] = budget_choice(fit, held_out, result["logit8d"], args.prompts)
     print(json.dumps(result))
 
 

@@ -1,6 +1,7 @@
 """The cache costs no accuracy: the same student trained from the cache and with the live teacher.
 
-Demo SA-1B images are cached by a random SAM3 teacher (``--teacher``) once per codec (``--codecs``). For each
+Demo SA-1B images are cached by a random SAM3 teacher (``--teacher``) once per codec (``--codecs``; ``compact`` is a
+low-rank trunk with the chosen mask output stored at half the decoder's size: the smallest store). For each
 store the same student (``--student``, same seed, images, prompts and order) trains ``--steps`` stage-1 steps
 (a) from the store and (b) with the teacher computing every target online from the same batch
 (``esam3.train.fidelity.LiveTargets``). Reported per codec: how far the two runs' losses are apart, step by step;
@@ -10,7 +11,8 @@ the held-out split of the fp16 store (one reference for every codec); the teache
 training online. One JSON line. Loss differences are those of the total loss, relative, per step (and per term,
 absolute: small terms such as the IoU L1 make relative figures meaningless).
 
-    python benchmarks/fidelity.py [--teacher small-random] [--student es-ev-s] [--steps 24] [--images 16] [--codecs fp16,int8,lowrank]
+    python benchmarks/fidelity.py [--teacher small-random] [--student es-ev-s] [--steps 24] [--images 16]
+        [--codecs fp16,int8,lowrank,compact]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from esam3.pipeline.demo_data import write_demo_data  # noqa: E402
 from esam3.pipeline.plan import run_cache  # noqa: E402
 from esam3.schemas.cache import CacheConfig  # noqa: E402
 from esam3.schemas.demo import DemoDataConfig  # noqa: E402
+from esam3.schemas.prompts import PromptConfig  # noqa: E402
 from esam3.schemas.teacher import TeacherConfig  # noqa: E402
 from esam3.schemas.train import Stage1Config  # noqa: E402
 from esam3.train.evaluate import evaluate_store  # noqa: E402
@@ -41,7 +44,7 @@ from esam3.train.stage1 import run_stage1  # noqa: E402
 from esam3.train.students import REGISTRY  # noqa: E402
 from esam3.workers.teacher import Sam3Teacher  # noqa: E402
 
-CODECS = ("fp16", "bf16", "int8", "lowrank")
+CODECS = ("fp16", "bf16", "int8", "lowrank", "compact")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4, help="images per step (>= 1)")
     parser.add_argument("--images", type=int, default=16, help="demo images to cache, in shards of 8 (>= 8)")
     parser.add_argument(
-        "--codecs", default="fp16,int8,lowrank", help=f"comma-separated store codecs ({', '.join(CODECS)}); fp16 always runs"
+        "--codecs",
+        default="fp16,int8,lowrank,compact",
+        help=f"comma-separated store codecs ({', '.join(CODECS)}; compact: lowrank + masks at half size); fp16 always runs",
     )
     parser.add_argument("--rank", type=int, default=64, help="lowrank codec: basis size (>= 1)")
     parser.add_argument("--val-percent", type=float, default=25.0, help="held-out share for the eval (0 < P < 100)")
@@ -90,13 +95,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for codec in args.codecs:
         started = time.perf_counter()
         stores[codec] = work / f"store-{codec}"
+        compact = codec == "compact"  # the smallest store: low-rank trunk, the chosen mask output at half size
         run_cache(
             CacheConfig(
                 dataset="sa-1b",
                 source=str(data.out / "sa-1b"),
                 store=str(stores[codec]),
-                codec=codec,
+                codec="lowrank" if compact else codec,
                 rank=args.rank,
+                prompts=PromptConfig(mask_size=teacher.geometry.mask_size // 2 if compact else None),
                 teacher=TeacherConfig(source=args.teacher, batch_size=args.batch),
             ),
             executor="local",
@@ -132,6 +139,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         }
         epochs = args.steps / (cached.train_rows // args.batch)  # whole batches per epoch (drop_last)
         result["codecs"][codec] = {
+            "store_mb_per_image": sum(f.stat().st_size for f in (stores[codec] / "images.lance").rglob("*") if f.is_file())
+            / 1e6
+            / (shards * 8),
             "loss_relative_difference": {"first_step": total[0], "max": max(total), "last_step": total[-1]},
             "term_max_absolute_difference": terms,
             "loss": {"cached": [t["total"] for t in cached_terms], "live": [t["total"] for t in live_terms]},

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
+from pydantic import ValidationError
+
 from esam3.console import UsageError, build_config, console, err_console, human_bytes, print_json, progress, redact, user_errors
 from esam3.pipeline.shards import DatasetName
-from esam3.schemas.cache import CacheConfig, Inputs, MaxFailures, RunError, Target, check_s3_endpoint
-from esam3.schemas.errors import Esam3Error, first_line
+from esam3.schemas.cache import CacheConfig, ErrorBudget, Inputs, MaxFailures, RunError, Target, check_s3_endpoint
+from esam3.schemas.errors import Esam3Error, describe, first_line
 from esam3.schemas.codecs import FeatureCodec
 from esam3.schemas.prompts import MIN_MASK_SIZE, MaskOutputs, PromptConfig, check_mask_size
 from esam3.schemas.teacher import RANDOM_TEACHERS, TeacherConfig, VideoPrompt, VideoTargetConfig
@@ -20,6 +23,15 @@ S3_HELP = "S3-compatible endpoint (http(s)://HOST:PORT) for s3:// paths; credent
 INPUTS_HELP = "What of the student's input each row keeps: store (SA-1B: the original JPEG; SA-V: each used frame, lossless PNG) or none (targets only; trainers refuse such a store)."
 MASK_OUTPUTS_HELP = "sa-1b: mask logits kept per prompt: chosen (the output the tracker uses, what stage 1 trains on; the IoU scores of all 4 are kept) or all (3 multimask + single). Default: chosen."
 MASK_SIZE_HELP = f"sa-1b: side of the stored mask logits ({MIN_MASK_SIZE} up to the decoder's own, 288 at full size), resized with antialiasing; the loss brings them back. Default: the decoder's."
+CODEC_HELP = (
+    "Trunk codec: fp16, bf16, int8 (per-channel scales), lowrank (a basis fitted on the run's first rows; other maps "
+    "int8), or auto (sa-1b: every candidate measured on pilot rows from several shards, the smallest within --max-error "
+    "taken, stored once per store)."
+)
+MAX_ERROR_HELP = (
+    "--codec auto's budget: mean mask-IoU loss of the heads' masks (decoded vs exact trunk) and mean relative RMS of the "
+    "trunk, as mask=X,rms=Y (either alone keeps the other's default). Default: mask=0.01,rms=0.05."
+)
 FAST_DECODE_HELP = "sa-1b: decode JPEGs at a DCT scale (about half size; less CPU) instead of SAM3's own preprocessing of the full image; recorded in every row."
 _FLAGS = {
     "source": "--source",
@@ -31,7 +43,31 @@ _FLAGS = {
     "s3_endpoint": "--s3-endpoint",
     "read_retries": "--read-retries",
     "max_teachers": "--max-teachers",
+    "error_budget": "--max-error",
 }
+
+
+class CodecFlag(str, Enum):
+    """``--codec``: a feature codec, or auto (chosen by measurement against ``--max-error``)."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+    LOWRANK = "lowrank"
+    AUTO = "auto"
+
+
+def codec_options(codec: CodecFlag, max_error: str | None) -> dict[str, Any]:
+    """``--codec`` / ``--max-error`` as CacheConfig values: auto gives a budget (the codec is then chosen by the run)."""
+    if codec != CodecFlag.AUTO:
+        if max_error is not None:
+            raise UsageError("--max-error: is the budget of --codec auto; pass --codec auto with it")
+        return {"codec": FeatureCodec(codec.value)}
+    try:
+        budget = ErrorBudget.parse(max_error) if max_error is not None else ErrorBudget()
+    except ValueError as exc:
+        raise UsageError(f"--max-error: {first_line(exc) if not isinstance(exc, ValidationError) else describe(exc)}") from None
+    return {"codec": FeatureCodec.FP16, "error_budget": budget}  # fp16 until the run settles it
 
 
 def parse_targets(text: str | None) -> tuple[Target, ...]:
@@ -54,11 +90,8 @@ def cache_command(
     prompts: int = typer.Option(16, "--prompts", help="Prompts sampled per image (K) for the prompt targets."),
     mask_outputs: MaskOutputs = typer.Option(None, "--mask-outputs", help=MASK_OUTPUTS_HELP),
     mask_size: int = typer.Option(None, "--mask-size", help=MASK_SIZE_HELP),
-    codec: FeatureCodec = typer.Option(
-        FeatureCodec.FP16,
-        "--codec",
-        help="Codec of feature maps: fp16, bf16, int8 (per-channel scales) or lowrank (trunk on a basis fitted on the run's first rows; other maps int8).",
-    ),
+    codec: CodecFlag = typer.Option(CodecFlag.FP16, "--codec", help=CODEC_HELP),
+    max_error: str = typer.Option(None, "--max-error", help=MAX_ERROR_HELP),
     rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size (capped at the trunk width)."),
     inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
     fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
@@ -107,7 +140,7 @@ def cache_command(
             {"num_prompts": "--prompts", "seed": "--seed"},
             num_prompts=prompts,
             seed=seed,
-            **mask_options(dataset, mask_outputs, mask_size),
+            **mask_options(dataset, parse_targets(targets), mask_outputs, mask_size),
         )
         video_config = build_config(
             VideoTargetConfig,
@@ -128,7 +161,7 @@ def cache_command(
             targets=parse_targets(targets),
             prompts=prompt_config,
             video=video_config,
-            codec=codec,
+            **codec_options(codec, max_error),
             rank=rank,
             inputs=inputs,
             dct_scaling=_fast_decode(fast_decode, dataset),
@@ -161,6 +194,9 @@ def cache_command(
         )
     else:
         console.print(summary_table(report))
+        if report.over_budget is not None:
+            said = f"codec auto: {report.codec}; {report.over_budget} of this run's {report.rows} rows exceed --max-error"
+            (err_console if report.over_budget else console).print(Text(said + (" (see store info)" if report.over_budget else "")))
     if report.failures:
         err_console.print(Text(f"{report.failures} bad sample(s) (limit {limit}); see the store's failures table"))
     elif report.exit_code and not report.aborted:  # a rerun: the failures are from earlier runs
@@ -178,12 +214,14 @@ def cache_command(
     raise typer.Exit(report.exit_code)
 
 
-def mask_options(dataset: DatasetName, outputs: MaskOutputs | None, size: int | None) -> dict[str, Any]:
-    """``--mask-outputs`` / ``--mask-size`` as PromptConfig values (unset: its defaults); sa-1b only."""
+def mask_options(dataset: DatasetName, targets: tuple[Target, ...], outputs: MaskOutputs | None, size: int | None) -> dict[str, Any]:
+    """``--mask-outputs`` / ``--mask-size`` as PromptConfig values (unset: its defaults); sa-1b prompt targets only."""
     given = {k: v for k, v in (("mask_outputs", outputs), ("mask_size", size)) if v is not None}
+    flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
     if given and dataset != DatasetName.SA1B:
-        flags = " and ".join(f"--{k.replace('_', '-')}" for k in given)
         raise UsageError(f"{flags}: apply to sa-1b prompt targets only (SA-V frames keep the tracker's mask per object)")
+    if given and targets and Target.PROMPTS not in targets:
+        raise UsageError(f"{flags}: apply to the prompt targets, which --targets leaves out")
     return given
 
 
@@ -222,11 +260,12 @@ def check_source(config: CacheConfig) -> None:
 
 def summary_table(report: Any) -> Table:
     table = Table(title=Text(f"cached {report.dataset} into {report.store}"), title_justify="left")
-    for column in ("shards", "rows", "bytes", "rows/s", "failures", "read retries", "store version"):
+    for column in ("shards", "rows", "codec", "bytes", "rows/s", "failures", "read retries", "store version"):
         table.add_column(column, justify="right")
     table.add_row(
         f"{report.shards_committed} new, {report.shards_skipped} already done",
         str(report.rows),
+        report.codec,
         human_bytes(report.bytes),
         f"{report.rows_per_s:.2f}",
         f"[red]{report.failures}[/]" if report.failures else "0",
@@ -256,7 +295,8 @@ def plan_command(
     prompts: int = typer.Option(16, "--prompts", help="Prompts per image (K)."),
     mask_outputs: MaskOutputs = typer.Option(None, "--mask-outputs", help=MASK_OUTPUTS_HELP),
     mask_size: int = typer.Option(None, "--mask-size", help=MASK_SIZE_HELP),
-    codec: FeatureCodec = typer.Option(FeatureCodec.FP16, "--codec", help="Feature codec: fp16, bf16, int8 or lowrank."),
+    codec: CodecFlag = typer.Option(CodecFlag.FP16, "--codec", help=CODEC_HELP + " auto needs --source (the pilot reads it)."),
+    max_error: str = typer.Option(None, "--max-error", help=MAX_ERROR_HELP),
     rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size."),
     inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
     fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
@@ -265,7 +305,8 @@ def plan_command(
     measured_in: str = typer.Option(
         None,
         "--measured-in",
-        help="sa-1b: a store cached with the same codec (a pilot run on a few shards): show what the codec cost its heads' masks there.",
+        help="sa-1b: a pilot store (a few shards cached with the same codec, mask outputs and mask side): show what the codecs "
+        "cost the heads' masks there, and count mask logits at its stored bytes per value.",
     ),
     rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Override the rows per shard estimate (images, or video frames)."),
     rows_per_sec: float = typer.Option(
@@ -303,25 +344,45 @@ def plan_command(
             store="-",
             targets=parse_targets(targets),
             prompts=build_config(
-                PromptConfig, {"num_prompts": "--prompts"}, num_prompts=prompts, **mask_options(dataset, mask_outputs, mask_size)
+                PromptConfig,
+                {"num_prompts": "--prompts"},
+                num_prompts=prompts,
+                **mask_options(dataset, parse_targets(targets), mask_outputs, mask_size),
             ),
             video=video,
-            codec=codec,
+            **codec_options(codec, max_error),
             rank=rank,
             inputs=inputs,
             dct_scaling=_fast_decode(fast_decode, dataset),
         )
         geometry = Geometry.from_config(teacher_config(teacher))
         check_mask_size(config.prompts.mask_size, geometry.mask_size)
-        measured = measured_task_error(measured_in, config, s3_endpoint) if measured_in else None
+        pilot = None
+        if config.error_budget is not None:
+            if not source:
+                raise UsageError("--codec auto: pass --source; the pilot measures the codecs on rows of its shards")
+            config, pilot = measured_choice(config, teacher, s3_endpoint)
+        measured = measured_task_error(measured_in, config, geometry.mask_size, s3_endpoint) if measured_in else None
         rate = measured.get("logit_bytes_per_value") if measured else None
         plan = make_plan(config, geometry, count, rows_per_shard, rows_per_sec, rate)
         choices = codec_choices(config, geometry, plan, rate)
     logits = f"mask logits at {rate:.3f} B/value as measured in {measured_in}" if rate else "mask logits as on SAM-like logits"
+    chosen = config.codec.value + (f" r={config.rank}" if config.codec == FeatureCodec.LOWRANK else "")
     if as_json:
-        print_json({**plan.to_json(), "codec_choices": choices, "codec_task_error": measured, "logit_bytes_per_value": rate})
+        print_json(
+            {
+                **plan.to_json(),
+                "codec": chosen,
+                "codec_choices": choices,
+                "codec_task_error": measured,
+                "logit_bytes_per_value": rate,
+                "codec_pilot": pilot.to_json() if pilot else None,
+            }
+        )
         return
-    table = Table(title=Text(f"plan: {dataset.value}, {count} shard(s), teacher {teacher}, codec {codec.value}"), title_justify="left")
+    if pilot is not None:
+        console.print(pilot_table(pilot))
+    table = Table(title=Text(f"plan: {dataset.value}, {count} shard(s), teacher {teacher}, codec {chosen}"), title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
     table.add_row("rows", f"{plan.rows:,} ({plan.rows_per_shard:,} per shard)")
@@ -349,6 +410,34 @@ def plan_command(
     console.print(choices_table(choices, plan.to_json()["public_recipe_bytes"], logits))
 
 
+def measured_choice(config: CacheConfig, teacher: str, s3_endpoint: str | None) -> tuple[CacheConfig, Any]:
+    """``plan --codec auto``: the pilot a run would make (the teacher loaded here, on its device), and the plan's config
+    with the codec it chose."""
+    from esam3.pipeline.codec_pilot import choose_codec, resolved
+    from esam3.pipeline.shards import select_shards
+
+    config = config.model_copy(update={"teacher": build_config(TeacherConfig, {"source": "--teacher"}, source=teacher)})
+    options = s3_settings(s3_endpoint).fsspec_options(config.source)
+    shards = select_shards(config.source, DatasetName(config.dataset), config.shards, options)
+    with progress() as bar:
+        bar.add_task("codec auto: measuring every codec on pilot rows", total=None, status=f"teacher {teacher}")
+        choice, _ = choose_codec(config, shards, options)
+    return resolved(config, choice.to_json()), choice
+
+
+def pilot_table(choice: Any) -> Table:
+    """What ``--codec auto`` measured: every candidate's bytes and errors against the budget, the chosen one marked."""
+    budget = ErrorBudget(**choice.budget)
+    title = f"codec auto on {choice.rows} pilot rows of {len(choice.shards)} shard(s), budget --max-error {budget}"
+    table = Table(title=Text(title), title_justify="left")
+    for column in ("codec", "trunk bytes/row", "rel. RMS", "mask-IoU loss", "within budget"):
+        table.add_column(column, justify="left" if column == "codec" else "right")
+    for c in choice.candidates:
+        mark = " (chosen)" if c == choice.chosen else ""
+        table.add_row(c.name + mark, human_bytes(c.trunk_bytes), f"{c.rel_rms:.4f}", f"{c.mask_iou_loss:.4f}", "yes" if c.within else "no")
+    return table
+
+
 def choices_table(choices: dict[str, dict[str, Any]], public: float | None, logits: str) -> Table:
     """Bytes per row per column and in all under every feature codec (``logits``: how mask logits are counted)."""
     table = Table(title=Text(f"every codec ({logits})"), title_justify="left")
@@ -364,25 +453,32 @@ def choices_table(choices: dict[str, dict[str, Any]], public: float | None, logi
     return table
 
 
-def measured_task_error(uri: str, config: CacheConfig, s3_endpoint: str | None) -> dict[str, Any]:
+def measured_task_error(uri: str, config: CacheConfig, decoder_size: int, s3_endpoint: str | None) -> dict[str, Any]:
     """What a pilot store's image rows measured: the task-level codec errors and the stored bytes per mask-logit
-    value. Its codec, mask outputs and mask size must be the planned ones (their costs are what is measured)."""
+    value. Its codec, mask outputs and the side of its stored logits must be the planned ones (``decoder_size``:
+    the planned teacher's), since their costs are what is measured."""
     from esam3.pipeline.store import Store
     from esam3.pipeline.store.check import codec_task_error, logit_rate
 
     if config.dataset != DatasetName.SA1B.value:
         raise UsageError("--measured-in: the task-level codec error is measured on sa-1b rows (their prompts) only")
     store = Store(uri, s3_settings(s3_endpoint))
-    spec = store.require_card()["targets"].get("sa-1b")
+    card = store.require_card()
+    spec = card["targets"].get("sa-1b")
     if spec is None:
         raise UsageError(f"--measured-in: {uri} holds no sa-1b rows")
-    planned = {"--codec": config.codec.value, "--mask-outputs": config.prompts.mask_outputs.value, "--mask-size": config.prompts.mask_size}
-    cached = {"--codec": spec["codec"], "--mask-outputs": spec["prompts"]["mask_outputs"], "--mask-size": spec["prompts"]["mask_size"]}
+    planned = {
+        "--codec": config.codec.value,
+        "--mask-outputs": config.prompts.mask_outputs.value,
+        "mask side": config.prompts.mask_size or decoder_size,
+    }
+    cached = {
+        "--codec": spec["codec"],
+        "--mask-outputs": spec["prompts"]["mask_outputs"],
+        "mask side": spec["prompts"]["mask_size"] or card["teacher"]["geometry"]["mask_size"],  # bytes per value depend on it
+    }
     for flag, value in planned.items():
         if cached[flag] != value:
-            said = {None: "unset (the decoder's size)"}
-            raise UsageError(
-                f"--measured-in: {uri} was cached with {flag} {said.get(cached[flag], cached[flag])}, this plan is for {said.get(value, value)}"
-            )
+            raise UsageError(f"--measured-in: {uri} was cached with {flag} {cached[flag]}, this plan is for {value}")
     images = store.dataset("images")
     return {**codec_task_error(images), "logit_bytes_per_value": logit_rate(images)}

@@ -83,6 +83,16 @@ def info_command(
                 f"over {cost['rows']} rows"
             )
         )
+    choice = info["tables"]["images"].get("codec_choice")
+    if choice:
+        budget = ", ".join(f"{k} {v:g}" for k, v in choice["budget"].items())
+        chosen = choice["codec"] + (f" r={choice['rank']}" if choice["rank"] else "")
+        console.print(
+            Text(
+                f"images: codec {chosen} chosen by --codec auto on {choice['rows']} pilot rows of {len(choice['shards'])} "
+                f"shard(s) (budget: {budget}); {choice['rows_over_budget']} of {info['tables']['images']['rows']} rows exceed it"
+            )
+        )
     if cost.get("logit_rows"):
         console.print(
             Text(

@@ -31,10 +31,10 @@ PNG_BYTES_PER_VALUE = 0.46
 RLE_BYTES = 2_000
 
 
-#: logit8d bytes per map of SAM-like logits (benchmarks/codecs.py: 288 px 0.118 B/value, 144 px 0.189, 72 px 0.288,
-#: with the 4-byte scale): the boundaries, not the flat areas, cost bytes, so a map of side s takes about
-#: LOGIT_MAP_BYTES * (s / 288) ** LOGIT_SIDE_POWER.
-LOGIT_MAP_BYTES, LOGIT_SIDE_POWER = 9_800, 1.3
+#: logit8d bytes per map of SAM-like logits (benchmarks/codecs.py at full size: 0.155 B/value at 288 px, 0.235 at
+#: 144, 0.359 at 72, with the 4-byte scale): the boundaries, not the flat areas, cost bytes, so a map of side s takes
+#: about LOGIT_MAP_BYTES * (s / 288) ** LOGIT_SIDE_POWER.
+LOGIT_MAP_BYTES, LOGIT_SIDE_POWER = 12_900, 1.4
 
 
 def logit_bytes(maps: int, side: int, bytes_per_value: float | None = None) -> int:

@@ -48,7 +48,9 @@ from esam3.pipeline.store.commits import (
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline import sources
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
+from esam3.pipeline.codec_pilot import settle_codec
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.check import rows_over_budget
 from esam3.pipeline.store.snapshots import tag_if_complete
 from esam3.schemas.cache import CacheConfig, Inputs, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
@@ -57,6 +59,7 @@ from esam3.schemas.prompts import check_mask_size
 from esam3.schemas.store import HEADS_DIR, SCHEMAS, TABLE_OF
 from esam3.schemas.teacher import Device, TeacherConfig
 from esam3.workers.heads import Geometry
+from esam3.workers.teacher_loading import teacher_config
 from esam3.workers.teacher_identity import remember_card, remembered_card
 from esam3.workers.read_step import ReadImages, ReadVideos
 from esam3.workers.teacher_step import TeacherImages, TeacherVideos
@@ -120,6 +123,8 @@ class CacheReport:
     store_version: int = 0
     failure_samples: list[dict[str, Any]] = field(default_factory=list)
     aborted: dict[str, str] = field(default_factory=dict)  # shard -> why it stays uncommitted (I/O; a rerun does it)
+    codec: str = ""  # the trunk codec the rows use (``--codec auto``: the one chosen)
+    over_budget: int | None = None  # --codec auto: this run's rows whose measured errors exceed --max-error
     exit_code: int = 0
 
     @property
@@ -147,12 +152,14 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     shards = select_shards(config.source, dataset, config.shards, s3.fsspec_options(config.source))
     store = Store(config.store, s3)
     fenced = store.check_writable()  # a store that cannot be written or reached, or other settings: said before
+    if config.prompts.mask_size is not None:  # the teacher's config alone says its decoder's size
+        check_mask_size(config.prompts.mask_size, Geometry.from_config(teacher_config(config.teacher.source)).mask_size)
+    config = settle_codec(config, store, shards, s3.fsspec_options(config.source))  # --codec auto: measured or stored
     store.check_settings(config.target_spec(""))  # the teacher loads (a minute with real weights)
     card, teacher = driver_card(config.teacher)
     checksum, geometry = card["checksum"], Geometry.from_dict(card["geometry"])
     if dataset == DatasetName.SAV:
         _check_video_memory(config.video.max_frames, geometry.image_size)
-    check_mask_size(config.prompts.mask_size, geometry.mask_size)
     fingerprint = config.fingerprint(checksum)
     store.open_for(
         {k: v for k, v in card.items() if k not in ("device", "precision")}, {**config.target_spec(checksum), "fingerprint": fingerprint}
@@ -172,6 +179,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     done = finished_shards(store, dataset.value, fingerprint)
     todo = [s for s in shards if s.name not in done]
     report = CacheReport(run_id, dataset.value, config.store, checksum, len(shards), len(shards) - len(todo))
+    report.codec = config.codec.value + (f" r={config.rank}" if config.codec == FeatureCodec.LOWRANK else "")
     report.store_version = store.dataset(table).version
     if not todo:
         report.seconds = time.perf_counter() - start
@@ -208,6 +216,8 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
         )
     exceeded = _failures_exceeded(store, config, fingerprint, {s.name for s in shards})
     report.exit_code = 1 if exceeded or report.aborted else 0
+    if config.error_budget is not None:
+        report.over_budget = rows_over_budget(store.dataset(table), config.error_budget, run_id)
     return report
 
 

@@ -79,6 +79,39 @@ class MaxFailures(BaseModel):
         return f"{self.count}" if self.count is not None else f"{self.percent:g}%"
 
 
+_BUDGET_KEYS = {"mask": "mask_iou_loss", "rms": "rel_rms"}
+
+
+class ErrorBudget(BaseModel):
+    """``--max-error``: what the trunk codec may cost, as means over the rows measured (see
+    ``esam3.workers.codec_choice``): the heads' masks (1 - IoU of the masks from the decoded vs the exact trunk, for
+    the row's prompts) and the features (relative RMS error). ``--codec auto`` takes the smallest codec within both."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    mask_iou_loss: float = Field(0.01, gt=0, lt=1, description="mean 1 - IoU of the heads' masks, decoded vs exact trunk")
+    rel_rms: float = Field(0.05, gt=0, le=1, description="mean relative RMS error of the trunk")
+
+    @classmethod
+    def parse(cls, text: str) -> ErrorBudget:
+        """``mask=0.01,rms=0.05`` (either part alone keeps the other's default)."""
+        values: dict[str, float] = {}
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            key, _, number = part.partition("=")
+            if key.strip() not in _BUDGET_KEYS or not number:
+                raise ValueError(f"expected mask=X and / or rms=Y (e.g. mask=0.01,rms=0.05), got {text!r}")
+            try:
+                values[_BUDGET_KEYS[key.strip()]] = float(number)
+            except ValueError:
+                raise ValueError(f"{key.strip()}: expected a number, got {number!r}") from None
+        if not values:
+            raise ValueError(f"expected mask=X and / or rms=Y (e.g. mask=0.01,rms=0.05), got {text!r}")
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return f"mask={self.mask_iou_loss:g},rms={self.rel_rms:g}"
+
+
 class CacheConfig(BaseModel):
     """Everything one cache run needs; the target part of it is fingerprinted into the ledger."""
 
@@ -102,6 +135,9 @@ class CacheConfig(BaseModel):
     run_id: str = ""
     read_retries: int = Field(
         3, ge=0, le=20, description="reads of a shard again after a transient I/O error, before it is left for a rerun"
+    )
+    error_budget: ErrorBudget | None = Field(
+        None, description="--codec auto: codec and rank are chosen by measuring candidates against this budget (see codec_pilot)"
     )
     max_teachers: int | None = Field(
         None, ge=1, le=4096, description="most teacher actors: GPUs that join the cluster mid-run get one up to this (None: no bound)"
@@ -137,6 +173,13 @@ class CacheConfig(BaseModel):
         if not self.targets:
             object.__setattr__(self, "targets", tuple(Target(t) for t in DEFAULT_TARGETS[self.dataset]))
         names = {t.value for t in self.targets}
+        if self.error_budget is not None and (
+            self.dataset != "sa-1b" or Target.PROMPTS.value not in names or Target.TRUNK.value not in names
+        ):
+            raise ValueError(
+                "codec auto measures what each codec costs the heads' masks on SA-1B prompts: it needs --dataset sa-1b "
+                "with --targets trunk,prompts; pass --codec fp16|bf16|int8|lowrank otherwise"
+            )
         wrong = names - _VALID_TARGETS[self.dataset]
         if wrong:
             raise ValueError(f"targets {sorted(wrong)} do not apply to {self.dataset}; choose from {sorted(_VALID_TARGETS[self.dataset])}")

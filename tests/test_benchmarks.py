@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -232,6 +233,13 @@ def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> No
     # the massive tokens inflate the int8 scales of their channels: the other tokens' error grows
     assert int8["with_massive_tokens"]["rel_rms_error_other_tokens"] > int8["rel_rms_error_mean"] > 0
     assert result["lowrank"]["fitted_on_one_shard"]["rel_rms_error_mean_other_shards"] > 0
+    budget = result["budget"]  # the low-rank candidates of --codec auto on a 32-channel trunk: 2, 4, 6, 8, 12, 16
+    errors = [v["rel_rms_error_mean"] for v in budget["lowrank"].values()]
+    assert list(budget["lowrank"]) == ["2", "4", "6", "8", "12", "16"] and errors == sorted(errors, reverse=True)
+    within = [int(r) for r, v in budget["lowrank"].items() if v["rel_rms_error_mean"] <= 0.05]
+    assert budget["smallest_within_rms"] == (min(within) if within else None)
+    if within:
+        assert budget["row_mb_targets_only"] < budget["row_mb_with_inputs"]
     bad = run_script("--rows", "8", "--fit-rows", "4", "--shards", "5", script=BENCHMARKS / "codecs.py")
     assert bad.returncode == 2 and "--shards must be between 1 and --fit-rows" in bad.stderr
     bad = run_script("--mask-size", "65", script=BENCHMARKS / "codecs.py")
@@ -240,7 +248,8 @@ def test_codecs_measures_massive_tokens_and_a_basis_fitted_across_shards() -> No
 
 def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path: Path) -> None:
     """benchmarks/fidelity.py at its smallest: per-step losses from an fp16 store equal the live teacher's within
-    1e-3 (relative), and an int8 store's student scores the live-teacher student's mIoU within 0.02."""
+    1e-3 (relative), an int8 store's student scores the live-teacher student's mIoU within 0.02, and a student
+    trains from the compact store (low-rank trunk, masks at half size), evaluated on the fp16 store's rows."""
     done = run_script(
         "--teacher",
         "tiny-random",
@@ -249,7 +258,9 @@ def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path:
         "--images",
         "8",
         "--codecs",
-        "int8",
+        "int8,compact",
+        "--rank",
+        "16",
         "--out",
         str(tmp_path),
         script=BENCHMARKS / "fidelity.py",
@@ -263,6 +274,10 @@ def test_fidelity_the_cache_trains_the_student_the_live_teacher_trains(tmp_path:
         assert abs(codec["miou_vs_teacher"]["cached"] - codec["miou_vs_teacher"]["live"]) < 0.02
         assert codec["teacher_trunk_forwards"] == {"cache_once": 8, "online_per_epoch": 4.0}  # 6 train rows: 1 batch of 4 per epoch
         assert codec["seconds"]["train_online"] > 0 and 0 < codec["seconds"]["online_teacher_share"] < 1
+    compact = result["codecs"]["compact"]
+    assert len(compact["loss"]["cached"]) == 4 and all(np.isfinite(compact["loss"]["cached"]))
+    assert 0 <= compact["miou_vs_teacher"]["cached"] <= 1 and -1 <= compact["feature_cosine"]["cached"] <= 1
+    assert compact["store_mb_per_image"] < int8["store_mb_per_image"] < fp16["store_mb_per_image"]
 
 
 @pytest.mark.parametrize(

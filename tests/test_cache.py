@@ -363,11 +363,14 @@ def test_cache_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], me
 
 
 @pytest.mark.parametrize("command", ["cache", "plan"])
-def test_mask_flags_are_refused_for_videos(demo_root: Path, tmp_path: Path, command: str) -> None:
+def test_mask_flags_are_refused_without_prompt_targets(demo_root: Path, tmp_path: Path, command: str) -> None:
     where = ["--source", str(demo_root / "sa-v"), "--store", str(tmp_path / "s")] if command == "cache" else ["--shards", "0"]
     result = runner.invoke(app, [command, "--dataset", "sa-v", *where, "--mask-outputs", "all", "--mask-size", "16"], env=WIDE)
     assert result.exit_code == 2 and "--mask-outputs and --mask-size: apply to sa-1b prompt targets only" in result.output
     assert not (tmp_path / "s").exists()
+    where = ["--source", str(demo_root / "sa-1b"), "--store", str(tmp_path / "s")] if command == "cache" else ["--shards", "0"]
+    result = runner.invoke(app, [command, "--dataset", "sa-1b", *where, "--targets", "trunk", "--mask-size", "16"], env=WIDE)
+    assert result.exit_code == 2 and "--mask-size: apply to the prompt targets, which --targets leaves out" in result.output
 
 
 def test_each_shard_is_streamed_into_one_fragment(tmp_path: Path) -> None:

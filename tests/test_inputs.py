@@ -220,7 +220,19 @@ def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path,
         info = runner.invoke(app, ["store", "info", str(store)], env={"COLUMNS": "400"}).output
         assert "the trunk codec costs the heads' masks a mean IoU of" in info and f"over {len(rows)} rows" in info
     assert means["fp16"] > 0.99 and means["fp16"] >= means["int8"] > means["lowrank"]  # a rank-2 basis moves the masks
-    plan = ["plan", "--dataset", "sa-1b", "--shards", "0-9", "--codec", "int8", "--measured-in", str(tmp_path / "int8")]
+    plan = [
+        "plan",
+        "--dataset",
+        "sa-1b",
+        "--shards",
+        "0-9",
+        "--teacher",
+        "tiny-random",
+        "--codec",
+        "int8",
+        "--measured-in",
+        str(tmp_path / "int8"),
+    ]
     said = runner.invoke(app, [*plan, "--json"], env={"COLUMNS": "400"})
     assert said.exit_code == 0, said.output
     planned = json.loads(said.output)
@@ -229,7 +241,7 @@ def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path,
     logits = StoreRows(Store(str(tmp_path / "int8")), "images").where(columns=["chosen_logits", "logits_mask_iou"])
     rate = sum(len(r["chosen_logits"]["data"]) for r in logits) / sum(np.prod(r["chosen_logits"]["shape"]) for r in logits)
     assert planned["logit_bytes_per_value"] == pytest.approx(rate) and planned["bytes_per_row"]["chosen_logits"] == int(
-        16 * (rate * 288 * 288 + 4)
+        16 * (rate * 32 * 32 + 4)
     )
     assert planned["codec_task_error"]["logits_mask_iou_mean"] == pytest.approx(np.mean([r["logits_mask_iou"] for r in logits]), abs=1e-4)
     table = runner.invoke(app, plan, env={"COLUMNS": "400"}).output
@@ -237,9 +249,10 @@ def test_rows_record_what_the_trunk_codec_costs_the_heads_masks(demo_root: Path,
     assert f"mask logits at {rate:.3f} B/value as measured in" in table
     for args, message in (
         (["--codec", "fp16", "--measured-in", str(tmp_path / "int8")], "was cached with --codec int8, this plan is for fp16"),
+        (["--codec", "int8", "--measured-in", str(tmp_path / "int8")], "was cached with mask side 32, this plan is for 288"),  # SAM3's
         (
-            ["--codec", "int8", "--mask-size", "144", "--measured-in", str(tmp_path / "int8")],
-            "was cached with --mask-size unset (the decoder's size), this plan is for 144",
+            ["--teacher", "tiny-random", "--codec", "int8", "--mask-size", "16", "--measured-in", str(tmp_path / "int8")],
+            "was cached with mask side 32, this plan is for 16",
         ),
         (["--measured-in", str(tmp_path / "nowhere")], "is not an esam3 store"),
     ):

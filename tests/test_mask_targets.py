@@ -13,7 +13,7 @@ import torch
 from esam3.schemas.prompts import MaskOutputs
 from esam3.train.losses import PromptOutputs, prompt_terms, teacher_outputs
 from esam3.workers.device_codecs import quantise_logits
-from esam3.workers.mask_targets import logits_mask_iou, picked_logits, resize_logits, stored_logits
+from esam3.workers.mask_targets import logits_mask_iou, resize_logits, stored_logits
 
 
 def sam_like(prompts: int, size: int) -> torch.Tensor:
@@ -60,8 +60,8 @@ def test_the_loss_reads_either_layout_and_any_stored_size_the_same_way() -> None
     outputs = PromptOutputs(torch.zeros(3, dtype=torch.long), torch.arange(3), pick, student, torch.rand(3, 4))
     common = {"iou": torch.rand(1, 3, 4), "prompt_valid": torch.ones(1, 3, dtype=torch.bool), "chosen_output": pick[None]}
     every = {**common, "single_logits": single, "multi_logits": multi}
-    chosen = {**common, "chosen_logits": picked_logits(single[0], multi[0], pick)[None]}
-    expected = x[torch.arange(3), pick]
+    expected = x[torch.arange(3), pick]  # output 0 is the single mask, 1..3 the multimask ones
+    chosen = {**common, "chosen_logits": expected[None].clone()}
     for batch in (every, chosen):
         logits, iou = teacher_outputs(batch, outputs)
         assert torch.equal(logits, expected) and torch.equal(iou, common["iou"][0])
@@ -70,3 +70,29 @@ def test_the_loss_reads_either_layout_and_any_stored_size_the_same_way() -> None
     half = {**common, "chosen_logits": resize_logits(chosen["chosen_logits"], 16)}  # cached with --mask-size 16
     logits, _ = teacher_outputs(half, outputs)
     assert logits.shape == (3, 32, 32) and ((logits > 0) == (expected > 0)).float().mean() > 0.97
+
+
+def test_training_judges_by_the_stored_output_and_the_live_arm_gives_full_size_targets(tiny_teacher, sa1b_store: Path) -> None:
+    """decode_batch takes the output the store says the teacher used (not its own reading of the IoU scores), and
+    the fidelity benchmark's live teacher gives the same layout at the decoder's size (any --mask-size cost shows)."""
+    from esam3.train.fidelity import LiveTargets
+    from esam3.train.losses import chosen_prompts, decode_batch
+    from esam3.train.reader import StoreDataset
+
+    dataset = StoreDataset(str(sa1b_store), fields=("input", "trunk", "prompts"), split="all")
+    batch = dataset[[0, 1]]
+    heads = tiny_teacher.heads
+    pairs = chosen_prompts(batch["prompt_valid"], None, None)
+    image, slot = pairs[:, 0], pairs[:, 1]
+    multimask = batch["chosen_output"][image, slot] > 0  # one-click prompts: any of the 3 multimask outputs is legal
+    assert multimask.any()
+    moved = dict(batch, chosen_output=batch["chosen_output"].clone())
+    moved["chosen_output"][image[multimask], slot[multimask]] = 1 + batch["chosen_output"][image[multimask], slot[multimask]] % 3
+    out = decode_batch(heads, batch["trunk"], moved, pairs)
+    assert torch.equal(out.pick, moved["chosen_output"][image, slot]) and not torch.equal(out.pick, batch["chosen_output"][image, slot])
+    live = LiveTargets(tiny_teacher)(batch)
+    assert live["chosen_logits"].shape == batch["chosen_logits"].shape and torch.equal(live["chosen_output"], batch["chosen_output"])
+    cached, fresh = batch["chosen_logits"][image, slot], live["chosen_logits"][image, slot]
+    assert ((cached > 0) == (fresh > 0)).float().mean() > 0.95  # the fp16 store vs the teacher now: a few pixels at most
+    small = dict(batch, chosen_logits=resize_logits(batch["chosen_logits"], 16))  # as a --mask-size 16 store holds them
+    assert LiveTargets(tiny_teacher)(small)["chosen_logits"].shape[-1] == 32  # the live arm stays at the decoder's size

@@ -50,17 +50,17 @@ class LiveTargets:
                     image=image.to(at),
                 )
             pick = self.heads.picked_output(labels, boxes, decoded["iou"])
-            kept = "chosen_logits" if "chosen_logits" in batch else "single_logits"  # the layout this store keeps
-            outputs = MaskOutputs.CHOSEN if kept == "chosen_logits" else MaskOutputs.ALL
-            logits = stored_logits(decoded["single"], decoded["multi"], pick, outputs, batch[kept].shape[-1])
+            outputs = MaskOutputs.CHOSEN if "chosen_logits" in batch else MaskOutputs.ALL  # the layout this store keeps
+            m = decoded["single"].shape[-1]  # the decoder's size: what a --mask-size store's resize costs shows
+            logits = stored_logits(decoded["single"], decoded["multi"], pick, outputs, m)
             live = {
                 "chosen_output": pick,
-                **{name: stored for name, (_, stored) in logits.items()},
+                **{name: exact for name, (exact, _) in logits.items()},
                 **{name: decoded[name] for name in ("iou", "object_score", "object_pointer")},
             }
             for name, value in live.items():
-                if name in batch:  # what this store keeps (chosen_logits, or multi_logits + single_logits)
-                    target = torch.zeros_like(batch[name])
+                if name in batch:  # the targets this store has (chosen_logits, or multi_logits + single_logits)
+                    target = batch[name].new_zeros((*batch[name].shape[:2], *value.shape[1:]))
                     target[image, slot] = value.to(device, target.dtype)
                     out[name] = target
         self.trunk_forwards += len(batch["input"])

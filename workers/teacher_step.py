@@ -148,8 +148,8 @@ class TeacherImages:
         if not (self.with_prompts and row["k"]):
             return send_image(self.copies, quantised, None)
         prompts = prompt_set(row, teacher.geometry.image_size)
+        _, labels, boxes = prompt_tensors(prompts, teacher.device)  # host -> device before the decoder is queued
         out = teacher.prompt_targets(trunk, prompts, on_device=True)
-        _, labels, boxes = prompt_tensors(prompts, teacher.device)
         pick = teacher.heads.picked_output(labels, boxes, out.iou)
         parts = send_image(self.copies, quantised, out, pick, self.mask_outputs, self.mask_size)
         if quantised is not None:

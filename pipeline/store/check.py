@@ -17,10 +17,12 @@ import pyarrow as pa
 
 from esam3.pipeline.object_store import storage_failed
 from esam3.pipeline.store import Store
+from esam3.pipeline.store.root import quote_sql
 from esam3.pipeline.store.commits import ledger_entries
 from esam3.pipeline.store.runs import read_runs
 from esam3.pipeline.store.snapshots import ledger_rows, snapshot_rows, snapshots
 from esam3.pipeline.store.rows import StoreRows
+from esam3.schemas.cache import ErrorBudget
 from esam3.schemas.codecs import CodecError
 from esam3.schemas.errors import first_line
 from esam3.schemas.store import TABLE_OF, StoreError, blob_columns, dataset_of, tensor_columns
@@ -71,6 +73,10 @@ def _store_info(store: Store, card: dict[str, Any], sample_rows: int) -> dict[st
             entry["unfinished_shards"] = unfinished_shards(store, name, entry["rows"])
         if name == "images" and entry["rows"]:
             entry["codec_task_error"] = codec_task_error(ds)
+            choice = store.read_codec_choice("sa-1b")
+            if choice is not None:  # --codec auto chose the codec: how many rows its budget missed since
+                budget = ErrorBudget(**choice["budget"])
+                entry["codec_choice"] = {**choice, "rows_over_budget": rows_over_budget(ds, budget)}
         tables[name] = entry
     ledger = ledger_entries(store, columns=["dataset"])
     return {
@@ -111,6 +117,13 @@ def codec_task_error(ds: Any) -> dict[str, Any]:
             logits_mask_iou_min=round(float(logit_ious.min()), 5),
         )
     return out
+
+
+def rows_over_budget(images: Any, budget: ErrorBudget, run_id: str | None = None) -> int:
+    """Image rows (of one run, or all) whose measured trunk-codec errors exceed ``budget``: the heads' mask IoU
+    (``codec_mask_iou``) or the trunk's relative RMS error."""
+    over = f"(codec_mask_iou < {1 - budget.mask_iou_loss!r} OR trunk.error > {budget.rel_rms!r})"
+    return images.count_rows(filter=over if run_id is None else f"run_id = {quote_sql([run_id])} AND {over}")
 
 
 #: Columns holding mask logits (logit8 / logit8d), whose bytes depend on their content.

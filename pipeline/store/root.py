@@ -196,6 +196,16 @@ class Store:
             self.create_table(name)
         return {**card, "targets": {dataset: targets}}
 
+    # ---- codec chosen by --codec auto ---------------------------------------------------------------
+
+    def read_codec_choice(self, dataset: str) -> dict[str, Any] | None:
+        """What ``--codec auto`` measured and chose for ``dataset`` (``codec-<dataset>.json``), if it ran."""
+        return self._read_json(f"codec-{dataset}.json")
+
+    def write_codec_choice_once(self, dataset: str, choice: dict[str, Any]) -> dict[str, Any]:
+        """Store the choice unless one is there; returns the stored one (another run's, if it chose first)."""
+        return self._write_json_once(f"codec-{dataset}.json", choice)
+
     # ---- low-rank basis ----------------------------------------------------------------------------
 
     def basis_path(self, dataset: str) -> str:
