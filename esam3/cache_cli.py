@@ -92,7 +92,7 @@ def cache_command(
     mask_size: int = typer.Option(None, "--mask-size", help=MASK_SIZE_HELP),
     codec: CodecFlag = typer.Option(CodecFlag.FP16, "--codec", help=CODEC_HELP),
     max_error: str = typer.Option(None, "--max-error", help=MAX_ERROR_HELP),
-    rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size (capped at the trunk width)."),
+    rank: int = typer.Option(None, "--rank", help="lowrank codec: basis size (capped at the trunk width). Default: 256."),
     inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
     fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
     batch_size: int = typer.Option(8, "--batch-size", help="Images (or video frames) per teacher forward."),
@@ -162,7 +162,7 @@ def cache_command(
             prompts=prompt_config,
             video=video_config,
             **codec_options(codec, max_error),
-            rank=rank,
+            **rank_option(codec, rank),
             inputs=inputs,
             dct_scaling=_fast_decode(fast_decode, dataset),
             address=address,
@@ -194,9 +194,10 @@ def cache_command(
         )
     else:
         console.print(summary_table(report))
-        if report.over_budget is not None:
-            said = f"codec auto: {report.codec}; {report.over_budget} of this run's {report.rows} rows exceed --max-error"
-            (err_console if report.over_budget else console).print(Text(said + (" (see store info)" if report.over_budget else "")))
+        if report.budget and report.budget["rows"]:
+            console.print(Text(f"codec auto: {report.codec}; this run's rows: {budget_said(report.budget)}"))
+            if not report.budget["within"]:
+                err_console.print(Text("this run's mean codec error is over --max-error (see esam3 store info)"))
     if report.failures:
         err_console.print(Text(f"{report.failures} bad sample(s) (limit {limit}); see the store's failures table"))
     elif report.exit_code and not report.aborted:  # a rerun: the failures are from earlier runs
@@ -223,6 +224,23 @@ def mask_options(dataset: DatasetName, targets: tuple[Target, ...], outputs: Mas
     if given and targets and Target.PROMPTS not in targets:
         raise UsageError(f"{flags}: apply to the prompt targets, which --targets leaves out")
     return given
+
+
+def rank_option(codec: CodecFlag, rank: int | None) -> dict[str, Any]:
+    """``--rank`` as a CacheConfig value (default 256); --codec auto chooses the rank itself."""
+    if rank is not None and codec == CodecFlag.AUTO:
+        raise UsageError("--rank: --codec auto chooses the rank (by measurement); pass --codec lowrank --rank R to set it")
+    return {} if rank is None else {"rank": rank}
+
+
+def budget_said(check: dict[str, Any]) -> str:
+    """``check.budget_check``'s figures in one phrase."""
+    means = check["means"]
+    verdict = "within" if check["within"] else "over"
+    return (
+        f"mean mask-IoU loss {means['mask_iou_loss']:.4f}, mean rel. RMS {means['rel_rms']:.4f} ({verdict} --max-error; "
+        f"{check['rows_above']} of {check['rows']} single rows above it)"
+    )
 
 
 def _fast_decode(value: bool, dataset: DatasetName) -> bool:
@@ -290,14 +308,18 @@ def plan_command(
     dataset: DatasetName = typer.Option(..., "--dataset", help="Which dataset the run would cache."),
     shards: str = typer.Option(..., "--shards", help="Shards the run would cache: 0-99, 0,3,7-9 (all needs --source)."),
     source: str = typer.Option(None, "--source", help="Count the selected shards that exist here (folder or URL)."),
-    teacher: str = typer.Option("full-random", "--teacher", help="Teacher whose sizes to use (its config only; default: SAM3's)."),
+    teacher: str = typer.Option(
+        "full-random",
+        "--teacher",
+        help="Teacher whose sizes to use (its config only, unless --codec auto loads it for the pilot; default: SAM3's).",
+    ),
     targets: str = typer.Option(None, "--targets", help="Comma-separated targets, as for cache. Default: both of the dataset's."),
     prompts: int = typer.Option(16, "--prompts", help="Prompts per image (K)."),
     mask_outputs: MaskOutputs = typer.Option(None, "--mask-outputs", help=MASK_OUTPUTS_HELP),
     mask_size: int = typer.Option(None, "--mask-size", help=MASK_SIZE_HELP),
     codec: CodecFlag = typer.Option(CodecFlag.FP16, "--codec", help=CODEC_HELP + " auto needs --source (the pilot reads it)."),
     max_error: str = typer.Option(None, "--max-error", help=MAX_ERROR_HELP),
-    rank: int = typer.Option(256, "--rank", help="lowrank codec: basis size."),
+    rank: int = typer.Option(None, "--rank", help="lowrank codec: basis size. Default: 256."),
     inputs: Inputs = typer.Option(Inputs.STORE, "--inputs", help=INPUTS_HELP),
     fast_decode: bool = typer.Option(False, "--fast-decode", help=FAST_DECODE_HELP),
     max_objects: int = typer.Option(8, "--max-objects", help="sa-v: objects per video."),
@@ -315,7 +337,8 @@ def plan_command(
     s3_endpoint: str = typer.Option(None, "--s3-endpoint", help=S3_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
 ) -> None:
-    """Rows, bytes per row, total bytes and GPU-hours of a cache run, before anything runs (no weights loaded)."""
+    """Rows, bytes per row, total bytes and GPU-hours of a cache run, before anything runs (no weights loaded, but for
+    --codec auto's pilot)."""
     from esam3.pipeline.costs import codec_choices, make_plan
     from esam3.pipeline.shards import select_shards
     from esam3.schemas.shards import ShardSpec
@@ -351,7 +374,7 @@ def plan_command(
             ),
             video=video,
             **codec_options(codec, max_error),
-            rank=rank,
+            **rank_option(codec, rank),
             inputs=inputs,
             dct_scaling=_fast_decode(fast_decode, dataset),
         )
@@ -361,6 +384,10 @@ def plan_command(
         if config.error_budget is not None:
             if not source:
                 raise UsageError("--codec auto: pass --source; the pilot measures the codecs on rows of its shards")
+            if teacher in RANDOM_TEACHERS:
+                err_console.print(
+                    Text(f"--codec auto with --teacher {teacher}: random weights; what it chooses says nothing of real SAM3 features")
+                )
             config, pilot = measured_choice(config, teacher, s3_endpoint)
         measured = measured_task_error(measured_in, config, geometry.mask_size, s3_endpoint) if measured_in else None
         rate = measured.get("logit_bytes_per_value") if measured else None
@@ -469,11 +496,13 @@ def measured_task_error(uri: str, config: CacheConfig, decoder_size: int, s3_end
         raise UsageError(f"--measured-in: {uri} holds no sa-1b rows")
     planned = {
         "--codec": config.codec.value,
+        "--rank": config.rank if config.codec == FeatureCodec.LOWRANK else None,
         "--mask-outputs": config.prompts.mask_outputs.value,
         "mask side": config.prompts.mask_size or decoder_size,
     }
     cached = {
         "--codec": spec["codec"],
+        "--rank": spec.get("rank"),
         "--mask-outputs": spec["prompts"]["mask_outputs"],
         "mask side": spec["prompts"]["mask_size"] or card["teacher"]["geometry"]["mask_size"],  # bytes per value depend on it
     }

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from esam3.cache_cli import S3_HELP, s3_settings
+from esam3.cache_cli import S3_HELP, budget_said, s3_settings
 from esam3.console import UsageError, build_config, console, human_bytes, print_json, progress, user_errors
+from esam3.schemas.cache import ErrorBudget
 from esam3.schemas.store import TABLE_OF, dataset_of
 
 store_app = typer.Typer(help="Inspect and check a feature store.", no_args_is_help=True)
@@ -85,12 +86,13 @@ def info_command(
         )
     choice = info["tables"]["images"].get("codec_choice")
     if choice:
-        budget = ", ".join(f"{k} {v:g}" for k, v in choice["budget"].items())
         chosen = choice["codec"] + (f" r={choice['rank']}" if choice["rank"] else "")
+        check = choice["budget_check"]
         console.print(
             Text(
                 f"images: codec {chosen} chosen by --codec auto on {choice['rows']} pilot rows of {len(choice['shards'])} "
-                f"shard(s) (budget: {budget}); {choice['rows_over_budget']} of {info['tables']['images']['rows']} rows exceed it"
+                f"shard(s) under --max-error {ErrorBudget(**choice['budget'])}"
+                + (f"; the rows since: {budget_said(check)}" if check["rows"] else "")
             )
         )
     if cost.get("logit_rows"):

@@ -48,9 +48,9 @@ from esam3.pipeline.store.commits import (
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline import sources
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
-from esam3.pipeline.codec_pilot import settle_codec
+from esam3.pipeline.codec_pilot import resolved, settle_codec, stored_choice
 from esam3.pipeline.store import Store
-from esam3.pipeline.store.check import rows_over_budget
+from esam3.pipeline.store.check import budget_check
 from esam3.pipeline.store.snapshots import tag_if_complete
 from esam3.schemas.cache import CacheConfig, Inputs, RunError, Target
 from esam3.schemas.codecs import FeatureCodec
@@ -124,7 +124,7 @@ class CacheReport:
     failure_samples: list[dict[str, Any]] = field(default_factory=list)
     aborted: dict[str, str] = field(default_factory=dict)  # shard -> why it stays uncommitted (I/O; a rerun does it)
     codec: str = ""  # the trunk codec the rows use (``--codec auto``: the one chosen)
-    over_budget: int | None = None  # --codec auto: this run's rows whose measured errors exceed --max-error
+    budget: dict[str, Any] | None = None  # --codec auto: this run's rows against --max-error (``check.budget_check``)
     exit_code: int = 0
 
     @property
@@ -154,10 +154,15 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     fenced = store.check_writable()  # a store that cannot be written or reached, or other settings: said before
     if config.prompts.mask_size is not None:  # the teacher's config alone says its decoder's size
         check_mask_size(config.prompts.mask_size, Geometry.from_config(teacher_config(config.teacher.source)).mask_size)
-    config = settle_codec(config, store, shards, s3.fsspec_options(config.source))  # --codec auto: measured or stored
+    choice = stored_choice(config, store) if config.error_budget is not None else None  # --codec auto, chosen before
+    if choice is not None:
+        config = resolved(config, choice)
     store.check_settings(config.target_spec(""))  # the teacher loads (a minute with real weights)
     card, teacher = driver_card(config.teacher)
     checksum, geometry = card["checksum"], Geometry.from_dict(card["geometry"])
+    store.check_teacher(card)  # before a pilot writes its choice into the store
+    if config.error_budget is not None:  # --codec auto: the stored choice (same teacher) or a pilot's
+        config = settle_codec(config, store, shards, s3.fsspec_options(config.source), checksum)
     if dataset == DatasetName.SAV:
         _check_video_memory(config.video.max_frames, geometry.image_size)
     fingerprint = config.fingerprint(checksum)
@@ -217,7 +222,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     exceeded = _failures_exceeded(store, config, fingerprint, {s.name for s in shards})
     report.exit_code = 1 if exceeded or report.aborted else 0
     if config.error_budget is not None:
-        report.over_budget = rows_over_budget(store.dataset(table), config.error_budget, run_id)
+        report.budget = budget_check(store.dataset(table), config.error_budget, run_id)
     return report
 
 

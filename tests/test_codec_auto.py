@@ -8,15 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from esam3.cli import app
-from esam3.pipeline.codec_pilot import spread
+from esam3.pipeline.codec_pilot import pilot_rows, quotas, spread
 from esam3.pipeline.plan import run_cache
-from esam3.pipeline.shards import DatasetName, ShardRef
+from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig, ErrorBudget
+from esam3.schemas.codecs import fit_basis
+from esam3.schemas.store import StoreError
+from esam3.schemas.teacher import TeacherConfig
+from esam3.workers.preprocess import normalize
 from esam3.workers.codec_choice import candidate_ranks
 
 runner = CliRunner()
@@ -34,11 +39,14 @@ def test_the_budget_parses_and_candidates_spread() -> None:
         with pytest.raises(ValueError):
             ErrorBudget.parse(text)
     assert candidate_ranks(1024) == [64, 128, 192, 256, 384, 512] and candidate_ranks(8) == [1, 2, 3, 4]
+    assert quotas(5) == [4, 3, 3, 3, 3] and quotas(7) == [3, 3, 2, 2, 2, 2, 2] and sum(quotas(8)) == 16  # every shard counts
     shards = [ShardRef(DatasetName.SA1B, i, f"x/{i}") for i in range(100)]
     assert [s.shard_id for s in spread(shards, 8)] == [0, 14, 28, 42, 57, 71, 85, 99] and spread(shards[:3], 8) == shards[:3]
 
 
-def test_auto_takes_the_smallest_codec_within_the_budget_and_keeps_it(demo_root: Path, tmp_path: Path) -> None:
+def test_auto_takes_the_smallest_codec_within_the_budget_and_keeps_it(
+    demo_root: Path, tmp_path: Path, tiny_teacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # a loose budget that the tiny random teacher's low-rank codecs can meet (its features are random: only a wide
     # basis keeps them), so the choice is a rank the pilot measured, not the most exact codec
     budget = ErrorBudget(mask_iou_loss=0.3, rel_rms=0.6)
@@ -49,22 +57,39 @@ def test_auto_takes_the_smallest_codec_within_the_budget_and_keeps_it(demo_root:
     within = [c for c in choice["candidates"] if c["within"]]
     assert within and (choice["codec"], choice["rank"]) == (within[0]["codec"], within[0]["rank"])
     assert all(c["trunk_bytes"] >= within[0]["trunk_bytes"] for c in within)  # the smallest that fits
-    assert choice["codec"] == "lowrank" and Store(str(store)).read_basis("sa-1b").rank == choice["rank"]
+    assert choice["codec"] == "lowrank" and choice["teacher"] == tiny_teacher.card.checksum
+    # the run's basis is the pilot's, fitted on the rows of both shards (not the first teacher batch's)
+    config = auto(demo_root, store, budget)
+    pilot = pilot_rows(config, select_shards(config.source, DatasetName.SA1B, "all"), 112, None)
+    pixels = torch.stack([torch.frombuffer(bytearray(r["pixels"]), dtype=torch.uint8).reshape(3, 112, 112) for r in pilot])
+    expected = fit_basis(tiny_teacher.trunk_features(normalize(pixels)).float().numpy(), choice["rank"]).components
+    stored = Store(str(store)).read_basis("sa-1b").components
+    assert np.abs(stored @ stored.T - expected @ expected.T).max() < 1e-3  # the same subspace
     rows = StoreRows(Store(str(store)), "images").where(columns=["trunk", "codec_mask_iou", "codec"])
     assert {r["codec"] for r in rows} == {"lowrank"} and report.codec == f"lowrank r={choice['rank']}"
-    over = sum(1 for r in rows if r["codec_mask_iou"] < 1 - budget.mask_iou_loss or r["trunk"]["error"] > budget.rel_rms)
-    assert report.over_budget == over
+    loss = np.mean([1 - r["codec_mask_iou"] for r in rows])
+    rms = np.mean([r["trunk"]["error"] for r in rows])
+    above = sum(1 for r in rows if r["codec_mask_iou"] < 1 - budget.mask_iou_loss or r["trunk"]["error"] > budget.rel_rms)
+    assert report.budget["means"] == pytest.approx({"mask_iou_loss": loss, "rel_rms": rms}, abs=1e-5)
+    assert report.budget["rows_above"] == above and report.budget["within"] == (loss <= 0.3 and rms <= 0.6)
     info = runner.invoke(app, ["store", "info", str(store), "--json"], env=WIDE)
-    assert json.loads(info.output)["tables"]["images"]["codec_choice"]["rows_over_budget"] == over
-    assert (
-        f"lowrank r={choice['rank']} chosen by --codec auto on 6 pilot rows of 2 shard(s)"
-        in runner.invoke(app, ["store", "info", str(store)], env=WIDE).output
-    )
-    stamp = (store / "codec-sa-1b.json").stat().st_mtime_ns
+    assert json.loads(info.output)["tables"]["images"]["codec_choice"]["budget_check"] == report.budget
+    said = " ".join(runner.invoke(app, ["store", "info", str(store)], env=WIDE).output.split())
+    assert f"lowrank r={choice['rank']} chosen by --codec auto on 6 pilot rows of 2 shard(s) under --max-error mask=0.3,rms=0.6" in said
+    monkeypatch.setattr("esam3.pipeline.codec_pilot.choose_codec", lambda *a: pytest.fail("measured again"))
     again = run_cache(auto(demo_root, store, budget), executor="local")  # adopts the stored choice: no new pilot
-    assert again.nothing_to_do and (store / "codec-sa-1b.json").stat().st_mtime_ns == stamp
+    assert again.nothing_to_do
     with pytest.raises(Exception, match="chosen under another budget"):
         run_cache(auto(demo_root, store, ErrorBudget()), executor="local")
+
+
+def test_the_pilot_writes_nothing_into_another_teachers_store(demo_root: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    run_cache(CacheConfig(dataset="sa-v", source=str(demo_root / "sa-v"), store=str(store), codec="int8"), executor="local")
+    other = auto(demo_root, store, ErrorBudget()).model_copy(update={"teacher": TeacherConfig(source="tiny-random", seed=1)})
+    with pytest.raises(StoreError, match="holds targets of teacher"):
+        run_cache(other, executor="local")
+    assert Store(str(store)).read_codec_choice("sa-1b") is None and Store(str(store)).read_basis("sa-1b") is None
 
 
 def test_auto_from_the_cli_with_the_default_budget(demo_root: Path, tmp_path: Path) -> None:
@@ -78,7 +103,7 @@ def test_auto_from_the_cli_with_the_default_budget(demo_root: Path, tmp_path: Pa
     chosen = next(c for c in choice["candidates"] if (c["codec"], c["rank"]) == (choice["codec"], choice["rank"]))
     # random features: nothing low-rank keeps them within the default budget; the smallest codec that does is taken
     assert chosen["within"] and all(not c["within"] for c in choice["candidates"] if c["trunk_bytes"] < chosen["trunk_bytes"])
-    assert report["over_budget"] is not None and 0 <= report["over_budget"] <= report["rows"] == 6
+    assert report["budget"]["rows"] == report["rows"] == 6 and 0 <= report["budget"]["rows_above"] <= 6
     other = tmp_path / "explicit"
     assert run_cache(
         CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(other), codec="int8", shards="0"), executor="local"
@@ -110,6 +135,7 @@ def test_auto_from_the_cli_with_the_default_budget(demo_root: Path, tmp_path: Pa
         (["--codec", "auto", "--max-error", "mask=2"], "--max-error: mask_iou_loss: Input should be less than 1"),
         (["--codec", "auto", "--max-error", "iou=0.1"], "--max-error: expected mask=X and / or rms=Y"),
         (["--codec", "auto", "--targets", "trunk"], "codec auto measures what each codec costs the heads' masks"),
+        (["--codec", "auto", "--rank", "64"], "--rank: --codec auto chooses the rank"),
     ],
 )
 def test_auto_usage_errors(demo_root: Path, tmp_path: Path, args: list[str], message: str) -> None:

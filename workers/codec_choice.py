@@ -13,6 +13,7 @@ measured on the other half, so its error is a held-out one; the run then uses a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,17 +58,18 @@ class CodecChoice:
     rows: int  # pilot rows measured
     shards: list[str]  # the shards they came from
     candidates: list[Candidate]
+    teacher: str = ""  # the checksum of the teacher that measured (set where the choice is stored)
 
     @property
     def chosen(self) -> Candidate:
         return next(c for c in self.candidates if (c.codec, c.rank) == (self.codec, self.rank))
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "candidates": [asdict(c) for c in self.candidates]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CodecChoice:
-        return cls(**{**data, "candidates": [Candidate(**c) for c in data["candidates"]]})
+        """As plain JSON: an error that is not finite (fp16 overflowing on some feature) is written as null."""
+        candidates = [
+            {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(c).items()} for c in self.candidates
+        ]
+        return {**asdict(self), "candidates": candidates}
 
 
 def candidate_ranks(channels: int) -> list[int]:

@@ -99,14 +99,15 @@ class TeacherImages:
             return self._device_basis
         from esam3.pipeline.store import Store
 
-        uri, dataset, _, s3 = self.basis
+        uri, dataset, rank, s3 = self.basis
         found = Store(uri, s3).read_basis(dataset)
         if found is None:
             raise CodecError("the low-rank basis is not in the store (the first teacher batch stores it)")
-        if found.components.shape[0] != self.teacher.geometry.trunk_width:
-            raise CodecError(
-                f"the store's basis has {found.components.shape[0]} channels, the teacher's trunk {self.teacher.geometry.trunk_width}"
-            )
+        width = self.teacher.geometry.trunk_width
+        if found.components.shape[0] != width:
+            raise CodecError(f"the store's basis has {found.components.shape[0]} channels, the teacher's trunk {width}")
+        if found.rank != min(rank, width):  # rows must be what the card says (a basis left by another run's pilot)
+            raise CodecError(f"the store's basis has rank {found.rank}, this run's codec rank {min(rank, width)}: use another --store")
         self._device_basis = DeviceBasis.of(found, self.teacher.device)
         return self._device_basis
 

@@ -175,6 +175,16 @@ class Store:
         if existing is not None:
             _refuse_other_settings(self.uri, existing, targets, ignore=("teacher", "fingerprint"))
 
+    def check_teacher(self, teacher: dict[str, Any], card: dict[str, Any] | None = None) -> None:
+        """A store holds one teacher's targets: another teacher (checksum) is refused; a store without a card yet
+        takes any."""
+        card = card if card is not None else self.read_card()
+        if card is not None and card["teacher"]["checksum"] != teacher["checksum"]:
+            raise StoreError(
+                f"store {self.uri} holds targets of teacher {card['teacher']['checksum']} ({card['teacher']['source']}); "
+                f"this run's teacher is {teacher['checksum']} ({teacher['source']}): use another --store"
+            )
+
     def open_for(self, teacher: dict[str, Any], targets: dict[str, Any]) -> dict[str, Any]:
         """Create the store (card + empty tables) or check that it holds this teacher's targets of this kind.
 
@@ -184,11 +194,7 @@ class Store:
         """
         card = self._write_json_once(STORE_CARD, {"format": STORE_FORMAT, "teacher": teacher, "created": _now().isoformat()})
         self._check_format(card)
-        if card["teacher"]["checksum"] != teacher["checksum"]:
-            raise StoreError(
-                f"store {self.uri} holds targets of teacher {card['teacher']['checksum']} ({card['teacher']['source']}); "
-                f"this run's teacher is {teacher['checksum']} ({teacher['source']}): use another --store"
-            )
+        self.check_teacher(teacher, card)
         dataset = targets["dataset"]
         existing = self._write_json_once(f"targets-{dataset}.json", targets)
         _refuse_other_settings(self.uri, existing, targets)
