@@ -2,17 +2,20 @@
 (``esam3.workers.codec_choice``), and the run caches with the smallest one within ``--max-error``.
 
 The pilot reads the first rows of up to ``PILOT_SHARDS`` shards spread over the selection (``PILOT_ROWS`` in all),
-so the choice, and the low-rank basis of a low-rank choice, see more than one shard's images. It runs in the driver
-process on the teacher's device (a GPU when the driver has one; on a CPU-only driver the full-size teacher takes
-minutes for the pilot; ``esam3 plan --source ... --codec auto`` on a GPU machine prints the codec it would choose,
-but given explicitly a low-rank codec fits its basis on the run's first teacher batch instead of the pilot's). The choice is stored once per dataset (``codec-<dataset>.json``, with every candidate's
-measurements and the teacher's checksum), after the store's teacher is checked and after its low-rank basis; a
-rerun with the same budget adopts it without measuring again, so resumed runs keep their codec.
+so the choice, and the low-rank basis of a low-rank choice, see more than one shard's images. With the Ray executor
+on a cluster with GPUs it runs as a Ray task holding one GPU (the driver may sit on a CPU head node); otherwise in
+the driver process on the teacher's device (on a CPU a full-size teacher takes minutes for the pilot). The choice
+is stored once per dataset (``codec-<dataset>.json``: every candidate's measurements, the teacher's checksum, where
+it ran), after the store's teacher is checked and after its low-rank basis; a rerun with the same budget adopts it
+without measuring again, so resumed runs keep their codec.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import socket
 from typing import Any
 
 from esam3.pipeline.shards import ShardRef
@@ -86,6 +89,7 @@ def choose_codec(config: CacheConfig, shards: list[ShardRef], storage_options: d
     from esam3.workers.teacher import Sam3Teacher
 
     teacher = Sam3Teacher.load(config.teacher)
+    where = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(teacher.device)}
     try:
         rows = pilot_rows(config, shards, teacher.geometry.image_size, storage_options)
         if len(rows) < 2:
@@ -104,8 +108,24 @@ def choose_codec(config: CacheConfig, shards: list[ShardRef], storage_options: d
             config.error_budget,
             choice.chosen.name,
         )
-    log.info("codec auto: %s on %d rows of %d shard(s)", choice.chosen.name, choice.rows, len(choice.shards))
-    return choice, basis
+    log.info("codec auto: %s on %d rows of %d shard(s) (%s)", choice.chosen.name, choice.rows, len(choice.shards), where)
+    return dataclasses.replace(choice, measured_on=where), basis
+
+
+def run_pilot(config: CacheConfig, shards: list[ShardRef], storage_options: dict[str, Any] | None, executor: str) -> tuple[Any, Any]:
+    """:func:`choose_codec` where the teacher is best run: with the Ray executor on a cluster with GPUs, as a Ray task
+    holding one (the driver may sit on a CPU head node); else in this process."""
+    if executor != "ray":
+        return choose_codec(config, shards, storage_options)
+    import ray
+
+    from esam3.pipeline.ray_plan import ray_session
+
+    with ray_session(config.address):
+        if ray.cluster_resources().get("GPU", 0) < 1:
+            return choose_codec(config, shards, storage_options)
+        task = ray.remote(choose_codec).options(num_gpus=1, num_cpus=1, max_retries=0)
+        return ray.get(task.remote(config, shards, storage_options))
 
 
 def named(choice: dict[str, Any]) -> str:
@@ -145,14 +165,19 @@ def resolved(config: CacheConfig, choice: dict[str, Any], teacher: str | None = 
 
 
 def settle_codec(
-    config: CacheConfig, store: Store, shards: list[ShardRef], storage_options: dict[str, Any] | None, teacher: str
+    config: CacheConfig,
+    store: Store,
+    shards: list[ShardRef],
+    storage_options: dict[str, Any] | None,
+    teacher: str,
+    executor: str = "local",
 ) -> CacheConfig:
     """``--codec auto`` once the run's teacher (checksum ``teacher``) is known to be the store's: the stored choice,
     or one measured now on pilot rows and stored, its low-rank basis first (a stored choice always has its basis),
     before any row is written."""
     stored = stored_choice(config, store)
     if stored is None:
-        choice, basis = choose_codec(config, shards, storage_options)
+        choice, basis = run_pilot(config, shards, storage_options, executor)
         if basis is not None:
             store.write_basis_once(config.dataset, basis)
         stored = store.write_codec_choice_once(config.dataset, {**choice.to_json(), "teacher": teacher})

@@ -35,6 +35,23 @@ def small_config(out: Path, **overrides) -> DemoDataConfig:
     return DemoDataConfig(**values)
 
 
+def start_lean_ray(**resources: float):
+    """A lean in-process Ray for tests (2 CPUs, a small object store, no dashboard), plus logical ``resources``
+    (e.g. ``num_gpus=1``: GPUs this machine does not have, which actors and tasks reserve and run on the CPU)."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 2**20,
+        logging_level="WARNING",
+        log_to_driver=False,
+        configure_logging=False,
+        **resources,
+    )
+    return ray
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``<root>/sa-1b/sa_00000{0,1}.tar`` (3 images each) and ``<root>/sa-v/sav_000.tar`` (2 videos)."""

@@ -21,21 +21,12 @@ from esam3.pipeline.store.check import verify_store
 from esam3.schemas.cache import CacheConfig, RunError
 from esam3.schemas.store import StoreError
 from esam3.pipeline.tar_stream import ShardReadError
-from tests.conftest import small_config
+from tests.conftest import small_config, start_lean_ray
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=300 * 2**20,
-        logging_level="WARNING",
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    ray = start_lean_ray()
     yield ray
     ray.shutdown()
 

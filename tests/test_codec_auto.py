@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from esam3.schemas.codecs import fit_basis
 from esam3.schemas.store import StoreError
 from esam3.schemas.teacher import TeacherConfig
 from esam3.workers.preprocess import normalize
+from tests.conftest import start_lean_ray
 from esam3.workers.codec_choice import candidate_ranks
 
 runner = CliRunner()
@@ -172,3 +174,16 @@ def test_plan_measures_the_codecs_before_a_run(demo_root: Path) -> None:
     assert missing.exit_code == 2 and "--codec auto: pass --source" in missing.output
     video = runner.invoke(app, ["plan", "--dataset", "sa-v", "--shards", "0", "--codec", "auto"], env=WIDE)
     assert video.exit_code == 2 and "it needs --dataset sa-1b" in video.output
+
+
+def test_on_a_cluster_with_gpus_the_pilot_is_a_ray_task_holding_one(demo_root: Path, tmp_path: Path) -> None:
+    """With the Ray executor the pilot runs where a GPU is (a CPU head node's driver would take minutes at full size):
+    here one logical GPU, which the pilot's task holds and gives back before the run's teacher actor takes it."""
+    ray = start_lean_ray(num_gpus=1)
+    try:
+        report = run_cache(auto(demo_root, tmp_path / "store", ErrorBudget()).model_copy(update={"shards": "0"}), executor="ray")
+    finally:
+        ray.shutdown()
+    where = Store(str(tmp_path / "store")).read_codec_choice("sa-1b")["measured_on"]
+    assert where["pid"] != os.getpid() and where["device"] == "cpu"  # a Ray worker (its GPU is logical here)
+    assert report.rows == 3 and report.budget["rows"] == 3

@@ -59,6 +59,7 @@ class CodecChoice:
     shards: list[str]  # the shards they came from
     candidates: list[Candidate]
     teacher: str = ""  # the checksum of the teacher that measured (set where the choice is stored)
+    measured_on: dict[str, Any] | None = None  # host, pid and device of the pilot
 
     @property
     def chosen(self) -> Candidate:
