@@ -21,8 +21,9 @@ from typing import Any
 from esam3.pipeline.shards import ShardRef
 from esam3.pipeline.store import Store
 from esam3.schemas.cache import CacheConfig, ErrorBudget, RunError
-from esam3.schemas.codecs import FeatureCodec
+from esam3.schemas.codecs import Basis, FeatureCodec
 from esam3.schemas.errors import ConfigError
+from esam3.schemas.teacher import TeacherLoadError
 from esam3.schemas.work import KIND_ABORT, KIND_SAMPLE
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,23 @@ def pilot_rows(
     return rows
 
 
-def choose_codec(config: CacheConfig, shards: list[ShardRef], storage_options: dict[str, Any] | None) -> tuple[Any, Any]:
+def choose_codec(
+    config: CacheConfig, shards: list[ShardRef], storage_options: dict[str, Any] | None, checksum: str | None = None
+) -> tuple[Any, Any]:
     """Load the teacher on its device, read the pilot rows and measure: (CodecChoice, Basis or None). The teacher
-    and its device memory are let go before returning (on one GPU, the run's teacher actor needs it next)."""
+    must be the run's (``checksum``; another copy of the checkpoint on a worker is refused). It and its device
+    memory are let go before returning (on one GPU, the run's teacher actor needs it next)."""
     import torch
 
     from esam3.workers.codec_choice import measure_codecs
     from esam3.workers.teacher import Sam3Teacher
 
     teacher = Sam3Teacher.load(config.teacher)
+    if checksum is not None and teacher.card.checksum != checksum:
+        raise TeacherLoadError(
+            f"teacher {config.teacher.source} loaded for the pilot on {socket.gethostname()} has checksum "
+            f"{teacher.card.checksum}, the run expects {checksum}: every worker must see the same checkpoint"
+        )
     where = {"host": socket.gethostname(), "pid": os.getpid(), "device": str(teacher.device)}
     try:
         rows = pilot_rows(config, shards, teacher.geometry.image_size, storage_options)
@@ -102,30 +111,38 @@ def choose_codec(config: CacheConfig, shards: list[ShardRef], storage_options: d
         del teacher
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    return dataclasses.replace(choice, measured_on=where), basis
+
+
+def run_pilot(
+    config: CacheConfig, shards: list[ShardRef], storage_options: dict[str, Any] | None, checksum: str, executor: str
+) -> tuple[Any, Any]:
+    """:func:`choose_codec` where the teacher is best run: with the Ray executor on a cluster with GPUs, as a Ray task
+    holding one (the driver may sit on a CPU head node; a single-use worker, so its CUDA context goes with it);
+    else in this process. What it found is logged here, on the driver."""
+    if executor != "ray":
+        choice, basis = choose_codec(config, shards, storage_options, checksum)
+    else:
+        import ray
+
+        from esam3.pipeline.ray_plan import ray_errors, ray_session
+
+        with ray_session(config.address), ray_errors():
+            if ray.cluster_resources().get("GPU", 0) < 1:
+                choice, basis = choose_codec(config, shards, storage_options, checksum)
+            else:
+                task = ray.remote(num_gpus=1, num_cpus=1, max_retries=0)(choose_codec)
+                choice, basis = ray.get(task.remote(config, shards, storage_options, checksum))
+                if basis is not None:  # own the arrays: they may be views into Ray's object store, which may stop now
+                    basis = Basis(basis.mean.copy(), basis.components.copy())
     if not choice.chosen.within:
         log.warning(
             "codec auto: no codec is within --max-error %s on the pilot rows; taking the most exact, %s",
             config.error_budget,
             choice.chosen.name,
         )
-    log.info("codec auto: %s on %d rows of %d shard(s) (%s)", choice.chosen.name, choice.rows, len(choice.shards), where)
-    return dataclasses.replace(choice, measured_on=where), basis
-
-
-def run_pilot(config: CacheConfig, shards: list[ShardRef], storage_options: dict[str, Any] | None, executor: str) -> tuple[Any, Any]:
-    """:func:`choose_codec` where the teacher is best run: with the Ray executor on a cluster with GPUs, as a Ray task
-    holding one (the driver may sit on a CPU head node); else in this process."""
-    if executor != "ray":
-        return choose_codec(config, shards, storage_options)
-    import ray
-
-    from esam3.pipeline.ray_plan import ray_session
-
-    with ray_session(config.address):
-        if ray.cluster_resources().get("GPU", 0) < 1:
-            return choose_codec(config, shards, storage_options)
-        task = ray.remote(choose_codec).options(num_gpus=1, num_cpus=1, max_retries=0)
-        return ray.get(task.remote(config, shards, storage_options))
+    log.info("codec auto: %s on %d rows of %d shard(s) (%s)", choice.chosen.name, choice.rows, len(choice.shards), choice.measured_on)
+    return choice, basis
 
 
 def named(choice: dict[str, Any]) -> str:
@@ -156,7 +173,7 @@ def resolved(config: CacheConfig, choice: dict[str, Any], teacher: str | None = 
             f"--codec auto: this store's codec ({named(choice)}) was chosen under another budget (--max-error "
             f"{ErrorBudget(**choice['budget'])}); pass the same --max-error, or {named(choice)}"
         )
-    if teacher is not None and choice["teacher"] != teacher:
+    if teacher is not None and choice.get("teacher") != teacher:
         raise ConfigError(f"--codec auto: this store's codec was chosen for teacher {choice['teacher']}, this run's is {teacher}")
     update: dict[str, Any] = {"codec": FeatureCodec(choice["codec"])}
     if choice["rank"]:
@@ -177,8 +194,21 @@ def settle_codec(
     before any row is written."""
     stored = stored_choice(config, store)
     if stored is None:
-        choice, basis = run_pilot(config, shards, storage_options, executor)
+        choice, basis = run_pilot(config, shards, storage_options, teacher, executor)
         if basis is not None:
             store.write_basis_once(config.dataset, basis)
         stored = store.write_codec_choice_once(config.dataset, {**choice.to_json(), "teacher": teacher})
     return resolved(config, stored, teacher)
+
+
+def check_basis(config: CacheConfig, store: Store, trunk_width: int) -> None:
+    """Before a low-rank run writes its card: a basis already in the store must have the run's rank (a pilot of
+    another run, racing or cut short, may have left another one); refused with the fix, before any row."""
+    if config.codec != FeatureCodec.LOWRANK:
+        return
+    found = store.read_basis(config.dataset)
+    if found is not None and found.rank != min(config.rank, trunk_width):
+        raise ConfigError(
+            f"store {store.uri} holds a {config.dataset} low-rank basis of rank {found.rank}, this run's codec has rank "
+            f"{min(config.rank, trunk_width)}: pass --codec lowrank --rank {found.rank}, or cache into a new --store"
+        )

@@ -48,7 +48,7 @@ from esam3.pipeline.store.commits import (
 from esam3.pipeline.object_store import S3Settings
 from esam3.pipeline import sources
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
-from esam3.pipeline.codec_pilot import resolved, settle_codec, stored_choice
+from esam3.pipeline.codec_pilot import check_basis, resolved, settle_codec, stored_choice
 from esam3.pipeline.store import Store
 from esam3.pipeline.store.check import budget_check
 from esam3.pipeline.store.snapshots import tag_if_complete
@@ -163,6 +163,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     store.check_teacher(card)  # before a pilot writes its choice into the store
     if config.error_budget is not None:  # --codec auto: the stored choice (same teacher) or a pilot's
         config = settle_codec(config, store, shards, s3.fsspec_options(config.source), checksum, executor)
+    check_basis(config, store, geometry.trunk_width)
     if dataset == DatasetName.SAV:
         _check_video_memory(config.video.max_frames, geometry.image_size)
     fingerprint = config.fingerprint(checksum)

@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from esam3.cli import app
-from esam3.pipeline.codec_pilot import pilot_rows, quotas, spread
+from esam3.pipeline.codec_pilot import choose_codec, pilot_rows, quotas, spread
+from esam3.pipeline.store.check import verify_store
 from esam3.pipeline.plan import run_cache
 from esam3.pipeline.shards import DatasetName, ShardRef, select_shards
 from esam3.pipeline.store import Store
@@ -21,7 +22,8 @@ from esam3.pipeline.store.rows import StoreRows
 from esam3.schemas.cache import CacheConfig, ErrorBudget
 from esam3.schemas.codecs import fit_basis
 from esam3.schemas.store import StoreError
-from esam3.schemas.teacher import TeacherConfig
+from esam3.schemas.errors import ConfigError
+from esam3.schemas.teacher import TeacherConfig, TeacherLoadError
 from esam3.workers.preprocess import normalize
 from tests.conftest import start_lean_ray
 from esam3.workers.codec_choice import candidate_ranks
@@ -181,9 +183,28 @@ def test_on_a_cluster_with_gpus_the_pilot_is_a_ray_task_holding_one(demo_root: P
     here one logical GPU, which the pilot's task holds and gives back before the run's teacher actor takes it."""
     ray = start_lean_ray(num_gpus=1)
     try:
-        report = run_cache(auto(demo_root, tmp_path / "store", ErrorBudget()).model_copy(update={"shards": "0"}), executor="ray")
+        loose = ErrorBudget(mask_iou_loss=0.3, rel_rms=0.6)  # a low-rank choice: its basis travels back through Ray
+        report = run_cache(auto(demo_root, tmp_path / "store", loose).model_copy(update={"shards": "0"}), executor="ray")
     finally:
         ray.shutdown()
-    where = Store(str(tmp_path / "store")).read_codec_choice("sa-1b")["measured_on"]
-    assert where["pid"] != os.getpid() and where["device"] == "cpu"  # a Ray worker (its GPU is logical here)
-    assert report.rows == 3 and report.budget["rows"] == 3
+    store = Store(str(tmp_path / "store"))
+    choice = store.read_codec_choice("sa-1b")
+    assert choice["measured_on"]["pid"] != os.getpid() and choice["measured_on"]["device"] == "cpu"  # a Ray worker
+    assert choice["codec"] == "lowrank" and store.read_basis("sa-1b").rank == choice["rank"]
+    assert report.rows == 3 and report.budget["rows"] == 3 and verify_store(store).ok
+
+
+def test_the_pilot_refuses_another_teacher_and_a_run_refuses_a_basis_of_another_rank(demo_root: Path, tmp_path: Path) -> None:
+    config = auto(demo_root, tmp_path / "store", ErrorBudget())
+    shards = select_shards(config.source, DatasetName.SA1B, "all")
+    with pytest.raises(TeacherLoadError, match="every worker must see the same checkpoint"):
+        choose_codec(config, shards, None, checksum="0" * 16)  # a worker whose checkpoint differs from the driver's
+    left = Store(str(tmp_path / "left"))  # what a pilot cut short (or a racing one) may leave: a basis, no rows
+    (tmp_path / "left").mkdir()
+    left.write_basis_once("sa-1b", fit_basis(np.random.default_rng(0).normal(size=(2, 64, 8, 8)).astype(np.float32), 8))
+    explicit = CacheConfig(dataset="sa-1b", source=str(demo_root / "sa-1b"), store=str(tmp_path / "left"), codec="lowrank", rank=16)
+    with pytest.raises(
+        ConfigError, match="holds a sa-1b low-rank basis of rank 8, this run's codec has rank 16: pass --codec lowrank --rank 8"
+    ):
+        run_cache(explicit, executor="local")
+    assert Store(str(tmp_path / "left")).read_card() is None  # refused before the store got a card
