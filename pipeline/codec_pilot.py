@@ -187,12 +187,12 @@ def settle_codec(
     shards: list[ShardRef],
     storage_options: dict[str, Any] | None,
     teacher: str,
+    stored: dict[str, Any] | None,
     executor: str = "local",
 ) -> CacheConfig:
-    """``--codec auto`` once the run's teacher (checksum ``teacher``) is known to be the store's: the stored choice,
-    or one measured now on pilot rows and stored, its low-rank basis first (a stored choice always has its basis),
-    before any row is written."""
-    stored = stored_choice(config, store)
+    """``--codec auto`` once the run's teacher (checksum ``teacher``) is known to be the store's: the ``stored``
+    choice (:func:`stored_choice`), or one measured now on pilot rows and stored, its low-rank basis first (a stored
+    choice always has its basis), before any row is written."""
     if stored is None:
         choice, basis = run_pilot(config, shards, storage_options, teacher, executor)
         if basis is not None:

@@ -162,7 +162,7 @@ def run_cache(config: CacheConfig, executor: str = "ray", on_progress: ProgressC
     checksum, geometry = card["checksum"], Geometry.from_dict(card["geometry"])
     store.check_teacher(card)  # before a pilot writes its choice into the store
     if config.error_budget is not None:  # --codec auto: the stored choice (same teacher) or a pilot's
-        config = settle_codec(config, store, shards, s3.fsspec_options(config.source), checksum, executor)
+        config = settle_codec(config, store, shards, s3.fsspec_options(config.source), checksum, choice, executor)
     check_basis(config, store, geometry.trunk_width)
     if dataset == DatasetName.SAV:
         _check_video_memory(config.video.max_frames, geometry.image_size)

@@ -19,7 +19,7 @@ import torch
 
 from esam3.schemas.codecs import CodecError, FeatureCodec, map_codec
 from esam3.schemas.errors import first_line
-from esam3.schemas.prompts import MaskOutputs
+from esam3.schemas.prompts import MaskOutputs, check_mask_size
 from esam3.schemas.teacher import TeacherConfig, TeacherLoadError, VideoPrompt
 from esam3.schemas.work import FRAME_TARGETS, KIND_FAILURE, KIND_SAMPLE, RAW_FRAME_TARGETS, TARGETS
 from esam3.workers.device_codecs import DeviceBasis, HostCopies, Quantised, Sent, dequantise, quantise_features, quantise_logits
@@ -67,9 +67,8 @@ class TeacherImages:
             )
         self.with_prompts = with_prompts
         self.mask_outputs = MaskOutputs(mask_outputs)
+        check_mask_size(mask_size, self.teacher.geometry.mask_size)
         self.mask_size = mask_size or self.teacher.geometry.mask_size
-        if self.mask_size > self.teacher.geometry.mask_size:
-            raise ValueError(f"mask size {self.mask_size} is above the decoder's {self.teacher.geometry.mask_size}")
         self.codec = FeatureCodec(codec)  # the run's trunk codec
         self.store_trunk = store_trunk  # else the trunk is neither sent nor measured
         self.basis = basis
